@@ -1,0 +1,3 @@
+"""credex: the points program's administration tool."""
+
+__version__ = "0.1.0"

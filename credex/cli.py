@@ -1,0 +1,107 @@
+"""The root of the command line: global options, the command groups, and the one place
+that turns errors into exit codes and a line on stderr."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+from credex.commands import (
+    account,
+    award,
+    catalog,
+    db,
+    logistics,
+    redeem,
+    relay,
+    track,
+    warehouse,
+)
+from credex.commands._common import JSON_FLAG, AppState
+from credex.errors import CredexError, redact
+
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE
+
+
+class CredexGroup(TyperGroup):
+    """Maps every failure to an exit code and one line on stderr; never a traceback."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except CredexError as error:
+            _report(ctx, error.code, redact(error.message))
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            _report(ctx, "interrupted", "interrupted")
+            ctx.exit(130)
+        except Exception as error:  # a bug: say so in one line, keep secrets out
+            from credex.db.engine import translate_db_error
+
+            known = translate_db_error(error)
+            if known is not None:
+                _report(ctx, known.code, redact(known.message))
+                ctx.exit(known.exit_code)
+            _report(ctx, "internal", redact(f"internal error ({type(error).__name__}): {error}"))
+            ctx.exit(INTERNAL_ERROR_EXIT)
+
+
+def _report(ctx: typer.Context, code: str, message: str) -> None:
+    from credex.output import report_error
+
+    report_error(None, as_json=bool(ctx.meta.get(JSON_FLAG)), code=code, message=message)
+
+
+app = typer.Typer(
+    cls=CredexGroup,
+    name="credex",
+    help="Administer the points program: awards, redemptions, the relay and tracking.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Points database (default: CREDEX_DATABASE_URL, else sqlite:///credex.db).",
+            show_default=False,
+        ),
+    ] = None,
+    operator: Annotated[
+        str | None,
+        typer.Option(
+            "--operator",
+            help="Who makes changes (default: CREDEX_OPERATOR, else the login name).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = AppState(database_url=database_url, operator=operator)
+
+
+app.add_typer(db.app, name="db")
+app.add_typer(catalog.app, name="catalog")
+app.add_typer(award.app, name="award")
+app.add_typer(account.app, name="account")
+app.add_typer(redeem.app, name="redeem")
+app.add_typer(relay.app, name="relay")
+app.add_typer(warehouse.app, name="warehouse")
+app.command("track")(track.track)
+app.add_typer(logistics.app, name="logistics")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,80 @@
+"""Options shared by every command group, and the per-invocation context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:  # imported lazily: start-up time matters
+    from credex.config import Settings
+
+JSON_FLAG = "credex.json"
+
+
+def _remember_json(ctx: typer.Context, value: bool) -> bool:
+    # The error handler in cli.py reads this to answer errors in JSON too.
+    if value:
+        ctx.meta[JSON_FLAG] = True
+    return value
+
+
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON document on stdout.", callback=_remember_json),
+]
+OperatorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--operator",
+        help="Who makes this change (default: CREDEX_OPERATOR, else the login name).",
+        show_default=False,
+    ),
+]
+LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most N rows.")]
+
+
+@dataclass
+class AppState:
+    """What the root callback learned: global options, resolved lazily."""
+
+    database_url: str | None = None
+    operator: str | None = None
+    _settings: Any = field(default=None, repr=False)
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from credex.config import get_settings
+
+            self._settings = get_settings(database_url=self.database_url, operator=self.operator)
+        return self._settings
+
+
+def state(ctx: typer.Context) -> AppState:
+    root = ctx.find_root()
+    if not isinstance(root.obj, AppState):
+        root.obj = AppState()
+    return root.obj
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return state(ctx).settings()
+
+
+def operator(ctx: typer.Context, given: str | None) -> str:
+    return given or settings(ctx).operator
+
+
+def points_session(ctx: typer.Context, *, write: bool = False):
+    """A session on the points database (created/checked on first use)."""
+    from credex.db.engine import session_for
+
+    return session_for(settings(ctx).database_url, write=write)
+
+
+def warehouse_session(ctx: typer.Context, *, write: bool = False):
+    from credex.db.engine import session_for
+
+    s = settings(ctx)
+    return session_for(s.warehouse_database_url or s.database_url, write=write)

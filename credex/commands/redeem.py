@@ -1,0 +1,87 @@
+"""credex redeem: spend points on gifts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from credex.commands._common import JsonOption, LimitOption, OperatorOption, operator, points_session
+from credex.output import emit
+
+app = typer.Typer(help="Redeem points for gifts and look redemptions up.", no_args_is_help=True)
+
+COLUMNS = ["redemption_id", "created_at", "user_id", "sku", "quantity", "points", "status", "express_no"]
+
+
+def _render(console, redemption: dict) -> None:
+    from credex.output import print_record
+
+    title = f"redemption {redemption['redemption_id']}"
+    if redemption.get("duplicate"):
+        title += " (already recorded: nothing changed)"
+    print_record(console, redemption, title=title)
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    user_id: Annotated[str, typer.Argument(help="The shopper.")],
+    sku: Annotated[str, typer.Argument(help="The gift.")],
+    address: Annotated[str, typer.Option("--address", help="Where to deliver it.")],
+    quantity: Annotated[str, typer.Option("--quantity", help="How many.")] = "1",
+    request_id: Annotated[
+        str | None,
+        typer.Option("--request-id", help="Idempotency key: a repeat returns the first redemption."),
+    ] = None,
+    operator_: OperatorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Spend points on a gift: one transaction, no network call."""
+    from credex.points.redemptions import redeem
+
+    with points_session(ctx, write=True) as session:
+        result = redeem(
+            session,
+            user_id,
+            sku,
+            address=address,
+            quantity=quantity,
+            request_id=request_id,
+            operator=operator(ctx, operator_),
+        )
+    emit(result, as_json=as_json, render=_render)
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    redemption_id: Annotated[str, typer.Argument(help="The redemption's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """One redemption and where its delivery stands."""
+    from credex.points.redemptions import get_redemption
+
+    with points_session(ctx) as session:
+        result = get_redemption(session, redemption_id)
+    emit(result, as_json=as_json, render=_render)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    user: Annotated[str | None, typer.Option("--user", help="Only this shopper's.")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="pending or shipping.")] = None,
+    limit: LimitOption = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Redemptions, newest first."""
+    from credex.db.models import RedemptionStatus
+    from credex.errors import InvalidInput
+    from credex.points.redemptions import list_redemptions
+
+    if status is not None and status not in {s.value for s in RedemptionStatus}:
+        raise InvalidInput(f"unknown status {status!r}: use pending or shipping")
+    with points_session(ctx) as session:
+        rows = list_redemptions(session, user_id=user, status=status, limit=limit)
+    emit(rows, as_json=as_json, columns=COLUMNS, title="redemptions")

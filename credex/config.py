@@ -1,0 +1,44 @@
+"""Settings from options, the environment (CREDEX_*) and defaults."""
+
+from __future__ import annotations
+
+import getpass
+from decimal import Decimal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CREDEX_", extra="ignore")
+
+    database_url: str = "sqlite:///credex.db"
+    warehouse_database_url: str | None = None
+    operator: str = Field(default_factory=_login_name)
+
+    purchase_rate: Decimal = Decimal(1)
+    review_points: int = 10
+    review_photo_points: int = 20
+    pending_days: int = 0
+    expiry_days: int = 0
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/%2F")
+    amqp_prefix: str = ""
+
+    logistics_url: str | None = None
+    logistics_api_key: SecretStr | None = None
+    logistics_provider: str = "generic"
+    kuaidi100_customer: str | None = None
+    kuaidi100_key: SecretStr | None = None
+
+
+def get_settings(**overrides: object) -> Settings:
+    """The settings, with command-line options (non-None values) taking precedence."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,109 @@
+"""One way to print a result: exactly one JSON document on stdout, or a Rich table/panel."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=_default, ensure_ascii=False)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=False, highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def emit(
+    result: Any,
+    *,
+    as_json: bool,
+    render: Callable[[Any, Any], None] | None = None,
+    title: str | None = None,
+    columns: Sequence[str] | None = None,
+) -> None:
+    """Print ``result``.
+
+    With ``as_json`` the result goes to stdout as one JSON document. Otherwise ``render``
+    (called with a Rich console and the result) draws it; without ``render`` a mapping
+    becomes a two-column panel and a list of mappings a table of ``columns``.
+    """
+    if as_json:
+        sys.stdout.write(to_json(result) + "\n")
+        sys.stdout.flush()
+        return
+    console = _console()
+    if render is not None:
+        render(console, result)
+    elif isinstance(result, Mapping):
+        print_record(console, result, title=title)
+    else:
+        print_rows(console, list(result), columns=columns, title=title)
+
+
+def print_record(console, record: Mapping[str, Any], *, title: str | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=False, title=title, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in record.items():
+        table.add_row(key, _cell(value))
+    console.print(table)
+
+
+def print_rows(
+    console,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+) -> None:
+    from rich.table import Table
+
+    rows = list(rows)
+    if not rows:
+        console.print("(none)")
+        return
+    columns = list(columns or rows[0].keys())
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def report_error(error: Exception, *, as_json: bool, code: str, message: str) -> None:
+    """Write an error to stderr: one line, or a JSON document with --json."""
+    if as_json:
+        sys.stderr.write(to_json({"error": {"code": code, "message": message}}) + "\n")
+    else:
+        sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()

@@ -1,0 +1,222 @@
+"""Awards: points for a purchase, for a review, and manual grants. Each is idempotent on
+its reference: a repeat with the same content returns the original entry."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from credex.db.models import Account, EntryKind, LedgerEntry, utcnow
+from credex.errors import Conflict, InsufficientPoints, InvalidInput
+from credex.points.rules import INT64_MAX, parse_amount, parse_int, points_for, require_text
+
+account_table = Account.__table__
+ledger_table = LedgerEntry.__table__
+
+
+def entry_json(row, *, duplicate: bool = False) -> dict:
+    return {
+        "entry_id": row.id,
+        "user_id": row.user_id,
+        "kind": row.kind,
+        "ref": row.ref,
+        "points": row.points,
+        "balance": row.balance,
+        "duplicate": duplicate,
+        "created_at": row.created_at,
+    }
+
+
+def check_user_id(user_id: str) -> str:
+    user_id = require_text(user_id, "user id")
+    if len(user_id) > 128:
+        raise InvalidInput("user id is longer than 128 characters")
+    return user_id
+
+
+def check_ref(ref: str, what: str) -> str:
+    ref = require_text(ref, what)
+    if len(ref) > 255:
+        raise InvalidInput(f"{what} is longer than 255 characters")
+    return ref
+
+
+def ensure_account(session: Session, user_id: str, now: datetime) -> None:
+    """Create the account if it does not exist (an account is created by its first award)."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = (
+        dialect_insert(account_table)
+        .values(user_id=user_id, balance=0, earned=0, redeemed=0, created_at=now, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["user_id"])
+    )
+    session.execute(stmt)
+
+
+def find_entry(session: Session, kind: str, ref: str):
+    return session.execute(
+        select(ledger_table).where(ledger_table.c.kind == kind, ledger_table.c.ref == ref)
+    ).first()
+
+
+def _repeat_or_conflict(existing, *, user_id: str, detail: str | None, what: str) -> dict:
+    if existing.user_id == user_id and existing.detail == detail:
+        return entry_json(existing, duplicate=True)
+    raise Conflict(
+        f"{what} {existing.ref} was already used for {existing.user_id} "
+        f"({existing.detail or existing.points}) with other content"
+    )
+
+
+def change_balance(session: Session, user_id: str, points: int, now: datetime, **counters: int) -> int | None:
+    """Add ``points`` (negative: take) in one conditional statement; the new balance, or None
+    when the balance would go below zero (or beyond 64 bits). Never read-then-write."""
+    stmt = update(account_table).where(account_table.c.user_id == user_id)
+    if points < 0:
+        stmt = stmt.where(account_table.c.balance >= -points)
+    else:
+        stmt = stmt.where(account_table.c.balance <= INT64_MAX - points)
+    values = {"balance": account_table.c.balance + points, "updated_at": now}
+    for column, delta in counters.items():
+        values[column] = account_table.c[column] + delta
+    row = session.execute(stmt.values(**values).returning(account_table.c.balance)).first()
+    return None if row is None else row.balance
+
+
+def record_award(
+    session: Session,
+    *,
+    user_id: str,
+    kind: EntryKind,
+    ref: str,
+    points: int,
+    detail: str | None,
+    operator: str,
+    reason: str | None,
+    what: str,
+) -> dict:
+    """Apply one award in its own transaction, or return the original on a repeat."""
+    existing = find_entry(session, kind.value, ref)
+    if existing is not None:
+        session.rollback()
+        return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)
+    now = utcnow()
+    try:
+        ensure_account(session, user_id, now)
+        balance = change_balance(session, user_id, points, now, earned=points)
+        if balance is None:
+            current = session.execute(
+                select(account_table.c.balance).where(account_table.c.user_id == user_id)
+            ).scalar_one()
+            session.rollback()
+            if points < 0:
+                raise InsufficientPoints(
+                    f"{user_id} has {current} points; taking {-points} would go below zero"
+                )
+            raise InvalidInput(f"{user_id}'s balance would exceed {INT64_MAX} points")
+        entry_id = session.execute(
+            insert(ledger_table)
+            .values(
+                user_id=user_id,
+                kind=kind.value,
+                ref=ref,
+                points=points,
+                balance=balance,
+                detail=detail,
+                operator=operator,
+                reason=reason,
+                created_at=now,
+            )
+            .returning(ledger_table.c.id)
+        ).scalar_one()
+        session.commit()
+    except IntegrityError:
+        # The same reference committed by someone else in the meantime: a repeat after all.
+        session.rollback()
+        existing = find_entry(session, kind.value, ref)
+        if existing is None:
+            raise
+        return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)
+    return {
+        "entry_id": entry_id,
+        "user_id": user_id,
+        "kind": kind.value,
+        "ref": ref,
+        "points": points,
+        "balance": balance,
+        "duplicate": False,
+        "created_at": now,
+    }
+
+
+def award_purchase(
+    session: Session, user_id: str, *, order_id: str, amount: str | Decimal, rate: Decimal, operator: str
+) -> dict:
+    user_id = check_user_id(user_id)
+    order_id = check_ref(order_id, "order id")
+    amount = parse_amount(amount)
+    points = points_for(amount, rate)
+    return record_award(
+        session,
+        user_id=user_id,
+        kind=EntryKind.purchase,
+        ref=order_id,
+        points=points,
+        detail=f"amount={amount.normalize():f}",
+        operator=operator,
+        reason=f"order {order_id}, amount {amount}",
+        what="order",
+    )
+
+
+def award_review(
+    session: Session, user_id: str, *, review_id: str, photos: bool, points: int, operator: str
+) -> dict:
+    user_id = check_user_id(user_id)
+    review_id = check_ref(review_id, "review id")
+    return record_award(
+        session,
+        user_id=user_id,
+        kind=EntryKind.review,
+        ref=review_id,
+        points=points,
+        detail="photos=yes" if photos else "photos=no",
+        operator=operator,
+        reason=f"review {review_id}" + (" with photos" if photos else ""),
+        what="review",
+    )
+
+
+def award_grant(
+    session: Session,
+    user_id: str,
+    points: str | int,
+    *,
+    reason: str,
+    ref: str | None,
+    operator: str,
+) -> dict:
+    user_id = check_user_id(user_id)
+    amount = parse_int(points, "points")
+    if amount == 0:
+        raise InvalidInput("points must not be zero")
+    reason = require_text(reason, "reason")
+    ref = check_ref(ref, "ref") if ref is not None else f"grant-{uuid.uuid4()}"
+    return record_award(
+        session,
+        user_id=user_id,
+        kind=EntryKind.grant,
+        ref=ref,
+        points=amount,
+        detail=f"points={amount}",
+        operator=operator,
+        reason=reason,
+        what="grant ref",
+    )

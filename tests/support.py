@@ -1,0 +1,70 @@
+"""Helpers for tests: the services' addresses, running credex as a process, waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_ADMIN_URL = os.environ.get("CREDEX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("CREDEX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def service_missing(what: str, detail: object) -> None:
+    message = f"{what} is not reachable: {detail}"
+    if CI:
+        pytest.fail(message + " (CI=true: a missing service is a failure)", pytrace=False)
+    pytest.skip(message)
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+def credex_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "credex", *map(str, args)]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDEX_")}
+    env["CREDEX_OPERATOR"] = "tester"
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def run_process(*args: object, env: dict[str, str] | None = None, timeout: float = 60) -> Outcome:
+    """Run credex as a real process."""
+    done = subprocess.run(
+        credex_command(*args), capture_output=True, text=True, env=env or subprocess_env(), timeout=timeout
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def wait_for(
+    condition: Callable[[], object], *, timeout: float = 30, interval: float = 0.05, what: str = ""
+) -> object:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
