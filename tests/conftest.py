@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import AMQP_URL, POSTGRES_ADMIN_URL, Outcome, service_missing
+from tests.support import AMQP_URL, Outcome, pg_admin, pg_url, service_missing
 
 
 @pytest.fixture(autouse=True)
@@ -28,23 +28,11 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- Postgres -------------------------------------------------------------------------------
 
 
-def _pg_admin():
-    import psycopg
-
-    return psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-
-
-def _pg_url(database: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
 def postgres_template() -> Iterator[str]:
     """A migrated database that every Postgres test copies (CREATE DATABASE … TEMPLATE)."""
     try:
-        admin = _pg_admin()
+        admin = pg_admin()
     except Exception as error:  # psycopg.OperationalError, but keep the import lazy
         service_missing("PostgreSQL", error)
     name = f"credex_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -52,7 +40,7 @@ def postgres_template() -> Iterator[str]:
         admin.execute(f'CREATE DATABASE "{name}"')
         from credex.db.engine import dispose_engines, upgrade
 
-        upgrade(_pg_url(name))
+        upgrade(pg_url(name))
         dispose_engines()
         yield name
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -60,17 +48,17 @@ def postgres_template() -> Iterator[str]:
 
 def make_postgres_database(template: str) -> tuple[str, Callable[[], None]]:
     name = f"credex_t_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as admin:
+    with pg_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
 
     def drop() -> None:
         from credex.db.engine import dispose_engines
 
         dispose_engines()
-        with _pg_admin() as admin:
+        with pg_admin() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    return _pg_url(name), drop
+    return pg_url(name), drop
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

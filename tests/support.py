@@ -68,3 +68,15 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def pg_admin():
+    import psycopg
+
+    return psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+
+
+def pg_url(database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
