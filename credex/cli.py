@@ -62,6 +62,7 @@ app = typer.Typer(
     name="credex",
     help="Administer the points program: awards, redemptions, the relay and tracking.",
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain help: importing rich.markdown costs more than the rest of start-up
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     add_completion=False,

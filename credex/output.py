@@ -25,9 +25,14 @@ def to_json(value: Any) -> str:
 
 
 def _console(stderr: bool = False):
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=False, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (a log, a ticket) should not be squeezed into 80 columns.
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(file=stream, width=160 if wide else None, soft_wrap=False, highlight=False)
 
 
 def _cell(value: Any) -> str:
