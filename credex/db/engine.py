@@ -78,7 +78,6 @@ def get_engine(url: str) -> Engine:
                 engine = create_engine(
                     parsed,
                     connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
-                    pool_pre_ping=True,
                     hide_parameters=True,
                 )
             _engines[url] = engine
