@@ -37,6 +37,13 @@ class CredexGroup(TyperGroup):
         except CredexError as error:
             _report(ctx, error.code, redact(error.message))
             ctx.exit(error.exit_code)
+        except BrokenPipeError:
+            # The reader went away (`credex relay list | head`): stop quietly, like other tools.
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except KeyboardInterrupt:
             _report(ctx, "interrupted", "interrupted")
             ctx.exit(130)
