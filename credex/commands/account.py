@@ -11,7 +11,28 @@ from credex.output import emit
 
 app = typer.Typer(help="Look at a shopper's points.", no_args_is_help=True)
 
-HISTORY_COLUMNS = ["entry_id", "created_at", "kind", "ref", "points", "balance", "operator", "reason"]
+HISTORY_COLUMNS = [
+    "entry_id",
+    "created_at",
+    "kind",
+    "ref",
+    "points",
+    "balance",
+    "pending",
+    "debt",
+    "operator",
+    "reason",
+]
+
+
+def _render_account(console, account: dict) -> None:
+    from credex.output import print_record
+
+    shown = dict(account)
+    shown["expiring"] = (
+        ", ".join(f"{e['points']} on {e['on'].isoformat()}" for e in account["expiring"]) or "-"
+    )
+    print_record(console, shown, title=f"account {account['user_id']}")
 
 
 @app.command("show")
@@ -20,12 +41,12 @@ def show(
     user_id: Annotated[str, typer.Argument(help="The shopper.")],
     as_json: JsonOption = False,
 ) -> None:
-    """A shopper's balance."""
+    """A shopper's balance, pending points, debt and the points about to expire."""
     from credex.points.accounts import get_account
 
     with points_session(ctx) as session:
         account = get_account(session, user_id)
-    emit(account, as_json=as_json, title=f"account {user_id}")
+    emit(account, as_json=as_json, render=_render_account)
 
 
 @app.command("history")
@@ -35,7 +56,7 @@ def history(
     limit: LimitOption = 50,
     as_json: JsonOption = False,
 ) -> None:
-    """Every change of a shopper's balance, newest first."""
+    """Every change of a shopper's points, newest first (pending and debt: their changes)."""
     from credex.points.accounts import history as account_history
 
     with points_session(ctx) as session:

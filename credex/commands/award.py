@@ -42,6 +42,8 @@ def purchase(
             amount=amount,
             rate=s.purchase_rate,
             operator=operator(ctx, operator_),
+            pending_days=s.pending_days,
+            expiry_days=s.expiry_days,
         )
     emit(entry, as_json=as_json, render=_render_entry)
 
@@ -68,6 +70,7 @@ def review(
             photos=photos,
             points=points,
             operator=operator(ctx, operator_),
+            expiry_days=s.expiry_days,
         )
     emit(entry, as_json=as_json, render=_render_entry)
 
@@ -85,8 +88,22 @@ def grant(
     """A manual adjustment by support staff."""
     from credex.points.awards import award_grant
 
+    expiry_days = settings(ctx).expiry_days
     with points_session(ctx, write=True) as session:
         entry = award_grant(
-            session, user_id, points, reason=reason, ref=ref, operator=operator(ctx, operator_)
+            session,
+            user_id,
+            points,
+            reason=reason,
+            ref=ref,
+            operator=operator(ctx, operator_),
+            expiry_days=expiry_days,
         )
     emit(entry, as_json=as_json, render=_render_entry)
+
+
+from credex.commands import award_lifecycle  # noqa: E402
+
+app.command("refund")(award_lifecycle.refund)
+app.command("settle")(award_lifecycle.settle)
+app.command("expire")(award_lifecycle.expire)

@@ -62,6 +62,16 @@ class EntryKind(StrEnum):
     review = "review"
     grant = "grant"
     redemption = "redemption"
+    refund = "refund"  # a refunded order's points taken back
+    settle = "settle"  # pending points made available
+    expiry = "expiry"  # what was left of an award, written off
+
+
+class LotState(StrEnum):
+    pending = "pending"  # waiting out the return window: not spendable
+    available = "available"  # in the balance, remaining > 0
+    used = "used"  # nothing left: spent, clawed back or paid to debt
+    expired = "expired"  # what was left was written off by an expiry entry
 
 
 class RedemptionStatus(StrEnum):
@@ -81,25 +91,42 @@ class ShipmentType(int, Enum):
     redemption = 2
 
 
+def _delta() -> Column:
+    return Column(BigInteger(), nullable=False, default=0, server_default="0")
+
+
 class Account(SQLModel, table=True):
+    """``balance`` is what can be spent; ``pending`` waits for its return window; ``debt`` is what
+    a refund could not take back, paid out of later points before they reach the balance."""
+
     __tablename__ = "account"
-    __table_args__ = (CheckConstraint("balance >= 0", name="ck_account_balance_nonnegative"),)
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="ck_account_balance_nonnegative"),
+        CheckConstraint("pending >= 0", name="ck_account_pending_nonnegative"),
+        CheckConstraint("debt >= 0", name="ck_account_debt_nonnegative"),
+    )
 
     user_id: str = Field(sa_column=Column(String(128), primary_key=True))
     balance: int = Field(default=0, sa_column=_points())
     earned: int = Field(default=0, sa_column=_points())
     redeemed: int = Field(default=0, sa_column=_points())
+    pending: int = Field(default=0, sa_column=_delta())
+    debt: int = Field(default=0, sa_column=_delta())
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
 
 
 class LedgerEntry(SQLModel, table=True):
-    """One change of one balance. ``ref`` is unique per kind: it makes awards idempotent."""
+    """One change of one balance. ``ref`` is unique per kind: it makes awards idempotent.
+
+    ``points``, ``pending`` and ``debt`` are this entry's effect on the account's balance, pending
+    points and debt: each of the three is the sum of its column over the account's ledger."""
 
     __tablename__ = "ledger_entry"
     __table_args__ = (
         UniqueConstraint("kind", "ref", name="uq_ledger_entry_kind_ref"),
         Index("ix_ledger_entry_user_id_id", "user_id", "id"),
+        Index("ix_ledger_entry_source_id", "source_id"),
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
@@ -112,6 +139,46 @@ class LedgerEntry(SQLModel, table=True):
     operator: str = Field(sa_column=Column(String(128), nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(Text()))
     created_at: datetime = Field(sa_column=_ts())
+    pending: int = Field(default=0, sa_column=_delta())
+    debt: int = Field(default=0, sa_column=_delta())
+    # The entry this one acts on: a refund's purchase, a settled or expired award.
+    source_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+
+
+class PointLot(SQLModel, table=True):
+    """The points of one award, spent oldest first. The available lots' ``remaining`` add up to
+    the balance, the pending lots' to the pending points."""
+
+    __tablename__ = "point_lot"
+    __table_args__ = (
+        CheckConstraint("remaining >= 0 AND remaining <= points", name="ck_point_lot_remaining"),
+        UniqueConstraint("entry_id", name="uq_point_lot_entry_id"),
+        Index("ix_point_lot_user_id_state_available_at", "user_id", "state", "available_at", "id"),
+        Index("ix_point_lot_state_available_at", "state", "available_at"),
+        Index("ix_point_lot_state_expires_at", "state", "expires_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    user_id: str = Field(sa_column=Column(String(128), ForeignKey("account.user_id"), nullable=False))
+    # The award that made the points (none for the balances carried over by migration 0002).
+    entry_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    points: int = Field(sa_column=_points())
+    remaining: int = Field(sa_column=_points())
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    available_at: datetime = Field(sa_column=_ts())
+    expires_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    created_at: datetime = Field(sa_column=_ts())
+
+
+class LotUse(SQLModel, table=True):
+    """Points taken out of a lot by one ledger entry: spent, clawed back, paid to debt or expired."""
+
+    __tablename__ = "lot_use"
+    __table_args__ = (CheckConstraint("points > 0", name="ck_lot_use_points_positive"),)
+
+    lot_id: int = Field(sa_column=Column(BigInteger(), ForeignKey("point_lot.id"), primary_key=True))
+    entry_id: int = Field(sa_column=Column(BigInteger(), ForeignKey("ledger_entry.id"), primary_key=True))
+    points: int = Field(sa_column=_points())
 
 
 class CatalogItem(SQLModel, table=True):

@@ -7,12 +7,16 @@ from sqlmodel import Session
 
 from credex.db.models import Account, LedgerEntry
 from credex.errors import UnknownUser
+from credex.points.awards import with_lifecycle
+from credex.points.lifecycle import expiring
 
 _account = Account.__table__
 _ledger = LedgerEntry.__table__
 
 
 def get_account(session: Session, user_id: str) -> dict:
+    """The balance (spendable), the pending points (waiting for their return window), the debt
+    (refunds the balance could not cover) and when the balance's points expire."""
     row = session.execute(select(_account).where(_account.c.user_id == user_id)).first()
     if row is None:
         raise UnknownUser(f"no account for user {user_id} (an account is created by its first award)")
@@ -22,24 +26,35 @@ def get_account(session: Session, user_id: str) -> dict:
         "earned": row.earned,
         "redeemed": row.redeemed,
         "updated_at": row.updated_at,
+        "pending": row.pending,
+        "debt": row.debt,
+        "expiring": expiring(session, user_id),
     }
 
 
 def history(session: Session, user_id: str, *, limit: int = 50) -> list[dict]:
-    get_account(session, user_id)
+    """Ledger entries, newest first. ``points`` is each entry's effect on the balance; entries
+    that moved pending points or debt also carry ``pending`` and ``debt`` (negative: paid)."""
+    exists = session.execute(select(_account.c.user_id).where(_account.c.user_id == user_id)).first()
+    if exists is None:
+        raise UnknownUser(f"no account for user {user_id} (an account is created by its first award)")
     rows = session.execute(
         select(_ledger).where(_ledger.c.user_id == user_id).order_by(_ledger.c.id.desc()).limit(limit)
     )
     return [
-        {
-            "entry_id": row.id,
-            "kind": row.kind,
-            "ref": row.ref,
-            "points": row.points,
-            "balance": row.balance,
-            "operator": row.operator,
-            "reason": row.reason,
-            "created_at": row.created_at,
-        }
+        with_lifecycle(
+            {
+                "entry_id": row.id,
+                "kind": row.kind,
+                "ref": row.ref,
+                "points": row.points,
+                "balance": row.balance,
+                "operator": row.operator,
+                "reason": row.reason,
+                "created_at": row.created_at,
+            },
+            row.pending,
+            row.debt,
+        )
         for row in rows
     ]

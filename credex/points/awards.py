@@ -20,7 +20,9 @@ ledger_table = LedgerEntry.__table__
 
 
 def entry_json(row, *, duplicate: bool = False) -> dict:
-    return {
+    """An award as printed. ``points`` is the effect on the balance; ``pending`` (points waiting
+    for the return window) and ``debt`` (negative: debt paid) appear when the award had them."""
+    result = {
         "entry_id": row.id,
         "user_id": row.user_id,
         "kind": row.kind,
@@ -30,6 +32,15 @@ def entry_json(row, *, duplicate: bool = False) -> dict:
         "duplicate": duplicate,
         "created_at": row.created_at,
     }
+    return with_lifecycle(result, getattr(row, "pending", 0) or 0, getattr(row, "debt", 0) or 0)
+
+
+def with_lifecycle(result: dict, pending: int, debt: int) -> dict:
+    if pending:
+        result["pending"] = pending
+    if debt:
+        result["debt"] = debt
+    return result
 
 
 def check_user_id(user_id: str) -> str:
@@ -101,8 +112,16 @@ def record_award(
     operator: str,
     reason: str | None,
     what: str,
+    pending_days: int = 0,
+    expiry_days: int = 0,
 ) -> dict:
-    """Apply one award in its own transaction, or return the original on a repeat."""
+    """Apply one award in its own transaction, or return the original on a repeat.
+
+    Positive points become a lot (pending for ``pending_days``, expiring ``expiry_days`` after
+    they become available) and pay the account's debt first; negative points are taken from the
+    balance, oldest lots first."""
+    from credex.points.lifecycle import add_lot, consume_lots, credit_account
+
     existing = find_entry(session, kind.value, ref)
     if existing is not None:
         session.rollback()
@@ -110,24 +129,35 @@ def record_award(
     now = utcnow()
     try:
         ensure_account(session, user_id, now)
-        balance = change_balance(session, user_id, points, now, earned=points)
-        if balance is None:
-            current = session.execute(
-                select(account_table.c.balance).where(account_table.c.user_id == user_id)
-            ).scalar_one()
-            session.rollback()
-            if points < 0:
+        pending = debt = 0
+        if points > 0:
+            try:
+                credit = credit_account(session, user_id, points, pending=pending_days > 0, now=now)
+            except InvalidInput:
+                session.rollback()
+                raise
+            balance, pending, debt = credit.balance, credit.pending, credit.debt
+            to_balance = credit.points
+        else:
+            balance = change_balance(session, user_id, points, now, earned=points)
+            if balance is None:
+                current = session.execute(
+                    select(account_table.c.balance).where(account_table.c.user_id == user_id)
+                ).scalar_one()
+                session.rollback()
                 raise InsufficientPoints(
                     f"{user_id} has {current} points; taking {-points} would go below zero"
                 )
-            raise InvalidInput(f"{user_id}'s balance would exceed {INT64_MAX} points")
+            to_balance = points
         entry_id = session.execute(
             insert(ledger_table)
             .values(
                 user_id=user_id,
                 kind=kind.value,
                 ref=ref,
-                points=points,
+                points=to_balance,
+                pending=pending,
+                debt=debt,
                 balance=balance,
                 detail=detail,
                 operator=operator,
@@ -136,6 +166,19 @@ def record_award(
             )
             .returning(ledger_table.c.id)
         ).scalar_one()
+        if points > 0:
+            add_lot(
+                session,
+                user_id=user_id,
+                entry_id=entry_id,
+                points=points,
+                paid=-debt,
+                pending_days=pending_days,
+                expiry_days=expiry_days,
+                now=now,
+            )
+        else:
+            consume_lots(session, user_id, -points, entry_id)
         session.commit()
     except IntegrityError:
         # The same reference committed by someone else in the meantime: a repeat after all.
@@ -144,20 +187,29 @@ def record_award(
         if existing is None:
             raise
         return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)
-    return {
+    result = {
         "entry_id": entry_id,
         "user_id": user_id,
         "kind": kind.value,
         "ref": ref,
-        "points": points,
+        "points": to_balance,
         "balance": balance,
         "duplicate": False,
         "created_at": now,
     }
+    return with_lifecycle(result, pending, debt)
 
 
 def award_purchase(
-    session: Session, user_id: str, *, order_id: str, amount: str | Decimal, rate: Decimal, operator: str
+    session: Session,
+    user_id: str,
+    *,
+    order_id: str,
+    amount: str | Decimal,
+    rate: Decimal,
+    operator: str,
+    pending_days: int = 0,
+    expiry_days: int = 0,
 ) -> dict:
     user_id = check_user_id(user_id)
     order_id = check_ref(order_id, "order id")
@@ -173,11 +225,20 @@ def award_purchase(
         operator=operator,
         reason=f"order {order_id}, amount {amount}",
         what="order",
+        pending_days=pending_days,
+        expiry_days=expiry_days,
     )
 
 
 def award_review(
-    session: Session, user_id: str, *, review_id: str, photos: bool, points: int, operator: str
+    session: Session,
+    user_id: str,
+    *,
+    review_id: str,
+    photos: bool,
+    points: int,
+    operator: str,
+    expiry_days: int = 0,
 ) -> dict:
     user_id = check_user_id(user_id)
     review_id = check_ref(review_id, "review id")
@@ -191,6 +252,7 @@ def award_review(
         operator=operator,
         reason=f"review {review_id}" + (" with photos" if photos else ""),
         what="review",
+        expiry_days=expiry_days,
     )
 
 
@@ -202,6 +264,7 @@ def award_grant(
     reason: str,
     ref: str | None,
     operator: str,
+    expiry_days: int = 0,
 ) -> dict:
     user_id = check_user_id(user_id)
     amount = parse_int(points, "points")
@@ -219,4 +282,5 @@ def award_grant(
         operator=operator,
         reason=reason,
         what="grant ref",
+        expiry_days=expiry_days,
     )

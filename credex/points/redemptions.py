@@ -22,6 +22,7 @@ from credex.db.models import (
 )
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
 from credex.points.awards import account_table, change_balance, check_user_id
+from credex.points.lifecycle import consume_lots
 from credex.points.rules import INT32_MAX, INT64_MAX, parse_int, require_text
 from credex.relay.topology import REDEMPTION_CREATED
 
@@ -166,8 +167,9 @@ def redeem(
             )
             .returning(_redemption.c.id)
         ).scalar_one()
-        session.execute(
-            insert(_ledger).values(
+        entry_id = session.execute(
+            insert(_ledger)
+            .values(
                 user_id=user_id,
                 kind=EntryKind.redemption.value,
                 ref=str(redemption_id),
@@ -178,7 +180,9 @@ def redeem(
                 reason=f"redemption {redemption_id}: {quantity} x {sku}",
                 created_at=now,
             )
-        )
+            .returning(_ledger.c.id)
+        ).scalar_one()
+        consume_lots(session, user_id, cost, entry_id)  # oldest points first: fewer expire
         session.execute(
             insert(_outbox).values(
                 id=message_id,
