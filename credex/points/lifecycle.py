@@ -242,11 +242,14 @@ def refund_order(
     try:
         account = lock_account(session, user_id)
         earned = gross_points(purchase)
-        taken_before = -session.execute(
-            select(func.coalesce(func.sum(ledger.points + ledger.pending - ledger.debt), 0)).where(
-                ledger.kind == EntryKind.refund.value, ledger.source_id == purchase.id
-            )
-        ).scalar_one()
+        # Postgres sums BIGINT as NUMERIC: back to an int.
+        taken_before = -int(
+            session.execute(
+                select(func.coalesce(func.sum(ledger.points + ledger.pending - ledger.debt), 0)).where(
+                    ledger.kind == EntryKind.refund.value, ledger.source_id == purchase.id
+                )
+            ).scalar_one()
+        )
         wanted = earned if refunded is None else points_for(refunded, rate)
         clawback = max(0, min(wanted, earned - taken_before))
         lot = session.execute(
