@@ -62,9 +62,17 @@ BARE_SQL = {
     ),
     "ledger": (
         "INSERT INTO ledger_entry (user_id, kind, ref, points, balance, detail, operator, reason, "
-        "created_at) "
-        "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
+        "created_at, pending, debt) "
+        "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}) RETURNING id"
     ),
+    # the points come out of the oldest lot (one lot covers them here, as in most redemptions)
+    "take_lot": (
+        "UPDATE point_lot SET remaining = remaining - {p}, "
+        "state = CASE WHEN remaining = {p} THEN {p} ELSE state END "
+        "WHERE id = (SELECT id FROM point_lot WHERE user_id = {p} AND state = {p} "
+        "ORDER BY available_at, id LIMIT 1) AND remaining >= {p} RETURNING id"
+    ),
+    "lot_use": "INSERT INTO lot_use (lot_id, entry_id, points) VALUES ({p}, {p}, {p})",
     "outbox": (
         "INSERT INTO outbox_message (id, redemption_id, routing_key, body, state, attempts, next_attempt_at, "
         "created_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
@@ -99,8 +107,14 @@ def _bare_redeem(cursor, sql, user: str, sku: str, bind_time) -> None:
             "bench",
             f"redemption {redemption_id}: 1 x {sku}",
             now,
+            0,
+            0,
         ),
     )
+    (entry_id,) = cursor.fetchone()
+    cursor.execute(sql["take_lot"], (points, points, "used", user, "available", points))
+    (lot_id,) = cursor.fetchone()
+    cursor.execute(sql["lot_use"], (lot_id, entry_id, points))
     body = json.dumps(
         {
             "message_id": message_id,

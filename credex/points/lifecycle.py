@@ -118,26 +118,38 @@ def _take_from_lot(take):
     return {"remaining": lot.remaining - take, "state": case((lot.remaining == take, _USED), else_=lot.state)}
 
 
+def _take_oldest_lot():
+    lot = lot_table.c
+    oldest = (
+        select(lot.id)
+        .where(lot.user_id == bindparam("owner"), lot.state == _AVAILABLE)
+        .order_by(lot.available_at, lot.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    take = bindparam("take")
+    return (
+        update(lot_table)
+        .where(lot.id == oldest, lot.remaining >= take)
+        .values(**_take_from_lot(take))
+        .returning(lot.id)
+    )
+
+
+# Built once: redemptions run these two on every call, and building a statement costs more
+# than running it on SQLite.
+_TAKE_OLDEST_LOT = _take_oldest_lot()
+_RECORD_USE = insert(use_table)
+
+
 def consume_lots(session: Session, user_id: str, points: int, entry_id: int) -> None:
     """Take ``points`` out of the account's available lots, oldest first, and record each use.
     The caller has already taken them from the balance (which locked the account row)."""
     lot = lot_table.c
     # Most spending fits in the oldest lot: one statement finds and takes it.
-    oldest = (
-        select(lot.id)
-        .where(lot.user_id == user_id, lot.state == _AVAILABLE)
-        .order_by(lot.available_at, lot.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    lot_id = session.execute(
-        update(lot_table)
-        .where(lot.id == oldest, lot.remaining >= points)
-        .values(**_take_from_lot(points))
-        .returning(lot.id)
-    ).scalar()
+    lot_id = session.execute(_TAKE_OLDEST_LOT, {"owner": user_id, "take": points}).scalar()
     if lot_id is not None:
-        session.execute(insert(use_table).values(lot_id=lot_id, entry_id=entry_id, points=points))
+        session.execute(_RECORD_USE, {"lot_id": lot_id, "entry_id": entry_id, "points": points})
         return
     # Several lots: the oldest ones, up to the first whose running total covers the points.
     running = func.sum(lot.remaining).over(order_by=(lot.available_at, lot.id)).label("running")
