@@ -16,7 +16,7 @@ START = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)
 @pytest.fixture
 def clock():
     """A frozen clock; ``clock.day(n)`` moves it to n days after START."""
-    with freeze_time(START) as frozen:
+    with freeze_time(START, ignore=["_pytest"]) as frozen:
 
         def day(n: float) -> None:
             frozen.move_to(START + timedelta(days=n))

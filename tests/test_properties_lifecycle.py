@@ -13,9 +13,10 @@ import pytest
 from freezegun import freeze_time
 from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from credex.db.engine import dispose_engines, get_engine, session_for, upgrade
+from credex.db.models import UTCDateTime
 from credex.errors import CredexError
 from credex.points.accounts import get_account
 from credex.points.awards import award_grant, award_purchase, award_review
@@ -140,18 +141,18 @@ class Life:
     def check(self, now: datetime, after: str) -> None:
         totals = check_lifecycle_invariants(self.url)
         self.edges += totals["debt"] > 0 and totals["pending"] > 0
-        stamp = now.replace(tzinfo=None) if self.url.startswith("sqlite") else now
-        with get_engine(self.url).connect() as connection:
-            if after == "settle":
-                due = "SELECT count(*) FROM point_lot WHERE state = 'pending' AND available_at <= :now"
-                assert connection.execute(text(due), {"now": stamp}).scalar() == 0, "settle left due lots"
-            if after == "expire":
-                due = "SELECT count(*) FROM point_lot WHERE state = 'available' AND expires_at <= :now"
-                assert connection.execute(text(due), {"now": stamp}).scalar() == 0, "expire left lapsed lots"
+        due = {
+            "settle": "SELECT count(*) FROM point_lot WHERE state = 'pending' AND available_at <= :now",
+            "expire": "SELECT count(*) FROM point_lot WHERE state = 'available' AND expires_at <= :now",
+        }.get(after)
+        if due is not None:
+            query = text(due).bindparams(bindparam("now", type_=UTCDateTime()))  # stored as credex stores it
+            with get_engine(self.url).connect() as connection:
+                assert connection.execute(query, {"now": now}).scalar() == 0, f"{after} left due lots behind"
 
 
 def live(url: str, steps) -> None:
-    with freeze_time(START) as clock:
+    with freeze_time(START, ignore=["_pytest"]) as clock:
         with session_for(url, write=True) as session:
             add_item(session, "GIFT", name="Gift", points=GIFT_POINTS, stock=None)
         life = Life(url)
