@@ -101,6 +101,84 @@ def change_balance(session: Session, user_id: str, points: int, now: datetime, *
     return None if row is None else row.balance
 
 
+def apply_award(
+    session: Session,
+    *,
+    user_id: str,
+    kind: EntryKind,
+    ref: str,
+    points: int,
+    detail: str | None,
+    operator: str,
+    reason: str | None,
+    now: datetime,
+    pending_days: int = 0,
+    expiry_days: int = 0,
+) -> dict:
+    """Apply one award inside the caller's transaction (nothing is committed); the award JSON.
+
+    Positive points become a lot (pending for ``pending_days``, expiring ``expiry_days`` after
+    they become available) and pay the account's debt first; negative points are taken from the
+    balance, oldest lots first. Refused (InsufficientPoints, InvalidInput) before anything is
+    written, except the account ``ensure_account`` may have created: the caller rolls back."""
+    from credex.points.lifecycle import add_lot, consume_lots, credit_account
+
+    ensure_account(session, user_id, now)
+    pending = debt = 0
+    if points > 0:
+        credit = credit_account(session, user_id, points, pending=pending_days > 0, now=now)
+        balance, pending, debt, to_balance = credit.balance, credit.pending, credit.debt, credit.points
+    else:
+        balance = change_balance(session, user_id, points, now, earned=points)
+        if balance is None:
+            current = session.execute(
+                select(account_table.c.balance).where(account_table.c.user_id == user_id)
+            ).scalar_one()
+            raise InsufficientPoints(f"{user_id} has {current} points; taking {-points} would go below zero")
+        to_balance = points
+    entry_id = session.execute(
+        insert(ledger_table)
+        .values(
+            user_id=user_id,
+            kind=kind.value,
+            ref=ref,
+            points=to_balance,
+            pending=pending,
+            debt=debt,
+            balance=balance,
+            detail=detail,
+            operator=operator,
+            reason=reason,
+            created_at=now,
+        )
+        .returning(ledger_table.c.id)
+    ).scalar_one()
+    if points > 0:
+        add_lot(
+            session,
+            user_id=user_id,
+            entry_id=entry_id,
+            points=points,
+            paid=-debt,
+            pending_days=pending_days,
+            expiry_days=expiry_days,
+            now=now,
+        )
+    else:
+        consume_lots(session, user_id, -points, entry_id)
+    result = {
+        "entry_id": entry_id,
+        "user_id": user_id,
+        "kind": kind.value,
+        "ref": ref,
+        "points": to_balance,
+        "balance": balance,
+        "duplicate": False,
+        "created_at": now,
+    }
+    return with_lifecycle(result, pending, debt)
+
+
 def record_award(
     session: Session,
     *,
@@ -115,70 +193,25 @@ def record_award(
     pending_days: int = 0,
     expiry_days: int = 0,
 ) -> dict:
-    """Apply one award in its own transaction, or return the original on a repeat.
-
-    Positive points become a lot (pending for ``pending_days``, expiring ``expiry_days`` after
-    they become available) and pay the account's debt first; negative points are taken from the
-    balance, oldest lots first."""
-    from credex.points.lifecycle import add_lot, consume_lots, credit_account
-
+    """Apply one award in its own transaction, or return the original on a repeat."""
     existing = find_entry(session, kind.value, ref)
     if existing is not None:
         session.rollback()
         return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)
-    now = utcnow()
     try:
-        ensure_account(session, user_id, now)
-        pending = debt = 0
-        if points > 0:
-            try:
-                credit = credit_account(session, user_id, points, pending=pending_days > 0, now=now)
-            except InvalidInput:
-                session.rollback()
-                raise
-            balance, pending, debt = credit.balance, credit.pending, credit.debt
-            to_balance = credit.points
-        else:
-            balance = change_balance(session, user_id, points, now, earned=points)
-            if balance is None:
-                current = session.execute(
-                    select(account_table.c.balance).where(account_table.c.user_id == user_id)
-                ).scalar_one()
-                session.rollback()
-                raise InsufficientPoints(
-                    f"{user_id} has {current} points; taking {-points} would go below zero"
-                )
-            to_balance = points
-        entry_id = session.execute(
-            insert(ledger_table)
-            .values(
-                user_id=user_id,
-                kind=kind.value,
-                ref=ref,
-                points=to_balance,
-                pending=pending,
-                debt=debt,
-                balance=balance,
-                detail=detail,
-                operator=operator,
-                reason=reason,
-                created_at=now,
-            )
-            .returning(ledger_table.c.id)
-        ).scalar_one()
-        if points > 0:
-            add_lot(
-                session,
-                user_id=user_id,
-                entry_id=entry_id,
-                points=points,
-                paid=-debt,
-                pending_days=pending_days,
-                expiry_days=expiry_days,
-                now=now,
-            )
-        else:
-            consume_lots(session, user_id, -points, entry_id)
+        result = apply_award(
+            session,
+            user_id=user_id,
+            kind=kind,
+            ref=ref,
+            points=points,
+            detail=detail,
+            operator=operator,
+            reason=reason,
+            now=utcnow(),
+            pending_days=pending_days,
+            expiry_days=expiry_days,
+        )
         session.commit()
     except IntegrityError:
         # The same reference committed by someone else in the meantime: a repeat after all.
@@ -187,17 +220,10 @@ def record_award(
         if existing is None:
             raise
         return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)
-    result = {
-        "entry_id": entry_id,
-        "user_id": user_id,
-        "kind": kind.value,
-        "ref": ref,
-        "points": to_balance,
-        "balance": balance,
-        "duplicate": False,
-        "created_at": now,
-    }
-    return with_lifecycle(result, pending, debt)
+    except (InsufficientPoints, InvalidInput):
+        session.rollback()
+        raise
+    return result
 
 
 def award_purchase(
