@@ -60,3 +60,21 @@ def require_text(value: str | None, what: str) -> str:
     if not text:
         raise InvalidInput(f"{what} must not be empty")
     return text
+
+
+_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: str, what: str = "duration"):
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a combination such as ``1d12h``."""
+    from datetime import timedelta
+
+    text = str(value).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise InvalidInput(f"{what} must look like 30d, 12h, 90m, 45s or 2w, got {value!r}")
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds > 100 * 365 * 86400:
+        raise InvalidInput(f"{what} is too long: {value}")
+    return timedelta(seconds=seconds)

@@ -1,14 +1,28 @@
-"""The outbox as the relay and operators see it."""
+"""The outbox as the relay and operators see it: claiming due messages, recording what the
+broker and the warehouse said, and the operators' commands."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlmodel import Session
 
-from credex.db.models import MessageState, OutboxMessage, utcnow
+from credex.db.models import MessageState, OutboxMessage, Redemption, RedemptionStatus, utcnow
+from credex.errors import UnknownMessage
 
 outbox_table = OutboxMessage.__table__
+_redemption = Redemption.__table__
 MESSAGE_STATES = [state.value for state in MessageState]
+
+_PENDING = MessageState.pending.value
+_SENT = MessageState.sent.value
+_CONFIRMED = MessageState.confirmed.value
+_DEAD = MessageState.dead.value
+_UNCONFIRMED = (_PENDING, _SENT)
+REPUBLISHED = "not confirmed by its due time: published again"
 
 
 def message_json(row) -> dict:
@@ -22,6 +36,232 @@ def message_json(row) -> dict:
     }
 
 
+# --- the relay ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    id: str
+    routing_key: str
+    body: str
+    attempts: int  # publishes before this one
+    state: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to wait for the warehouse after a publish (doubling per attempt, to a cap), and
+    when to give up (``max_attempts`` 0: never)."""
+
+    confirm_timeout: float = 60.0
+    max_confirm_timeout: float = 3600.0
+    max_attempts: int = 0
+
+    def confirm_wait(self, attempt: int) -> timedelta:
+        from credex.broker import backoff
+
+        return timedelta(seconds=backoff(attempt, base=self.confirm_timeout, cap=self.max_confirm_timeout))
+
+    def failure_wait(self, attempt: int) -> timedelta:
+        # The broker refused or went away: try again soon, sooner than a missing confirmation.
+        from credex.broker import backoff
+
+        return timedelta(seconds=backoff(attempt, base=1.0, cap=self.confirm_timeout))
+
+    def exhausted(self, attempts: int) -> bool:
+        return self.max_attempts > 0 and attempts >= self.max_attempts
+
+
+def _claimable(now: datetime):
+    o = outbox_table.c
+    return (
+        o.state.in_(_UNCONFIRMED),
+        o.next_attempt_at <= now,
+        or_(o.claimed_until.is_(None), o.claimed_until < now),
+    )
+
+
+def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
+    """Due messages that used up their attempts become dead (listed for an operator). Committed."""
+    o = outbox_table.c
+    buried = session.execute(
+        update(outbox_table)
+        .where(*_claimable(now), o.attempts >= max_attempts)
+        .values(
+            state=_DEAD,
+            claimed_by=None,
+            claimed_until=None,
+            last_error=func.coalesce(o.last_error, f"no confirmation after {max_attempts} attempts"),
+        )
+    ).rowcount
+    session.commit()
+    return buried
+
+
+def claim_due_messages(
+    session: Session, *, relay_id: str, limit: int, lease: float, now: datetime
+) -> list[ClaimedMessage]:
+    """Take up to ``limit`` due messages for ``relay_id`` until ``now + lease`` and commit, so
+    that relays running at once never publish the same due message in one round. A relay that
+    dies leaves its lease behind, and the messages are due again when it runs out."""
+    o = outbox_table.c
+    due = select(o.id).where(*_claimable(now)).order_by(o.next_attempt_at, o.id).limit(limit)
+    if session.bind.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)  # concurrent claimers pass each other by
+    rows = session.execute(
+        update(outbox_table)
+        .where(o.id.in_(due.scalar_subquery()))
+        .values(claimed_by=relay_id, claimed_until=now + timedelta(seconds=lease))
+        .returning(o.id, o.routing_key, o.body, o.attempts, o.state)
+    ).all()
+    session.commit()
+    return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
+
+
+_o = outbox_table.c
+_STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
+_RECORD_SENT = (
+    update(outbox_table)
+    .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
+    .values(
+        last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
+        state=_SENT,
+        attempts=bindparam("n"),
+        sent_at=bindparam("now"),
+        next_attempt_at=bindparam("due"),
+        claimed_by=None,
+        claimed_until=None,
+    )
+)
+_RECORD_FAILED = (
+    update(outbox_table)
+    .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
+    .values(
+        state=bindparam("new_state"),
+        attempts=bindparam("n"),
+        next_attempt_at=bindparam("due"),
+        last_error=bindparam("error"),
+        claimed_by=None,
+        claimed_until=None,
+    )
+)
+
+
+@dataclass
+class PublishTally:
+    sent: int = 0
+    failed: int = 0
+    dead: int = 0
+
+
+def record_publish_outcomes(
+    session: Session,
+    *,
+    relay_id: str,
+    claimed: Sequence[ClaimedMessage],
+    outcomes: dict[str, str | None],
+    policy: RetryPolicy,
+    now: datetime,
+) -> PublishTally:
+    """What the broker said about each claimed message, in one transaction: confirmed ones are
+    ``sent`` and due again when the warehouse had time to confirm; the others keep their state,
+    carry the reason in ``last_error`` and are due again soon (or dead past ``max_attempts``).
+    A message is never marked sent unless the broker confirmed it."""
+    tally = PublishTally()
+    sent, failed = [], []
+    for message in claimed:
+        attempt = message.attempts + 1
+        error = outcomes.get(message.id, "not published")
+        if error is None:
+            sent.append(
+                {
+                    "mid": message.id,
+                    "relay": relay_id,
+                    "n": attempt,
+                    "now": now,
+                    "due": now + policy.confirm_wait(attempt),
+                }
+            )
+            tally.sent += 1
+            continue
+        dead = policy.exhausted(attempt)
+        failed.append(
+            {
+                "mid": message.id,
+                "relay": relay_id,
+                "n": attempt,
+                "error": error[:1000],
+                "new_state": _DEAD if dead else message.state,
+                "due": now + policy.failure_wait(attempt),
+            }
+        )
+        tally.failed += 1
+        tally.dead += dead
+    if sent:
+        session.execute(_RECORD_SENT, sent)
+    if failed:
+        session.execute(_RECORD_FAILED, failed)
+    session.commit()
+    return tally
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The warehouse's shipment.requested, as the relay needs it."""
+
+    message_id: str
+    carrier: str | None
+    express_no: str | None
+
+
+_SHIP = (
+    update(_redemption)
+    .where(_redemption.c.id == bindparam("rid"))
+    .values(
+        carrier=bindparam("carrier"),
+        express_no=bindparam("express_no"),
+        status=RedemptionStatus.shipping.value,
+        updated_at=bindparam("now"),
+    )
+)
+
+
+def record_confirmations(session: Session, confirmations: Iterable[Confirmation], *, now: datetime) -> int:
+    """Mark the messages confirmed and copy carrier and express number onto their redemptions,
+    in one transaction. A confirmation for a message already confirmed changes nothing (also a
+    dead one is confirmed: the warehouse did ship it). Returns how many were confirmed now."""
+    first: dict[str, Confirmation] = {}
+    for confirmation in confirmations:
+        first.setdefault(confirmation.message_id, confirmation)
+    confirmed = 0
+    ids = list(first)
+    for start in range(0, len(ids), 500):
+        rows = session.execute(
+            update(outbox_table)
+            .where(_o.id.in_(ids[start : start + 500]), _o.state != _CONFIRMED)
+            .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
+            .returning(_o.id, _o.redemption_id)
+        ).all()
+        ships = [
+            {
+                "rid": row.redemption_id,
+                "carrier": first[row.id].carrier,
+                "express_no": first[row.id].express_no,
+                "now": now,
+            }
+            for row in rows
+            if row.redemption_id is not None
+        ]
+        if ships:
+            session.execute(_SHIP, ships)
+        confirmed += len(rows)
+    session.commit()
+    return confirmed
+
+
+# --- operators ----------------------------------------------------------------------------------
+
+
 def outbox_status(session: Session) -> dict:
     """Messages per state, and how long the oldest unconfirmed one has waited."""
     counts = dict.fromkeys(MESSAGE_STATES, 0)
@@ -30,9 +270,7 @@ def outbox_status(session: Session) -> dict:
     ):
         counts[state] = count
     oldest = session.execute(
-        select(func.min(outbox_table.c.created_at)).where(
-            outbox_table.c.state.in_([MessageState.pending.value, MessageState.sent.value])
-        )
+        select(func.min(outbox_table.c.created_at)).where(outbox_table.c.state.in_(_UNCONFIRMED))
     ).scalar()
     if oldest is not None:
         counts["oldest_unconfirmed_age_seconds"] = round((utcnow() - oldest).total_seconds(), 3)
@@ -50,3 +288,49 @@ def list_messages(session: Session, *, state: str | None = None, limit: int = 50
 
 def message_state(session: Session, message_id: str) -> str | None:
     return session.execute(select(outbox_table.c.state).where(outbox_table.c.id == message_id)).scalar()
+
+
+def retry_messages(
+    session: Session, message_ids: Sequence[str] = (), *, dead: bool = False, now: datetime | None = None
+) -> dict:
+    """Make messages due now: the given ones, or every dead one. A dead message comes back as
+    pending with a fresh count of attempts; a confirmed one is left alone. An unknown id
+    refuses the whole command before anything changes."""
+    now = now or utcnow()
+    o = outbox_table.c
+    if dead:
+        chosen = select(o.id, o.state).where(o.state == _DEAD)
+    else:
+        chosen = select(o.id, o.state).where(o.id.in_(list(message_ids)))
+    states = dict(session.execute(chosen).tuples().all())
+    unknown = [m for m in message_ids if m not in states]
+    if unknown:
+        session.rollback()
+        raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
+    retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
+    for start in range(0, len(retried), 500):
+        session.execute(
+            update(outbox_table)
+            .where(o.id.in_(retried[start : start + 500]), o.state != _CONFIRMED)
+            .values(
+                attempts=case((o.state == _DEAD, 0), else_=o.attempts),
+                state=case((o.state == _DEAD, _PENDING), else_=o.state),
+                next_attempt_at=now,
+            )
+        )
+    session.commit()
+    return {"retried": retried, "already_confirmed": sorted(m for m, s in states.items() if s == _CONFIRMED)}
+
+
+def purge_confirmed(session: Session, *, older_than: timedelta, dry_run: bool = False) -> dict:
+    """Delete messages confirmed more than ``older_than`` ago (their redemptions keep the id)."""
+    before = utcnow() - older_than
+    o = outbox_table.c
+    condition = (o.state == _CONFIRMED, o.confirmed_at < before)
+    if dry_run:
+        count = session.execute(select(func.count()).select_from(outbox_table).where(*condition)).scalar_one()
+        session.rollback()
+    else:
+        count = session.execute(delete(outbox_table).where(*condition)).rowcount
+        session.commit()
+    return {"purged": count, "confirmed_before": before, "dry_run": dry_run}
