@@ -112,3 +112,18 @@ def report_error(error: Exception, *, as_json: bool, code: str, message: str) ->
     else:
         sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+
+
+def log_to_stderr(verbose: bool = False) -> None:
+    """Workers' logs: one line per event on stderr, UTC times (stdout stays for the result)."""
+    import logging
+    import time
+
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger("credex")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False

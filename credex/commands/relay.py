@@ -6,12 +6,68 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, points_session
+from credex.commands._common import JsonOption, LimitOption, points_session, settings
 from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
 
 LIST_COLUMNS = ["message_id", "redemption_id", "state", "attempts", "next_attempt_at", "last_error"]
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="One full pass, then exit (for cron).")] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=10_000, help="Messages claimed and published at once.")
+    ] = 500,
+    confirm_timeout: Annotated[
+        float,
+        typer.Option(
+            "--confirm-timeout",
+            min=0.1,
+            help="Seconds to wait for the warehouse before publishing again; doubles per attempt.",
+        ),
+    ] = 60.0,
+    max_confirm_timeout: Annotated[
+        float, typer.Option("--max-confirm-timeout", min=0.1, help="The cap on that wait, in seconds.")
+    ] = 3600.0,
+    max_attempts: Annotated[
+        int, typer.Option("--max-attempts", min=0, help="Publishes before a message is dead; 0: forever.")
+    ] = 0,
+    lease: Annotated[
+        float,
+        typer.Option("--lease", min=1.0, help="Seconds a claim holds if this relay dies holding it."),
+    ] = 60.0,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", min=0.01, help="Seconds between looks for due messages.")
+    ] = 0.5,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish due messages (publisher confirms), record the warehouse's confirmations, publish
+    again what is not confirmed in time. Runs until SIGINT/SIGTERM, or one pass with --once."""
+    from credex.broker import quiet_pika, stop_on_signals
+    from credex.output import log_to_stderr
+    from credex.relay.outbox import RetryPolicy
+    from credex.relay.runner import Relay, RelayOptions
+    from credex.relay.topology import Names
+
+    s = settings(ctx)
+    log_to_stderr(verbose)
+    quiet_pika()
+    policy = RetryPolicy(
+        confirm_timeout=confirm_timeout,
+        max_confirm_timeout=max(confirm_timeout, max_confirm_timeout),
+        max_attempts=max_attempts,
+    )
+    options = RelayOptions(
+        batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
+    )
+    relay = Relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
+    with stop_on_signals(relay.stop):
+        report = relay.run()
+    emit(report.to_json(), as_json=as_json, title="relay")
 
 
 @app.command("status")
@@ -40,3 +96,52 @@ def list_(
     with points_session(ctx) as session:
         rows = list_messages(session, state=state, limit=limit)
     emit(rows, as_json=as_json, columns=LIST_COLUMNS, title="outbox messages")
+
+
+@app.command("retry")
+def retry(
+    ctx: typer.Context,
+    message_ids: Annotated[
+        list[str] | None, typer.Argument(help="Outbox message ids.", show_default=False)
+    ] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Every dead message.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Make messages due now (a dead one comes back as pending with fresh attempts)."""
+    from credex.errors import InvalidInput
+    from credex.relay.outbox import retry_messages
+
+    if bool(message_ids) == dead:
+        raise InvalidInput("give message ids or --dead (one of the two)")
+    with points_session(ctx, write=True) as session:
+        result = retry_messages(session, message_ids or (), dead=dead)
+    if as_json:
+        emit(result, as_json=True)
+        return
+    typer.echo(f"due now: {len(result['retried'])} message(s)")
+    for message_id in result["already_confirmed"]:
+        typer.echo(f"{message_id}: already confirmed, left alone")
+
+
+@app.command("purge")
+def purge(
+    ctx: typer.Context,
+    confirmed_before: Annotated[
+        str, typer.Option("--confirmed-before", help="Age such as 30d, 12h or 2w.", show_default=False)
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, delete nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete messages confirmed longer ago than the given age."""
+    from credex.points.rules import parse_duration
+    from credex.relay.outbox import purge_confirmed
+
+    age = parse_duration(confirmed_before, "--confirmed-before")
+    with points_session(ctx, write=True) as session:
+        result = purge_confirmed(session, older_than=age, dry_run=dry_run)
+    if as_json:
+        emit(result, as_json=True)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    when = result["confirmed_before"].isoformat(timespec="seconds")
+    typer.echo(f"{verb} {result['purged']} message(s) confirmed before {when}")
