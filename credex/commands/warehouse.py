@@ -1,5 +1,74 @@
-"""credex warehouse: placeholder until the group is built."""
+"""credex warehouse: the consumer that turns redemption messages into shipments."""
+
+from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="warehouse commands.", no_args_is_help=True)
+from credex.commands._common import JsonOption, LimitOption, settings, warehouse_session
+from credex.output import emit
+
+app = typer.Typer(help="The warehouse: shipment requests and waybills.", no_args_is_help=True)
+
+LIST_COLUMNS = [
+    "shipment_id",
+    "type",
+    "redemption_id",
+    "sku",
+    "quantity",
+    "carrier",
+    "express_no",
+    "created_at",
+]
+
+
+@app.command("run")
+def run(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="Handle the messages waiting, then exit.")] = False,
+    prefetch: Annotated[
+        int, typer.Option("--prefetch", min=1, max=1000, help="Messages in hand at once.")
+    ] = 20,
+    carrier_timeout: Annotated[
+        float,
+        typer.Option(
+            "--carrier-timeout", min=0.5, help="Seconds one waybill request may take, retries included."
+        ),
+    ] = 15.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Consume redemption messages: create shipment requests (once per redemption), get waybills
+    from the carrier, publish confirmations. Runs until SIGINT/SIGTERM, or once with --once."""
+    from credex.broker import quiet_pika, stop_on_signals
+    from credex.logistics import carrier_client
+    from credex.output import log_to_stderr
+    from credex.relay.topology import Names
+    from credex.warehouse.consumer import Warehouse
+
+    s = settings(ctx)
+    log_to_stderr(verbose)
+    quiet_pika()
+    warehouse = Warehouse(
+        s.warehouse_database_url or s.database_url,
+        s.amqp_url.get_secret_value(),
+        Names(s.amqp_prefix),
+        lambda: carrier_client(s, total_timeout=carrier_timeout),
+        once=once,
+        prefetch=prefetch,
+        carrier_timeout=carrier_timeout,
+    )
+    with stop_on_signals(warehouse.stop):
+        report = warehouse.run()
+    emit(report.to_json(), as_json=as_json, title="warehouse")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, limit: LimitOption = 50, as_json: JsonOption = False) -> None:
+    """Shipment requests, newest first."""
+    from credex.warehouse.shipments import list_shipments
+
+    with warehouse_session(ctx) as session:
+        rows = list_shipments(session, limit=limit)
+    emit(rows, as_json=as_json, columns=LIST_COLUMNS, title="shipment requests")

@@ -1,0 +1,242 @@
+"""The warehouse consumer: for each redemption message, a shipment request (created once), a
+waybill from the carrier (asked with the redemption as idempotency key), a confirmation published
+with publisher confirms, and only then the ack.
+
+When the carrier cannot issue a waybill, the message is acked without a confirmation: the relay
+publishes it again when its confirmation is overdue, and the same shipment request is completed
+then. A consumer killed at any point loses nothing: unacked messages come back, and everything
+done for them is found again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from credex.broker import Broker, BrokerLost, Outgoing, backoff, display_amqp_url
+from credex.db.engine import session_for
+from credex.db.models import utcnow
+from credex.errors import CredexError, Unavailable
+from credex.relay.topology import SHIPMENT_REQUESTED, Names
+from credex.warehouse.shipments import (
+    RedemptionMessage,
+    confirmation_body,
+    new_message_id,
+    open_shipment_request,
+    parse_redemption_message,
+    save_waybill,
+)
+
+log = logging.getLogger("credex.warehouse")
+
+RECONNECT_CAP_S = 30.0
+
+
+@dataclass
+class WarehouseReport:
+    received: int = 0
+    shipments_created: int = 0
+    waybills: int = 0  # obtained from the carrier by this run
+    confirmed: int = 0  # confirmations the broker accepted
+    without_waybill: int = 0  # acked unconfirmed: the carrier could not issue a waybill yet
+    rejected: int = 0  # malformed messages dropped
+    reconnects: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Warehouse:
+    """``run()`` until ``stop()`` (or until the queue is empty with ``once``)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        amqp_url: str,
+        names: Names,
+        carrier_factory: Callable[[], object],
+        *,
+        once: bool = False,
+        prefetch: int = 20,
+        carrier_timeout: float = 15.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.database_url = database_url
+        self.carrier_factory = carrier_factory
+        self.once = once
+        self.carrier_timeout = carrier_timeout
+        self.poll_interval = poll_interval
+        self.report = WarehouseReport()
+        self._stopping = False
+        self._carrier = None
+        self._pool: ThreadPoolExecutor | None = None
+        name = f"{socket.gethostname()[:32]}:{os.getpid()}"
+        self.broker = Broker(
+            amqp_url,
+            names,
+            queue=names.warehouse_queue,
+            prefetch=prefetch,
+            connection_name=f"credex warehouse {name}",
+        )
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> WarehouseReport:
+        from credex.db.engine import ensure_schema
+
+        ensure_schema(self.database_url)
+        self._carrier = self.carrier_factory()  # not configured: say so before consuming anything
+        self.broker.open()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrier")
+        try:
+            if self.once:
+                self._drain(expected=self.broker.ready_at_open)
+            else:
+                self._until_stopped()
+        except BrokerLost as lost:
+            raise Unavailable(f"lost the broker {display_amqp_url(self.broker.url)}: {lost}") from None
+        finally:
+            self.broker.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._carrier.close()
+        return self.report
+
+    def _drain(self, *, expected: int) -> None:
+        left = expected
+        while left > 0 and not self._stopping:
+            self.broker.wait(1.0, until=lambda: self.broker.buffered > 0)
+            handled = self._handle_batch()
+            if not handled:
+                return
+            left -= handled
+
+    def _until_stopped(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                self.broker.wait(self.poll_interval, until=lambda: self._stopping or self.broker.buffered > 0)
+                self._handle_batch()
+                failures = 0
+            except BrokerLost as lost:
+                failures += 1
+                self._reconnect(str(lost), failures)
+            except Unavailable as error:  # the database went away: the messages stay unacked
+                failures += 1
+                log.warning("%s; trying again", error.message)
+                self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            step = min(0.1, max(0.0, deadline - time.monotonic()))
+            try:
+                self.broker.wait(step, until=lambda: self._stopping)
+            except BrokerLost:
+                time.sleep(step)
+
+    def _reconnect(self, why: str, failures: int) -> None:
+        log.warning("broker lost (%s); reconnecting", why)
+        self.broker.close()
+        while not self._stopping:
+            self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
+            if self._stopping:
+                return
+            try:
+                self.broker.open()
+            except Unavailable as error:
+                log.warning("%s; trying again", error.message)
+                failures += 1
+                continue
+            self.report.reconnects += 1
+            log.info("reconnected to the broker")
+            return
+
+    # --- the work -----------------------------------------------------------------------------
+
+    def _handle_batch(self) -> int:
+        """Handle the messages in hand, publish their confirmations together, then ack them."""
+        deliveries = self.broker.take_deliveries()
+        if not deliveries:
+            return 0
+        confirmations, handled = [], []
+        for delivery in deliveries:
+            self.report.received += 1
+            try:
+                message = parse_redemption_message(delivery.body)
+            except CredexError as error:
+                message_id = delivery.properties.message_id
+                log.error("dropped a malformed redemption message %s: %s", message_id, error.message)
+                self.broker.reject(delivery.tag)
+                self.report.rejected += 1
+                continue
+            handled.append(delivery.tag)
+            confirmation = self._handle(message)
+            if confirmation is not None:
+                confirmations.append(confirmation)
+        if confirmations:
+            outcomes = self.broker.publish(confirmations)
+            for message_id, failure in outcomes.items():
+                if failure is None:
+                    self.report.confirmed += 1
+                else:  # the relay publishes the redemption again and we confirm then
+                    log.warning("confirmation %s not published: %s", message_id, failure)
+            if self.broker.lost:
+                raise BrokerLost(self.broker.lost)  # unacked: the messages come back
+        if handled:
+            self.broker.ack(max(handled), multiple=True)  # rejected ones are settled already
+        return len(deliveries)
+
+    def _handle(self, message: RedemptionMessage) -> Outgoing | None:
+        """One redemption message: its shipment request and waybill; the confirmation to publish,
+        or None when there is nothing to confirm yet."""
+        with session_for(self.database_url, write=True) as session:
+            request, created = open_shipment_request(session, message, now=utcnow())
+        self.report.shipments_created += created
+        if request.express_no is None:
+            request = self._obtain_waybill(request, message)
+            if request is None:
+                return None
+        return Outgoing(
+            message_id=new_message_id(),
+            routing_key=SHIPMENT_REQUESTED,
+            body=confirmation_body(request, message_id=message.message_id, now=utcnow()),
+            type=SHIPMENT_REQUESTED,
+            correlation_id=message.message_id,
+        )
+
+    def _obtain_waybill(self, request, message):
+        key = f"redemption-{message.redemption_id}"
+        future = self._pool.submit(
+            self._carrier.create_shipment,
+            idempotency_key=key,
+            order_ref=key,
+            recipient={"name": message.user_id, "phone": "", "address": message.address},
+            items=[{"sku": message.sku, "quantity": message.quantity}],
+        )
+        try:
+            waybill = self.broker.wait_for(future, timeout=self.carrier_timeout + 5)
+        except CredexError as error:
+            self.report.without_waybill += 1
+            log.warning(
+                "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
+                message.redemption_id,
+                error.message,
+            )
+            return None
+        except TimeoutError:
+            self.report.without_waybill += 1
+            log.warning("redemption %s: the carrier did not answer in time", message.redemption_id)
+            return None
+        with session_for(self.database_url, write=True) as session:
+            saved = save_waybill(
+                session, request.id, carrier=waybill.carrier, express_no=waybill.express_no, now=utcnow()
+            )
+        self.report.waybills += 1
+        log.info("redemption %s: waybill %s %s", message.redemption_id, saved.carrier, saved.express_no)
+        return saved
