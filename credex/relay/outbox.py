@@ -91,7 +91,7 @@ def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int
             state=_DEAD,
             claimed_by=None,
             claimed_until=None,
-            last_error=func.coalesce(o.last_error, f"no confirmation after {max_attempts} attempts"),
+            last_error=f"no confirmation after {max_attempts} attempts",
         )
     ).rowcount
     session.commit()
@@ -112,9 +112,10 @@ def claim_due_messages(
         update(outbox_table)
         .where(o.id.in_(due.scalar_subquery()))
         .values(claimed_by=relay_id, claimed_until=now + timedelta(seconds=lease))
-        .returning(o.id, o.routing_key, o.body, o.attempts, o.state)
+        .returning(o.id, o.routing_key, o.body, o.attempts, o.state, o.next_attempt_at)
     ).all()
     session.commit()
+    rows.sort(key=lambda r: (r.next_attempt_at, r.id))  # RETURNING keeps no order: publish the oldest first
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
@@ -302,7 +303,7 @@ def retry_messages(
         chosen = select(o.id, o.state).where(o.state == _DEAD)
     else:
         chosen = select(o.id, o.state).where(o.id.in_(list(message_ids)))
-    states = dict(session.execute(chosen).tuples().all())
+    states = {row.id: row.state for row in session.execute(chosen)}
     unknown = [m for m in message_ids if m not in states]
     if unknown:
         session.rollback()
