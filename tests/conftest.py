@@ -6,6 +6,7 @@ elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -141,3 +142,63 @@ def amqp_prefix(amqp_url: str) -> Iterator[str]:
         connection.close()
     except Exception:
         pass  # cleaning up is best effort; the names are unique anyway
+
+
+class Rabbit:
+    """The test's own corner of the broker: its names, and a plain connection to look inside."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import pika
+
+        from credex.relay.topology import Names
+
+        self.url = url
+        self.prefix = prefix
+        self.names = Names(prefix)
+        self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self._connection.channel()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"CREDEX_AMQP_URL": self.url, "CREDEX_AMQP_PREFIX": self.prefix}
+
+    def count(self, queue: str) -> int:
+        """Messages ready in ``queue`` (0 when it does not exist yet)."""
+        import pika.exceptions
+
+        try:
+            return self.channel.queue_declare(queue, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            self.channel = self._connection.channel()
+            return 0
+
+    def take(self, queue: str) -> list[tuple[object, dict]]:
+        """Every message ready in ``queue``, acked: (properties, JSON body)."""
+        taken = []
+        while True:
+            method, properties, body = self.channel.basic_get(queue)
+            if method is None:
+                return taken
+            self.channel.basic_ack(method.delivery_tag)
+            taken.append((properties, json.loads(body)))
+
+    def publish(self, routing_key: str, body: dict | bytes, **properties) -> None:
+        import pika
+
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.channel.basic_publish(
+            self.names.exchange, routing_key, data, pika.BasicProperties(delivery_mode=2, **properties)
+        )
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+@pytest.fixture
+def rabbit(amqp_url: str, amqp_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rabbit]:
+    """The broker for this test, under a prefix of its own; credex (in-process) is pointed at it."""
+    for name, value in (("CREDEX_AMQP_URL", amqp_url), ("CREDEX_AMQP_PREFIX", amqp_prefix)):
+        monkeypatch.setenv(name, value)
+    broker = Rabbit(amqp_url, amqp_prefix)
+    yield broker
+    broker.close()

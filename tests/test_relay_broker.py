@@ -1,0 +1,262 @@
+"""The relay against the real broker: what it publishes, what it does with confirmations, refusals
+from the broker, a broker that is away, and the long-running relay's stop and reconnect."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.invariants import check_points_invariants
+from tests.support import credex_command, run_process, subprocess_env, wait_for
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def shop(credex):
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10")
+    credex("award", "grant", "u1", "1000", "--reason", "opening", "--ref", "open-u1")
+
+    def redeem(n: int = 1) -> list[dict]:
+        return [
+            credex("redeem", "create", "u1", "MUG", "--address", f"{i} High St", "--json").json()
+            for i in range(n)
+        ]
+
+    return redeem
+
+
+def relay_once(credex, *options: str) -> dict:
+    result = credex("relay", "run", "--once", "--json", *options)
+    assert result.exit_code == 0, result.stderr
+    return result.json()
+
+
+def confirmation(redemption: dict, express_no: str) -> dict:
+    return {
+        "message_id": redemption["message_id"],
+        "redemption_id": redemption["redemption_id"],
+        "shipment_id": redemption["redemption_id"],
+        "carrier": "sandbox",
+        "express_no": express_no,
+        "created_at": "2026-11-25T10:00:00+00:00",
+    }
+
+
+def test_one_pass_publishes_each_due_message_once_as_the_contract_says(credex, shop, rabbit):
+    created = shop(3)
+    report = relay_once(credex)
+    assert (report["published"], report["failed"]) == (3, 0)
+
+    delivered = rabbit.take(rabbit.names.warehouse_queue)
+    assert [body["redemption_id"] for _, body in delivered] == [r["redemption_id"] for r in created]
+    properties, body = delivered[0]
+    assert properties.message_id == created[0]["message_id"] == body["message_id"]
+    assert properties.delivery_mode == 2 and properties.content_type == "application/json"
+    assert properties.type == "redemption.created" and properties.timestamp > 0
+    assert set(body) == {
+        "message_id",
+        "redemption_id",
+        "user_id",
+        "sku",
+        "quantity",
+        "points",
+        "address",
+        "created_at",
+    }
+    assert all(m["state"] == "sent" and m["attempts"] == 1 for m in credex("relay", "list", "--json").json())
+
+    # Overlapping cron runs: nothing is due again until the warehouse had time to confirm.
+    assert relay_once(credex)["published"] == 0
+    assert rabbit.count(rabbit.names.warehouse_queue) == 0
+
+
+def test_confirmations_waiting_are_recorded_and_a_repeat_changes_nothing(db_url, credex, shop, rabbit):
+    first, second = shop(2)
+    relay_once(credex)
+    rabbit.publish(
+        "shipment.requested", confirmation(first, "SIM0000000001"), correlation_id=first["message_id"]
+    )
+    rabbit.publish("shipment.requested", confirmation(first, "SIM0000000001"))  # again, body only
+    rabbit.publish("shipment.requested", b"not json")
+
+    report = relay_once(credex)
+    assert (report["confirmed"], report["repeated_confirmations"], report["malformed_confirmations"]) == (
+        1,
+        1,
+        1,
+    )
+    shown = credex("redeem", "show", str(first["redemption_id"]), "--json").json()
+    assert (shown["status"], shown["carrier"], shown["express_no"]) == (
+        "shipping",
+        "sandbox",
+        "SIM0000000001",
+    )
+    assert credex("redeem", "show", str(second["redemption_id"]), "--json").json()["status"] == "pending"
+    assert rabbit.count(rabbit.names.confirmations_queue) == 0  # all acked, the malformed one too
+    status = credex("relay", "status", "--json").json()
+    assert (status["confirmed"], status["sent"]) == (1, 1)
+    check_points_invariants(db_url)
+
+
+def test_an_unroutable_publish_is_reported_as_a_failure_not_as_sent(rabbit):
+    from credex.broker import Broker, Outgoing
+
+    broker = Broker(
+        rabbit.url, rabbit.names, queue=rabbit.names.confirmations_queue, prefetch=10, connection_name="test"
+    )
+    broker.open()
+    try:
+        outcomes = broker.publish(
+            [
+                Outgoing("m-routed", "redemption.created", b"{}", "redemption.created"),
+                Outgoing("m-lost", "no.such.route", b"{}", "redemption.created"),
+            ]
+        )
+    finally:
+        broker.close()
+    assert outcomes["m-routed"] is None
+    assert outcomes["m-lost"].startswith("unroutable: 312 NO_ROUTE")
+    assert rabbit.count(rabbit.names.warehouse_queue) == 1
+
+
+@pytest.fixture
+def full_warehouse_queue(rabbit):
+    """A full queue beside the warehouse's, bound to the same key, that refuses every message: the
+    broker nacks a publish when any queue it routes to rejects it."""
+    names = rabbit.names
+    rabbit.channel.exchange_declare(names.exchange, "topic", durable=True)
+    full = f"{rabbit.prefix}test.full"
+    rabbit.channel.queue_declare(full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    rabbit.channel.queue_bind(full, names.exchange, routing_key="redemption.created")
+    yield
+    rabbit.channel.queue_delete(full)
+
+
+def test_a_nacked_publish_is_a_failed_attempt_and_past_max_attempts_the_message_is_dead(
+    credex, shop, rabbit, full_warehouse_queue
+):
+    shop(2)
+    report = relay_once(credex, "--max-attempts", "2")
+    assert (report["published"], report["failed"], report["dead"]) == (0, 2, 0)
+    listed = credex("relay", "list", "--json").json()
+    assert {(m["state"], m["attempts"], m["last_error"]) for m in listed} == {
+        ("pending", 1, "nacked by the broker")
+    }
+
+    credex("relay", "retry", *[m["message_id"] for m in listed])  # due now, rather than in a second
+    report = relay_once(credex, "--max-attempts", "2")
+    assert (report["failed"], report["dead"]) == (2, 2)
+    assert credex("relay", "status", "--json").json()["dead"] == 2
+    dead = credex("relay", "list", "--state", "dead", "--json").json()
+    assert {(m["attempts"], m["last_error"]) for m in dead} == {(2, "nacked by the broker")}
+    assert relay_once(credex, "--max-attempts", "2")["published"] == 0  # parked until an operator acts
+
+
+def test_a_broker_that_cannot_be_reached_exits_69_without_showing_its_password(db_url, shop):
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url,
+        CREDEX_AMQP_URL="amqp://guest:s3cret-Pw@127.0.0.1:1/%2F",
+        CREDEX_LOGISTICS_URL="http://127.0.0.1:1",
+    )
+    for command in (("relay", "run", "--once"), ("relay", "run"), ("warehouse", "run", "--once")):
+        started = time.monotonic()
+        result = run_process(*command, env=env, timeout=60)
+        assert result.exit_code == 69, (command, result.stderr)
+        assert time.monotonic() - started < 15
+        assert "cannot reach the broker amqp://guest@127.0.0.1:1/" in result.stderr
+        assert "s3cret" not in result.stderr + result.stdout
+    assert all(
+        m["state"] == "pending" for m in json.loads(run_process("relay", "list", "--json", env=env).stdout)
+    )
+
+
+def _relay_process(db_url: str, rabbit, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        credex_command("relay", "run", "--json", *options),
+        env=subprocess_env(CREDEX_DATABASE_URL=db_url, **rabbit.env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_an_unconfirmed_message_is_published_again_until_the_warehouse_confirms(db_url, credex, shop, rabbit):
+    (redemption,) = shop(1)
+    relay = _relay_process(db_url, rabbit, "--confirm-timeout", "0.3", "--poll-interval", "0.05")
+    try:
+        queue = rabbit.names.warehouse_queue
+        wait_for(lambda: rabbit.count(queue) >= 3, timeout=30, what="three publishes of the message")
+        delivered = rabbit.take(queue)
+        assert {body["message_id"] for _, body in delivered} == {redemption["message_id"]}
+        message = credex("relay", "list", "--json").json()[0]
+        assert message["attempts"] >= 3
+        assert message["last_error"] == "not confirmed by its due time: published again"
+
+        rabbit.publish(
+            "shipment.requested", confirmation(redemption, "SIM7"), correlation_id=redemption["message_id"]
+        )
+        wait_for(
+            lambda: credex("relay", "status", "--json").json()["confirmed"] == 1,
+            timeout=30,
+            what="the confirmation",
+        )
+        rabbit.take(queue)
+        # A second redemption, left unconfirmed, is published again and again meanwhile; the
+        # confirmed one never comes back.
+        (later,) = shop(1)
+        wait_for(lambda: rabbit.count(queue) >= 3, timeout=30, what="three publishes of the second message")
+        assert {body["message_id"] for _, body in rabbit.take(queue)} == {later["message_id"]}
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        out, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0, err
+    assert json.loads(out)["confirmed"] == 1
+    shown = credex("redeem", "show", str(redemption["redemption_id"]), "--json").json()
+    assert shown["express_no"] == "SIM7"
+
+
+def test_the_long_running_relay_reconnects_after_its_connection_is_closed(db_url, credex, shop, rabbit):
+    relay = _relay_process(db_url, rabbit, "--poll-interval", "0.05")
+    try:
+        shop(1)
+        queue = rabbit.names.warehouse_queue
+        wait_for(lambda: rabbit.count(queue) == 1, timeout=30, what="the first message")
+        closed = close_connections(f":{relay.pid}:")
+        assert closed >= 1
+        shop(1)
+        wait_for(lambda: rabbit.count(queue) == 2, timeout=60, what="a message published after the reconnect")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        out, err = relay.communicate(timeout=30)
+    assert relay.returncode == 0, err
+    assert json.loads(out)["reconnects"] >= 1
+    assert "reconnected to the broker" in err
+    assert all(m["state"] == "sent" for m in credex("relay", "list", "--json").json())
+
+
+def close_connections(needle: str) -> int:
+    """Close, from the broker's side, the connections whose name contains ``needle``."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listed.splitlines()
+        if '"connection_name"' in line and needle in line
+    ]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "test: cut the connection"],
+            capture_output=True,
+            timeout=60,
+        )
+    return len(pids)
