@@ -7,6 +7,7 @@ together (no round trip per message), and heartbeats are answered whenever a wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -269,50 +270,68 @@ class Broker:
         if self._lost:
             raise BrokerLost(self._lost)
 
-    def wait_for(self, future: Future, timeout: float) -> Any:
-        """The result of work running in another thread, the I/O loop turning meanwhile."""
-        loop = self._connection.ioloop
-        future.add_done_callback(lambda _f: loop.add_callback_threadsafe(loop.stop))
-        self.run_until(future.done, timeout)
-        return future.result(timeout=0)  # raises the work's own exception, or TimeoutError
+    def wait_for(self, future: Future, timeout: float | None = None) -> Any:
+        """The result of work running in another thread, the I/O loop turning meanwhile (heartbeats,
+        confirms, deliveries). Without a connection it just waits. Raises the work's own
+        exception, or TimeoutError after ``timeout``."""
+        connection = self._connection
+        if connection is not None and not self._lost:
+            loop = connection.ioloop
+
+            def wake(_future) -> None:
+                with contextlib.suppress(Exception):  # the loop closed meanwhile: nobody waits on it
+                    loop.add_callback_threadsafe(loop.stop)
+
+            future.add_done_callback(wake)
+            self.run_until(future.done, RPC_TIMEOUT_S if timeout is None else timeout)
+            if not future.done() and not self._lost:
+                raise TimeoutError(f"no result within {timeout} s")
+        return future.result(timeout=timeout)
 
     # --- publishing ---------------------------------------------------------------------------
 
     def publish(self, messages: list[Outgoing], timeout: float = RPC_TIMEOUT_S) -> dict[str, str | None]:
-        """Publish all ``messages`` (persistent, mandatory) and wait for their confirms together.
-        Returns message id -> None (the broker has it) or why it failed (returned, nacked, lost)."""
+        """Publish all ``messages`` and wait for their confirms together (``send`` + ``collect``)."""
+        self.send(messages)
+        return self.collect([m.message_id for m in messages], timeout)
+
+    def send(self, messages: list[Outgoing]) -> None:
+        """Publish ``messages`` (persistent, mandatory) without waiting: their confirms are
+        gathered by ``collect``, so the caller can do other work while the broker stores them."""
         state = self._channel
         if state is None or self._lost:
-            raise BrokerLost(self._lost or "not connected")
-        state.outcomes = {}
-        state.returned = {}
+            return  # ``collect`` reports them as not published
         now = int(time.time())
+        publish = state.channel.basic_publish
+        exchange = self.names.exchange
         for message in messages:
             properties = pika.BasicProperties(
                 message_id=message.message_id,
                 correlation_id=message.correlation_id,
                 content_type="application/json",
-                delivery_mode=pika.DeliveryMode.Persistent,
+                delivery_mode=2,  # persistent
                 type=message.type,
                 timestamp=now,
             )
             try:
-                state.channel.basic_publish(
-                    self.names.exchange, message.routing_key, message.body, properties, mandatory=True
-                )
+                publish(exchange, message.routing_key, message.body, properties, mandatory=True)
             except Exception as error:  # the channel closed under us
                 self._lost = self._lost or f"publish failed: {_describe(error)}"
                 break
             state.next_tag += 1
             state.in_flight[state.next_tag] = message.message_id
-        self.run_until(lambda: not state.in_flight, timeout)
-        if state.in_flight:
-            self._fail_in_flight(self._lost or f"no publisher confirm within {timeout:.0f} s")
-            self._lost = self._lost or "publisher confirms stopped arriving"
+
+    def collect(self, message_ids: list[str], timeout: float = RPC_TIMEOUT_S) -> dict[str, str | None]:
+        """Wait for what the broker says of the messages sent as ``message_ids``: message id ->
+        None (the broker has it) or why it failed (returned, nacked, connection lost)."""
+        state = self._channel
+        if state is None:
+            return dict.fromkeys(message_ids, self._lost or "not connected")
         outcomes = state.outcomes
-        for message in messages:
-            outcomes.setdefault(message.message_id, self._lost or "not published")
-        return outcomes
+        if not self.run_until(lambda: all(m in outcomes for m in message_ids), timeout) and not self._lost:
+            self._fail_in_flight(f"no publisher confirm within {timeout:.0f} s")
+            self._lost = "publisher confirms stopped arriving"
+        return {m: outcomes.pop(m, self._lost or "not published") for m in message_ids}
 
     def _on_return(self, _channel, method, properties, _body) -> None:
         # A mandatory message no queue took: the broker returns it, then acks it.
@@ -340,8 +359,7 @@ class Broker:
                 state.outcomes[message_id] = "nacked by the broker"
             else:
                 state.outcomes[message_id] = state.returned.pop(message_id, None)
-        if not state.in_flight:
-            self._poke()
+        self._poke()
 
     def _fail_in_flight(self, reason: str) -> None:
         state = self._channel

@@ -36,14 +36,32 @@ def redemptions(credex):
 
 def claim(db_url, relay="r1", *, now=LATER, limit=100, lease=30.0):
     with session_for(db_url, write=True) as session:
-        return claim_due_messages(session, relay_id=relay, limit=limit, lease=lease, now=now)
+        claimed = claim_due_messages(session, relay_id=relay, limit=limit, lease=lease, now=now)
+        session.commit()
+        return claimed
 
 
 def record(db_url, claimed, outcomes, *, relay="r1", now=LATER, policy=POLICY):
     with session_for(db_url, write=True) as session:
-        return record_publish_outcomes(
+        tally = record_publish_outcomes(
             session, relay_id=relay, claimed=claimed, outcomes=outcomes, policy=policy, now=now
         )
+        session.commit()
+        return tally
+
+
+def bury(db_url, *, max_attempts: int, now=LATER) -> int:
+    with session_for(db_url, write=True) as session:
+        buried = bury_exhausted(session, max_attempts=max_attempts, now=now)
+        session.commit()
+        return buried
+
+
+def confirm(db_url, *confirmations: Confirmation, now=LATER) -> int:
+    with session_for(db_url, write=True) as session:
+        confirmed = record_confirmations(session, confirmations, now=now)
+        session.commit()
+        return confirmed
 
 
 def messages(credex) -> dict[str, dict]:
@@ -134,8 +152,7 @@ def test_past_max_attempts_a_message_is_dead_and_listed_for_an_operator(db_url, 
     )
     assert tally.dead == 1  # its second publish was refused: no attempts left
     later = now + timedelta(seconds=5)
-    with session_for(db_url, write=True) as session:
-        assert bury_exhausted(session, max_attempts=2, now=later) == 2  # published twice, never confirmed
+    assert bury(db_url, max_attempts=2, now=later) == 2  # published twice, never confirmed
     assert claim(db_url, now=later) == []
     status = credex("relay", "status", "--json").json()
     assert (status["dead"], status["pending"], status["sent"]) == (3, 0, 0)
@@ -146,10 +163,8 @@ def test_past_max_attempts_a_message_is_dead_and_listed_for_an_operator(db_url, 
 def test_a_confirmation_ships_the_redemption_once_and_a_repeat_changes_nothing(db_url, credex, redemptions):
     record(db_url, claim(db_url), dict.fromkeys(redemptions))
     confirmation = Confirmation(redemptions[0], "sandbox", "SIM0000000001")
-    with session_for(db_url, write=True) as session:
-        assert record_confirmations(session, [confirmation, confirmation], now=LATER) == 1
-    with session_for(db_url, write=True) as session:
-        assert record_confirmations(session, [Confirmation(redemptions[0], "other", "X")], now=LATER) == 0
+    assert confirm(db_url, confirmation, confirmation) == 1
+    assert confirm(db_url, Confirmation(redemptions[0], "other", "X")) == 0
     redemption = credex("redeem", "show", "1", "--json").json()
     assert (redemption["status"], redemption["carrier"], redemption["express_no"]) == (
         "shipping",
@@ -166,21 +181,15 @@ def test_a_confirmation_ships_the_redemption_once_and_a_repeat_changes_nothing(d
 
 
 def test_a_late_confirmation_of_a_dead_message_still_ships_it(db_url, credex, redemptions):
-    with session_for(db_url, write=True) as session:
-        bury_exhausted(session, max_attempts=0, now=LATER)
-    with session_for(db_url, write=True) as session:
-        assert (
-            record_confirmations(session, [Confirmation(redemptions[1], "sandbox", "SIM2")], now=LATER) == 1
-        )
+    bury(db_url, max_attempts=0)
+    assert confirm(db_url, Confirmation(redemptions[1], "sandbox", "SIM2")) == 1
     assert credex("redeem", "show", "2", "--json").json()["express_no"] == "SIM2"
     assert messages(credex)[redemptions[1]]["state"] == "confirmed"
 
 
 def test_relay_retry_makes_dead_messages_due_now_with_fresh_attempts(db_url, credex, redemptions):
-    with session_for(db_url, write=True) as session:
-        bury_exhausted(session, max_attempts=0, now=LATER)
-    with session_for(db_url, write=True) as session:
-        record_confirmations(session, [Confirmation(redemptions[2], "sandbox", "SIM3")], now=LATER)
+    bury(db_url, max_attempts=0)
+    confirm(db_url, Confirmation(redemptions[2], "sandbox", "SIM3"))
 
     one = credex("relay", "retry", redemptions[0], redemptions[2], "--json")
     assert one.exit_code == 0, one.stderr
@@ -196,8 +205,7 @@ def test_relay_retry_makes_dead_messages_due_now_with_fresh_attempts(db_url, cre
 
 
 def test_relay_retry_with_an_unknown_id_changes_nothing(db_url, credex, redemptions):
-    with session_for(db_url, write=True) as session:
-        bury_exhausted(session, max_attempts=0, now=LATER)
+    bury(db_url, max_attempts=0)
     result = credex("relay", "retry", redemptions[0], "no-such-message", "--json")
     assert result.exit_code == 1
     error = json.loads(result.stderr)["error"]
@@ -209,12 +217,8 @@ def test_relay_retry_with_an_unknown_id_changes_nothing(db_url, credex, redempti
 
 def test_relay_purge_deletes_only_messages_confirmed_before_the_age(db_url, credex, redemptions):
     old = datetime.now(UTC) - timedelta(days=40)
-    with session_for(db_url, write=True) as session:
-        record_confirmations(session, [Confirmation(redemptions[0], "sandbox", "SIM1")], now=old)
-    with session_for(db_url, write=True) as session:
-        record_confirmations(
-            session, [Confirmation(redemptions[1], "sandbox", "SIM2")], now=datetime.now(UTC)
-        )
+    confirm(db_url, Confirmation(redemptions[0], "sandbox", "SIM1"), now=old)
+    confirm(db_url, Confirmation(redemptions[1], "sandbox", "SIM2"), now=datetime.now(UTC))
 
     dry = credex("relay", "purge", "--confirmed-before", "30d", "--dry-run", "--json").json()
     assert (dry["purged"], dry["dry_run"]) == (1, True)

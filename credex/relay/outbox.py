@@ -36,7 +36,7 @@ def message_json(row) -> dict:
     }
 
 
-# --- the relay ----------------------------------------------------------------------------------
+# --- the relay: these work inside the caller's transaction, which commits ----------------------
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _claimable(now: datetime):
 
 
 def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
-    """Due messages that used up their attempts become dead (listed for an operator). Committed."""
+    """Due messages that used up their attempts become dead (listed for an operator)."""
     o = outbox_table.c
     buried = session.execute(
         update(outbox_table)
@@ -94,16 +94,15 @@ def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int
             last_error=f"no confirmation after {max_attempts} attempts",
         )
     ).rowcount
-    session.commit()
     return buried
 
 
 def claim_due_messages(
     session: Session, *, relay_id: str, limit: int, lease: float, now: datetime
 ) -> list[ClaimedMessage]:
-    """Take up to ``limit`` due messages for ``relay_id`` until ``now + lease`` and commit, so
-    that relays running at once never publish the same due message in one round. A relay that
-    dies leaves its lease behind, and the messages are due again when it runs out."""
+    """Take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once committed,
+    relays running at once never publish the same due message in one round. A relay that dies
+    leaves its lease behind, and the messages are due again when it runs out."""
     o = outbox_table.c
     due = select(o.id).where(*_claimable(now)).order_by(o.next_attempt_at, o.id).limit(limit)
     if session.bind.dialect.name == "postgresql":
@@ -114,26 +113,12 @@ def claim_due_messages(
         .values(claimed_by=relay_id, claimed_until=now + timedelta(seconds=lease))
         .returning(o.id, o.routing_key, o.body, o.attempts, o.state, o.next_attempt_at)
     ).all()
-    session.commit()
     rows.sort(key=lambda r: (r.next_attempt_at, r.id))  # RETURNING keeps no order: publish the oldest first
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
 _o = outbox_table.c
 _STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
-_RECORD_SENT = (
-    update(outbox_table)
-    .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
-    .values(
-        last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
-        state=_SENT,
-        attempts=bindparam("n"),
-        sent_at=bindparam("now"),
-        next_attempt_at=bindparam("due"),
-        claimed_by=None,
-        claimed_until=None,
-    )
-)
 _RECORD_FAILED = (
     update(outbox_table)
     .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
@@ -164,25 +149,18 @@ def record_publish_outcomes(
     policy: RetryPolicy,
     now: datetime,
 ) -> PublishTally:
-    """What the broker said about each claimed message, in one transaction: confirmed ones are
+    """What the broker said about each claimed message (the caller commits): confirmed ones are
     ``sent`` and due again when the warehouse had time to confirm; the others keep their state,
     carry the reason in ``last_error`` and are due again soon (or dead past ``max_attempts``).
     A message is never marked sent unless the broker confirmed it."""
     tally = PublishTally()
-    sent, failed = [], []
+    sent: dict[int, list[str]] = {}  # attempt -> message ids: one statement each, not one per message
+    failed = []
     for message in claimed:
         attempt = message.attempts + 1
         error = outcomes.get(message.id, "not published")
         if error is None:
-            sent.append(
-                {
-                    "mid": message.id,
-                    "relay": relay_id,
-                    "n": attempt,
-                    "now": now,
-                    "due": now + policy.confirm_wait(attempt),
-                }
-            )
+            sent.setdefault(attempt, []).append(message.id)
             tally.sent += 1
             continue
         dead = policy.exhausted(attempt)
@@ -198,11 +176,26 @@ def record_publish_outcomes(
         )
         tally.failed += 1
         tally.dead += dead
-    if sent:
-        session.execute(_RECORD_SENT, sent)
+    for attempt, ids in sent.items():
+        due = now + policy.confirm_wait(attempt)
+        for start in range(0, len(ids), 500):
+            session.execute(
+                update(outbox_table)
+                .where(
+                    _o.id.in_(ids[start : start + 500]), _o.claimed_by == relay_id, _o.state.in_(_UNCONFIRMED)
+                )
+                .values(
+                    last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
+                    state=_SENT,
+                    attempts=attempt,
+                    sent_at=now,
+                    next_attempt_at=due,
+                    claimed_by=None,
+                    claimed_until=None,
+                )
+            )
     if failed:
         session.execute(_RECORD_FAILED, failed)
-    session.commit()
     return tally
 
 
@@ -228,8 +221,8 @@ _SHIP = (
 
 
 def record_confirmations(session: Session, confirmations: Iterable[Confirmation], *, now: datetime) -> int:
-    """Mark the messages confirmed and copy carrier and express number onto their redemptions,
-    in one transaction. A confirmation for a message already confirmed changes nothing (also a
+    """Mark the messages confirmed and copy carrier and express number onto their redemptions
+    (the caller commits). A confirmation for a message already confirmed changes nothing (also a
     dead one is confirmed: the warehouse did ship it). Returns how many were confirmed now."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
@@ -256,7 +249,6 @@ def record_confirmations(session: Session, confirmations: Iterable[Confirmation]
         if ships:
             session.execute(_SHIP, ships)
         confirmed += len(rows)
-    session.commit()
     return confirmed
 
 

@@ -1,0 +1,371 @@
+"""Messages per second from the outbox to broker-confirmed: credex's relay against bare pika
+publishing the same bodies with pipelined publisher confirms, on the same broker, in one run.
+Then the end-to-end rate with one relay and one warehouse process: redemptions written while
+the pipeline runs, until every confirmation is recorded.
+
+    python bench/relay.py --backend sqlite
+    python bench/relay.py --backend postgres --messages 20000 --runs 5
+
+The relay side is one `credex relay run --once` pass in-process (connect, declare, claim, publish,
+record) over a fresh outbox of --messages rows; it is done when every message is `sent`. The bare
+side connects, declares the same topology and keeps --window publishes in flight until every
+body is confirmed. The two alternate for --runs rounds, each on fresh queues; medians are
+compared. Goal: credex at least 0.5 of the bare pika figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+POSTGRES_ADMIN = os.environ.get("CREDEX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("CREDEX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+# --- databases ----------------------------------------------------------------------------------
+
+
+class Database:
+    """A fresh, migrated points database; dropped (or deleted) by ``close()``."""
+
+    def __init__(self, backend: str, workdir: Path) -> None:
+        from credex.db.engine import upgrade
+
+        self.backend = backend
+        if backend == "sqlite":
+            self.url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
+            self.name = None
+        else:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            self.name = f"credex_bench_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{self.name}"')
+            self.url = make_url(POSTGRES_ADMIN).set(database=self.name).render_as_string(hide_password=False)
+        upgrade(self.url)
+
+    def close(self) -> None:
+        from credex.db.engine import dispose_engines
+
+        dispose_engines()
+        if self.name:
+            import psycopg
+
+            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def fill_outbox(url: str, count: int) -> list[bytes]:
+    """``count`` pending outbox messages with the bodies redemptions write; returns the bodies."""
+    from sqlalchemy import insert
+
+    from credex.db.engine import session_for
+    from credex.points.redemptions import message_body
+    from credex.relay.outbox import outbox_table
+
+    now = datetime.now(UTC)
+    rows = []
+    for n in range(count):
+        message_id = str(uuid.uuid4())
+        body = message_body(
+            message_id=message_id,
+            redemption_id=n + 1,
+            user_id=f"u-{n % 1000}",
+            sku="SHAMPOO-500",
+            quantity=1,
+            points=20000,
+            address=f"{n} Long Road, Hangzhou",
+            created_at=now,
+        )
+        rows.append(
+            {
+                "id": message_id,
+                "redemption_id": None,
+                "routing_key": "redemption.created",
+                "body": body,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+        )
+    with session_for(url, write=True) as session:
+        session.execute(insert(outbox_table), rows)
+        session.commit()
+    return [row["body"].encode() for row in rows]
+
+
+# --- the two sides ------------------------------------------------------------------------------
+
+
+def run_credex(url: str, prefix: str, batch_size: int) -> float:
+    from credex.relay.outbox import RetryPolicy
+    from credex.relay.runner import Relay, RelayOptions
+    from credex.relay.topology import Names
+
+    relay = Relay(
+        url, AMQP_URL, Names(prefix), RelayOptions(batch_size=batch_size, once=True, policy=RetryPolicy())
+    )
+    started = time.perf_counter()
+    report = relay.run()
+    elapsed = time.perf_counter() - started
+    assert report.failed == 0, report
+    return elapsed
+
+
+def run_bare(bodies: list[bytes], prefix: str, window: int) -> float:
+    """Bare pika: connect, declare, publish every body keeping ``window`` unconfirmed at most."""
+    import pika
+    from pika import spec
+
+    names = {
+        "exchange": f"{prefix}credex",
+        "queue": f"{prefix}credex.warehouse.redemptions",
+        "confirmations": f"{prefix}credex.relay.confirmations",
+    }
+    state = {"next": 0, "tag": 0, "unconfirmed": 0, "confirmed": 0, "failed": 0}
+    started = time.perf_counter()
+
+    def publish_more(channel) -> None:
+        while state["next"] < len(bodies) and state["unconfirmed"] < window:
+            body = bodies[state["next"]]
+            channel.basic_publish(
+                names["exchange"],
+                "redemption.created",
+                body,
+                pika.BasicProperties(
+                    message_id=str(state["next"]),
+                    content_type="application/json",
+                    delivery_mode=2,
+                    type="redemption.created",
+                    timestamp=int(time.time()),
+                ),
+                mandatory=True,
+            )
+            state["next"] += 1
+            state["tag"] += 1
+            state["unconfirmed"] += 1
+
+    def on_confirm(frame) -> None:
+        method = frame.method
+        settled = state["unconfirmed"] - (state["tag"] - method.delivery_tag) if method.multiple else 1
+        state["unconfirmed"] -= settled
+        state["confirmed" if isinstance(method, spec.Basic.Ack) else "failed"] += settled
+        if state["confirmed"] + state["failed"] == len(bodies):
+            connection.close()
+        else:
+            publish_more(channel_box[0])
+
+    channel_box: list = []
+
+    def on_channel(channel) -> None:
+        channel_box.append(channel)
+        steps = [
+            lambda done: channel.exchange_declare(names["exchange"], "topic", durable=True, callback=done),
+            lambda done: channel.queue_declare(
+                names["queue"], durable=True, arguments={"x-queue-type": "quorum"}, callback=done
+            ),
+            lambda done: channel.queue_bind(
+                names["queue"], names["exchange"], "redemption.created", callback=done
+            ),
+            lambda done: channel.queue_declare(names["confirmations"], durable=True, callback=done),
+            lambda done: channel.queue_bind(
+                names["confirmations"], names["exchange"], "shipment.requested", callback=done
+            ),
+            lambda done: channel.confirm_delivery(on_confirm, callback=done),
+        ]
+
+        def step(index: int) -> None:
+            if index == len(steps):
+                publish_more(channel)
+            else:
+                steps[index](lambda _frame: step(index + 1))
+
+        step(0)
+
+    connection = pika.SelectConnection(
+        pika.URLParameters(AMQP_URL),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, _reason: c.ioloop.stop(),
+    )
+    connection.ioloop.start()
+    elapsed = time.perf_counter() - started
+    assert state["confirmed"] == len(bodies), state
+    return elapsed
+
+
+def delete_queues(prefix: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for queue in ("credex.warehouse.redemptions", "credex.relay.confirmations"):
+        channel.queue_delete(prefix + queue)
+    channel.exchange_delete(prefix + "credex")
+    connection.close()
+
+
+def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float]]:
+    from credex.db.engine import session_for
+    from credex.relay.outbox import outbox_status
+
+    credex_rates, bare_rates = [], []
+    for round_no in range(args.runs):
+        database = Database(args.backend, workdir)
+        try:
+            bodies = fill_outbox(database.url, args.messages)
+            prefix = f"bench{uuid.uuid4().hex[:8]}."
+            try:
+                elapsed = run_credex(database.url, prefix, args.batch_size)
+            finally:
+                delete_queues(prefix)
+            with session_for(database.url) as session:
+                assert outbox_status(session)["sent"] == args.messages
+            credex_rates.append(args.messages / elapsed)
+            prefix = f"bench{uuid.uuid4().hex[:8]}."
+            try:
+                bare_rates.append(args.messages / run_bare(bodies, prefix, args.window))
+            finally:
+                delete_queues(prefix)
+        finally:
+            database.close()
+        print(
+            f"round {round_no + 1}: credex {credex_rates[-1]:,.0f} msg/s, "
+            f"bare pika {bare_rates[-1]:,.0f} msg/s",
+            flush=True,
+        )
+    return credex_rates, bare_rates
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def end_to_end(args, workdir: Path) -> None:
+    """Redemptions written while one relay and one warehouse run, until every one is confirmed."""
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine, session_for
+    from credex.points.awards import award_grant
+    from credex.points.catalog import add_item
+    from credex.points.redemptions import redeem
+
+    database = Database(args.backend, workdir)
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    processes: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDEX_")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        CREDEX_DATABASE_URL=database.url,
+        CREDEX_AMQP_URL=AMQP_URL,
+        CREDEX_AMQP_PREFIX=prefix,
+        CREDEX_OPERATOR="bench",
+    )
+    try:
+        sandbox = subprocess.Popen(
+            [sys.executable, "-m", "credex", "logistics", "sandbox", "--port", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        processes.append(sandbox)
+        env["CREDEX_LOGISTICS_URL"] = sandbox.stdout.readline().split()[-1]
+        with session_for(database.url, write=True) as session:
+            add_item(session, "GIFT", name="Gift", points=1, stock=None)
+        with session_for(database.url, write=True) as session:
+            award_grant(session, "u-bench", 10**12, reason="bench", ref="bench", operator="bench")
+        for command in (["relay", "run", "--poll-interval", "0.05"], ["warehouse", "run"]):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "credex", *command],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)  # let both connect and declare before the clock starts
+        started = time.perf_counter()
+        for _ in range(args.end_to_end):
+            with session_for(database.url, write=True) as session:
+                redeem(session, "u-bench", "GIFT", address="1 Bench Road", operator="bench")
+        written = time.perf_counter() - started
+        engine = get_engine(database.url)
+        deadline = time.monotonic() + 600
+        while True:
+            with engine.connect() as connection:
+                confirmed = connection.execute(
+                    text("SELECT count(*) FROM outbox_message WHERE state = 'confirmed'")
+                ).scalar()
+            if confirmed == args.end_to_end or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT created_at, confirmed_at FROM outbox_message WHERE state = 'confirmed'")
+            ).all()
+        from credex.db.models import UTCDateTime
+
+        parse = UTCDateTime().process_result_value
+        latencies = sorted(
+            (parse(_as_datetime(b), None) - parse(_as_datetime(a), None)).total_seconds() for a, b in rows
+        )
+        print(
+            f"end to end ({args.backend}, 1 relay, 1 warehouse, sandbox carrier): {confirmed} of "
+            f"{args.end_to_end} confirmed in {elapsed:.2f} s = {confirmed / elapsed:,.0f} redemptions/s "
+            f"(written in {written:.2f} s); latency p50 {statistics.median(latencies):.3f} s, "
+            f"p95 {latencies[int(len(latencies) * 0.95) - 1]:.3f} s"
+        )
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        delete_queues(prefix)
+        database.close()
+
+
+def _as_datetime(value):
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=500, help="the relay's --batch-size")
+    parser.add_argument("--window", type=int, default=1000, help="bare pika's publishes in flight")
+    parser.add_argument(
+        "--end-to-end", type=int, default=2000, help="redemptions for the end-to-end run; 0: skip"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        credex_rates, bare_rates = publish_rounds(args, Path(tmp))
+        credex_median, bare_median = statistics.median(credex_rates), statistics.median(bare_rates)
+        print(
+            f"outbox -> broker-confirmed, {args.backend}, {args.messages:,} messages, median of {args.runs}: "
+            f"credex {credex_median:,.0f} msg/s, bare pika {bare_median:,.0f} msg/s, "
+            f"ratio {credex_median / bare_median:.2f} (goal >= 0.5)"
+        )
+        if args.end_to_end:
+            end_to_end(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
