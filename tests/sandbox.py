@@ -50,10 +50,10 @@ class RunningSandbox:
         return self._call("POST", "/_sandbox/clock", json={"advance_seconds": seconds})
 
     def create_shipment(self, key: str, *, address: str = "8 Long Road", sku: str = "SHAMPOO-500") -> dict:
-        """A parcel made directly through the contract (201 or 200); returns the carrier's answer."""
+        """A parcel made through the admin door (no faults, no key); returns the carrier's answer."""
         return self._call(
             "POST",
-            "/v1/shipments",
+            "/_sandbox/shipments",
             headers={"Idempotency-Key": key},
             json={
                 "order_ref": key,

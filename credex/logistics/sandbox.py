@@ -361,6 +361,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
         carrier = self.server.carrier
         if method == "GET" and path == "/_sandbox/shipments":
             self._send(200, carrier.shipments())
+        elif method == "POST" and path == "/_sandbox/shipments":
+            self._create(raw)  # as POST /v1/shipments, without faults or a key: to set a scene
         elif method == "GET" and path == "/_sandbox/requests":
             self._send(200, carrier.requests())
         elif method == "GET" and path == "/_sandbox/clock":
