@@ -149,7 +149,14 @@ class Kuaidi100Carrier(CarrierClient):
         self._key = key
         self.default_carrier = default_carrier
 
-    def create_shipment(self, **_request: Any) -> Waybill:
+    def create_shipment(
+        self,
+        *,
+        idempotency_key: str,
+        order_ref: str,
+        recipient: dict[str, str],
+        items: list[dict[str, Any]],
+    ) -> Waybill:
         raise CarrierNotConfigured(
             "the kuaidi100 provider only tracks parcels and cannot create shipments: the warehouse needs "
             "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"

@@ -291,9 +291,17 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = unquote(urlsplit(self.path).path)
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._send(400, _error("bad_length", "Content-Length must be a whole number"))
+            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+            return
         if length > MAX_BODY:
             self._send(413, _error("too_large", "the body is larger than 1 MiB"))
+            self.close_connection = True  # its body is left unread
             return
         raw = self.rfile.read(length) if length else b""
         if path.startswith("/_sandbox/"):
@@ -328,7 +336,8 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 return
             self._create(raw)
             return
-        parts = path.split("/")
+        # Split before unquoting: a quoted "/" belongs to the number, not to the path.
+        parts = [unquote(part) for part in urlsplit(self.path).path.split("/")]
         if len(parts) == 5 and parts[:3] == ["", "v1", "trackings"] and method == "GET":
             self._send(*carrier.tracking(parts[3], parts[4]))
             return
