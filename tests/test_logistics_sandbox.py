@@ -223,3 +223,47 @@ def test_the_sandbox_is_a_credex_command():
     )
     outcome = Outcome(done.returncode, done.stdout, done.stderr)
     assert outcome.exit_code == 0 and "--stage-seconds" in outcome.stdout and "--faults" in outcome.stdout
+
+
+# --- the sandbox's state, in process -----------------------------------------------------------
+
+
+class Wall:
+    """The sandbox's wall clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stages_change_exactly_at_each_stage_boundary():
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+    wall = Wall()
+    carrier = SandboxCarrier(SandboxOptions(stage_seconds=60), wall=wall)
+    number = carrier.create("k", BODY)[1]["tracking_number"]
+    seen = []
+    for elapsed in (0, 59.999, 60, 119.999, 120, 180, 10_000):
+        wall.now = 1_800_000_000.0 + elapsed
+        seen.append(carrier.tracking("sandbox", number)[1]["status"])
+    assert seen == [
+        "info_received",
+        "info_received",
+        "in_transit",
+        "in_transit",
+        "out_for_delivery",
+        "delivered",
+        "delivered",
+    ]
+
+
+def test_the_same_body_in_another_key_order_is_the_same_request():
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+    carrier = SandboxCarrier(SandboxOptions())
+    first = carrier.create("k", BODY)
+    reordered = {"items": BODY["items"], "recipient": BODY["recipient"], "order_ref": BODY["order_ref"]}
+    assert carrier.create("k", reordered) == (200, first[1])
+    assert carrier.shipments()[0]["create_calls"] == 2
