@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     logistics_provider: str = "generic"
     kuaidi100_customer: str | None = None
     kuaidi100_key: SecretStr | None = None
+    # The carrier code `track --express-no` assumes when --carrier is not given.
+    logistics_carrier: str | None = None
+    # Seconds: one carrier call, retries included, gives up after the total (exit 69).
+    logistics_total_timeout: float = Field(default=30.0, gt=0)
+    logistics_connect_timeout: float = Field(default=5.0, gt=0)
+    logistics_read_timeout: float = Field(default=10.0, gt=0)
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -77,11 +77,40 @@ class Unavailable(CredexError):
     code = "unavailable"
 
 
+class CarrierNotConfigured(CredexError):
+    """No carrier API is configured, or its settings are incomplete (bad usage: exit 2)."""
+
+    exit_code = 2
+    code = "not_configured"
+
+
+class CarrierRejected(RuleViolation):
+    """The carrier refused the request for good: retrying it would not help."""
+
+    code = "carrier_rejected"
+
+
+class UnknownParcel(RuleViolation):
+    """The carrier knows no parcel with this express number (yet)."""
+
+    code = "unknown_parcel"
+
+
+class NotShipped(RuleViolation):
+    """A redemption that has no express number yet."""
+
+    code = "not_shipped"
+
+
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 _KEY_VALUE_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)=\S+")
+_KEY_VALUE_SECRET = re.compile(r"(?i)\b([a-z_]*key|sign|token)=[^\s&]+")  # an API key or signature in a form
+_BEARER = re.compile(r"(?i)\b(bearer)\s+\S+")
 
 
 def redact(text: str) -> str:
-    """Hide passwords in URLs and ``password=...`` pairs inside free text."""
+    """Hide passwords in URLs, ``password=...`` and ``key=...`` pairs and bearer tokens in free text."""
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    text = _BEARER.sub(r"\1 ***", text)
+    text = _KEY_VALUE_SECRET.sub(r"\1=***", text)
     return _KEY_VALUE_PASSWORD.sub(r"\1=***", text)

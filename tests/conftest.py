@@ -16,6 +16,8 @@ import pytest
 
 from tests.support import AMQP_URL, Outcome, pg_admin, pg_url, service_missing
 
+pytest_plugins = ["tests.sandbox"]
+
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,249 @@
+"""kuaidi100's real-time query API (实时查询): tracking only.
+
+A form POST of ``customer``, ``param`` (a JSON string) and ``sign`` (upper-case hex MD5 of
+``param + key + customer``, over exactly the ``param`` string sent). Failures arrive as HTTP 200
+with ``{"result": false, "returnCode": "…", "message": "…"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from credex.errors import (
+    CarrierNotConfigured,
+    CarrierRejected,
+    CredexError,
+    Unavailable,
+    UnknownParcel,
+    redact,
+)
+from credex.logistics.model import CarrierClient, Checkpoint, Tracking, Waybill
+from credex.logistics.retrying import RetryingHttp
+
+KUAIDI100_URL = "https://poll.kuaidi100.com"
+QUERY_PATH = "/poll/query.do"
+CHINA_TIME = timezone(timedelta(hours=8), "CST")  # kuaidi100's times carry no offset
+
+# `state` of the parcel, and `statusCode` of a checkpoint (resultv2=1 adds the three- and
+# four-digit sub-states), onto the normalised statuses.
+STATES = {
+    "0": "in_transit",  # 在途
+    "1": "in_transit",  # 揽收: picked up
+    "2": "exception",  # 疑难: a problem
+    "3": "delivered",  # 签收
+    "4": "exception",  # 退签: returned and signed for by the sender
+    "5": "out_for_delivery",  # 派件
+    "6": "exception",  # 退回: being returned
+    "7": "in_transit",  # 转投: forwarded to another carrier
+    "8": "in_transit",  # 清关: customs
+    "10": "in_transit",  # 待清关
+    "11": "in_transit",  # 清关中
+    "12": "in_transit",  # 已清关
+    "13": "exception",  # 清关异常
+    "14": "exception",  # 拒签: refused by the recipient
+    "101": "info_received",  # 已下单: ordered, not picked up
+    "102": "info_received",  # 待揽收
+    "103": "in_transit",  # 已揽收
+    "204": "failed_attempt",  # 派件异常
+    "206": "failed_attempt",  # 无法联系: the recipient could not be reached
+    "501": "available_for_pickup",  # 投柜或驿站: in a locker or a pick-up station
+}
+# A checkpoint's `status` in words, when it has no `statusCode`.
+STATE_WORDS = {
+    "在途": "in_transit",
+    "揽收": "in_transit",
+    "疑难": "exception",
+    "签收": "delivered",
+    "退签": "exception",
+    "派件": "out_for_delivery",
+    "退回": "exception",
+    "转投": "in_transit",
+    "转单": "in_transit",
+    "清关": "in_transit",
+    "待清关": "in_transit",
+    "清关中": "in_transit",
+    "已清关": "in_transit",
+    "清关异常": "exception",
+    "拒签": "exception",
+}
+
+RETRYABLE_CODES = {"501", "502"}  # kuaidi100's own server errors
+
+
+def kuaidi100_status(code: object) -> str:
+    """The normalised status of a ``state`` or ``statusCode``.
+
+    A sub-state it does not list takes its parent's (``1001`` → ``0``, ``304`` → ``3``); a state
+    not known at all counts as in transit: kuaidi100 has the parcel, and its words say the rest.
+    """
+    text = str(code if code is not None else "").strip()
+    if text in STATES:
+        return STATES[text]
+    if text.isdigit():
+        if len(text) == 4 and text.startswith("10"):
+            return STATES["0"]
+        if len(text) == 3 and text[0] in STATES:
+            return STATES[text[0]]
+    return "in_transit"
+
+
+def sign(param: str, key: str, customer: str) -> str:
+    """Upper-case hex MD5 of ``param + key + customer`` (exactly the ``param`` string sent)."""
+    return hashlib.md5((param + key + customer).encode("utf-8")).hexdigest().upper()
+
+
+def query_param(com: str, num: str, phone: str | None = None) -> str:
+    """The ``param`` field: compact JSON, newest checkpoints first, sub-states on."""
+    param: dict[str, str] = {"com": com, "num": num}
+    if phone:
+        param["phone"] = phone
+    param.update({"resultv2": "1", "order": "desc"})
+    return json.dumps(param, ensure_ascii=False, separators=(",", ":"))
+
+
+def _china_time(value: object) -> datetime:
+    moment = datetime.fromisoformat(str(value).strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=CHINA_TIME)
+    return moment.astimezone(UTC)
+
+
+def _answer(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _failure_code(answer: dict[str, Any]) -> str | None:
+    """kuaidi100's ``returnCode`` when the answer is a failure, else None."""
+    if answer.get("result") is False or (answer.get("returnCode") and not answer.get("data")):
+        return str(answer.get("returnCode") or "")
+    return None
+
+
+def _busy(response: httpx.Response) -> str | None:
+    # HTTP 200 that says kuaidi100's servers are busy or failing: worth another attempt.
+    if response.status_code != 200:
+        return None
+    answer = _answer(response)
+    code = _failure_code(answer) if answer is not None else None
+    return f"kuaidi100 returnCode {code}" if code in RETRYABLE_CODES else None
+
+
+class Kuaidi100Carrier(CarrierClient):
+    provider = "kuaidi100"
+
+    def __init__(
+        self, http: RetryingHttp, *, customer: str, key: SecretStr, default_carrier: str | None = None
+    ) -> None:
+        super().__init__(http)
+        self._customer = customer
+        self._key = key
+        self.default_carrier = default_carrier
+
+    def create_shipment(
+        self,
+        *,
+        idempotency_key: str,
+        order_ref: str,
+        recipient: dict[str, str],
+        items: list[dict[str, Any]],
+    ) -> Waybill:
+        raise CarrierNotConfigured(
+            "the kuaidi100 provider only tracks parcels and cannot create shipments: the warehouse needs "
+            "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
+        )
+
+    def track(self, express_no: str, *, carrier: str | None = None, phone: str | None = None) -> Tracking:
+        com = carrier or self.default_carrier
+        if not com:
+            raise CarrierNotConfigured(
+                "kuaidi100 needs the carrier's code (e.g. shunfeng, yuantong, zhongtong): "
+                "pass --carrier CODE or set CREDEX_LOGISTICS_CARRIER"
+            )
+        param = query_param(com, express_no, phone)
+        form = {
+            "customer": self._customer,
+            "param": param,
+            "sign": sign(param, self._key.get_secret_value(), self._customer),
+        }
+        what = f"the tracking of {express_no}"
+        response = self._http.send("POST", QUERY_PATH, what=what, data=form, retryable_answer=_busy)
+        if response.status_code != 200:
+            if 400 <= response.status_code < 500:
+                raise CarrierRejected(f"kuaidi100 refused {what} (HTTP {response.status_code})")
+            raise Unavailable(f"kuaidi100 at {self._http.where} failed {what} (HTTP {response.status_code})")
+        answer = _answer(response)
+        if answer is None:
+            raise Unavailable(
+                f"kuaidi100 at {self._http.where} answered {what} with something that is not JSON"
+            )
+        code = _failure_code(answer)
+        if code is not None:
+            raise self._refusal(code, str(answer.get("message") or ""), com=com, express_no=express_no)
+        try:
+            return self._tracking(answer, com=com, express_no=express_no)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise Unavailable(
+                f"kuaidi100 answered {what} with something credex cannot read ({redact(str(error))[:120]})"
+            ) from None
+
+    def _tracking(self, answer: dict[str, Any], *, com: str, express_no: str) -> Tracking:
+        checkpoints = []
+        for point in answer.get("data") or []:
+            if point.get("statusCode") not in (None, ""):
+                status = kuaidi100_status(point["statusCode"])
+            else:
+                status = STATE_WORDS.get(str(point.get("status") or "").strip(), "in_transit")
+            location = point.get("location") or point.get("areaName") or None
+            checkpoints.append(
+                Checkpoint(
+                    time=_china_time(point.get("ftime") or point["time"]),
+                    status=status,
+                    message=str(point.get("context") or ""),
+                    location=None if location is None else str(location),
+                )
+            )
+        checkpoints.sort(key=lambda point: point.time, reverse=True)
+        return Tracking(
+            carrier=str(answer.get("com") or com),
+            express_no=str(answer.get("nu") or express_no),
+            status=kuaidi100_status(answer.get("state")),
+            checkpoints=tuple(checkpoints),
+            updated_at=checkpoints[0].time if checkpoints else None,
+        )
+
+    def _refusal(self, code: str, message: str, *, com: str, express_no: str) -> CredexError:
+        said = f": {redact(message)[:160]}" if message else ""
+        parcel = f"{com} {express_no}"
+        if code == "500":
+            return UnknownParcel(f"kuaidi100 has no result for {parcel} (yet){said}")
+        if code == "408":
+            return CarrierRejected(
+                f"kuaidi100 needs the recipient's or sender's phone number to track {parcel} "
+                f"(returnCode 408): pass --phone{said}"
+            )
+        if code == "503":
+            return CarrierRejected(
+                "kuaidi100 refused the signature (returnCode 503): "
+                "check CREDEX_KUAIDI100_KEY and CREDEX_KUAIDI100_CUSTOMER"
+            )
+        if code == "601":
+            return CarrierRejected(
+                "kuaidi100 refused the query: the key has expired or has no queries left "
+                f"(returnCode 601){said}"
+            )
+        if code == "400":
+            return CarrierRejected(
+                f"kuaidi100 refused the query for {parcel} as bad data (returnCode 400): "
+                f"check the carrier code and the express number{said}"
+            )
+        return CarrierRejected(f"kuaidi100 refused the query for {parcel} (returnCode {code or '?'}){said}")

@@ -1,0 +1,205 @@
+"""HTTP to a carrier: explicit timeouts, retries with capped and jittered backoff, and a bound on
+the total time of one call, so that a carrier that is down gives exit 69 instead of a hang.
+
+Worth retrying: timeouts, refused or dropped connections, 500/502/503/504, and 429 (after its
+Retry-After). Final: every other answer, handed back to the provider to read.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from credex import __version__
+from credex.errors import CarrierNotConfigured, Unavailable, redact
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Seconds, except ``max_attempts``. ``total_timeout`` bounds one call, retries and waits included."""
+
+    total_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    max_attempts: int = 8
+
+
+def backoff_delay(retry: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """The wait before retry number ``retry`` (0 first): "equal jitter" over a capped doubling.
+
+    Half of the step is always waited (a struggling carrier gets some air), the other half is
+    random (clients that failed together do not come back together).
+    """
+    step = min(cap, base * 2**retry)
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds: delay-seconds or an HTTP date; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _where(url: httpx.URL) -> str:
+    # scheme, host and port only: a path, a query or user info could carry a secret.
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{url.host}{port}"
+
+
+def _transport_reason(error: httpx.TransportError) -> str:
+    if isinstance(error, httpx.ConnectTimeout):
+        return "connecting timed out"
+    if isinstance(error, httpx.ReadTimeout):
+        return "no answer in time"
+    if isinstance(error, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(error, httpx.RemoteProtocolError):
+        return "connection dropped"
+    if isinstance(error, httpx.ConnectError):
+        detail = str(error).strip()
+        if "refused" in detail.lower():
+            return "connection refused"
+        return "could not connect" + (f" ({redact(detail)[:120]})" if detail else "")
+    detail = str(error).strip()
+    return "connection dropped" + (f" ({redact(detail)[:120]})" if detail else "")
+
+
+# A provider's look at an answer that HTTP calls a success but that says "try again" (kuaidi100).
+AnswerCheck = Callable[[httpx.Response], "str | None"]
+
+
+class RetryingHttp:
+    """An ``httpx.Client`` on one carrier's base URL, with the retry rules above."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        carrier_name: str,
+        headers: dict[str, str] | None = None,
+        policy: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.policy = policy or RetryPolicy()
+        self.carrier_name = carrier_name
+        try:
+            url = httpx.URL(base_url)
+        except (httpx.InvalidURL, TypeError):
+            raise CarrierNotConfigured(f"the carrier URL is not a URL: {_safe_url_text(base_url)}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise CarrierNotConfigured(
+                f"the carrier URL must start with http:// or https://, not {_safe_url_text(base_url)}"
+            )
+        self.where = _where(url)
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._client = httpx.Client(
+            base_url=url,
+            headers={"User-Agent": f"credex/{__version__}", **(headers or {})},
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"<RetryingHttp {self.where}>"
+
+    def _timeout(self, remaining: float) -> httpx.Timeout:
+        # No single attempt may outlive what is left of the bound.
+        connect = min(self.policy.connect_timeout, remaining)
+        read = min(self.policy.read_timeout, remaining)
+        return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        retryable_answer: AnswerCheck | None = None,
+        **request: object,
+    ) -> httpx.Response:
+        """Send until an answer is final and return it; raise ``Unavailable`` when the bound runs out.
+
+        ``what`` names the call in messages ("the tracking of SIM0000000001").
+        """
+        policy = self.policy
+        deadline = self._clock() + policy.total_timeout
+        attempts = 0
+        reason = "no attempt made"
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise self._gave_up(what, attempts, reason)
+            attempts += 1
+            asked_wait: float | None = None
+            try:
+                response = self._client.request(method, path, timeout=self._timeout(remaining), **request)
+            except httpx.UnsupportedProtocol:
+                raise CarrierNotConfigured(
+                    f"the carrier URL must start with http:// or https:// ({self.where})"
+                ) from None
+            except httpx.TransportError as error:  # timeouts, refused, reset, dropped: worth retrying
+                reason = _transport_reason(error)
+            else:
+                if response.status_code in RETRY_STATUSES:
+                    reason = f"HTTP {response.status_code}"
+                    if response.status_code == 429:
+                        asked_wait = retry_after_seconds(response.headers.get("Retry-After"))
+                elif retryable_answer is not None and (busy := retryable_answer(response)):
+                    reason = busy
+                else:
+                    return response
+            if attempts >= policy.max_attempts:
+                raise self._gave_up(what, attempts, reason)
+            if asked_wait is not None:
+                delay = asked_wait
+            else:
+                delay = backoff_delay(
+                    attempts - 1, base=policy.backoff_base, cap=policy.backoff_cap, rng=self._rng
+                )
+            remaining = deadline - self._clock()
+            if delay >= remaining:
+                # Waiting would end past the bound: say so now rather than sleep and fail anyway.
+                if asked_wait is not None:
+                    reason += f", asking to wait {asked_wait:g} s"
+                raise self._gave_up(what, attempts, reason)
+            self._sleep(delay)
+
+    def _gave_up(self, what: str, attempts: int, reason: str) -> Unavailable:
+        plural = "attempt" if attempts == 1 else "attempts"
+        return Unavailable(
+            f"{self.carrier_name} at {self.where} could not be reached for {what} within "
+            f"{self.policy.total_timeout:g} s ({attempts} {plural}; last: {reason})"
+        )
+
+
+def _safe_url_text(text: str) -> str:
+    text = redact(str(text)).split("?", 1)[0]
+    return repr(text[:80])

@@ -1,0 +1,258 @@
+"""The kuaidi100 provider over httpx.MockTransport: the form and its signature, states onto the
+normalised statuses, failures that arrive as HTTP 200, retries, and the key kept out of messages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import traceback
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+
+from credex.errors import CarrierNotConfigured, CarrierRejected, CredexError, Unavailable, UnknownParcel
+from credex.logistics.kuaidi100 import STATES, kuaidi100_status, query_param, sign
+from tests.logistics_fakes import KUAIDI100_CUSTOMER, KUAIDI100_KEY, Carrier, FakeClock, kuaidi100_client
+
+
+def answer(state: str = "0", data: list[dict] | None = None) -> httpx.Response:
+    return httpx.Response(
+        200,
+        json={
+            "message": "ok",
+            "status": "200",
+            "com": "yuantong",
+            "nu": "YT9693083639795",
+            "ischeck": "1" if state == "3" else "0",
+            "state": state,
+            "condition": "F00",
+            "data": data
+            if data is not None
+            else [
+                {
+                    "time": "2026-11-24 18:30:00",
+                    "ftime": "2026-11-24 18:30:00",
+                    "context": "快件已到达【杭州转运中心】",
+                    "location": "杭州市",
+                    "status": "在途",
+                    "statusCode": state,
+                }
+            ],
+        },
+    )
+
+
+def failure(code: str, message: str = "失败") -> httpx.Response:
+    return httpx.Response(200, json={"result": False, "returnCode": code, "message": message})
+
+
+def form(request: httpx.Request) -> dict[str, str]:
+    return {name: values[0] for name, values in parse_qs(request.content.decode()).items()}
+
+
+def test_the_query_is_a_signed_form_over_exactly_the_param_sent():
+    carrier = Carrier(answer())
+    with kuaidi100_client(carrier) as client:
+        client.track("YT9693083639795", carrier="yuantong", phone="13800001234")
+    [request] = carrier.requests
+    assert request.method == "POST" and str(request.url) == "https://poll.kuaidi100.com/poll/query.do"
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    fields = form(request)
+    assert set(fields) == {"customer", "param", "sign"}
+    assert fields["customer"] == KUAIDI100_CUSTOMER
+    assert json.loads(fields["param"]) == {
+        "com": "yuantong",
+        "num": "YT9693083639795",
+        "phone": "13800001234",
+        "resultv2": "1",
+        "order": "desc",
+    }
+    expected = (
+        hashlib.md5((fields["param"] + KUAIDI100_KEY + KUAIDI100_CUSTOMER).encode()).hexdigest().upper()
+    )
+    assert fields["sign"] == expected
+    assert "Authorization" not in request.headers
+
+
+def test_the_signature_is_upper_case_md5_of_param_key_customer():
+    param = '{"com":"yuantong","num":"YT9693083639795","resultv2":"1","order":"desc"}'
+    assert query_param("yuantong", "YT9693083639795") == param
+    # md5 of param + "SECRETKEY123" + "CUST42", worked out outside Python.
+    assert sign(param, "SECRETKEY123", "CUST42") == "356A60D20FDAA5221F286CB0A0FF832C"
+
+
+def test_the_base_url_can_point_at_a_local_stand_in():
+    carrier = Carrier(answer())
+    with kuaidi100_client(carrier, logistics_url="http://127.0.0.1:9100") as client:
+        client.track("YT1", carrier="yuantong")
+    assert str(carrier.requests[0].url) == "http://127.0.0.1:9100/poll/query.do"
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        *STATES.items(),
+        ("1001", "in_transit"),  # a sub-state of 0 that is not listed
+        ("304", "delivered"),  # 3xx: signed for, one way or another
+        ("205", "exception"),
+        ("999", "in_transit"),  # unknown: kuaidi100 has the parcel, the words say the rest
+    ],
+)
+def test_every_state_maps_onto_a_normalised_status(state, expected):
+    with kuaidi100_client(Carrier(answer(state))) as client:
+        tracking = client.track("YT9693083639795", carrier="yuantong")
+    assert tracking.status == expected == kuaidi100_status(state)
+    assert tracking.checkpoints[0].status == expected
+
+
+def test_the_documented_states_map_as_a_shopper_would_read_them():
+    assert {code: STATES[code] for code in ("0", "1", "2", "3", "4", "5", "6", "7", "14")} == {
+        "0": "in_transit",
+        "1": "in_transit",
+        "2": "exception",
+        "3": "delivered",
+        "4": "exception",
+        "5": "out_for_delivery",
+        "6": "exception",
+        "7": "in_transit",
+        "14": "exception",
+    }
+
+
+def test_checkpoints_keep_their_words_place_and_china_time_as_utc_newest_first():
+    data = [
+        {"time": "2026-11-24 09:00:00", "context": "已揽收", "status": "揽收", "areaName": "浙江,杭州市"},
+        {
+            "time": "2026-11-25 10:15:00",
+            "ftime": "2026-11-25 10:15:00",
+            "context": "已签收",
+            "status": "签收",
+        },
+        {"time": "2026-11-25 08:00:00", "context": "派件中", "status": "派件", "location": "杭州市西湖区"},
+    ]
+    with kuaidi100_client(Carrier(answer("3", data))) as client:
+        result = client.track("YT9693083639795", carrier="yuantong").to_json()
+    assert result["status"] == "delivered" and result["carrier"] == "yuantong"
+    assert result["checkpoints"] == [
+        {"time": "2026-11-25T02:15:00+00:00", "status": "delivered", "message": "已签收", "location": None},
+        {
+            "time": "2026-11-25T00:00:00+00:00",
+            "status": "out_for_delivery",
+            "message": "派件中",
+            "location": "杭州市西湖区",
+        },
+        {
+            "time": "2026-11-24T01:00:00+00:00",
+            "status": "in_transit",
+            "message": "已揽收",
+            "location": "浙江,杭州市",
+        },
+    ]
+
+
+def test_no_result_yet_is_an_unknown_parcel():
+    carrier = Carrier(failure("500", "查询无结果，请隔段时间再查"))
+    with kuaidi100_client(carrier) as client, pytest.raises(UnknownParcel) as raised:
+        client.track("YT0", carrier="yuantong")
+    assert raised.value.exit_code == 1 and "no result" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        ("400", "bad data"),
+        ("408", "--phone"),
+        ("503", "CREDEX_KUAIDI100_KEY"),
+        ("601", "expired"),
+        ("777", "returnCode 777"),
+    ],
+)
+def test_final_failures_are_carrier_rejected_without_a_retry(code, hint):
+    carrier = Carrier(failure(code))
+    clock = FakeClock()
+    with kuaidi100_client(carrier, clock=clock) as client, pytest.raises(CarrierRejected) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    assert hint in raised.value.message and raised.value.exit_code == 1
+    assert len(carrier.requests) == 1 and clock.sleeps == []
+
+
+@pytest.mark.parametrize("code", ["501", "502"])
+def test_kuaidi100_server_errors_are_retried_though_they_come_as_http_200(code):
+    carrier = Carrier(failure(code), answer("5"))
+    clock = FakeClock()
+    with kuaidi100_client(carrier, clock=clock) as client:
+        assert client.track("YT9693083639795", carrier="yuantong").status == "out_for_delivery"
+    assert len(carrier.requests) == 2 and len(clock.sleeps) == 1
+
+
+def test_kuaidi100_failing_until_the_bound_is_unavailable():
+    clock = FakeClock()
+    carrier = Carrier(failure("502"))
+    with (
+        kuaidi100_client(carrier, clock=clock, logistics_total_timeout=6) as client,
+        pytest.raises(Unavailable) as raised,
+    ):
+        client.track("YT9693083639795", carrier="yuantong")
+    assert raised.value.exit_code == 69 and "returnCode 502" in raised.value.message and clock.elapsed <= 6
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_http_level_failures_follow_the_same_retry_rules(status):
+    carrier = Carrier(httpx.Response(status, headers={"Retry-After": "1"}), answer("0"))
+    with kuaidi100_client(carrier) as client:
+        client.track("YT9693083639795", carrier="yuantong")
+    assert len(carrier.requests) == 2
+
+
+def test_kuaidi100_creates_no_shipments_and_says_so():
+    with kuaidi100_client(Carrier(answer())) as client, pytest.raises(CredexError) as raised:
+        client.create_shipment(
+            idempotency_key="redemption-1", order_ref="redemption-1", recipient={"address": "x"}, items=[]
+        )
+    assert (
+        "only tracks" in raised.value.message and "CREDEX_LOGISTICS_PROVIDER=generic" in raised.value.message
+    )
+
+
+def test_kuaidi100_needs_a_carrier_code():
+    carrier = Carrier(answer())
+    with kuaidi100_client(carrier) as client, pytest.raises(CarrierNotConfigured) as raised:
+        client.track("YT9693083639795")
+    assert "--carrier" in raised.value.message and carrier.requests == []
+    with kuaidi100_client(carrier, logistics_carrier="yuantong") as client:
+        client.track("YT9693083639795")
+    assert json.loads(form(carrier.requests[0])["param"])["com"] == "yuantong"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        failure("503"),
+        failure("601"),
+        failure("400"),
+        failure("500"),
+        failure("502"),
+        httpx.Response(200, text="?"),
+    ],
+    ids=["bad-sign", "expired", "bad-data", "no-result", "busy", "garbage"],
+)
+def test_neither_the_key_nor_the_signature_appears_in_errors_reprs_or_logs(reply, caplog):
+    caplog.set_level(logging.DEBUG)
+    carrier = Carrier(reply)
+    client = kuaidi100_client(carrier, logistics_total_timeout=3)
+    with client, pytest.raises(CredexError) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    signature = form(carrier.requests[0])["sign"]
+    seen = "\n".join(
+        [
+            raised.value.message,
+            repr(raised.value),
+            json.dumps(raised.value.to_json()),
+            "".join(traceback.format_exception(raised.value)),
+            repr(client),
+            caplog.text,
+        ]
+    )
+    assert KUAIDI100_KEY not in seen and signature not in seen

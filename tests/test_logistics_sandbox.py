@@ -1,0 +1,269 @@
+"""The sandbox carrier as a real process on a free port: the generic contract, idempotency,
+time-based progression, injected faults, and a clean stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import httpx
+import pytest
+
+from tests.sandbox import running_sandbox, stop_and_wait
+from tests.support import Outcome, credex_command, run_process, subprocess_env, wait_for
+
+BODY = {
+    "order_ref": "redemption-42",
+    "recipient": {"name": "u-1001", "phone": "", "address": "8 Long Road"},
+    "items": [{"sku": "SHAMPOO-500", "quantity": 1}],
+}
+
+
+def post_shipment(url: str, key: str | None, body: object = BODY, **headers: str) -> httpx.Response:
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return httpx.post(f"{url}/v1/shipments", json=body, headers=headers, timeout=10)
+
+
+def get_tracking(
+    url: str, number: str, carrier: str = "sandbox", timeout: float = 10, **headers: str
+) -> httpx.Response:
+    return httpx.get(f"{url}/v1/trackings/{carrier}/{number}", headers=headers, timeout=timeout)
+
+
+def warehouse_client(url: str, **settings):
+    from credex.config import Settings
+    from credex.logistics import carrier_client
+
+    return carrier_client(Settings(logistics_url=url, **settings))
+
+
+def test_the_sandbox_announces_its_url_first_and_stops_cleanly_on_sigterm():
+    with running_sandbox() as sandbox:
+        host, port = sandbox.url.removeprefix("http://").split(":")
+        assert host == "127.0.0.1" and int(port) > 0
+        assert httpx.get(f"{sandbox.url}/_sandbox/shipments", timeout=10).json() == []
+        assert stop_and_wait(sandbox) == 0
+
+
+def test_the_sandbox_stops_cleanly_on_sigint():
+    with running_sandbox() as sandbox:
+        sandbox.process.send_signal(signal.SIGINT)
+        assert sandbox.process.wait(10) == 0
+
+
+def test_a_create_is_idempotent_on_its_key_and_a_changed_body_is_a_conflict(carrier_sandbox):
+    first = post_shipment(carrier_sandbox.url, "redemption-42")
+    assert first.status_code == 201
+    waybill = first.json()
+    assert waybill["carrier"] == "sandbox" and waybill["status"] == "info_received"
+    assert waybill["tracking_number"].startswith("SIM") and len(waybill["tracking_number"]) == 13
+
+    again = post_shipment(carrier_sandbox.url, "redemption-42")
+    assert again.status_code == 200 and again.json() == waybill
+    other = post_shipment(carrier_sandbox.url, "redemption-42", {**BODY, "order_ref": "redemption-43"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "conflict"
+
+    [parcel] = carrier_sandbox.shipments()
+    assert parcel["idempotency_key"] == "redemption-42" and parcel["create_calls"] == 3
+    assert parcel["tracking_number"] == waybill["tracking_number"]
+    second = carrier_sandbox.create_shipment("redemption-43")
+    assert second["tracking_number"] != waybill["tracking_number"]
+    assert len(carrier_sandbox.shipments()) == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "status", "code"),
+    [
+        (None, BODY, 400, "missing_idempotency_key"),
+        ("k", {**BODY, "items": []}, 422, "invalid_shipment"),
+        ("k", {**BODY, "recipient": {"name": "x", "phone": "", "address": " "}}, 422, "invalid_shipment"),
+        ("k", {**BODY, "items": [{"sku": "A", "quantity": 0}]}, 422, "invalid_shipment"),
+        ("k", ["not", "an", "object"], 422, "invalid_shipment"),
+    ],
+)
+def test_bad_create_requests_are_refused_and_create_nothing(carrier_sandbox, key, body, status, code):
+    response = post_shipment(carrier_sandbox.url, key, body)
+    assert response.status_code == status and response.json()["error"]["code"] == code
+    assert carrier_sandbox.shipments() == []
+
+
+def test_an_unknown_number_or_carrier_is_404(carrier_sandbox):
+    number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
+    assert get_tracking(carrier_sandbox.url, "SIM9999999999").status_code == 404
+    assert get_tracking(carrier_sandbox.url, number, carrier="shunfeng").status_code == 404
+    assert get_tracking(carrier_sandbox.url, number).status_code == 200
+
+
+def test_a_parcel_moves_one_stage_per_stage_duration_from_its_creation(carrier_sandbox):
+    waybill = carrier_sandbox.create_shipment("redemption-1")
+    number = waybill["tracking_number"]
+
+    def seen() -> tuple[str, list[str]]:
+        answer = get_tracking(carrier_sandbox.url, number).json()
+        return answer["status"], [point["status"] for point in answer["checkpoints"]]
+
+    assert seen() == ("info_received", ["info_received"])
+    carrier_sandbox.advance(60)
+    assert seen() == ("in_transit", ["in_transit", "info_received"])
+    carrier_sandbox.advance(60)
+    assert seen() == ("out_for_delivery", ["out_for_delivery", "in_transit", "info_received"])
+    carrier_sandbox.advance(3600)
+    answer = get_tracking(carrier_sandbox.url, number).json()
+    assert answer["status"] == "delivered"
+    assert [point["status"] for point in answer["checkpoints"]] == [
+        "delivered",
+        "out_for_delivery",
+        "in_transit",
+        "info_received",
+    ]
+    assert answer["checkpoints"][0]["location"] == "8 Long Road"
+    assert answer["checkpoints"][-1]["time"] == waybill["created_at"]
+    assert carrier_sandbox.shipments()[0]["status"] == "delivered"
+
+
+def test_with_short_stages_a_parcel_is_delivered_in_real_time():
+    with running_sandbox("--stage-seconds", "0.2") as sandbox:
+        number = sandbox.create_shipment("redemption-9")["tracking_number"]
+        with warehouse_client(sandbox.url) as client:
+            delivered = lambda: client.track(number).status == "delivered"  # noqa: E731
+            wait_for(delivered, timeout=20, what="the parcel to be delivered")
+            assert len(client.track(number).checkpoints) == 4
+
+
+def test_the_warehouse_client_gets_one_waybill_per_key_however_often_it_asks():
+    with running_sandbox("--faults", "503,drop") as sandbox, warehouse_client(sandbox.url) as client:
+        waybills = [
+            client.create_shipment(
+                idempotency_key="redemption-42",
+                order_ref="redemption-42",
+                recipient={"name": "u-1001", "phone": "", "address": "8 Long Road"},
+                items=[{"sku": "SHAMPOO-500", "quantity": 1}],
+            )
+            for _ in range(3)
+        ]
+        assert len({waybill.express_no for waybill in waybills}) == 1
+        [parcel] = sandbox.shipments()
+        assert parcel["create_calls"] == 3 and parcel["tracking_number"] == waybills[0].express_no
+        assert sandbox.requests()["faults"] == {"503": 1, "drop": 1}
+        tracking = client.track(waybills[0].express_no, carrier=waybills[0].carrier)
+        assert tracking.status == "info_received"
+
+
+def test_a_fault_can_be_asked_for_on_one_request(carrier_sandbox):
+    number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
+    assert get_tracking(carrier_sandbox.url, number, **{"X-Sandbox-Fault": "503"}).status_code == 503
+    limited = get_tracking(carrier_sandbox.url, number, **{"X-Sandbox-Fault": "429"})
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "1"
+    with pytest.raises(httpx.RemoteProtocolError):
+        get_tracking(carrier_sandbox.url, number, **{"X-Sandbox-Fault": "drop"})
+    assert get_tracking(carrier_sandbox.url, number, **{"X-Sandbox-Fault": "boom"}).status_code == 400
+    assert get_tracking(carrier_sandbox.url, number).status_code == 200
+    assert carrier_sandbox.requests()["faults"] == {"503": 1, "429": 1, "drop": 1}
+
+
+def test_a_slow_answer_outlasts_a_short_read_timeout():
+    with running_sandbox("--slow-seconds", "3") as sandbox:
+        number = sandbox.create_shipment("redemption-1")["tracking_number"]
+        with pytest.raises(httpx.ReadTimeout):
+            get_tracking(sandbox.url, number, timeout=0.3, **{"X-Sandbox-Fault": "slow"})
+
+
+def statuses(url: str, count: int) -> list[int]:
+    with httpx.Client(timeout=10) as client:
+        return [client.get(f"{url}/v1/trackings/sandbox/SIM0000000001").status_code for _ in range(count)]
+
+
+def test_random_faults_come_in_the_share_asked_for_and_repeat_with_a_seed():
+    args = ("--unavailable-share", "0.5", "--seed", "7")
+    with running_sandbox(*args) as one, running_sandbox(*args) as two:
+        first, second = statuses(one.url, 40), statuses(two.url, 40)
+    assert first == second  # 404 (no such parcel) when no fault is drawn
+    assert set(first) == {404, 503} and 8 <= first.count(503) <= 32
+    with running_sandbox("--unavailable-share", "1") as always:
+        assert set(statuses(always.url, 5)) == {503}
+
+
+def test_with_an_api_key_set_requests_must_carry_it():
+    with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": "sbx-key-1"}) as sandbox:
+        assert post_shipment(sandbox.url, "k").status_code == 401
+        assert post_shipment(sandbox.url, "k", Authorization="Bearer wrong").status_code == 401
+        assert post_shipment(sandbox.url, "k", Authorization="Bearer sbx-key-1").status_code == 201
+        with warehouse_client(sandbox.url, logistics_api_key="sbx-key-1") as client:
+            assert client.track("SIM0000000001").status == "info_received"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--faults", "503,boom"], "unknown fault 'boom'"),
+        (["--unavailable-share", "0.6", "--drop-share", "0.6"], "more than 1"),
+    ],
+)
+def test_bad_sandbox_options_are_refused(args, words):
+    refused = run_process("logistics", "sandbox", "--port", "0", *args, timeout=30)
+    assert refused.exit_code == 2 and words in refused.stderr and refused.stdout == ""
+
+
+def test_a_port_in_use_is_refused_with_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = run_process("logistics", "sandbox", "--port", port, timeout=30)
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_the_sandbox_is_a_credex_command():
+    import subprocess
+
+    done = subprocess.run(
+        credex_command("logistics", "sandbox", "--help"), capture_output=True, text=True, env=subprocess_env()
+    )
+    outcome = Outcome(done.returncode, done.stdout, done.stderr)
+    assert outcome.exit_code == 0 and "--stage-seconds" in outcome.stdout and "--faults" in outcome.stdout
+
+
+# --- the sandbox's state, in process -----------------------------------------------------------
+
+
+class Wall:
+    """The sandbox's wall clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stages_change_exactly_at_each_stage_boundary():
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+    wall = Wall()
+    carrier = SandboxCarrier(SandboxOptions(stage_seconds=60), wall=wall)
+    number = carrier.create("k", BODY)[1]["tracking_number"]
+    seen = []
+    for elapsed in (0, 59.999, 60, 119.999, 120, 180, 10_000):
+        wall.now = 1_800_000_000.0 + elapsed
+        seen.append(carrier.tracking("sandbox", number)[1]["status"])
+    assert seen == [
+        "info_received",
+        "info_received",
+        "in_transit",
+        "in_transit",
+        "out_for_delivery",
+        "delivered",
+        "delivered",
+    ]
+
+
+def test_the_same_body_in_another_key_order_is_the_same_request():
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+    carrier = SandboxCarrier(SandboxOptions())
+    first = carrier.create("k", BODY)
+    reordered = {"items": BODY["items"], "recipient": BODY["recipient"], "order_ref": BODY["order_ref"]}
+    assert carrier.create("k", reordered) == (200, first[1])
+    assert carrier.shipments()[0]["create_calls"] == 2
