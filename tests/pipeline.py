@@ -49,9 +49,14 @@ class Pipeline:
             credex_command(*command), env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    @staticmethod
-    def stop(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
-        """SIGTERM, then (exit code, stdout)."""
+    def wait_ready(self, process: subprocess.Popen, timeout: float = 60) -> None:
+        """Until the worker says it is connected (its signal handlers are in place by then)."""
+        wait_for(lambda: " connected to " in self.log(process), timeout=timeout, what="the worker to connect")
+
+    def stop(self, process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+        """SIGTERM once the worker is running, then (exit code, stdout)."""
+        if process.poll() is None:
+            self.wait_ready(process)
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=timeout)
         return process.returncode, out

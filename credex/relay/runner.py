@@ -105,6 +105,13 @@ class Relay:
 
         ensure_schema(self.database_url)  # unreachable or not migrated: say so before anything else
         self.broker.open()  # unreachable at start: Unavailable, exit 69
+        log.info(
+            "relay %s connected to %s: publishing to %s, confirmations from %s",
+            self.id,
+            display_amqp_url(self.broker.url),
+            self.broker.names.exchange,
+            self.broker.queue,
+        )
         # The database work runs on a thread of its own, in order, while this thread keeps the
         # broker busy: a batch is claimed while the one before is being stored and confirmed.
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-db")

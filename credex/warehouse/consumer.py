@@ -93,6 +93,12 @@ class Warehouse:
         ensure_schema(self.database_url)
         self._carrier = self.carrier_factory()  # not configured: say so before consuming anything
         self.broker.open()
+        log.info(
+            "warehouse %s connected to %s: consuming %s",
+            self.broker.connection_name.removeprefix("credex warehouse "),
+            display_amqp_url(self.broker.url),
+            self.broker.queue,
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrier")
         try:
             if self.once:
