@@ -158,7 +158,12 @@ class Rabbit:
         self.prefix = prefix
         self.names = Names(prefix)
         self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        # Confirmed publishes: a message the test published is in its queue when publish returns.
         self.channel = self._connection.channel()
+        self.channel.confirm_delivery()
 
     @property
     def env(self) -> dict[str, str]:
@@ -171,7 +176,7 @@ class Rabbit:
         try:
             return self.channel.queue_declare(queue, passive=True).method.message_count
         except pika.exceptions.ChannelClosedByBroker:
-            self.channel = self._connection.channel()
+            self._open_channel()
             return 0
 
     def take(self, queue: str) -> list[tuple[object, dict]]:

@@ -140,6 +140,7 @@ def _busy(response: httpx.Response) -> str | None:
 
 class Kuaidi100Carrier(CarrierClient):
     provider = "kuaidi100"
+    issues_waybills = False
 
     def __init__(
         self, http: RetryingHttp, *, customer: str, key: SecretStr, default_carrier: str | None = None

@@ -86,6 +86,7 @@ class CarrierClient:
     """
 
     provider: str = ""
+    issues_waybills: bool = True  # False for a tracking-only provider: no warehouse can use it
 
     def __init__(self, http: Any) -> None:
         self._http = http

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from credex.broker import Broker, BrokerLost, Outgoing, backoff, display_amqp_url
 from credex.db.engine import session_for
 from credex.db.models import utcnow
-from credex.errors import CredexError, Unavailable
+from credex.errors import CarrierNotConfigured, CredexError, Unavailable
 from credex.relay.topology import SHIPMENT_REQUESTED, Names
 from credex.warehouse.shipments import (
     RedemptionMessage,
@@ -92,6 +92,12 @@ class Warehouse:
 
         ensure_schema(self.database_url)
         self._carrier = self.carrier_factory()  # not configured: say so before consuming anything
+        if not getattr(self._carrier, "issues_waybills", True):
+            self._carrier.close()
+            raise CarrierNotConfigured(
+                f"the {self._carrier.provider} provider cannot issue waybills: the warehouse needs "
+                "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
+            )
         self.broker.open()
         log.info(
             "warehouse %s connected to %s: consuming %s",

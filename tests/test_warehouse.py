@@ -1,0 +1,145 @@
+"""The warehouse consumer on its own: one shipment request and one waybill per redemption however
+often its message comes, malformed messages dropped, and a carrier it cannot use refused at start."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.support import wait_for
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def redemption_message(redemption_id: int, **overrides) -> dict:
+    body = {
+        "message_id": str(uuid.uuid4()),
+        "redemption_id": redemption_id,
+        "user_id": "u1",
+        "sku": "MUG",
+        "quantity": 2,
+        "points": 20,
+        "address": "8 Long Road",
+        "created_at": "2026-11-25T10:00:00+00:00",
+    }
+    return body | overrides
+
+
+def warehouse_once(credex, env: dict) -> dict:
+    result = credex("warehouse", "run", "--once", "--json", env=env)
+    assert result.exit_code == 0, result.stderr
+    return result.json()
+
+
+@pytest.fixture
+def declared(credex, rabbit, carrier_sandbox):
+    """A first warehouse run, with nothing to do, has declared the exchange and both queues."""
+    assert rabbit.count(rabbit.names.warehouse_queue) == 0
+    assert warehouse_once(credex, carrier_sandbox.env())["received"] == 0
+    rabbit.publish("shipment.requested", b"{}")  # bound by the warehouse, for the relay
+    wait_for(
+        lambda: rabbit.take(rabbit.names.confirmations_queue), timeout=10, what="the confirmations queue"
+    )
+
+
+def test_a_message_delivered_three_times_makes_one_shipment_and_one_waybill(
+    credex, rabbit, carrier_sandbox, declared
+):
+    message = redemption_message(7)
+    for _ in range(3):
+        rabbit.publish("redemption.created", message, message_id=message["message_id"])
+    report = warehouse_once(credex, carrier_sandbox.env())
+    assert (report["received"], report["shipments_created"], report["waybills"], report["confirmed"]) == (
+        3,
+        1,
+        1,
+        3,
+    )
+
+    (shipment,) = credex("warehouse", "list", "--json").json()
+    assert (shipment["redemption_id"], shipment["sku"], shipment["quantity"], shipment["type"]) == (
+        7,
+        "MUG",
+        2,
+        2,
+    )
+    (parcel,) = carrier_sandbox.shipments()
+    assert parcel["idempotency_key"] == "redemption-7"
+    assert parcel["tracking_number"] == shipment["express_no"]
+
+    confirmations = rabbit.take(rabbit.names.confirmations_queue)
+    assert len(confirmations) == 3
+    for properties, body in confirmations:
+        assert properties.type == "shipment.requested" and properties.delivery_mode == 2
+        assert properties.correlation_id == message["message_id"] == body["message_id"]
+        assert properties.message_id != message["message_id"]
+        assert body["express_no"] == shipment["express_no"] and body["carrier"] == "sandbox"
+        assert body["shipment_id"] == shipment["shipment_id"] and body["redemption_id"] == 7
+    assert rabbit.count(rabbit.names.warehouse_queue) == 0
+
+
+def test_malformed_messages_are_dropped_and_the_good_ones_still_ship(
+    credex, rabbit, carrier_sandbox, declared
+):
+    rabbit.publish("redemption.created", b"{not json")
+    rabbit.publish("redemption.created", redemption_message(1, quantity=0))
+    rabbit.publish("redemption.created", redemption_message(2) | {"redemption_id": "2"})
+    good = redemption_message(3)
+    rabbit.publish("redemption.created", good, message_id=good["message_id"])
+    report = warehouse_once(credex, carrier_sandbox.env())
+    assert (report["received"], report["rejected"], report["waybills"], report["confirmed"]) == (4, 3, 1, 1)
+    assert [s["redemption_id"] for s in credex("warehouse", "list", "--json").json()] == [3]
+    assert rabbit.count(rabbit.names.warehouse_queue) == 0
+
+
+def test_a_carrier_that_is_down_leaves_the_request_open_for_the_next_delivery(
+    credex, rabbit, carrier_sandbox, declared
+):
+    message = redemption_message(5)
+    rabbit.publish("redemption.created", message)
+    down = {"CREDEX_LOGISTICS_URL": "http://127.0.0.1:1", "CREDEX_OPERATOR": "tester"}
+    report = credex("warehouse", "run", "--once", "--json", "--carrier-timeout", "0.5", env=down)
+    assert report.exit_code == 0, report.stderr
+    assert (
+        report.json()["shipments_created"],
+        report.json()["without_waybill"],
+        report.json()["confirmed"],
+    ) == (
+        1,
+        1,
+        0,
+    )
+    assert "no waybill yet" in report.stderr and "the relay will send it again" in report.stderr
+    (shipment,) = credex("warehouse", "list", "--json").json()
+    assert shipment["express_no"] is None
+    assert rabbit.count(rabbit.names.confirmations_queue) == 0
+
+    rabbit.publish("redemption.created", message)  # the relay's next attempt
+    report = warehouse_once(credex, carrier_sandbox.env())
+    assert (report["shipments_created"], report["waybills"], report["confirmed"]) == (0, 1, 1)
+    (shipment,) = credex("warehouse", "list", "--json").json()
+    assert shipment["express_no"] == carrier_sandbox.shipments()[0]["tracking_number"]
+
+
+def test_without_a_carrier_the_warehouse_refuses_to_start_and_consumes_nothing(credex, rabbit):
+    rabbit.channel.exchange_declare(rabbit.names.exchange, "topic", durable=True)
+    result = credex("warehouse", "run", "--once", "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "not_configured" and "credex logistics sandbox" in error["message"]
+
+    tracking_only = {
+        "CREDEX_LOGISTICS_PROVIDER": "kuaidi100",
+        "CREDEX_KUAIDI100_CUSTOMER": "C0FFEE",
+        "CREDEX_KUAIDI100_KEY": "k3y-never-shown",
+    }
+    result = credex("warehouse", "run", "--once", env=tracking_only)
+    assert result.exit_code == 2
+    assert "cannot issue waybills" in result.stderr and "k3y-never-shown" not in result.stderr
+
+
+def test_warehouse_list_with_no_shipments_says_so(credex):
+    assert credex("warehouse", "list", "--json").json() == []
+    assert "(none)" in credex("warehouse", "list").stdout
