@@ -72,8 +72,11 @@ def display_amqp_url(url: str) -> str:
         params = pika.URLParameters(url)
     except Exception:
         return redact(url)
+    from urllib.parse import quote
+
     user = getattr(params.credentials, "username", "")
-    return f"amqp://{user + '@' if user else ''}{params.host}:{params.port}/{params.virtual_host}"
+    vhost = quote(params.virtual_host, safe="")
+    return f"amqp://{user + '@' if user else ''}{params.host}:{params.port}/{vhost}"
 
 
 def backoff(attempt: int, *, base: float, cap: float, jitter: float = 0.1) -> float:

@@ -204,7 +204,7 @@ class Relay:
         transaction. A batch is recorded once the broker has confirmed (or refused) all of it.
         Returns the number of messages claimed."""
         in_flight: deque[list[ClaimedMessage]] = deque()
-        claimed_total, more = 0, True
+        claimed_total, more, published_before = 0, True, self.report.published
         step: Future | None = self._in_db(self._database_step, None, True)
         while step is not None:
             tally, batch = self._await(step)
@@ -227,6 +227,10 @@ class Relay:
                 step = self._in_db(self._database_step, (done, outcomes), more)
                 if self.broker.buffered >= self.options.batch_size:
                     self._take_confirmations()
+        if claimed_total:
+            log.info(
+                "published %d of %d due message(s)", self.report.published - published_before, claimed_total
+            )
         return claimed_total
 
     def _database_step(
