@@ -27,14 +27,15 @@ from credex.warehouse.shipments import (
     RedemptionMessage,
     confirmation_body,
     new_message_id,
-    open_shipment_request,
+    open_shipment_requests,
     parse_redemption_message,
-    save_waybill,
+    save_waybills,
 )
 
 log = logging.getLogger("credex.warehouse")
 
 RECONNECT_CAP_S = 30.0
+CARRIER_CALLS = 4  # waybills asked for at once
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Warehouse:
             display_amqp_url(self.broker.url),
             self.broker.queue,
         )
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carrier")
+        self._pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
         try:
             if self.once:
                 self._drain(expected=self.broker.ready_at_open)
@@ -172,15 +173,17 @@ class Warehouse:
     # --- the work -----------------------------------------------------------------------------
 
     def _handle_batch(self) -> int:
-        """Handle the messages in hand, publish their confirmations together, then ack them."""
+        """Handle the messages in hand together: their shipment requests in one transaction, the
+        missing waybills asked for in parallel and saved in one transaction, the confirmations
+        published together; then the ack."""
         deliveries = self.broker.take_deliveries()
         if not deliveries:
             return 0
-        confirmations, handled = [], []
+        messages, handled = [], []
         for delivery in deliveries:
             self.report.received += 1
             try:
-                message = parse_redemption_message(delivery.body)
+                messages.append(parse_redemption_message(delivery.body))
             except CredexError as error:
                 message_id = delivery.properties.message_id
                 log.error("dropped a malformed redemption message %s: %s", message_id, error.message)
@@ -188,67 +191,84 @@ class Warehouse:
                 self.report.rejected += 1
                 continue
             handled.append(delivery.tag)
-            confirmation = self._handle(message)
-            if confirmation is not None:
-                confirmations.append(confirmation)
-        if confirmations:
-            outcomes = self.broker.publish(confirmations)
-            for message_id, failure in outcomes.items():
-                if failure is None:
-                    self.report.confirmed += 1
-                else:  # the relay publishes the redemption again and we confirm then
-                    log.warning("confirmation %s not published: %s", message_id, failure)
-            if self.broker.lost:
-                raise BrokerLost(self.broker.lost)  # unacked: the messages come back
+        if messages:
+            self._confirm(self._ship(messages), messages)
         if handled:
             self.broker.ack(max(handled), multiple=True)  # rejected ones are settled already
         return len(deliveries)
 
-    def _handle(self, message: RedemptionMessage) -> Outgoing | None:
-        """One redemption message: its shipment request and waybill; the confirmation to publish,
-        or None when there is nothing to confirm yet."""
+    def _ship(self, messages: list[RedemptionMessage]) -> dict[int, object]:
+        """Shipment requests with their waybills where the carrier gave one: redemption id -> row."""
         with session_for(self.database_url, write=True) as session:
-            request, created = open_shipment_request(session, message, now=utcnow())
+            requests, created = open_shipment_requests(session, messages, now=utcnow())
+            session.commit()
         self.report.shipments_created += created
-        if request.express_no is None:
-            request = self._obtain_waybill(request, message)
-            if request is None:
-                return None
-        return Outgoing(
-            message_id=new_message_id(),
-            routing_key=SHIPMENT_REQUESTED,
-            body=confirmation_body(request, message_id=message.message_id, now=utcnow()),
-            type=SHIPMENT_REQUESTED,
-            correlation_id=message.message_id,
-        )
+        missing = {m.redemption_id: m for m in messages if requests[m.redemption_id].express_no is None}
+        asked = {
+            redemption_id: self._pool.submit(self._ask_carrier, message)
+            for redemption_id, message in missing.items()
+        }
+        waybills = []
+        for redemption_id, future in asked.items():
+            waybill = self._waybill(future, redemption_id)
+            if waybill is not None:
+                waybills.append((requests[redemption_id].id, waybill.carrier, waybill.express_no))
+        if waybills:
+            with session_for(self.database_url, write=True) as session:
+                saved = save_waybills(session, waybills, now=utcnow())
+                session.commit()
+            for row in saved.values():
+                requests[row.redemption_id] = row
+                log.info("redemption %s: waybill %s %s", row.redemption_id, row.carrier, row.express_no)
+            self.report.waybills += len(waybills)
+        return requests
 
-    def _obtain_waybill(self, request, message):
+    def _ask_carrier(self, message: RedemptionMessage):
         key = f"redemption-{message.redemption_id}"
-        future = self._pool.submit(
-            self._carrier.create_shipment,
+        return self._carrier.create_shipment(
             idempotency_key=key,
             order_ref=key,
             recipient={"name": message.user_id, "phone": "", "address": message.address},
             items=[{"sku": message.sku, "quantity": message.quantity}],
         )
+
+    def _waybill(self, future, redemption_id: int):
+        """The carrier's answer, or None (logged) when it gave no waybill this time."""
         try:
-            waybill = self.broker.wait_for(future, timeout=self.carrier_timeout + 5)
+            return self.broker.wait_for(future, timeout=self.carrier_timeout + 5)
         except CredexError as error:
-            self.report.without_waybill += 1
-            log.warning(
-                "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
-                message.redemption_id,
-                error.message,
-            )
-            return None
+            reason = error.message
         except TimeoutError:
-            self.report.without_waybill += 1
-            log.warning("redemption %s: the carrier did not answer in time", message.redemption_id)
-            return None
-        with session_for(self.database_url, write=True) as session:
-            saved = save_waybill(
-                session, request.id, carrier=waybill.carrier, express_no=waybill.express_no, now=utcnow()
+            reason = "the carrier did not answer in time"
+        self.report.without_waybill += 1
+        log.warning(
+            "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
+            redemption_id,
+            reason,
+        )
+        return None
+
+    def _confirm(self, requests: dict[int, object], messages: list[RedemptionMessage]) -> None:
+        """Publish a confirmation for every message whose request has its waybill."""
+        now = utcnow()
+        confirmations = [
+            Outgoing(
+                message_id=new_message_id(),
+                routing_key=SHIPMENT_REQUESTED,
+                body=confirmation_body(requests[m.redemption_id], message_id=m.message_id, now=now),
+                type=SHIPMENT_REQUESTED,
+                correlation_id=m.message_id,
             )
-        self.report.waybills += 1
-        log.info("redemption %s: waybill %s %s", message.redemption_id, saved.carrier, saved.express_no)
-        return saved
+            for m in messages
+            if requests[m.redemption_id].express_no is not None
+        ]
+        if not confirmations:
+            return
+        outcomes = self.broker.publish(confirmations)
+        for message_id, failure in outcomes.items():
+            if failure is None:
+                self.report.confirmed += 1
+            else:  # the relay publishes the redemption again and we confirm then
+                log.warning("confirmation %s not published: %s", message_id, failure)
+        if self.broker.lost:
+            raise BrokerLost(self.broker.lost)  # unacked: the messages come back

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, select, update
 from sqlmodel import Session
 
 from credex.db.models import ShipmentRequest, ShipmentType
@@ -76,53 +76,65 @@ def shipment_json(row) -> dict:
     }
 
 
-def _find(session: Session, redemption_id: int):
-    return session.execute(select(shipment_table).where(_s.redemption_id == redemption_id)).first()
+def _insert_ignoring_repeats(session: Session):
+    """INSERT … ON CONFLICT DO NOTHING in the session's dialect."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(shipment_table)
 
 
-def open_shipment_request(
-    session: Session, message: RedemptionMessage, *, now: datetime
-) -> tuple[object, bool]:
-    """The shipment request for the message's redemption, created unless it exists, committed.
-    Returns (row, created)."""
-    existing = _find(session, message.redemption_id)
-    if existing is not None:
-        session.rollback()
-        return existing, False
-    try:
-        session.execute(
-            insert(shipment_table).values(
-                type=ShipmentType.redemption.value,
-                redemption_id=message.redemption_id,
-                message_id=message.message_id,
-                sku=message.sku,
-                quantity=message.quantity,
-                address=message.address,
-                created_at=now,
-                updated_at=now,
-            )
+def open_shipment_requests(
+    session: Session, messages: Sequence[RedemptionMessage], *, now: datetime
+) -> tuple[dict[int, object], int]:
+    """The shipment request of each message's redemption, created where it does not exist yet,
+    in one transaction that the caller commits. Returns (redemption id -> row, how many created).
+    A redemption seen before, here or by another consumer at the same moment, gets its first
+    request back: the UNIQUE redemption id decides."""
+    first: dict[int, RedemptionMessage] = {}
+    for message in messages:
+        first.setdefault(message.redemption_id, message)
+    created = session.execute(
+        _insert_ignoring_repeats(session)
+        .values(
+            [
+                {
+                    "type": ShipmentType.redemption.value,
+                    "redemption_id": m.redemption_id,
+                    "message_id": m.message_id,
+                    "sku": m.sku,
+                    "quantity": m.quantity,
+                    "address": m.address,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for m in first.values()
+            ]
         )
-        session.commit()
-        created = True
-    except IntegrityError:  # another consumer created it in the meantime
-        session.rollback()
-        created = False
-    row = _find(session, message.redemption_id)
-    session.rollback()
-    return row, created
+        .on_conflict_do_nothing(index_elements=["redemption_id"])
+        .returning(_s.id)
+    ).all()
+    rows = session.execute(select(shipment_table).where(_s.redemption_id.in_(list(first)))).all()
+    return {row.redemption_id: row for row in rows}, len(created)
 
 
-def save_waybill(session: Session, shipment_id: int, *, carrier: str, express_no: str, now: datetime):
-    """Keep the carrier's waybill on the request (the first one saved wins), committed; the row."""
+def save_waybills(
+    session: Session, waybills: Sequence[tuple[int, str, str]], *, now: datetime
+) -> dict[int, object]:
+    """Keep each carrier's waybill, (shipment id, carrier, express number), on its request; the
+    first one saved wins. The caller commits. Returns shipment id -> the row as saved."""
     session.execute(
         update(shipment_table)
-        .where(_s.id == shipment_id, _s.express_no.is_(None))
-        .values(carrier=carrier, express_no=express_no, updated_at=now)
+        .where(_s.id == bindparam("sid"), _s.express_no.is_(None))
+        .values(carrier=bindparam("new_carrier"), express_no=bindparam("new_express_no"), updated_at=now),
+        [
+            {"sid": sid, "new_carrier": carrier, "new_express_no": express_no}
+            for sid, carrier, express_no in waybills
+        ],
     )
-    session.commit()
-    row = session.execute(select(shipment_table).where(_s.id == shipment_id)).first()
-    session.rollback()
-    return row
+    ids = [sid for sid, _, _ in waybills]
+    return {row.id: row for row in session.execute(select(shipment_table).where(_s.id.in_(ids)))}
 
 
 def confirmation_body(row, *, message_id: str, now: datetime) -> bytes:
