@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -224,7 +225,16 @@ class OutboxMessage(SQLModel, table=True):
     """A message to deliver, written in the same transaction as what it announces."""
 
     __tablename__ = "outbox_message"
-    __table_args__ = (Index("ix_outbox_message_state_next_attempt_at", "state", "next_attempt_at"),)
+    __table_args__ = (
+        # The relay's claim reads the oldest due unconfirmed messages off the front of this index.
+        Index(
+            "ix_outbox_message_due",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("state IN ('pending', 'sent')"),
+            sqlite_where=text("state IN ('pending', 'sent')"),
+        ),
+    )
 
     id: str = Field(sa_column=Column(String(36), primary_key=True))  # a UUID, the AMQP message_id
     redemption_id: int | None = Field(

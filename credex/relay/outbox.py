@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, or_, select, text, update
 from sqlmodel import Session
 
 from credex.db.models import MessageState, OutboxMessage, Redemption, RedemptionStatus, utcnow
@@ -72,10 +72,15 @@ class RetryPolicy:
         return self.max_attempts > 0 and attempts >= self.max_attempts
 
 
+# Written out, not bound: a database uses the partial index ix_outbox_message_due only when the
+# query says what its WHERE says (a bound parameter proves nothing to a planner).
+_UNCONFIRMED_LITERAL = text("outbox_message.state IN ('pending', 'sent')")
+
+
 def _claimable(now: datetime):
     o = outbox_table.c
     return (
-        o.state.in_(_UNCONFIRMED),
+        _UNCONFIRMED_LITERAL,
         o.next_attempt_at <= now,
         or_(o.claimed_until.is_(None), o.claimed_until < now),
     )
