@@ -199,39 +199,44 @@ class Relay:
     # --- the work -----------------------------------------------------------------------------
 
     def _publish_due(self) -> int:
-        """Publish everything due, batch by batch, two batches in flight: while the broker stores
-        one, the database thread records the batch before it and claims the next, in one
-        transaction. A batch is recorded once the broker has confirmed (or refused) all of it.
-        Returns the number of messages claimed."""
+        """Publish everything due, batch by batch. The database thread and this one work at once:
+        while this thread publishes a batch, the database records the batch published before it
+        (once the broker has confirmed or refused all of it) and claims the next, in one
+        transaction. Returns the number of messages claimed."""
         in_flight: deque[list[ClaimedMessage]] = deque()
         claimed_total, more, published_before = 0, True, self.report.published
         step: Future | None = self._in_db(self._database_step, None, True)
         while step is not None:
             tally, batch = self._await(step)
-            step = None
             self._tally(tally)
+            more = (
+                more and len(batch) == self.options.batch_size and not self._stopping and not self.broker.lost
+            )
+            step = None
+            if batch and in_flight and len(in_flight) + 1 >= PIPELINE_DEPTH:
+                step = self._record_oldest(in_flight, claim=more)
+            elif batch and more:
+                step = self._in_db(self._database_step, None, True)
             if batch:
                 self.broker.send(
                     [Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED) for m in batch]
                 )
                 in_flight.append(batch)
                 claimed_total += len(batch)
-            more = (
-                more and len(batch) == self.options.batch_size and not self._stopping and not self.broker.lost
-            )
-            if more and len(in_flight) < PIPELINE_DEPTH:
-                step = self._in_db(self._database_step, None, True)
-            elif in_flight:
-                done = in_flight.popleft()
-                outcomes = self.broker.collect([m.id for m in done])
-                step = self._in_db(self._database_step, (done, outcomes), more)
-                if self.broker.buffered >= self.options.batch_size:
-                    self._take_confirmations()
+            if step is None and in_flight:
+                step = self._record_oldest(in_flight, claim=more)
+            if self.broker.buffered >= self.options.batch_size:
+                self._take_confirmations()
         if claimed_total:
             log.info(
                 "published %d of %d due message(s)", self.report.published - published_before, claimed_total
             )
         return claimed_total
+
+    def _record_oldest(self, in_flight: deque[list[ClaimedMessage]], *, claim: bool) -> Future:
+        """Hand the database the oldest batch in flight, with what the broker said of it."""
+        batch = in_flight.popleft()
+        return self._in_db(self._database_step, (batch, self.broker.collect([m.id for m in batch])), claim)
 
     def _database_step(
         self, published: tuple[list[ClaimedMessage], dict[str, str | None]] | None, claim: bool
