@@ -224,7 +224,8 @@ class _Sqlite:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.stamp = ledger_table.c.created_at.type.bind_processor(session.bind.dialect)
+        dialect = session.bind.dialect
+        self.stamp = ledger_table.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
 
     def begin(self) -> None:
         self.db = self.session.connection().connection.driver_connection

@@ -112,6 +112,29 @@ def _check_key(value: Any, what: str, longest: int) -> str | tuple[str]:
 
 def check_row(line: int, user_id: Any, points: Any, ref: Any, reason: Any, original: Any) -> Grant | Rejected:
     """A row as a Grant, or Rejected with the first rule it breaks."""
+    # The common row (text fields, positive points of at most 18 digits) in a few steps: a
+    # million rows spend more time here than anywhere else in Python.
+    if user_id.__class__ is str and points.__class__ is str and ref.__class__ is str:
+        user, digits, key = user_id.strip(), points.strip(), ref.strip()
+        if (
+            user
+            and key
+            and len(user) <= USER_ID_MAX
+            and len(key) <= REF_MAX
+            and len(digits) <= 18
+            and digits.isdigit()
+            and digits.isascii()
+            and (reason is None or reason.__class__ is str)
+        ):
+            number = int(digits)
+            if number:
+                return Grant(line, user, number, key, (reason.strip() or None) if reason else None, original)
+    return _check_row(line, user_id, points, ref, reason, original)
+
+
+def _check_row(
+    line: int, user_id: Any, points: Any, ref: Any, reason: Any, original: Any
+) -> Grant | Rejected:
     user = _check_key(user_id, "user_id", USER_ID_MAX)
     if type(user) is tuple:
         return Rejected(line, user[0], original)
