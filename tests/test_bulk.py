@@ -191,6 +191,23 @@ def test_a_negative_row_is_judged_on_the_balance_left_by_the_rows_before_it(cred
     ) == [("start", 50, 0, "used"), ("top-up", 100, 70, "available"), ("new", 30, 0, "used")]
     check_lifecycle_invariants(db_url)
 
+    # Run again: the refused corrections are judged where they stand in the file, on the balance
+    # the first run's entries recorded there, so they are refused again and nothing changes.
+    again = bulk(credex, path, "--json", "--batch-size", "2")
+    assert (again.json()["applied"], again.json()["duplicates"], again.json()["rejected"]) == (0, 4, 2)
+    assert again.stderr == result.stderr
+    assert len(ledger(db_url)) == 5
+
+
+def test_a_correction_is_judged_on_the_balance_now_when_the_file_was_not_run_before(credex, db_url, tmp_path):
+    path = csv_file(tmp_path, "u1,-80,fix,", "u1,100,more,")
+    assert bulk(credex, path, "--json").json()["rejected"] == 1
+    credex("award", "grant", "u1", "300", "--reason", "by hand", "--ref", "hand")
+    other = csv_file(tmp_path, "u1,-80,fix,", name="later.csv")  # a new file: nothing of it was applied
+    assert bulk(credex, other, "--json").json()["applied"] == 1
+    assert balance(credex, "u1") == 320
+    check_lifecycle_invariants(db_url)
+
 
 def test_the_same_ref_twice_in_a_file_is_a_duplicate_or_a_conflict(credex, db_url, tmp_path):
     path = csv_file(
@@ -444,3 +461,14 @@ def test_a_line_that_is_not_utf8_stops_the_run_after_the_rows_before_it(credex, 
     assert "line 3: not UTF-8 text" in result.stderr
     assert "the 1 rows before it were read (1 applied" in result.stderr
     assert [ref for _u, ref, *_ in ledger(db_url)] == ["a"]
+
+
+def test_an_unreachable_database_exits_69(tmp_path):
+    from tests.support import run_process
+
+    path = csv_file(tmp_path, "u1,10,a,")
+    result = run_process(
+        "--database-url", "postgresql://postgres@127.0.0.1:1/credex", "award", "bulk", path, "--json"
+    )
+    assert result.exit_code == 69, result.stderr
+    assert json.loads(result.stderr)["error"]["code"] == "unavailable" and result.stdout == ""

@@ -88,25 +88,86 @@ class _Lot:
         return (self.available_at, self.id) < (other.available_at, other.id)
 
 
+class Replay:
+    """Where an earlier run of the same file left off, so that a correction is judged on the
+    balance at its place in the file, as a single run would have judged it.
+
+    A run applies rows in file order with ever larger entry ids, so the rows an earlier (killed,
+    or complete) run applied are duplicates now, and their entries mark how far it got: the
+    largest such id before a row (``seen``) bounds the entries that came before that row. When a
+    user's balance has grown since (the earlier run went on to later rows), the growth does not
+    count for a correction that run refused; it is refused again. Entries this run writes
+    (ids from ``own_from``) are never marks. Holds a few numbers, whatever the file's size."""
+
+    def __init__(self, balances_before: Callable[[list[str], int], dict[str, int]]) -> None:
+        self.balances_before = balances_before  # user -> balance after their last entry with id < bound
+        self.seen = 0  # the largest id of an earlier run's entry met so far in file order
+        self.own_from: int | None = None  # the first entry id this run wrote
+        self.settled: dict[str, int] = {}  # per batch: the balance before this run's entries
+        self._cache: dict[tuple[str, int], int] = {}
+
+    def start_batch(self, committed: dict[str, int], takers: list[str]) -> None:
+        """``committed``: the batch's balances in the database (before this batch)."""
+        self._cache.clear()
+        if self.own_from is None:
+            self.settled = committed
+        else:
+            self.settled = self.balances_before(takers, self.own_from) if takers else {}
+        if self.seen and takers:
+            bound = self.seen + 1
+            for user, balance in self.balances_before(takers, bound).items():
+                self._cache[user, bound] = balance
+
+    def is_mark(self, entry_id: int | None) -> bool:
+        return entry_id is not None and (self.own_from is None or entry_id < self.own_from)
+
+    def growth(self, user: str, bound: int) -> int:
+        """How much ``user``'s balance grew between the mark ``bound`` and this run."""
+        before = self._cache.get((user, bound))
+        if before is None:
+            before = self._cache[user, bound] = self.balances_before([user], bound).get(user, 0)
+        return self.settled.get(user, 0) - before
+
+
 def plan_batch(
     batch: list[Grant | Rejected],
     *,
     accounts: dict[str, list[int]],
-    used_refs: dict[str, tuple[str, str]],
+    used_refs: dict[str, tuple[str, str, int | None]],
     lots: dict[str, list[_Lot]] | None,
     report: BulkReport,
     on_rejected: Callable[[Rejected], None],
     now: datetime,
+    replay: Replay | None = None,
 ) -> _Plan:
     """Every row's outcome in file order, as ``award grant`` one by one would have it.
 
     ``accounts``: [balance, debt, earned] of the batch's existing accounts (locked);
-    ``used_refs``: ref -> (user id, detail) of the grants already recorded with the batch's refs;
-    ``lots``: the available lots, oldest first, of the accounts the batch takes points from
-    (None: a dry run, which writes no lots)."""
+    ``used_refs``: ref -> (user id, detail, entry id) of the grants already recorded with the
+    batch's refs; ``lots``: the available lots, oldest first, of the accounts the batch takes
+    points from (None: a dry run, which writes no lots); ``replay``: where earlier runs of the
+    file left off (None: judge corrections on the balance alone)."""
     plan = _Plan([], [], [], [], {}, {}, [])
     entries, new_lots, changed = plan.entries, plan.lots, plan.accounts
     first_lot_id = 1 << 62  # new lots come after every existing one with the same available_at
+    first_mark: list[int | None] = []  # worked out when a correction first needs it
+
+    def mark_ahead() -> int | None:
+        # A correction before the run's first mark: the earlier run had applied nothing before
+        # it, so its balance then is the one before the batch's earliest mark.
+        if not first_mark:
+            marks = [
+                prior[2]
+                for row in batch
+                if row.__class__ is Grant
+                and (prior := used_refs.get(row.ref)) is not None
+                and prior[0] == row.user_id
+                and prior[1] == f"points={row.points}"
+                and replay.is_mark(prior[2])
+            ]
+            first_mark.append(min(marks, default=None))
+        return first_mark[0]
+
     for row in batch:
         if row.__class__ is Rejected:
             report.rejected += 1
@@ -118,6 +179,8 @@ def plan_batch(
         if prior is not None:
             if prior[0] == user and prior[1] == detail:
                 report.duplicates += 1
+                if replay is not None and replay.is_mark(prior[2]) and prior[2] > replay.seen:
+                    replay.seen = prior[2]
             else:
                 report.rejected += 1
                 on_rejected(
@@ -156,12 +219,19 @@ def plan_batch(
                     bisect.insort(queue, lot)
             changed[user] = [balance, debt - paid, earned + points]
         else:
-            if balance < -points:
+            judged = balance
+            if replay is not None:
+                bound = replay.seen + 1 if replay.seen else mark_ahead()
+                if bound is not None:
+                    grown = replay.growth(user, bound)
+                    if grown > 0:
+                        judged = balance - grown
+            if judged < -points:
                 report.rejected += 1
                 on_rejected(
                     Rejected(
                         row.line,
-                        f"{user} has {balance} points; taking {-points} would go below zero",
+                        f"{user} has {judged} points; taking {-points} would go below zero",
                         row.original,
                     )
                 )
@@ -174,7 +244,7 @@ def plan_batch(
             changed[user] = [balance, debt, earned + points]
         if account is None:  # the account is created by its first award
             plan.created.append(user)
-        used_refs[ref] = (user, detail)
+        used_refs[ref] = (user, detail, None)
         report.applied += 1
         report.points_awarded += points
     plan.created.sort()
@@ -238,19 +308,28 @@ class _Sqlite:
         )
         return {user: [balance, debt, earned] for user, balance, debt, earned in rows}
 
-    def used_refs(self, refs: list[str]) -> dict[str, tuple[str, str]]:
+    def used_refs(self, refs: list[str]) -> dict[str, tuple[str, str, int]]:
         rows = self.db.execute(
-            "SELECT ref, user_id, detail FROM ledger_entry "
+            "SELECT ref, user_id, detail, id FROM ledger_entry "
             "WHERE kind = 'grant' AND ref IN (SELECT value FROM json_each(?))",
             (json.dumps(refs),),
         )
-        return {ref: (user, detail) for ref, user, detail in rows}
+        return {ref: (user, detail, id) for ref, user, detail, id in rows}
+
+    def balances_before(self, users: list[str], bound: int) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT value, (SELECT balance FROM ledger_entry WHERE user_id = value AND id < ? "
+            "ORDER BY id DESC LIMIT 1) FROM json_each(?)",
+            (bound, json.dumps(users)),
+        )
+        return {user: balance or 0 for user, balance in rows}
 
     def _next_ids(self, table: str, count: int) -> range:
         (last,) = self.db.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()
         return range(last + 1, last + 1 + count)
 
-    def write(self, plan: _Plan, *, now: datetime, operator: str, expires_at: datetime | None) -> None:
+    def write(self, plan: _Plan, *, now: datetime, operator: str, expires_at: datetime | None) -> int | None:
+        """Write the plan; the first entry id it used (None: no entry)."""
         db, stamp = self.db, self.stamp(now)
         expiry = self.stamp(expires_at) if expires_at is not None else None
         entry_ids = self._next_ids("ledger_entry", len(plan.entries))
@@ -310,6 +389,7 @@ class _Sqlite:
             "UPDATE account SET balance = ?, debt = ?, earned = ?, updated_at = ? WHERE user_id = ?",
             [(b, d, e, stamp, u) for u, (b, d, e) in accounts.items() if u not in created],
         )
+        return entry_ids[0] if entry_ids else None
 
 
 class _Postgres:
@@ -336,11 +416,20 @@ class _Postgres:
         ).fetchall()
         return {user: [balance, debt, earned] for user, balance, debt, earned in rows}
 
-    def used_refs(self, refs: list[str]) -> dict[str, tuple[str, str]]:
+    def used_refs(self, refs: list[str]) -> dict[str, tuple[str, str, int]]:
         rows = self.cursor.execute(
-            "SELECT ref, user_id, detail FROM ledger_entry WHERE kind = 'grant' AND ref = ANY(%s)", (refs,)
+            "SELECT ref, user_id, detail, id FROM ledger_entry WHERE kind = 'grant' AND ref = ANY(%s)",
+            (refs,),
         ).fetchall()
-        return {ref: (user, detail) for ref, user, detail in rows}
+        return {ref: (user, detail, id) for ref, user, detail, id in rows}
+
+    def balances_before(self, users: list[str], bound: int) -> dict[str, int]:
+        rows = self.cursor.execute(
+            "SELECT u, (SELECT balance FROM ledger_entry WHERE user_id = u AND id < %s "
+            "ORDER BY id DESC LIMIT 1) FROM unnest(%s::text[]) AS u",
+            (bound, users),
+        ).fetchall()
+        return {user: balance or 0 for user, balance in rows}
 
     def _next_ids(self, table: str, count: int) -> list[int]:
         if not count:
@@ -355,7 +444,8 @@ class _Postgres:
         ).fetchall()
         return sorted(row[0] for row in rows)  # in file order, whatever other sessions took between
 
-    def write(self, plan: _Plan, *, now: datetime, operator: str, expires_at: datetime | None) -> None:
+    def write(self, plan: _Plan, *, now: datetime, operator: str, expires_at: datetime | None) -> int | None:
+        """Write the plan; the first entry id it used (None: no entry)."""
         cursor, accounts = self.cursor, plan.accounts
         entry_ids = self._next_ids("ledger_entry", len(plan.entries))
         lot_ids = self._next_ids("point_lot", len(plan.lots))
@@ -440,6 +530,7 @@ class _Postgres:
                 "WHERE a.user_id = t.u",
                 (now, users, balances, debts, earned),
             )
+        return entry_ids[0] if entry_ids else None
 
 
 class _DryRun:
@@ -470,13 +561,13 @@ class _DryRun:
         for user, balance, debt, earned in rows:
             accounts[user] = [balance, debt, earned]
 
-    def overlay_refs(self, used: dict[str, tuple[str, str]], refs: list[str]) -> None:
+    def overlay_refs(self, used: dict[str, tuple[str, str, int | None]], refs: list[str]) -> None:
         rows = self.db.execute(
             "SELECT ref, user_id, detail FROM grant_ref WHERE ref IN (SELECT value FROM json_each(?))",
             (json.dumps(refs),),
         )
         for ref, user, detail in rows:
-            used[ref] = (user, detail)
+            used[ref] = (user, detail, None)  # granted by this (dry) run
 
     def record(self, plan: _Plan) -> None:
         self.db.execute("BEGIN")
@@ -503,6 +594,7 @@ def _apply(
     operator: str,
     expiry_days: int,
     dry_run: _DryRun | None,
+    replay: Replay,
 ) -> None:
     """One batch in one transaction; started again (state read anew) when a concurrent
     transaction took one of its refs or created one of its accounts first."""
@@ -510,14 +602,18 @@ def _apply(
     users = sorted({row.user_id for row in grants})
     refs = list({row.ref for row in grants})
     takers = sorted({row.user_id for row in grants if row.points < 0})
+    seen = replay.seen
     for attempt in range(RETRIES + 1):
         outcome = BulkReport()
         rejected: list[Rejected] = []
         now = utcnow()
+        replay.seen = seen
         try:
             backend.begin()
             accounts = backend.accounts(users, lock=dry_run is None) if users else {}
             used = backend.used_refs(refs) if refs else {}
+            if takers:
+                replay.start_batch({user: accounts[user][0] for user in takers if user in accounts}, takers)
             if dry_run is not None:
                 dry_run.overlay_accounts(accounts, users)
                 dry_run.overlay_refs(used, refs)
@@ -530,11 +626,14 @@ def _apply(
                 report=outcome,
                 on_rejected=rejected.append,
                 now=now,
+                replay=replay,
             )
             if dry_run is None:
                 expires_at = now + timedelta(days=expiry_days) if expiry_days > 0 else None
-                backend.write(plan, now=now, operator=operator, expires_at=expires_at)
+                first_id = backend.write(plan, now=now, operator=operator, expires_at=expires_at)
                 session.commit()
+                if replay.own_from is None:
+                    replay.own_from = first_id
             else:
                 session.rollback()
                 dry_run.record(plan)
@@ -600,6 +699,7 @@ def grant_bulk(
     dialect = session.bind.dialect.name
     backend = _Postgres(session) if dialect == "postgresql" else _Sqlite(session)
     scratch = _DryRun() if dry_run else None
+    replay = Replay(backend.balances_before)
     batch: list[Grant | Rejected] = []
 
     def flush() -> None:
@@ -612,6 +712,7 @@ def grant_bulk(
             operator=operator,
             expiry_days=expiry_days,
             dry_run=scratch,
+            replay=replay,
         )
         report.rows += len(batch)
         batch.clear()
