@@ -200,6 +200,7 @@ def bare_postgres(url: str, path: str, batch_size: int) -> None:
                     if ref not in seen:  # a ref seen earlier in the batch; earlier batches are in the table
                         seen.add(ref)
                         copy.write_row((seq, user, points, ref, reason))
+            cursor.execute("ANALYZE bulk_staging")  # a temporary table has no statistics otherwise
             cursor.execute(
                 "INSERT INTO account (user_id, balance, earned, redeemed, pending, debt, created_at, "
                 "updated_at) SELECT DISTINCT user_id, 0, 0, 0, 0, 0, %(now)s::timestamptz, "
