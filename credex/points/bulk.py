@@ -6,7 +6,8 @@ accounts the batch touches (sorted user ids; on SQLite the write session's BEGIN
 read their balances, debt and lots and the refs already used, work out every row's outcome in
 memory in file order (duplicate, rejected, or the entry, lot and lot uses it writes), write it
 all with executemany (SQLite) or COPY and set-based statements (Postgres), and commit. A run
-killed half way has committed whole batches only: their rows are duplicates next time.
+killed half way has committed whole batches only: their rows are duplicates next time, and the
+corrections it refused are judged again where they stand in the file (``Replay``).
 """
 
 from __future__ import annotations
