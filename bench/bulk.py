@@ -159,7 +159,8 @@ def bare_sqlite(url: str, path: str, batch_size: int) -> None:
 BARE_MERGE = """
 WITH fresh AS (
     SELECT s.seq, s.user_id, s.points, s.ref, s.reason FROM bulk_staging s
-    WHERE NOT EXISTS (SELECT 1 FROM ledger_entry l WHERE l.kind = 'grant' AND l.ref = s.ref)
+    -- OFFSET 0: probe the unique index row by row, whatever the (stale) statistics say
+    WHERE NOT EXISTS (SELECT 1 FROM ledger_entry l WHERE l.kind = 'grant' AND l.ref = s.ref OFFSET 0)
 ), numbered AS (
     SELECT f.*, a.balance + sum(f.points) OVER (PARTITION BY f.user_id ORDER BY f.seq) AS after
     FROM fresh f JOIN account a ON a.user_id = f.user_id

@@ -306,6 +306,7 @@ def test_rows_can_come_from_stdin(credex, db_url):
     jsonl = bulk(credex, "-", "--json", input='{"user_id": "u1", "points": 5, "ref": "s-3"}\n')
     assert jsonl.json()["applied"] == 1  # JSON lines recognised by their first character
     assert balance(credex, "u1") == 15
+    check_lifecycle_invariants(db_url)
 
 
 def test_json_lines_are_read_by_name_or_by_option(credex, db_url, tmp_path):
@@ -347,6 +348,7 @@ def test_a_bad_json_line_is_a_rejected_row_with_its_line_number(credex, db_url, 
         "line 6: points must be a whole number, got true",
         "line 7: points is missing",
     ]
+    check_lifecycle_invariants(db_url)
 
 
 def test_a_dry_run_writes_nothing_and_reports_what_a_real_run_does(credex, db_url, tmp_path):
