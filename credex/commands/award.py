@@ -102,8 +102,9 @@ def grant(
     emit(entry, as_json=as_json, render=_render_entry)
 
 
-from credex.commands import award_lifecycle  # noqa: E402
+from credex.commands import award_bulk, award_lifecycle  # noqa: E402
 
+app.command("bulk")(award_bulk.bulk)
 app.command("refund")(award_lifecycle.refund)
 app.command("settle")(award_lifecycle.settle)
 app.command("expire")(award_lifecycle.expire)

@@ -1,0 +1,388 @@
+"""Bulk grants from a CSV file: `credex award bulk` against a bare-driver script doing the same
+work, in one run, on fresh databases.
+
+    python bench/bulk.py --backend sqlite --rows 1000000
+    python bench/bulk.py --backend postgres --rows 1000000
+    python bench/bulk.py --rows 100000 --runs 1          # a quick look while developing
+
+The file is a campaign: --rows positive grants with unique refs over --users shoppers (about one
+row in fifty gives the same shopper a second grant in the same batch). Both sides run as child
+processes, from interpreter start to exit, on a fresh migrated database each, and alternate for
+--runs rounds; the medians are compared.
+
+- credex: the real command line, `credex award bulk FILE --json` (its peak RSS is reported).
+- bare: the same rows and rules with the driver alone: parse the CSV, check every field (non-empty
+  ids within their lengths, points a non-zero whole number within 64 bits, the row's width), skip
+  refs already recorded or seen earlier in the file, and in one transaction per batch of
+  --batch-size rows write the same ledger entries (with each one's balance after it), the same
+  lots, new accounts and the new balances. SQLite: executemany with prepared statements, as
+  credex. Postgres: COPY into a staging table, then one set-based statement (a window function
+  for the running balances, INSERT … ON CONFLICT DO NOTHING RETURNING, the lots and the balances
+  from its result). A campaign has no negative grants and a fresh database no debt, so the bare
+  side needs neither lot spending nor debt payment; credex still runs its general path.
+
+Goals: SQLite at most 2.0x the bare sqlite3 time, Postgres at most 2.0x the bare COPY-and-merge
+time, credex's peak memory under 200 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+POSTGRES_ADMIN = os.environ.get("CREDEX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+INT64_MAX = 2**63 - 1
+GOAL_RATIO = 2.0
+GOAL_MIB = 200
+
+
+# --- the bare side (runs in a child process: python bench/bulk.py --bare URL FILE BATCH) --------------
+
+
+def _checked_rows(path: str):
+    """(user_id, points, ref, reason) of each valid row, as the bulk rules check them."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip().lower() for name in next(reader)]
+        width = len(header)
+        user_at, points_at, ref_at = header.index("user_id"), header.index("points"), header.index("ref")
+        reason_at = header.index("reason") if "reason" in header else None
+        for fields in reader:
+            if len(fields) != width:
+                continue
+            user, text, ref = fields[user_at].strip(), fields[points_at].strip(), fields[ref_at].strip()
+            digits = text[1:] if text[:1] in "+-" else text
+            if not (user and ref and len(user) <= 128 and len(ref) <= 255):
+                continue
+            if not (digits.isdigit() and digits.isascii() and len(digits) <= 19):
+                continue
+            points = int(text)
+            if points == 0 or abs(points) > INT64_MAX:
+                continue
+            reason = fields[reason_at].strip() if reason_at is not None else ""
+            yield user, points, ref, reason or "bulk grant"
+
+
+def _batches(path: str, size: int):
+    batch = []
+    for row in _checked_rows(path):
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def bare_sqlite(url: str, path: str, batch_size: int) -> None:
+    import json
+    import sqlite3
+    from datetime import UTC, datetime
+
+    db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    for pragma in ("busy_timeout = 30000", "journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON"):
+        db.execute(f"PRAGMA {pragma}")
+    for batch in _batches(path, batch_size):
+        stamp = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        db.execute("BEGIN IMMEDIATE")
+        refs = json.dumps([ref for _u, _p, ref, _r in batch])
+        seen = {
+            ref: (user, detail)
+            for ref, user, detail in db.execute(
+                "SELECT ref, user_id, detail FROM ledger_entry WHERE kind = 'grant' "
+                "AND ref IN (SELECT value FROM json_each(?))",
+                (refs,),
+            )
+        }
+        users = json.dumps(sorted({user for user, _p, _r, _s in batch}))
+        accounts = {
+            user: [balance, earned]
+            for user, balance, earned in db.execute(
+                "SELECT user_id, balance, earned FROM account "
+                "WHERE user_id IN (SELECT value FROM json_each(?))",
+                (users,),
+            )
+        }
+        (entry_id,) = db.execute("SELECT coalesce(max(id), 0) FROM ledger_entry").fetchone()
+        (lot_id,) = db.execute("SELECT coalesce(max(id), 0) FROM point_lot").fetchone()
+        new, changed, entries, lots = [], {}, [], []
+        for user, points, ref, reason in batch:
+            detail = f"points={points}"
+            if ref in seen:
+                continue
+            seen[ref] = (user, detail)
+            account = changed.get(user) or accounts.get(user)
+            if account is None:
+                account = [0, 0]
+                new.append(user)
+            balance = account[0] + points
+            changed[user] = [balance, account[1] + points]
+            entry_id += 1
+            lot_id += 1
+            entries.append((entry_id, user, ref, points, balance, detail, "bench", reason, stamp))
+            lots.append((lot_id, user, entry_id, points, points, "available", stamp, None, stamp))
+        db.executemany(
+            "INSERT INTO account (user_id, balance, earned, redeemed, pending, debt, created_at, updated_at) "
+            "VALUES (?, ?, ?, 0, 0, 0, ?, ?)",
+            [(user, *changed[user], stamp, stamp) for user in sorted(new)],
+        )
+        db.executemany(
+            "INSERT INTO ledger_entry (id, user_id, kind, ref, points, pending, debt, balance, detail, "
+            "operator, reason, created_at) VALUES (?, ?, 'grant', ?, ?, 0, 0, ?, ?, ?, ?, ?)",
+            entries,
+        )
+        db.executemany(
+            "INSERT INTO point_lot (id, user_id, entry_id, points, remaining, state, available_at, "
+            "expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            lots,
+        )
+        fresh = set(new)
+        db.executemany(
+            "UPDATE account SET balance = ?, earned = ?, updated_at = ? WHERE user_id = ?",
+            [(b, e, stamp, u) for u, (b, e) in changed.items() if u not in fresh],
+        )
+        db.execute("COMMIT")
+
+
+BARE_MERGE = """
+WITH fresh AS (
+    SELECT s.seq, s.user_id, s.points, s.ref, s.reason FROM bulk_staging s
+    -- OFFSET 0: probe the unique index row by row, whatever the (stale) statistics say
+    WHERE NOT EXISTS (SELECT 1 FROM ledger_entry l WHERE l.kind = 'grant' AND l.ref = s.ref OFFSET 0)
+), numbered AS (
+    SELECT f.*, a.balance + sum(f.points) OVER (PARTITION BY f.user_id ORDER BY f.seq) AS after
+    FROM fresh f JOIN account a ON a.user_id = f.user_id
+), entries AS (
+    INSERT INTO ledger_entry (user_id, kind, ref, points, pending, debt, balance, detail, operator, reason,
+                              created_at)
+    SELECT user_id, 'grant', ref, points, 0, 0, after, 'points=' || points, 'bench', reason, %(now)s
+    FROM numbered ORDER BY seq
+    ON CONFLICT (kind, ref) DO NOTHING
+    RETURNING id, user_id, points
+), lots AS (
+    INSERT INTO point_lot (user_id, entry_id, points, remaining, state, available_at, expires_at, created_at)
+    SELECT user_id, id, points, points, 'available', %(now)s, NULL, %(now)s FROM entries ORDER BY id
+)
+UPDATE account a SET balance = a.balance + t.total, earned = a.earned + t.total, updated_at = %(now)s
+FROM (SELECT user_id, sum(points) AS total FROM entries GROUP BY user_id) t
+WHERE a.user_id = t.user_id
+"""
+
+
+def bare_postgres(url: str, path: str, batch_size: int) -> None:
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as db:
+        db.execute(
+            "CREATE TEMP TABLE bulk_staging (seq bigint, user_id text, points bigint, ref text, reason text) "
+            "ON COMMIT DELETE ROWS"
+        )
+        db.commit()
+        cursor = db.cursor()
+        for batch in _batches(path, batch_size):
+            now = datetime.now(UTC)
+            seen: set[str] = set()
+            with cursor.copy("COPY bulk_staging (seq, user_id, points, ref, reason) FROM STDIN") as copy:
+                for seq, (user, points, ref, reason) in enumerate(batch):
+                    if ref not in seen:  # a ref seen earlier in the batch; earlier batches are in the table
+                        seen.add(ref)
+                        copy.write_row((seq, user, points, ref, reason))
+            cursor.execute("ANALYZE bulk_staging")  # a temporary table has no statistics otherwise
+            cursor.execute(
+                "INSERT INTO account (user_id, balance, earned, redeemed, pending, debt, created_at, "
+                "updated_at) SELECT DISTINCT user_id, 0, 0, 0, 0, 0, %(now)s::timestamptz, "
+                "%(now)s::timestamptz "
+                "FROM bulk_staging ORDER BY 1 ON CONFLICT (user_id) DO NOTHING",
+                {"now": now},
+            )
+            cursor.execute(
+                "SELECT 1 FROM account WHERE user_id IN (SELECT user_id FROM bulk_staging) "
+                "ORDER BY user_id FOR UPDATE"
+            )
+            cursor.execute(BARE_MERGE, {"now": now})
+            db.commit()
+
+
+# --- set-up and measurement -----------------------------------------------------------------------------
+
+
+def make_file(path: Path, rows: int, users: int) -> int:
+    """The campaign file; returns the points it grants."""
+    rng = random.Random(20261125)
+    total = 0
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        out = csv.writer(handle, lineterminator="\n")
+        out.writerow(["user_id", "points", "ref", "reason"])
+        for n in range(rows):
+            user = n % users if rng.random() < 0.98 else (n - 1) % users  # now and then a second grant
+            points = rng.randint(1, 500)
+            total += points
+            out.writerow([f"u-{user:07d}", points, f"spring-2026-{n:08d}", "spring campaign"])
+    return total
+
+
+def fresh_database(backend: str, workdir: Path) -> str:
+    from credex.db.engine import dispose_engines, upgrade
+
+    if backend == "sqlite":
+        url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
+    else:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        name = f"credex_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(POSTGRES_ADMIN).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    dispose_engines()
+    return url
+
+
+def drop_database(url: str) -> None:
+    from credex.db.engine import dispose_engines
+
+    dispose_engines()
+    if url.startswith("postgresql"):
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+
+
+def totals(url: str) -> tuple[int, int, int, int]:
+    """(entries, lots, sum of balances, sum of the entries' balance-after): equal on both sides."""
+    from sqlalchemy import text
+
+    from credex.db.engine import dispose_engines, get_engine
+
+    with get_engine(url).connect() as connection:
+        row = connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM ledger_entry), (SELECT count(*) FROM point_lot), "
+                "(SELECT coalesce(sum(balance), 0) FROM account), "
+                "(SELECT coalesce(sum(balance), 0) FROM ledger_entry)"
+            )
+        ).one()
+    dispose_engines()
+    return tuple(int(value) for value in row)
+
+
+def run_child(command: list[str]) -> tuple[float, float]:
+    """Seconds from start to exit, and the child's peak RSS in MiB."""
+    env = {**os.environ, "CREDEX_OPERATOR": "bench", "PYTHONPATH": str(ROOT)}
+    began = time.perf_counter()
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = child.stdout.read()
+    err = child.stderr.read()
+    _pid, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - began
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(
+            f"{command[2:5]} failed ({child.returncode}): {err.decode()[-2000:]} {out.decode()[-500:]}"
+        )
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def run(backend: str, path: Path, rows: int, runs: int, batch_size: int, workdir: Path) -> bool:
+    times: dict[str, list[float]] = {"bare": [], "credex": []}
+    peaks: list[float] = []
+    seen_totals = set()
+    for _ in range(runs):
+        for side in ("bare", "credex"):
+            url = fresh_database(backend, workdir)
+            try:
+                if side == "credex":
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "credex",
+                        "--database-url",
+                        url,
+                        "award",
+                        "bulk",
+                        str(path),
+                    ]
+                    command += ["--json", "--batch-size", str(batch_size)]
+                else:
+                    command = [sys.executable, __file__, "--bare", url, str(path), str(batch_size)]
+                elapsed, peak = run_child(command)
+                times[side].append(elapsed)
+                if side == "credex":
+                    peaks.append(peak)
+                seen_totals.add(totals(url))
+            finally:
+                drop_database(url)
+    if len(seen_totals) != 1:
+        raise SystemExit(f"the two sides wrote different things: {sorted(seen_totals)}")
+    entries, lots, _balances, _after = seen_totals.pop()
+    if entries != rows or lots != rows:
+        raise SystemExit(f"expected {rows} entries and lots, found {entries} and {lots}")
+    bare, credex = statistics.median(times["bare"]), statistics.median(times["credex"])
+    ratio = credex / bare
+    peak = max(peaks)
+    bare_name = "bare sqlite3" if backend == "sqlite" else "bare psycopg COPY and merge"
+    print(f"{backend}: {rows:,} rows, batches of {batch_size}, {runs} run(s) each side")
+    print(
+        f"  {bare_name:28}: median {bare:7.2f} s  ({rows / bare:9,.0f} rows/s)  runs {_list(times['bare'])}"
+    )
+    name = "credex award bulk"
+    print(
+        f"  {name:28}: median {credex:7.2f} s  ({rows / credex:9,.0f} rows/s)  runs {_list(times['credex'])}"
+    )
+    ok_ratio, ok_memory = ratio <= GOAL_RATIO, peak < GOAL_MIB
+    print(f"  ratio credex/bare: {ratio:.2f} (goal <= {GOAL_RATIO})  {'OK' if ok_ratio else 'ABOVE GOAL'}")
+    print(f"  credex peak RSS: {peak:.0f} MiB (goal < {GOAL_MIB})  {'OK' if ok_memory else 'ABOVE GOAL'}")
+    return ok_ratio and ok_memory
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--bare":
+        url, path, batch_size = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        (bare_sqlite if url.startswith("sqlite") else bare_postgres)(url, path, batch_size)
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    args = parser.parse_args()
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        path = workdir / "campaign.csv"
+        make_file(path, args.rows, args.users)
+        print(f"file: {path.stat().st_size / 2**20:.0f} MiB, {args.rows:,} rows, {args.users:,} shoppers")
+        for backend in ["sqlite", "postgres"] if args.backend == "both" else [args.backend]:
+            ok &= run(backend, path, args.rows, args.runs, args.batch_size, workdir)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

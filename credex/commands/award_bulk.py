@@ -1,0 +1,207 @@
+"""credex award bulk: many grants from a CSV or JSON lines file (registered in award.py)."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings
+from credex.errors import InvalidInput
+from credex.output import emit
+
+REJECTS_SHOWN = 20  # on stderr; the rejects file keeps them all
+
+
+class FileFormat(StrEnum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+def _open_input(file: str):
+    """The binary stream to read, its name for messages, its size (None: unknown)."""
+    import os
+
+    if file == "-":
+        return sys.stdin.buffer, "stdin", None
+    try:
+        stream = open(file, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as error:
+        raise InvalidInput(f"cannot read {file}: {error.strerror or error}") from None
+    status = os.fstat(stream.fileno())
+    return stream, file, status.st_size if status.st_size > 0 else None
+
+
+class _Reporter:
+    """Rejected rows to the rejects file and (the first few) to stderr; a progress bar on
+    stderr when it is a terminal."""
+
+    def __init__(self, reader, rejects, rejects_path: Path | None) -> None:
+        self.reader, self.rejects, self.rejects_path = reader, rejects, rejects_path
+        self.shown = 0
+        self.progress = None
+        self.task = None
+        if sys.stderr.isatty():
+            self._start_progress()
+
+    def _start_progress(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[rows]:>12,} rows  {task.fields[rate]:>9,.0f} rows/s"),
+            TimeRemainingColumn() if self.reader.size else TimeElapsedColumn(),
+        ]
+        self.progress = Progress(*columns, console=Console(stderr=True), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("granting", total=self.reader.size, rows=0, rate=0.0)
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(text + "\n")
+
+    def rejected(self, row) -> None:
+        if self.rejects is not None:
+            self.rejects.write(row)
+        if self.shown < REJECTS_SHOWN:
+            self.shown += 1
+            self.say(f"line {row.line}: {row.reason}")
+
+    def batch(self, report) -> None:
+        if self.progress is None:
+            return
+        task = self.progress.tasks[0]
+        elapsed = task.elapsed or 0.0
+        done = self.reader.bytes_read if self.reader.size else report.rows
+        self.progress.update(
+            self.task,
+            completed=done or 0,
+            rows=report.rows,
+            rate=report.rows / elapsed if elapsed > 0 else 0.0,
+        )
+
+    def finish(self, report) -> None:
+        if self.progress is not None:
+            if self.reader.size:
+                self.progress.update(self.task, completed=self.reader.size)
+            self.progress.stop()
+        hidden = report.rejected - self.shown
+        if hidden > 0:
+            where = f"see {self.rejects_path}" if self.rejects_path else "use --rejects FILE to keep them all"
+            self.say(f"… and {hidden} more rejected ({where})")
+
+
+def bulk(
+    ctx: typer.Context,
+    file: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE|-",
+            help="CSV with a header user_id,points,ref[,reason], or JSON lines; - reads stdin.",
+        ),
+    ],
+    format_: Annotated[
+        FileFormat | None,
+        typer.Option(
+            "--format",
+            help="csv or jsonl (default: from the file name, else jsonl when the file starts with '{').",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check every row and report; write nothing.")
+    ] = False,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            "--rejects",
+            help="Write each rejected row here as it was, with its line number and the reason.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=100_000,
+            help="Rows per transaction (a killed run keeps whole batches).",
+        ),
+    ] = 5000,
+    operator_: OperatorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Grant points from a file, each row like `award grant --ref`: idempotent on its ref, so a
+    file can be run again after a failure. Exit 3 when some rows were rejected."""
+    from credex.points.bulk import grant_bulk, summary
+    from credex.points.bulk_files import RejectsFile, UnreadableFile, guess_format, open_grants
+
+    expiry_days = settings(ctx).expiry_days
+    stream, name, size = _open_input(file)
+    rejects_out = None
+    try:
+        reader = open_grants(
+            stream, name=name, format=guess_format(file, format_ and format_.value), size=size
+        )
+        if rejects is not None:
+            if file != "-" and rejects.resolve() == Path(file).resolve():
+                raise InvalidInput("--rejects must not be the file being read")
+            try:
+                rejects_out = open(rejects, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            except OSError as error:
+                raise InvalidInput(f"cannot write {rejects}: {error.strerror or error}") from None
+        reporter = _Reporter(reader, RejectsFile(rejects_out, reader) if rejects_out else None, rejects)
+        try:
+            with points_session(ctx, write=not dry_run) as session:
+                report = grant_bulk(
+                    session,
+                    reader,
+                    operator=operator(ctx, operator_),
+                    expiry_days=expiry_days,
+                    dry_run=dry_run,
+                    batch_size=batch_size,
+                    on_rejected=reporter.rejected,
+                    on_batch=reporter.batch,
+                )
+        except UnreadableFile as error:
+            done = getattr(error, "report", None)
+            if done is not None:
+                reporter.finish(done)
+                if done.rows:
+                    wrote = "would be applied" if dry_run else "applied"
+                    raise InvalidInput(
+                        f"{error.message}; the {done.rows} rows before it were read ({done.applied} {wrote}, "
+                        f"{done.duplicates} duplicates, {done.rejected} rejected): fix the line and run the "
+                        "file again, applied rows then count as duplicates"
+                    ) from None
+            raise
+        reporter.finish(report)
+    finally:
+        if rejects_out is not None:
+            rejects_out.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+    result = summary(report, rejects_file=str(rejects) if rejects else None)
+    emit(result, as_json=as_json, render=_render_summary(name))
+    if report.rejected:
+        raise typer.Exit(3)
+
+
+def _render_summary(name: str):
+    def render(console, result: dict) -> None:
+        from credex.output import print_record
+
+        title = f"bulk grant from {name}" + (" (dry run: nothing written)" if result["dry_run"] else "")
+        console.print(title, markup=False, highlight=False, soft_wrap=True)
+        print_record(console, {k: v for k, v in result.items() if v is not None})
+
+    return render
