@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,9 +75,10 @@ def fill_outbox(url: str, count: int) -> list[bytes]:
     from credex.points.redemptions import message_body
     from credex.relay.outbox import outbox_table
 
-    now = datetime.now(UTC)
+    start = datetime.now(UTC) - timedelta(seconds=count / 1000)
     rows = []
     for n in range(count):
+        now = start + timedelta(milliseconds=n)  # written one after another, as redemptions are
         message_id = str(uuid.uuid4())
         body = message_body(
             message_id=message_id,
@@ -352,7 +353,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=500, help="the relay's --batch-size")
+    parser.add_argument("--batch-size", type=int, default=1000, help="the relay's --batch-size (its default)")
     parser.add_argument("--window", type=int, default=1000, help="bare pika's publishes in flight")
     parser.add_argument(
         "--end-to-end", type=int, default=2000, help="redemptions for the end-to-end run; 0: skip"

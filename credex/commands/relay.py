@@ -20,7 +20,7 @@ def run(
     once: Annotated[bool, typer.Option("--once", help="One full pass, then exit (for cron).")] = False,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, max=10_000, help="Messages claimed and published at once.")
-    ] = 500,
+    ] = 1000,
     confirm_timeout: Annotated[
         float,
         typer.Option(

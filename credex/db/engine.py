@@ -160,6 +160,14 @@ def session_for(url: str, *, write: bool = False) -> Iterator[Session]:
         session.close()
 
 
+def open_session(url: str, *, write: bool = False) -> Session:
+    """A session for work that spans several calls (the caller closes it); unlike
+    ``session_for`` it does not turn database errors into Unavailable: see ``translate_db_error``."""
+    engine = ensure_schema(url)
+    bind = engine.execution_options(credex_write=True) if write else engine
+    return Session(bind=bind, expire_on_commit=False)
+
+
 def _is_connection_error(error: BaseException) -> bool:
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, true, update
 from sqlmodel import Session
 
 from credex.db.models import MessageState, OutboxMessage, Redemption, RedemptionStatus, utcnow
@@ -23,6 +23,7 @@ _CONFIRMED = MessageState.confirmed.value
 _DEAD = MessageState.dead.value
 _UNCONFIRMED = (_PENDING, _SENT)
 REPUBLISHED = "not confirmed by its due time: published again"
+CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
 
 
 def message_json(row) -> dict:
@@ -87,11 +88,15 @@ def _claimable(now: datetime):
 
 
 def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
-    """Due messages that used up their attempts become dead (listed for an operator)."""
+    """Due messages that used up their attempts become dead (listed for an operator). On Postgres
+    a message another transaction holds is left for later: waiting could wait on ourselves."""
     o = outbox_table.c
-    buried = session.execute(
+    exhausted = select(o.id).where(*_claimable(now), o.attempts >= max_attempts)
+    if session.bind.dialect.name == "postgresql":
+        exhausted = exhausted.with_for_update(skip_locked=True)
+    return session.execute(
         update(outbox_table)
-        .where(*_claimable(now), o.attempts >= max_attempts)
+        .where(o.id.in_(exhausted.scalar_subquery()))
         .values(
             state=_DEAD,
             claimed_by=None,
@@ -99,7 +104,6 @@ def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int
             last_error=f"no confirmation after {max_attempts} attempts",
         )
     ).rowcount
-    return buried
 
 
 def claim_due_messages(
@@ -122,19 +126,38 @@ def claim_due_messages(
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
+def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[ClaimedMessage]:
+    """Postgres: up to ``limit`` due messages, locked by the session's transaction until it ends,
+    passing by those another transaction holds. Nothing is written: the claim is the lock, and a
+    relay that dies releases it with its connection."""
+    o = outbox_table.c
+    rows = session.execute(
+        select(o.id, o.routing_key, o.body, o.attempts, o.state)
+        .where(*_claimable(now))
+        .order_by(o.next_attempt_at, o.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
+
+
 _o = outbox_table.c
 _STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
+_FAILED_VALUES = {
+    "state": bindparam("new_state"),
+    "attempts": bindparam("n"),
+    "next_attempt_at": bindparam("due"),
+    "last_error": bindparam("error"),
+    "claimed_by": None,
+    "claimed_until": None,
+}
 _RECORD_FAILED = (
     update(outbox_table)
     .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
-    .values(
-        state=bindparam("new_state"),
-        attempts=bindparam("n"),
-        next_attempt_at=bindparam("due"),
-        last_error=bindparam("error"),
-        claimed_by=None,
-        claimed_until=None,
-    )
+    .values(**_FAILED_VALUES)
+)
+_RECORD_FAILED_HELD = (
+    update(outbox_table).where(_o.id == bindparam("mid"), _STILL_UNCONFIRMED).values(**_FAILED_VALUES)
 )
 
 
@@ -145,10 +168,20 @@ class PublishTally:
     dead: int = 0
 
 
+def _one_of(session: Session, ids: list[str]):
+    """``id IN (…)``; on Postgres ``id = ANY(array)``: one parameter, so the statement is the same
+    text every time and the driver prepares it once instead of rendering a placeholder per id."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return _o.id == any_(bindparam("ids", ids, type_=ARRAY(String)))
+    return _o.id.in_(ids)
+
+
 def record_publish_outcomes(
     session: Session,
     *,
-    relay_id: str,
+    relay_id: str | None,
     claimed: Sequence[ClaimedMessage],
     outcomes: dict[str, str | None],
     policy: RetryPolicy,
@@ -157,7 +190,9 @@ def record_publish_outcomes(
     """What the broker said about each claimed message (the caller commits): confirmed ones are
     ``sent`` and due again when the warehouse had time to confirm; the others keep their state,
     carry the reason in ``last_error`` and are due again soon (or dead past ``max_attempts``).
-    A message is never marked sent unless the broker confirmed it."""
+    A message is never marked sent unless the broker confirmed it. ``relay_id`` names the lease
+    holder (a lease that ran out and was taken over is left alone); None when the session's
+    transaction holds the messages' row locks."""
     tally = PublishTally()
     sent: dict[int, list[str]] = {}  # attempt -> message ids: one statement each, not one per message
     failed = []
@@ -181,14 +216,13 @@ def record_publish_outcomes(
         )
         tally.failed += 1
         tally.dead += dead
+    holder = _o.claimed_by == relay_id if relay_id is not None else true()
     for attempt, ids in sent.items():
         due = now + policy.confirm_wait(attempt)
-        for start in range(0, len(ids), 500):
+        for start in range(0, len(ids), CHUNK):
             session.execute(
                 update(outbox_table)
-                .where(
-                    _o.id.in_(ids[start : start + 500]), _o.claimed_by == relay_id, _o.state.in_(_UNCONFIRMED)
-                )
+                .where(_one_of(session, ids[start : start + CHUNK]), holder, _o.state.in_(_UNCONFIRMED))
                 .values(
                     last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
                     state=_SENT,
@@ -200,7 +234,7 @@ def record_publish_outcomes(
                 )
             )
     if failed:
-        session.execute(_RECORD_FAILED, failed)
+        session.execute(_RECORD_FAILED if relay_id is not None else _RECORD_FAILED_HELD, failed)
     return tally
 
 
@@ -225,19 +259,28 @@ _SHIP = (
 )
 
 
-def record_confirmations(session: Session, confirmations: Iterable[Confirmation], *, now: datetime) -> int:
+def record_confirmations(
+    session: Session, confirmations: Iterable[Confirmation], *, now: datetime
+) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed changes nothing (also a
-    dead one is confirmed: the warehouse did ship it). Returns how many were confirmed now."""
+    dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
+    message ids put off): on Postgres a message a relay holds locked right now is left for a
+    moment later rather than waited for, which could be waiting on ourselves."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
-    confirmed = 0
+    holds_locks = session.bind.dialect.name == "postgresql"
+    confirmed, put_off = 0, []
     ids = list(first)
-    for start in range(0, len(ids), 500):
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        unconfirmed = select(_o.id).where(_o.id.in_(chunk), _o.state != _CONFIRMED)
+        if holds_locks:
+            unconfirmed = unconfirmed.with_for_update(skip_locked=True)
         rows = session.execute(
             update(outbox_table)
-            .where(_o.id.in_(ids[start : start + 500]), _o.state != _CONFIRMED)
+            .where(_o.id.in_(unconfirmed.scalar_subquery()))
             .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
             .returning(_o.id, _o.redemption_id)
         ).all()
@@ -254,7 +297,18 @@ def record_confirmations(session: Session, confirmations: Iterable[Confirmation]
         if ships:
             session.execute(_SHIP, ships)
         confirmed += len(rows)
-    return confirmed
+        if holds_locks and len(rows) < len(chunk):
+            done = {row.id for row in rows}
+            put_off += (
+                session.execute(
+                    select(_o.id).where(
+                        _o.id.in_([m for m in chunk if m not in done]), _o.state != _CONFIRMED
+                    )
+                )
+                .scalars()
+                .all()
+            )
+    return confirmed, put_off
 
 
 # --- operators ----------------------------------------------------------------------------------
@@ -306,10 +360,10 @@ def retry_messages(
         session.rollback()
         raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
     retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
-    for start in range(0, len(retried), 500):
+    for start in range(0, len(retried), CHUNK):
         session.execute(
             update(outbox_table)
-            .where(o.id.in_(retried[start : start + 500]), o.state != _CONFIRMED)
+            .where(o.id.in_(retried[start : start + CHUNK]), o.state != _CONFIRMED)
             .values(
                 attempts=case((o.state == _DEAD, 0), else_=o.attempts),
                 state=case((o.state == _DEAD, _PENDING), else_=o.state),
