@@ -37,7 +37,11 @@ def run(
     ] = 0,
     lease: Annotated[
         float,
-        typer.Option("--lease", min=1.0, help="Seconds a claim holds if this relay dies holding it."),
+        typer.Option(
+            "--lease",
+            min=1.0,
+            help="SQLite: seconds a claim holds if this relay dies holding it (Postgres: a row lock).",
+        ),
     ] = 60.0,
     poll_interval: Annotated[
         float, typer.Option("--poll-interval", min=0.01, help="Seconds between looks for due messages.")
