@@ -37,11 +37,13 @@ def credex_worker(url: str, user: str, sku: str, count: int, start, done) -> Non
     from credex.db.engine import session_for
     from credex.points.redemptions import redeem
 
-    with session_for(url) as session:  # connect and check the schema before the clock starts
-        session.connection()
-    start.wait()
-    for _ in range(count):
-        with session_for(url, write=True) as session:
+    # One session for the worker, as a script redeeming in a loop holds one (the bare side holds
+    # its connection): every redeem() is its own transaction, committed before it returns.
+    with session_for(url, write=True) as session:
+        session.connection()  # connect and check the schema before the clock starts
+        session.commit()
+        start.wait()
+        for _ in range(count):
             redeem(session, user, sku, address="1 Bench Road", operator="bench")
     done.put(count)
 
@@ -220,7 +222,7 @@ def seed(url: str, workers: int, count: int) -> None:
 def measure(side, url: str, workers: int, count: int) -> float:
     """Redemptions per second for ``workers`` processes each doing ``count``."""
     context = mp.get_context("spawn")
-    start = context.Event()
+    start = context.Barrier(workers + 1)  # passed once every process has imported and connected
     done = context.Queue()
     processes = [
         context.Process(target=side, args=(url, f"bench-{n}", f"GIFT-{n}", count, start, done))
@@ -228,9 +230,8 @@ def measure(side, url: str, workers: int, count: int) -> float:
     ]
     for process in processes:
         process.start()
-    time.sleep(1.0)  # let every process import and connect; the clock starts at the barrier
+    start.wait(timeout=300)
     began = time.perf_counter()
-    start.set()
     total = sum(done.get(timeout=600) for _ in processes)
     elapsed = time.perf_counter() - began
     for process in processes:

@@ -19,6 +19,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 _engines: dict[str, Engine] = {}
+_write_engines: dict[str, Engine] = {}  # the same engines, their transactions begun for writing
 _current: set[str] = set()  # URLs whose schema was checked in this process
 _lock = threading.Lock()
 
@@ -89,6 +90,7 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
+        _write_engines.clear()
         _current.clear()
 
 
@@ -146,9 +148,7 @@ def upgrade(url: str) -> tuple[str | None, str]:
 def session_for(url: str, *, write: bool = False) -> Iterator[Session]:
     """A session whose transaction is committed by the caller; database failures
     that mean "cannot reach it" become :class:`Unavailable`."""
-    engine = ensure_schema(url)
-    bind = engine.execution_options(credex_write=True) if write else engine
-    session = Session(bind=bind, expire_on_commit=False)
+    session = Session(bind=_bind(url, write), expire_on_commit=False)
     try:
         yield session
     except DBAPIError as error:
@@ -163,9 +163,17 @@ def session_for(url: str, *, write: bool = False) -> Iterator[Session]:
 def open_session(url: str, *, write: bool = False) -> Session:
     """A session for work that spans several calls (the caller closes it); unlike
     ``session_for`` it does not turn database errors into Unavailable: see ``translate_db_error``."""
+    return Session(bind=_bind(url, write), expire_on_commit=False)
+
+
+def _bind(url: str, write: bool) -> Engine:
     engine = ensure_schema(url)
-    bind = engine.execution_options(credex_write=True) if write else engine
-    return Session(bind=bind, expire_on_commit=False)
+    if not write:
+        return engine
+    bound = _write_engines.get(url)
+    if bound is None or bound.engine is not engine:
+        bound = _write_engines[url] = engine.execution_options(credex_write=True)
+    return bound
 
 
 def _is_connection_error(error: BaseException) -> bool:

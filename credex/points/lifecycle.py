@@ -18,6 +18,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from credex.db.driver import DriverCursor, DriverStatement, first_value
 from credex.db.models import EntryKind, LotState, LotUse, PointLot, utcnow
 from credex.errors import Conflict, InvalidInput, UnknownOrder
 from credex.points.awards import account_table, check_ref, check_user_id, find_entry, ledger_table
@@ -138,18 +139,21 @@ def _take_oldest_lot():
 
 # Built once: redemptions run these two on every call, and building a statement costs more
 # than running it on SQLite.
-_TAKE_OLDEST_LOT = _take_oldest_lot()
-_RECORD_USE = insert(use_table)
+_TAKE_OLDEST_LOT = DriverStatement(_take_oldest_lot())
+_RECORD_USE = DriverStatement(insert(use_table), columns=("lot_id", "entry_id", "points"))
 
 
-def consume_lots(session: Session, user_id: str, points: int, entry_id: int) -> None:
+def consume_lots(
+    session: Session, user_id: str, points: int, entry_id: int, *, cursor: DriverCursor | None = None
+) -> None:
     """Take ``points`` out of the account's available lots, oldest first, and record each use.
     The caller has already taken them from the balance (which locked the account row)."""
     lot = lot_table.c
     # Most spending fits in the oldest lot: one statement finds and takes it.
-    lot_id = session.execute(_TAKE_OLDEST_LOT, {"owner": user_id, "take": points}).scalar()
+    cursor = cursor or DriverCursor(session)
+    lot_id = first_value(_TAKE_OLDEST_LOT.execute(cursor, {"owner": user_id, "take": points}))
     if lot_id is not None:
-        session.execute(_RECORD_USE, {"lot_id": lot_id, "entry_id": entry_id, "points": points})
+        _RECORD_USE.execute(cursor, {"lot_id": lot_id, "entry_id": entry_id, "points": points})
         return
     # Several lots: the oldest ones, up to the first whose running total covers the points.
     running = func.sum(lot.remaining).over(order_by=(lot.available_at, lot.id)).label("running")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import uuid
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from credex.db.driver import DriverCursor, DriverStatement, first_value
 from credex.db.models import (
     CatalogItem,
     EntryKind,
@@ -18,10 +19,11 @@ from credex.db.models import (
     OutboxMessage,
     Redemption,
     RedemptionStatus,
+    UTCDateTime,
     utcnow,
 )
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
-from credex.points.awards import account_table, change_balance, check_user_id
+from credex.points.awards import account_table, check_user_id
 from credex.points.lifecycle import consume_lots
 from credex.points.rules import INT32_MAX, INT64_MAX, parse_int, require_text
 from credex.relay.topology import REDEMPTION_CREATED
@@ -95,6 +97,53 @@ def _repeat_or_conflict(existing, *, user_id: str, sku: str, quantity: int, addr
     )
 
 
+# Built once and run on the driver's cursor: a redemption spends more in building and executing
+# statements than the database spends running them (bench/redeem.py compares with the driver).
+_ITEM = DriverStatement(
+    select(_item.c.points, _item.c.stock, _item.c.active).where(_item.c.sku == bindparam("gift"))
+)
+_BY_REQUEST = select(_redemption).where(_redemption.c.request_id == bindparam("request_id"))
+_TAKE_POINTS = DriverStatement(  # conditional: never read in Python and written back
+    update(account_table)
+    .where(account_table.c.user_id == bindparam("user"), account_table.c.balance >= bindparam("cost"))
+    .values(
+        balance=account_table.c.balance - bindparam("cost"),
+        redeemed=account_table.c.redeemed + bindparam("cost"),
+        updated_at=bindparam("moment", type_=UTCDateTime()),
+    )
+    .returning(account_table.c.balance)
+)
+_BALANCE = select(account_table.c.balance).where(account_table.c.user_id == bindparam("user"))
+_TAKE_STOCK = DriverStatement(
+    update(_item)
+    .where(_item.c.sku == bindparam("gift"), _item.c.stock >= bindparam("wanted"))
+    .values(stock=_item.c.stock - bindparam("wanted"), updated_at=bindparam("moment", type_=UTCDateTime()))
+)
+_REDEMPTION_COLUMNS = (
+    "request_id", "user_id", "sku", "quantity", "points", "balance", "address", "status", "message_id",
+    "operator", "created_at", "updated_at",
+)  # fmt: skip
+_INSERT_REDEMPTION = DriverStatement(
+    insert(_redemption).returning(_redemption.c.id), columns=_REDEMPTION_COLUMNS
+)
+_ENTRY_COLUMNS = (
+    "user_id", "kind", "ref", "points", "balance", "detail", "operator", "reason", "created_at",
+    "pending", "debt",
+)  # fmt: skip
+_INSERT_ENTRY = DriverStatement(insert(_ledger).returning(_ledger.c.id), columns=_ENTRY_COLUMNS)
+_MESSAGE_COLUMNS = (
+    "id",
+    "redemption_id",
+    "routing_key",
+    "body",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+)
+_INSERT_MESSAGE = DriverStatement(insert(_outbox), columns=_MESSAGE_COLUMNS)
+
+
 def redeem(
     session: Session,
     user_id: str,
@@ -112,83 +161,86 @@ def redeem(
     quantity = parse_int(quantity, "quantity", minimum=1, maximum=INT32_MAX)
     if request_id is not None:
         request_id = require_text(request_id, "request id")
-        existing = session.execute(select(_redemption).where(_redemption.c.request_id == request_id)).first()
+        existing = session.execute(_BY_REQUEST, {"request_id": request_id}).first()
         if existing is not None:
             session.rollback()
             return _repeat_or_conflict(existing, user_id=user_id, sku=sku, quantity=quantity, address=address)
 
-    item = session.execute(
-        select(_item.c.points, _item.c.stock, _item.c.active).where(_item.c.sku == sku)
-    ).first()
+    cursor = DriverCursor(session)
+    item = _ITEM.execute(cursor, {"gift": sku}).fetchone()
     if item is None:
         session.rollback()
         raise UnknownSku(f"no gift with sku {sku} in the catalog")
-    if not item.active:
+    price, stock, active = item
+    if not active:
         session.rollback()
         raise UnknownSku(f"gift {sku} is not offered any more (inactive)")
-    cost = item.points * quantity
+    cost = price * quantity
     now = utcnow()
     try:
-        balance = change_balance(session, user_id, -cost, now, redeemed=cost) if cost <= INT64_MAX else None
+        balance = None
+        if cost <= INT64_MAX:
+            balance = first_value(
+                _TAKE_POINTS.execute(cursor, {"user": user_id, "cost": cost, "moment": now})
+            )
         if balance is None:
-            current = session.execute(
-                select(account_table.c.balance).where(account_table.c.user_id == user_id)
-            ).scalar()
+            current = session.execute(_BALANCE, {"user": user_id}).scalar()
             session.rollback()
             if current is None:
                 raise UnknownUser(f"no account for user {user_id}")
             raise InsufficientPoints(f"{user_id} has {current} points; {quantity} x {sku} costs {cost}")
-        if item.stock is not None:
-            taken = session.execute(
-                update(_item)
-                .where(_item.c.sku == sku, _item.c.stock >= quantity)
-                .values(stock=_item.c.stock - quantity, updated_at=now)
-            )
+        if stock is not None:
+            taken = _TAKE_STOCK.execute(cursor, {"gift": sku, "wanted": quantity, "moment": now})
             if taken.rowcount != 1:
                 session.rollback()
                 raise OutOfStock(f"gift {sku} has fewer than {quantity} in stock")
 
         message_id = str(uuid.uuid4())
-        redemption_id = session.execute(
-            insert(_redemption)
-            .values(
-                request_id=request_id,
-                user_id=user_id,
-                sku=sku,
-                quantity=quantity,
-                points=cost,
-                balance=balance,
-                address=address,
-                status=RedemptionStatus.pending.value,
-                message_id=message_id,
-                operator=operator,
-                created_at=now,
-                updated_at=now,
+        redemption_id = first_value(
+            _INSERT_REDEMPTION.execute(
+                cursor,
+                {
+                    "request_id": request_id,
+                    "user_id": user_id,
+                    "sku": sku,
+                    "quantity": quantity,
+                    "points": cost,
+                    "balance": balance,
+                    "address": address,
+                    "status": RedemptionStatus.pending.value,
+                    "message_id": message_id,
+                    "operator": operator,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
-            .returning(_redemption.c.id)
-        ).scalar_one()
-        entry_id = session.execute(
-            insert(_ledger)
-            .values(
-                user_id=user_id,
-                kind=EntryKind.redemption.value,
-                ref=str(redemption_id),
-                points=-cost,
-                balance=balance,
-                detail=f"{sku} x{quantity}",
-                operator=operator,
-                reason=f"redemption {redemption_id}: {quantity} x {sku}",
-                created_at=now,
+        )
+        entry_id = first_value(
+            _INSERT_ENTRY.execute(
+                cursor,
+                {
+                    "user_id": user_id,
+                    "kind": EntryKind.redemption.value,
+                    "ref": str(redemption_id),
+                    "points": -cost,
+                    "balance": balance,
+                    "detail": f"{sku} x{quantity}",
+                    "operator": operator,
+                    "reason": f"redemption {redemption_id}: {quantity} x {sku}",
+                    "created_at": now,
+                    "pending": 0,
+                    "debt": 0,
+                },
             )
-            .returning(_ledger.c.id)
-        ).scalar_one()
-        consume_lots(session, user_id, cost, entry_id)  # oldest points first: fewer expire
-        session.execute(
-            insert(_outbox).values(
-                id=message_id,
-                redemption_id=redemption_id,
-                routing_key=REDEMPTION_CREATED,
-                body=message_body(
+        )
+        consume_lots(session, user_id, cost, entry_id, cursor=cursor)  # oldest points first: fewer expire
+        _INSERT_MESSAGE.execute(
+            cursor,
+            {
+                "id": message_id,
+                "redemption_id": redemption_id,
+                "routing_key": REDEMPTION_CREATED,
+                "body": message_body(
                     message_id=message_id,
                     redemption_id=redemption_id,
                     user_id=user_id,
@@ -198,11 +250,11 @@ def redeem(
                     address=address,
                     created_at=now,
                 ),
-                state=MessageState.pending.value,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+                "state": MessageState.pending.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            },
         )
         session.commit()
     except IntegrityError:
@@ -210,7 +262,7 @@ def redeem(
         session.rollback()
         if request_id is None:
             raise
-        existing = session.execute(select(_redemption).where(_redemption.c.request_id == request_id)).first()
+        existing = session.execute(_BY_REQUEST, {"request_id": request_id}).first()
         if existing is None:
             raise
         return _repeat_or_conflict(existing, user_id=user_id, sku=sku, quantity=quantity, address=address)
