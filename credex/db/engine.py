@@ -99,7 +99,7 @@ def schema_revision(engine: Engine) -> str | None:
         try:
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except (OperationalError, ProgrammingError) as error:
-            if _is_connection_error(error):
+            if is_connection_error(error):
                 raise
             return None
 
@@ -153,7 +153,7 @@ def session_for(url: str, *, write: bool = False) -> Iterator[Session]:
         yield session
     except DBAPIError as error:
         session.rollback()
-        if _is_connection_error(error):
+        if is_connection_error(error):
             raise unavailable(url, error) from None
         raise
     finally:
@@ -176,7 +176,7 @@ def _bind(url: str, write: bool) -> Engine:
     return bound
 
 
-def _is_connection_error(error: BaseException) -> bool:
+def is_connection_error(error: BaseException) -> bool:
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
     text_ = str(getattr(error, "orig", error)).lower()
@@ -208,7 +208,7 @@ def translate_db_error(error: BaseException) -> CredexError | None:
     """A known database failure as a user-facing error, or None."""
     if isinstance(error, CredexError):
         return error
-    if isinstance(error, DBAPIError) and _is_connection_error(error):
+    if isinstance(error, DBAPIError) and is_connection_error(error):
         orig = getattr(error, "orig", error)
         return Unavailable(f"cannot use the database: {redact(str(orig).strip().splitlines()[0])}")
     return None

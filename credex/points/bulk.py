@@ -665,16 +665,14 @@ def _worth_retrying(error: BaseException) -> bool:
 
 def _as_credex_error(session: Session, error: BaseException) -> BaseException:
     """A lost database as Unavailable (exit 69); anything else as it is."""
-    from credex.db.engine import _is_connection_error
+    from credex.db.engine import is_connection_error, unavailable
 
     if isinstance(error, CredexError):
         return error
     if isinstance(error, _Retry):
         return Unavailable(f"the database kept changing under one batch ({error}): try again")
-    if _is_connection_error(error):
-        where = session.bind.url.render_as_string(hide_password=True)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return Unavailable(f"cannot use the database {where}: {first}")
+    if is_connection_error(error):
+        return unavailable(session.bind.url.render_as_string(hide_password=False), error)
     return error
 
 
