@@ -378,6 +378,67 @@ class Broker:
         return self._channel.channel
 
 
+class Worker:
+    """What the relay and the warehouse share: a loop of steps until ``stop()`` that rides out a
+    broker restart (reconnecting with a capped backoff) and a database away for a moment.
+    Subclasses set ``broker``, ``log`` and ``report`` (with a ``reconnects`` count)."""
+
+    RECONNECT_CAP_S = 30.0
+
+    broker: Broker
+    log: logging.Logger
+    report: Any
+    _stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run_until_stopped(self, step: Callable[[], object]) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                step()
+                failures = 0
+            except BrokerLost as lost:
+                failures += 1
+                self._reconnect(str(lost), failures)
+            except Unavailable as error:  # the database went away: keep the broker, wait
+                failures += 1
+                self.log.warning("%s; trying again", error.message)
+                self.pause(backoff(failures, base=0.5, cap=self.RECONNECT_CAP_S))
+
+    def pause(self, seconds: float) -> None:
+        """Wait, answering the broker if connected, and wake up at once when told to stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            step = min(0.1, max(0.0, deadline - time.monotonic()))
+            try:
+                self.broker.wait(step, until=lambda: self._stopping)
+            except BrokerLost:
+                time.sleep(step)
+
+    def forget_deliveries(self) -> None:
+        """Deliveries kept aside die with the channel (the broker sends them again)."""
+
+    def _reconnect(self, why: str, failures: int) -> None:
+        self.log.warning("broker lost (%s); reconnecting", why)
+        self.broker.close()
+        self.forget_deliveries()
+        while not self._stopping:
+            self.pause(backoff(failures, base=0.5, cap=self.RECONNECT_CAP_S))
+            if self._stopping:
+                return
+            try:
+                self.broker.open()
+            except Unavailable as error:
+                self.log.warning("%s; trying again", error.message)
+                failures += 1
+                continue
+            self.report.reconnects += 1
+            self.log.info("reconnected to the broker")
+            return
+
+
 def _describe(error: object) -> str:
     text = str(error).strip() or type(error).__name__
     if isinstance(error, BaseException) and type(error).__name__ not in text:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from credex.broker import Broker, BrokerLost, Delivery, Outgoing, backoff, display_amqp_url
+from credex.broker import Broker, BrokerLost, Delivery, Outgoing, Worker, display_amqp_url
 from credex.db.engine import open_session, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
@@ -43,7 +42,6 @@ from credex.relay.topology import REDEMPTION_CREATED, Names
 
 log = logging.getLogger("credex.relay")
 
-RECONNECT_CAP_S = 30.0
 PIPELINE_DEPTH = 2  # batches in flight at once
 
 
@@ -83,7 +81,7 @@ class Claim:
     session: Session | None = None
 
 
-class Relay:
+class Relay(Worker):
     """``run()`` until ``stop()`` (or one pass with ``once``); ``stop()`` lets the batch in hand
     finish: its publishes confirmed and recorded, the confirmations taken so far recorded and acked."""
 
@@ -101,7 +99,7 @@ class Relay:
         self.clock = clock
         self.id = relay_id()
         self.report = RelayReport()
-        self._stopping = False
+        self.log = log
         self._put_off: list[Delivery] = []  # confirmations of messages held locked: next turn
         self._holds_locks = database_url.startswith(("postgresql", "postgres"))
         self.broker = Broker(
@@ -111,9 +109,6 @@ class Relay:
             prefetch=max(100, 2 * options.batch_size),
             connection_name=f"credex relay {self.id}",
         )
-
-    def stop(self) -> None:
-        self._stopping = True
 
     def run(self) -> RelayReport:
         from credex.db.engine import ensure_schema
@@ -159,58 +154,25 @@ class Relay:
             raise BrokerLost(self.broker.lost)
 
     def _until_stopped(self) -> None:
-        failures = 0
-        while not self._stopping:
-            try:
-                if self.broker.lost:
-                    raise BrokerLost(self.broker.lost)
-                self._take_confirmations()
-                published = self._publish_due()
-                if self.broker.lost:
-                    raise BrokerLost(self.broker.lost)
-                failures = 0
-                if published < self.options.batch_size and not self._stopping:
-                    self.broker.wait(
-                        self.options.poll_interval,
-                        until=lambda: self._stopping or self.broker.buffered >= self.options.batch_size,
-                    )
-            except BrokerLost as lost:
-                failures += 1
-                self._reconnect(str(lost), failures)
-            except Unavailable as error:  # the database went away for a moment: keep the broker, wait
-                failures += 1
-                log.warning("%s; trying again", error.message)
-                self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
+        self.run_until_stopped(self._one_turn)
         if not self.broker.lost:
             self._take_confirmations()
 
-    def _pause(self, seconds: float) -> None:
-        """Wait, answering the broker if connected, and wake up at once when told to stop."""
-        deadline = time.monotonic() + seconds
-        while not self._stopping and time.monotonic() < deadline:
-            step = min(0.1, max(0.0, deadline - time.monotonic()))
-            try:
-                self.broker.wait(step, until=lambda: self._stopping)
-            except BrokerLost:
-                time.sleep(step)
+    def _one_turn(self) -> None:
+        if self.broker.lost:
+            raise BrokerLost(self.broker.lost)
+        self._take_confirmations()
+        published = self._publish_due()
+        if self.broker.lost:
+            raise BrokerLost(self.broker.lost)
+        if published < self.options.batch_size and not self._stopping:
+            self.broker.wait(
+                self.options.poll_interval,
+                until=lambda: self._stopping or self.broker.buffered >= self.options.batch_size,
+            )
 
-    def _reconnect(self, why: str, failures: int) -> None:
-        log.warning("broker lost (%s); reconnecting", why)
-        self.broker.close()
-        self._put_off = []  # their delivery tags died with the channel: the broker delivers them again
-        while not self._stopping:
-            self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
-            if self._stopping:
-                return
-            try:
-                self.broker.open()
-            except Unavailable as error:
-                log.warning("%s; trying again", error.message)
-                failures += 1
-                continue
-            self.report.reconnects += 1
-            log.info("reconnected to the broker")
-            return
+    def forget_deliveries(self) -> None:
+        self._put_off = []
 
     # --- the work -----------------------------------------------------------------------------
 

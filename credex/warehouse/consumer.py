@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from credex.broker import Broker, BrokerLost, Outgoing, backoff, display_amqp_url
+from credex.broker import Broker, BrokerLost, Outgoing, Worker, display_amqp_url
 from credex.db.engine import session_for
 from credex.db.models import utcnow
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
@@ -34,7 +33,6 @@ from credex.warehouse.shipments import (
 
 log = logging.getLogger("credex.warehouse")
 
-RECONNECT_CAP_S = 30.0
 CARRIER_CALLS = 4  # waybills asked for at once
 
 
@@ -52,7 +50,7 @@ class WarehouseReport:
         return asdict(self)
 
 
-class Warehouse:
+class Warehouse(Worker):
     """``run()`` until ``stop()`` (or until the queue is empty with ``once``)."""
 
     def __init__(
@@ -73,7 +71,7 @@ class Warehouse:
         self.carrier_timeout = carrier_timeout
         self.poll_interval = poll_interval
         self.report = WarehouseReport()
-        self._stopping = False
+        self.log = log
         self._carrier = None
         self._pool: ThreadPoolExecutor | None = None
         name = f"{socket.gethostname()[:32]}:{os.getpid()}"
@@ -84,9 +82,6 @@ class Warehouse:
             prefetch=prefetch,
             connection_name=f"credex warehouse {name}",
         )
-
-    def stop(self) -> None:
-        self._stopping = True
 
     def run(self) -> WarehouseReport:
         from credex.db.engine import ensure_schema
@@ -130,45 +125,12 @@ class Warehouse:
             left -= handled
 
     def _until_stopped(self) -> None:
-        failures = 0
-        while not self._stopping:
-            try:
-                self.broker.wait(self.poll_interval, until=lambda: self._stopping or self.broker.buffered > 0)
-                self._handle_batch()
-                failures = 0
-            except BrokerLost as lost:
-                failures += 1
-                self._reconnect(str(lost), failures)
-            except Unavailable as error:  # the database went away: the messages stay unacked
-                failures += 1
-                log.warning("%s; trying again", error.message)
-                self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
+        self.run_until_stopped(self._one_turn)
 
-    def _pause(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._stopping and time.monotonic() < deadline:
-            step = min(0.1, max(0.0, deadline - time.monotonic()))
-            try:
-                self.broker.wait(step, until=lambda: self._stopping)
-            except BrokerLost:
-                time.sleep(step)
-
-    def _reconnect(self, why: str, failures: int) -> None:
-        log.warning("broker lost (%s); reconnecting", why)
-        self.broker.close()
-        while not self._stopping:
-            self._pause(backoff(failures, base=0.5, cap=RECONNECT_CAP_S))
-            if self._stopping:
-                return
-            try:
-                self.broker.open()
-            except Unavailable as error:
-                log.warning("%s; trying again", error.message)
-                failures += 1
-                continue
-            self.report.reconnects += 1
-            log.info("reconnected to the broker")
-            return
+    def _one_turn(self) -> None:
+        # A database away for a moment leaves the messages in hand unacked: they come back.
+        self.broker.wait(self.poll_interval, until=lambda: self._stopping or self.broker.buffered > 0)
+        self._handle_batch()
 
     # --- the work -----------------------------------------------------------------------------
 
