@@ -36,13 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-POSTGRES_ADMIN = os.environ.get("CREDEX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from databases import drop_database, fresh_database  # noqa: E402
+
 INT64_MAX = 2**63 - 1
 GOAL_RATIO = 2.0
 GOAL_MIB = 200
@@ -233,39 +233,6 @@ def make_file(path: Path, rows: int, users: int) -> int:
             total += points
             out.writerow([f"u-{user:07d}", points, f"spring-2026-{n:08d}", "spring campaign"])
     return total
-
-
-def fresh_database(backend: str, workdir: Path) -> str:
-    from credex.db.engine import dispose_engines, upgrade
-
-    if backend == "sqlite":
-        url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
-    else:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        name = f"credex_bench_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(POSTGRES_ADMIN).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    dispose_engines()
-    return url
-
-
-def drop_database(url: str) -> None:
-    from credex.db.engine import dispose_engines
-
-    dispose_engines()
-    if url.startswith("postgresql"):
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-    else:
-        for suffix in ("", "-wal", "-shm"):
-            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
 
 
 def totals(url: str) -> tuple[int, int, int, int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-POSTGRES_ADMIN = os.environ.get("CREDEX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from databases import drop_database, fresh_database  # noqa: E402
+
 BALANCE = 10**12
 
 
@@ -171,40 +171,6 @@ def bare_worker(url: str, user: str, sku: str, count: int, start, done) -> None:
 
 
 # --- set-up and measurement ---------------------------------------------------------------------
-
-
-def fresh_database(backend: str, workdir: Path) -> str:
-    from credex.db.engine import dispose_engines, upgrade
-
-    if backend == "sqlite":
-        url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
-    else:
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        name = f"credex_bench_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(POSTGRES_ADMIN).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    dispose_engines()
-    return url
-
-
-def drop_database(url: str) -> None:
-    from credex.db.engine import dispose_engines
-
-    dispose_engines()
-    if url.startswith("postgresql"):
-        import psycopg
-        from sqlalchemy.engine import make_url
-
-        name = make_url(url).database
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    else:
-        for suffix in ("", "-wal", "-shm"):
-            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
 
 
 def seed(url: str, workers: int, count: int) -> None:

@@ -29,42 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-POSTGRES_ADMIN = os.environ.get("CREDEX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from databases import drop_database, fresh_database  # noqa: E402
+
 AMQP_URL = os.environ.get("CREDEX_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
 # --- databases ----------------------------------------------------------------------------------
-
-
-class Database:
-    """A fresh, migrated points database; dropped (or deleted) by ``close()``."""
-
-    def __init__(self, backend: str, workdir: Path) -> None:
-        from credex.db.engine import upgrade
-
-        self.backend = backend
-        if backend == "sqlite":
-            self.url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
-            self.name = None
-        else:
-            import psycopg
-            from sqlalchemy.engine import make_url
-
-            self.name = f"credex_bench_{uuid.uuid4().hex[:10]}"
-            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-                admin.execute(f'CREATE DATABASE "{self.name}"')
-            self.url = make_url(POSTGRES_ADMIN).set(database=self.name).render_as_string(hide_password=False)
-        upgrade(self.url)
-
-    def close(self) -> None:
-        from credex.db.engine import dispose_engines
-
-        dispose_engines()
-        if self.name:
-            import psycopg
-
-            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def fill_outbox(url: str, count: int) -> list[bytes]:
@@ -228,15 +198,15 @@ def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float]]:
 
     credex_rates, bare_rates = [], []
     for round_no in range(args.runs):
-        database = Database(args.backend, workdir)
+        url = fresh_database(args.backend, workdir)
         try:
-            bodies = fill_outbox(database.url, args.messages)
+            bodies = fill_outbox(url, args.messages)
             prefix = f"bench{uuid.uuid4().hex[:8]}."
             try:
-                elapsed = run_credex(database.url, prefix, args.batch_size)
+                elapsed = run_credex(url, prefix, args.batch_size)
             finally:
                 delete_queues(prefix)
-            with session_for(database.url) as session:
+            with session_for(url) as session:
                 assert outbox_status(session)["sent"] == args.messages
             credex_rates.append(args.messages / elapsed)
             prefix = f"bench{uuid.uuid4().hex[:8]}."
@@ -245,7 +215,7 @@ def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float]]:
             finally:
                 delete_queues(prefix)
         finally:
-            database.close()
+            drop_database(url)
         print(
             f"round {round_no + 1}: credex {credex_rates[-1]:,.0f} msg/s, "
             f"bare pika {bare_rates[-1]:,.0f} msg/s",
@@ -266,13 +236,13 @@ def end_to_end(args, workdir: Path) -> None:
     from credex.points.catalog import add_item
     from credex.points.redemptions import redeem
 
-    database = Database(args.backend, workdir)
+    url = fresh_database(args.backend, workdir)
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     processes: list[subprocess.Popen] = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDEX_")}
     env.update(
         PYTHONPATH=str(ROOT),
-        CREDEX_DATABASE_URL=database.url,
+        CREDEX_DATABASE_URL=url,
         CREDEX_AMQP_URL=AMQP_URL,
         CREDEX_AMQP_PREFIX=prefix,
         CREDEX_OPERATOR="bench",
@@ -287,9 +257,9 @@ def end_to_end(args, workdir: Path) -> None:
         )
         processes.append(sandbox)
         env["CREDEX_LOGISTICS_URL"] = sandbox.stdout.readline().split()[-1]
-        with session_for(database.url, write=True) as session:
+        with session_for(url, write=True) as session:
             add_item(session, "GIFT", name="Gift", points=1, stock=None)
-        with session_for(database.url, write=True) as session:
+        with session_for(url, write=True) as session:
             award_grant(session, "u-bench", 10**12, reason="bench", ref="bench", operator="bench")
         for command in (["relay", "run", "--poll-interval", "0.05"], ["warehouse", "run"]):
             processes.append(
@@ -303,10 +273,10 @@ def end_to_end(args, workdir: Path) -> None:
         time.sleep(1.0)  # let both connect and declare before the clock starts
         started = time.perf_counter()
         for _ in range(args.end_to_end):
-            with session_for(database.url, write=True) as session:
+            with session_for(url, write=True) as session:
                 redeem(session, "u-bench", "GIFT", address="1 Bench Road", operator="bench")
         written = time.perf_counter() - started
-        engine = get_engine(database.url)
+        engine = get_engine(url)
         deadline = time.monotonic() + 600
         while True:
             with engine.connect() as connection:
@@ -339,7 +309,7 @@ def end_to_end(args, workdir: Path) -> None:
         for process in processes:
             process.wait(timeout=30)
         delete_queues(prefix)
-        database.close()
+        drop_database(url)
 
 
 def _as_datetime(value):
