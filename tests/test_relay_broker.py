@@ -260,3 +260,43 @@ def close_connections(needle: str) -> int:
             timeout=60,
         )
     return len(pids)
+
+
+def test_sigterm_lets_the_relay_finish_the_batches_in_hand_and_leave_no_claim_behind(db_url, credex, rabbit):
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine, session_for
+    from credex.points.awards import award_grant
+    from credex.points.catalog import add_item
+    from credex.points.redemptions import redeem
+
+    with session_for(db_url, write=True) as session:
+        add_item(session, "PIN", name="Pin", points=1, stock=None)
+    with session_for(db_url, write=True) as session:
+        award_grant(session, "u1", 100_000, reason="opening", ref="open-u1", operator="tester")
+    for n in range(1500):
+        with session_for(db_url, write=True) as session:
+            redeem(session, "u1", "PIN", address=f"{n} High St", operator="tester")
+
+    relay = _relay_process(db_url, rabbit, "--batch-size", "10", "--poll-interval", "0.05")
+    wait_for(
+        lambda: rabbit.count(rabbit.names.warehouse_queue) >= 50, timeout=60, what="publishing under way"
+    )
+    relay.send_signal(signal.SIGTERM)
+    out, err = relay.communicate(timeout=60)
+    assert relay.returncode == 0, err
+    report = json.loads(out)
+
+    with get_engine(db_url).connect() as connection:
+        states = dict(
+            connection.execute(text("SELECT state, count(*) FROM outbox_message GROUP BY state")).all()
+        )
+        claimed = connection.execute(
+            text("SELECT count(*) FROM outbox_message WHERE claimed_by IS NOT NULL")
+        ).scalar()
+    assert claimed == 0, "a batch was left claimed"
+    assert states.get("sent", 0) == report["published"] > 0
+    assert states.get("sent", 0) + states.get("pending", 0) == 1500
+    wait_for(
+        lambda: rabbit.count(rabbit.names.warehouse_queue) == report["published"], timeout=10, what="queue"
+    )
