@@ -171,7 +171,7 @@ def _bind(url: str, write: bool) -> Engine:
     if not write:
         return engine
     bound = _write_engines.get(url)
-    if bound is None or bound.engine is not engine:
+    if bound is None:  # cleared with the engines by dispose_engines()
         bound = _write_engines[url] = engine.execution_options(credex_write=True)
     return bound
 
