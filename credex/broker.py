@@ -41,7 +41,6 @@ class Delivery:
     tag: int
     properties: spec.BasicProperties
     body: bytes
-    redelivered: bool
 
 
 @dataclass
@@ -246,7 +245,7 @@ class Broker:
     # --- consuming ----------------------------------------------------------------------------
 
     def _on_message(self, _channel, method, properties, body) -> None:
-        self._deliveries.append(Delivery(method.delivery_tag, properties, body, method.redelivered))
+        self._deliveries.append(Delivery(method.delivery_tag, properties, body))
         self._poke()
 
     @property

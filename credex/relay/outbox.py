@@ -338,10 +338,6 @@ def list_messages(session: Session, *, state: str | None = None, limit: int = 50
     return [message_json(row) for row in session.execute(query)]
 
 
-def message_state(session: Session, message_id: str) -> str | None:
-    return session.execute(select(outbox_table.c.state).where(outbox_table.c.id == message_id)).scalar()
-
-
 def retry_messages(
     session: Session, message_ids: Sequence[str] = (), *, dead: bool = False, now: datetime | None = None
 ) -> dict:
