@@ -5,13 +5,13 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlmodel import Session
 
-from credex.db.models import Account, LedgerEntry
+from credex.db import tables
 from credex.errors import UnknownUser
 from credex.points.awards import with_lifecycle
 from credex.points.lifecycle import expiring
 
-_account = Account.__table__
-_ledger = LedgerEntry.__table__
+_account = tables.account
+_ledger = tables.ledger_entry
 
 
 def get_account(session: Session, user_id: str) -> dict:

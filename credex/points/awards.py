@@ -11,12 +11,13 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from credex.db.models import Account, EntryKind, LedgerEntry, utcnow
+from credex.db import tables
+from credex.db.models import EntryKind, utcnow
 from credex.errors import Conflict, InsufficientPoints, InvalidInput
 from credex.points.rules import INT64_MAX, parse_amount, parse_int, points_for, require_text
 
-account_table = Account.__table__
-ledger_table = LedgerEntry.__table__
+account_table = tables.account
+ledger_table = tables.ledger_entry
 
 
 def entry_json(row, *, duplicate: bool = False) -> dict:

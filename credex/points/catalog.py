@@ -6,11 +6,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from credex.db.models import CatalogItem, utcnow
+from credex.db import tables
+from credex.db.models import utcnow
 from credex.errors import Conflict, InvalidInput, UnknownSku
 from credex.points.rules import parse_int, require_text
 
-_item = CatalogItem.__table__
+_item = tables.catalog_item
 
 
 def item_json(row) -> dict:

@@ -18,14 +18,15 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
-from credex.db.models import EntryKind, LotState, LotUse, PointLot, utcnow
+from credex.db.models import EntryKind, LotState, utcnow
 from credex.errors import Conflict, InvalidInput, UnknownOrder
 from credex.points.awards import account_table, check_ref, check_user_id, find_entry, ledger_table
 from credex.points.rules import INT64_MAX, parse_amount, points_for
 
-lot_table = PointLot.__table__
-use_table = LotUse.__table__
+lot_table = tables.point_lot
+use_table = tables.lot_use
 
 _AVAILABLE = LotState.available.value
 _PENDING = LotState.pending.value

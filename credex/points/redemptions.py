@@ -10,28 +10,19 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
-from credex.db.models import (
-    CatalogItem,
-    EntryKind,
-    LedgerEntry,
-    MessageState,
-    OutboxMessage,
-    Redemption,
-    RedemptionStatus,
-    UTCDateTime,
-    utcnow,
-)
+from credex.db.models import EntryKind, MessageState, RedemptionStatus, UTCDateTime, utcnow
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
 from credex.points.awards import account_table, check_user_id
 from credex.points.lifecycle import consume_lots
 from credex.points.rules import INT32_MAX, INT64_MAX, parse_int, require_text
 from credex.relay.topology import REDEMPTION_CREATED
 
-_item = CatalogItem.__table__
-_redemption = Redemption.__table__
-_ledger = LedgerEntry.__table__
-_outbox = OutboxMessage.__table__
+_item = tables.catalog_item
+_redemption = tables.redemption
+_ledger = tables.ledger_entry
+_outbox = tables.outbox_message
 
 
 def redemption_json(row, *, message_state: str | None = None, duplicate: bool | None = None) -> dict:

@@ -10,11 +10,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, true, update
 from sqlmodel import Session
 
-from credex.db.models import MessageState, OutboxMessage, Redemption, RedemptionStatus, utcnow
+from credex.db import tables
+from credex.db.models import MessageState, RedemptionStatus, utcnow
 from credex.errors import UnknownMessage
 
-outbox_table = OutboxMessage.__table__
-_redemption = Redemption.__table__
+outbox_table = tables.outbox_message
+_redemption = tables.redemption
 MESSAGE_STATES = [state.value for state in MessageState]
 
 _PENDING = MessageState.pending.value

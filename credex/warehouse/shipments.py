@@ -12,11 +12,12 @@ from datetime import datetime
 from sqlalchemy import bindparam, select, update
 from sqlmodel import Session
 
-from credex.db.models import ShipmentRequest, ShipmentType
+from credex.db import tables
+from credex.db.models import ShipmentType
 from credex.errors import InvalidInput
 from credex.points.rules import INT32_MAX, INT64_MAX
 
-shipment_table = ShipmentRequest.__table__
+shipment_table = tables.shipment_request
 _s = shipment_table.c
 
 

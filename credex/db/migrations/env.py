@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from credex.db.models import metadata
+from credex.db.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
