@@ -29,6 +29,40 @@ INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE
 class CredexGroup(TyperGroup):
     """Maps every failure to an exit code and one line on stderr; never a traceback."""
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """As click's main, but usage errors (a missing argument, an unknown option, a bad value
+        click refused) are answered in JSON when ``--json`` is on the command line: a script
+        that asked for JSON gets JSON whatever went wrong."""
+        import sys
+
+        from typer._click.exceptions import BadParameter, UsageError
+
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as error:
+            if not standalone_mode:
+                raise
+            if "--json" not in _options(args):
+                error.show()
+                sys.exit(error.exit_code)
+            code = "invalid_input" if isinstance(error, BadParameter) else "usage"
+            where = error.ctx.command_path if error.ctx is not None else "credex"
+            message = f"{error.format_message().rstrip('.')} (see `{where} --help`)"
+            from credex.output import report_error
+
+            report_error(error, as_json=True, code=code, message=redact(message))
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            sys.stderr.write("error: aborted\n")
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        # Without standalone mode click returns an Exit's code instead of leaving with it.
+        sys.exit(result if isinstance(result, int) else 0)
+
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
@@ -56,6 +90,11 @@ class CredexGroup(TyperGroup):
                 ctx.exit(known.exit_code)
             _report(ctx, "internal", redact(f"internal error ({type(error).__name__}): {error}"))
             ctx.exit(INTERNAL_ERROR_EXIT)
+
+
+def _options(args: list[str]) -> list[str]:
+    """The command line up to ``--`` (after it, ``--json`` would be an argument)."""
+    return args[: args.index("--")] if "--" in args else args
 
 
 def _report(ctx: typer.Context, code: str, message: str) -> None:
@@ -124,4 +163,4 @@ app.add_typer(logistics.app, name="logistics")
 
 
 def main() -> None:
-    app()
+    app(prog_name="credex")  # also under `python -m credex`: messages name the command people type
