@@ -1,0 +1,105 @@
+"""Start-up: how long a command takes from exec to exit, against an older credex and the bare driver,
+side by side in one run.
+
+    python bench/startup.py                    # against the commit named by --baseline-ref
+    python bench/startup.py --runs 21 --baseline-ref 97c1f29
+
+Each command runs --runs times, interleaved (current, baseline, bare, current, …) so that a busy
+machine slows every side alike; medians are printed with the ratio current / baseline. The
+database is a fresh SQLite file with one shopper, one gift and one redemption. The baseline is a
+checkout of --baseline-ref (a git worktree made for the run and removed after), run with this
+interpreter, so both sides import the same libraries. Goals: `--help` <= 0.12 s; `account show`,
+`redeem show`, `relay status` <= 0.4 s and <= half the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = {
+    "--help": ["--help"],
+    "account show": ["account", "show", "u-1", "--json"],
+    "redeem show": ["redeem", "show", "1", "--json"],
+    "relay status": ["relay", "status", "--json"],
+}
+BARE = (
+    "import sqlite3, sys, json; c = sqlite3.connect(sys.argv[1]); "
+    "r = c.execute('SELECT user_id, balance, earned, redeemed FROM account WHERE user_id = ?', ('u-1',))"
+    ".fetchone(); print(json.dumps(r))"
+)
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def prepare(database: Path) -> None:
+    env = {**os.environ, "CREDEX_DATABASE_URL": f"sqlite:///{database}", "CREDEX_OPERATOR": "bench"}
+    env["PYTHONPATH"] = str(ROOT)
+    for args in (
+        ["catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5"],
+        ["award", "grant", "u-1", "100", "--reason", "bench"],
+        ["redeem", "create", "u-1", "MUG", "--address", "1 Bench Road"],
+    ):
+        subprocess.run([sys.executable, "-m", "credex", *args], env=env, check=True, capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--baseline-ref", default="97c1f29", help="git ref of the credex to compare with")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="credex-startup-"))
+    baseline = work / "baseline"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(baseline), args.baseline_ref],
+        check=True,
+    )
+    try:
+        database = work / "credex.db"
+        prepare(database)
+        sides = {"current": ROOT, "baseline": baseline}
+        times: dict[tuple[str, str], list[float]] = {}
+        bare: list[float] = []
+        for _ in range(args.runs):
+            for name, argv in COMMANDS.items():
+                for side, tree in sides.items():
+                    env = {
+                        **os.environ,
+                        "PYTHONPATH": str(tree),
+                        "CREDEX_DATABASE_URL": f"sqlite:///{database}",
+                    }
+                    env = {k: v for k, v in env.items() if k not in ("COLUMNS",)}
+                    times.setdefault((name, side), []).append(
+                        timed([sys.executable, "-m", "credex", *argv], env, work)
+                    )
+            bare.append(timed([sys.executable, "-c", BARE, str(database)], dict(os.environ), work))
+        print(f"median of {args.runs} runs, seconds (baseline: {args.baseline_ref})")
+        print(f"{'command':<16}{'current':>10}{'baseline':>10}{'ratio':>8}")
+        for name in COMMANDS:
+            now = statistics.median(times[name, "current"])
+            then = statistics.median(times[name, "baseline"])
+            print(f"{name:<16}{now:>10.3f}{then:>10.3f}{now / then:>8.2f}")
+        print(f"{'bare sqlite3':<16}{statistics.median(bare):>10.3f}")
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
