@@ -168,13 +168,15 @@ ctl() {
 
 # --- processes and ports ------------------------------------------------------------------------
 
-# Is PID the Erlang VM of the node named NAME? Its executable is beam.smp and its environment
-# holds RABBITMQ_NODENAME=NAME, which this script sets.
+# Is PID the Erlang VM of the node named NAME? Its executable is beam.smp, it boots RabbitMQ
+# (rabbitmqctl runs a beam.smp too) and its environment holds RABBITMQ_NODENAME=NAME, which this
+# script sets.
 is_node_vm() {
   local pid=$1 name=$2 exe
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
   [[ $exe == */beam.smp ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- ' -s rabbit boot ' || return 1
   tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "RABBITMQ_NODENAME=$name"
 }
 
@@ -221,9 +223,14 @@ check_free() {  # N: its ports and its name must be free before it starts
 
 show_logs() {  # N
   local i=$1
-  if [[ -s ${DIR[i]}/log/startup.log ]]; then
-    say "--- last lines of ${DIR[i]}/log/startup.log:"
-    tail -n 25 "${DIR[i]}/log/startup.log" >&2
+  local startup=${DIR[i]}/log/startup.log
+  if [[ -s $startup ]]; then
+    if grep -qiE 'error|failed' "$startup"; then
+      say "--- first errors in $startup:"
+      grep -m 12 -iE 'error|failed' "$startup" >&2 || true
+    fi
+    say "--- last lines of $startup:"
+    tail -n 8 "$startup" >&2
   fi
   if [[ -s ${LOG[i]} ]]; then
     say "--- last lines of ${LOG[i]}:"
@@ -240,6 +247,10 @@ prepare_base() {
   if [[ ! -d $BASE ]]; then
     mkdir -p "$BASE"
     chmod 755 "$BASE"
+  fi
+  if ! "${AS_RABBITMQ[@]}" test -x "$BASE"; then
+    [[ -f $CONF_FILE ]] || rmdir "$BASE" 2>/dev/null || true
+    die "the rabbitmq user cannot reach $BASE: choose a CREDEX_CLUSTER_DIR it can reach (under /tmp, say)"
   fi
   if [[ ! -f $CONF_FILE ]]; then
     local epmd_ours=0
@@ -388,26 +399,29 @@ wait_running() {
 start_nodes() {
   local started=$1 i pid
   shift
-  local launched=()
+  local launching=()
   for i in "$@"; do
     FRESH[i]=0
     if pid=$(node_pid "$i"); then
       say "${NAME[i]} runs already (pid $pid)"
-      continue
+    else
+      check_free "$i"
+      launching+=("$i")
     fi
-    check_free "$i"
+  done
+  ((${#launching[@]})) || return 0
+  prepare_base
+  for i in "${launching[@]}"; do
     [[ -d ${DIR[i]}/mnesia/${NAME[i]} ]] || FRESH[i]=1
     say "starting ${NAME[i]} (AMQP 127.0.0.1:${PORT[i]}, distribution ${DPORT[i]}, files in ${DIR[i]})"
     launch_node "$i"
-    launched+=("$i")
   done
-  for i in "${launched[@]}"; do wait_node_up "$i" "$started"; done
+  for i in "${launching[@]}"; do wait_node_up "$i" "$started"; done
 }
 
 cmd_start() {
   local started json='' i pid joining=() pids=()
   started=$(now_us)
-  prepare_base
   start_nodes "$started" "${NODES[@]}"
   # Nodes 2 and 3 join node 1, unless they are members of its cluster already.
   if ((!FRESH[2] || !FRESH[3])); then
