@@ -45,15 +45,19 @@
 # - Nodes 2 and 3 join node 1 with rabbitmqctl stop_app, join_cluster, start_app. A node started
 #   again keeps its data and rejoins by itself.
 #
-# Timings, measured on a 2-core machine shared with other test runs (load average 8-11;
-# RabbitMQ 3.10.8, Erlang/OTP 25): `start` from nothing 30 s (the three nodes boot side by side
-# in 14-18 s, the two joins take 12 s more); `start` when all run 2 s; `start-node` of a killed
-# node 13 s; `stop` 1.5 s. Each rabbitmqctl call costs 2-3 s of that here.
+# Timings, measured on a 2-core machine shared with other test runs (load average 8-12;
+# RabbitMQ 3.10.8, Erlang/OTP 25): `start` from nothing 30-52 s (the three nodes boot side by
+# side in 14-25 s, the two joins, run at once, take 12-17 s more); `start` when all run 2 s;
+# `start` after all three were killed 25 s; `kill` under 1 s, and the queue's new leader is
+# elected within 0.5 s; `start-node` of a killed node 9-15 s; `stop` 1.5-2 s. Each rabbitmqctl
+# call costs 2-3 s of that here. More in docs/cluster.md.
 set -euo pipefail
 
 BASE=${CREDEX_CLUSTER_DIR:-/tmp/credex-rabbitmq-cluster}
 CONF_FILE=$BASE/cluster.conf
 TIMEOUT=${CREDEX_CLUSTER_TIMEOUT:-120}
+# The real script, not /usr/sbin/rabbitmq-server: that wrapper, run by the rabbitmq user, sends
+# a node's output to /var/log/rabbitmq/startup_log, the default node's file.
 SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
 NODES=(1 2 3)
 
