@@ -180,8 +180,9 @@ is_node_vm() {
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
   [[ $exe == */beam.smp ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- ' -s rabbit boot ' || return 1
-  tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "RABBITMQ_NODENAME=$name"
+  # (grep without -q in these pipelines: it reads to the end, so no SIGPIPE fails them)
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -F -- ' -s rabbit boot ' >/dev/null || return 1
+  tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -xF "RABBITMQ_NODENAME=$name" >/dev/null
 }
 
 # The OS pid of node N's VM, from its pid file (written by RabbitMQ at boot; stale after a
@@ -219,7 +220,7 @@ check_free() {  # N: its ports and its name must be free before it starts
       die "free it, or choose other ports with CREDEX_CLUSTER_AMQP_PORT / CREDEX_CLUSTER_DIST_PORT (after stop)"
     fi
   done
-  if epmd -names 2>/dev/null | grep -q "^name $PREFIX$i at port "; then
+  if epmd -names 2>/dev/null | grep "^name $PREFIX$i at port " >/dev/null; then
     die "epmd already has a node named $PREFIX$i, but it is not the one this script runs from $BASE" \
       "(another CREDEX_CLUSTER_DIR?); choose another CREDEX_CLUSTER_PREFIX"
   fi
@@ -350,7 +351,7 @@ members_of() {  # JSON → every member's name, disc and RAM nodes
 }
 
 is_member() {  # JSON NAME: is NAME a member of the cluster that JSON (cluster_status) describes?
-  members_of "$1" | grep -qxF "$2"
+  members_of "$1" | grep -xF "$2" >/dev/null
 }
 
 # Make node N a member of node SEED's cluster: stop_app, join_cluster, start_app. (join_cluster
@@ -510,7 +511,7 @@ cmd_stop() {
   say "stopped; removed $BASE (the nodes' data, as after a reset, and their logs)"
   # An epmd that the first node started (none ran before) goes too once no node uses it;
   # epmd -kill refuses while any node is registered.
-  if ((epmd_ours)) && ! epmd -names 2>/dev/null | grep -q '^name '; then
+  if ((epmd_ours)) && ! epmd -names 2>/dev/null | grep '^name ' >/dev/null; then
     epmd -kill >/dev/null 2>&1 || true
   fi
 }
