@@ -1,0 +1,238 @@
+"""scripts/rabbitmq-cluster.sh: three real RabbitMQ nodes on loopback, and what a quorum queue
+does on them when the node leading it is killed. Only pika, no credex code.
+
+Skipped when RabbitMQ is not installed, except under CI=true, where that is a failure. The
+cluster gets its own directory, node names and free ports, so it neither meets the default node
+nor a cluster someone started with the script's defaults; it is stopped (and its data removed)
+at the end of the module.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+
+from tests.support import CI, ROOT, wait_for
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+SCRIPT = ROOT / "scripts" / "rabbitmq-cluster.sh"
+RABBITMQ_INSTALLED = bool(shutil.which("rabbitmq-server")) or Path("/usr/sbin/rabbitmq-server").exists()
+NODES = (1, 2, 3)
+MESSAGES = 200
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_bases() -> tuple[int, int]:
+    """An AMQP port base and a distribution port base, each with three free ports in a row,
+    below the kernel's ephemeral range so that no client socket takes them meanwhile."""
+    for _ in range(200):
+        amqp = random.randrange(15000, 19990)
+        dist = amqp + 10000
+        if all(port_free(p) for base in (amqp, dist) for p in range(base, base + 3)):
+            return amqp, dist
+    raise RuntimeError("no three free ports in a row found")
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    urls: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def check(self, *args: str, timeout: float = 300) -> str:
+        done = self.run(*args, timeout=timeout)
+        command = " ".join(args)
+        assert done.returncode == 0, f"rabbitmq-cluster.sh {command} exited {done.returncode}:\n{done.stderr}"
+        return done.stdout
+
+    def leader(self, queue: str) -> int | None:
+        """The node leading ``queue`` (1-3) as the running nodes see it, or None just now."""
+        done = self.run("leader", queue, timeout=60)
+        return int(done.stdout) if done.returncode == 0 else None
+
+    def connect(self, node: int) -> pika.BlockingConnection:
+        return pika.BlockingConnection(
+            pika.URLParameters(self.urls[node - 1] + "?connection_attempts=3&retry_delay=1&socket_timeout=10")
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if not RABBITMQ_INSTALLED:
+        message = "RabbitMQ is not installed (rabbitmq-server not found)"
+        if CI:
+            pytest.fail(message + " (CI=true: a missing service is a failure)", pytrace=False)
+        pytest.skip(message)
+    amqp_port, dist_port = free_port_bases()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CREDEX_")}
+    env.update(
+        CREDEX_CLUSTER_DIR=f"/tmp/credex-cluster-test-{uuid.uuid4().hex[:8]}",
+        CREDEX_CLUSTER_PREFIX=f"credex-t{os.getpid()}-",
+        CREDEX_CLUSTER_AMQP_PORT=str(amqp_port),
+        CREDEX_CLUSTER_DIST_PORT=str(dist_port),
+        CREDEX_CLUSTER_TIMEOUT="150",
+    )
+    cluster = Cluster(env)
+    started = time.monotonic()
+    try:
+        done = cluster.run("start")
+    except subprocess.TimeoutExpired as error:
+        cluster.run("stop")
+        pytest.fail(f"scripts/rabbitmq-cluster.sh start did not finish: {error}", pytrace=False)
+    if done.returncode != 0:
+        cluster.run("stop")  # leave no node behind
+        failure = f"scripts/rabbitmq-cluster.sh start exited {done.returncode}:\n{done.stderr[-4000:]}"
+        pytest.fail(failure, pytrace=False)
+    cluster.timings["start"] = time.monotonic() - started
+    cluster.urls = done.stdout.strip().split(",")
+    assert [url.rsplit(":", 1)[1] for url in cluster.urls] == [f"{amqp_port + i}/%2F" for i in range(3)]
+    try:
+        yield cluster
+    finally:
+        stopped = cluster.run("stop")
+        print("cluster timings (s):", {name: round(value, 1) for name, value in cluster.timings.items()})
+        assert stopped.returncode == 0, stopped.stderr
+        assert not Path(env["CREDEX_CLUSTER_DIR"]).exists()
+
+
+def test_a_quorum_queue_keeps_every_message_when_its_leader_is_killed(cluster: Cluster) -> None:
+    queue = f"cluster-test.{uuid.uuid4().hex[:8]}"
+    with cluster.connect(1) as connection:
+        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    leader = wait_for(lambda: cluster.leader(queue), timeout=30, interval=0.5, what="a leader")
+    publisher, consumer = (node for node in NODES if node != leader)
+
+    # 200 persistent messages through a node that does not lead the queue, each confirmed.
+    bodies = [f"message {n}".encode() for n in range(MESSAGES)]
+    publishing = time.monotonic()
+    with cluster.connect(publisher) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()  # basic_publish now waits for the broker's ack, raises on a nack
+        for n, body in enumerate(bodies):
+            channel.basic_publish(
+                "",
+                queue,
+                body,
+                pika.BasicProperties(delivery_mode=2, message_id=str(n)),
+                mandatory=True,
+            )
+
+    cluster.timings["publish 200"] = time.monotonic() - publishing
+
+    # The leader's VM dies; the two others elect a new leader among themselves.
+    killed = time.monotonic()
+    cluster.check("kill", str(leader), timeout=60)
+    new_leader = wait_for(
+        lambda: (found := cluster.leader(queue)) not in (None, leader) and found,
+        timeout=30,
+        interval=0.2,
+        what="a new leader",
+    )
+    cluster.timings["kill to new leader"] = time.monotonic() - killed
+    assert new_leader in (publisher, consumer)
+
+    # Everything is still there, through a surviving node.
+    received: list[bytes] = []
+    consuming = time.monotonic()
+    with cluster.connect(consumer) as connection:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=50)
+        for method, _properties, body in channel.consume(queue, inactivity_timeout=15):
+            if method is None:
+                break
+            received.append(body)
+            channel.basic_ack(method.delivery_tag)
+            if len(received) == MESSAGES:
+                break
+        channel.cancel()
+        assert channel.queue_declare(queue, passive=True).method.message_count == 0
+    cluster.timings["consume 200"] = time.monotonic() - consuming
+    assert collections.Counter(received) == collections.Counter(bodies)  # nothing lost, nothing twice
+
+    # The killed node comes back and is a member again, of the cluster and of the queue.
+    restarted = time.monotonic()
+    cluster.check("start-node", str(leader))
+    cluster.timings["start-node"] = time.monotonic() - restarted
+    killed_name = f"{cluster.env['CREDEX_CLUSTER_PREFIX']}{leader}@localhost"
+
+    def back() -> bool:
+        status = cluster.run("status", timeout=60)
+        lines = status.stdout.splitlines()
+        running = [line.split() for line in lines if line.strip().startswith("running:")]
+        online = [line.split("\t")[-1] for line in lines if f"\t{queue}\t" in line]
+        return (
+            status.returncode == 0
+            and bool(running)
+            and killed_name in running[0]
+            and bool(online)
+            and killed_name in online[0]
+        )
+
+    wait_for(back, timeout=30, interval=1, what=f"{killed_name} back in the cluster and the queue")
+    cluster.timings["kill to back in cluster"] = time.monotonic() - killed
+
+
+def refusal(queue: str, difference: str) -> str:
+    where = f"for queue '{queue}' in vhost '/'"
+    return f"PRECONDITION_FAILED - inequivalent arg 'x-queue-type' {where}: {difference}"
+
+
+QUORUM = {"x-queue-type": "quorum"}
+CLASSIC = {"x-queue-type": "classic"}
+QUORUM_VALUE = "the value 'quorum' of type 'longstr'"
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "difference"),
+    [
+        # credex's confirmations queue as declared so far: classic by default, no argument
+        (None, QUORUM, f"received {QUORUM_VALUE} but current is none"),
+        # a classic queue declared with the argument: RabbitMQ compares the queue types
+        (CLASSIC, QUORUM, "received 'quorum' but current is 'classic'"),
+        # an older credex declaring, without the argument, a queue that is quorum by now
+        (QUORUM, None, f"received none but current is {QUORUM_VALUE}"),
+    ],
+    ids=["classic-then-quorum", "explicit-classic-then-quorum", "quorum-then-no-type"],
+)
+def test_declaring_a_queue_again_with_another_type_is_refused(
+    cluster: Cluster, first: dict | None, again: dict | None, difference: str
+) -> None:
+    queue = f"cluster-test.type.{uuid.uuid4().hex[:8]}"
+    with cluster.connect(1) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments=first)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.queue_declare(queue, durable=True, arguments=again)
+        assert refused.value.reply_code == 406
+        assert refused.value.reply_text == refusal(queue, difference)
+        # Only the channel is closed; the queue is as it was.
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True, arguments=first)
+        channel.queue_delete(queue)
