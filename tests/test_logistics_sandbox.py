@@ -11,6 +11,7 @@ import socket
 import httpx
 import pytest
 
+from credex.logistics import CancelOutcome, CarrierRefusal, UnknownShipment, is_final
 from tests.logistics_fakes import Wall
 from tests.sandbox import running_sandbox, stop_and_wait
 from tests.support import Outcome, credex_command, run_process, subprocess_env, wait_for
@@ -238,6 +239,48 @@ def test_the_sandbox_is_a_credex_command():
 # --- cancels, over the socket -------------------------------------------------------------------
 
 
+def test_the_warehouse_client_cancels_before_pickup_and_is_told_too_late_after_it(carrier_sandbox):
+    with warehouse_client(carrier_sandbox.url) as client:
+        early = client.create_shipment(
+            idempotency_key="msg-1", order_ref="redemption-1", recipient=RECIPIENT, items=ITEMS
+        )
+        late = client.create_shipment(
+            idempotency_key="msg-2", order_ref="redemption-2", recipient=RECIPIENT, items=ITEMS
+        )
+        cancelled = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        again = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        carrier_sandbox.advance(60)  # both are picked up now, had they not been cancelled
+        still = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        too_late = client.cancel_shipment(late.shipment_id, idempotency_key="cancel-2")
+        with pytest.raises(UnknownShipment) as unknown:
+            client.cancel_shipment("sbx-nobody", idempotency_key="cancel-3")
+        tracking = client.track(early.express_no)
+    assert cancelled.outcome is CancelOutcome.CANCELLED and cancelled == again == still
+    assert cancelled.express_no == early.express_no
+    assert too_late.outcome is CancelOutcome.ALREADY_PICKED_UP and "in_transit" in too_late.detail
+    assert unknown.value.http_status == 404 and unknown.value.final
+    # A cancelled parcel stops where it was, its last checkpoint saying why.
+    assert tracking.status == "exception" and not is_final(tracking.status)
+    assert [point.status for point in tracking.checkpoints] == ["exception", "info_received"]
+    assert "cancelled" in tracking.checkpoints[0].message
+    rows = {row["idempotency_key"]: row for row in carrier_sandbox.shipments()}
+    assert (rows["msg-1"]["status"], rows["msg-1"]["live"], rows["msg-1"]["cancel_calls"]) == (
+        "cancelled",
+        False,
+        3,
+    )
+    assert (rows["msg-2"]["status"], rows["msg-2"]["live"], rows["msg-2"]["cancel_calls"]) == (
+        "in_transit",
+        True,
+        1,
+    )
+    assert carrier_sandbox.live_waybills(order_ref="redemption-1") == []
+    assert [row["tracking_number"] for row in carrier_sandbox.live_waybills(order_ref="redemption-2")] == [
+        late.express_no
+    ]
+    assert carrier_sandbox.requests()["by_route"]["POST /v1/shipments/{shipment_id}/cancel"] == 5
+
+
 def test_a_cancel_needs_its_idempotency_key_and_the_answer_is_the_shipment(carrier_sandbox):
     waybill = carrier_sandbox.create_shipment("msg-1")
     without = httpx.post(f"{carrier_sandbox.url}/v1/shipments/{waybill['shipment_id']}/cancel", timeout=10)
@@ -251,6 +294,33 @@ def test_a_cancel_needs_its_idempotency_key_and_the_answer_is_the_shipment(carri
 
 
 # --- refused parcels ----------------------------------------------------------------------------
+
+
+def test_a_parcel_marked_refused_goes_back_and_ends_returned(carrier_sandbox):
+    refused = carrier_sandbox.create_shipment("msg-1", address="8 Long Road")
+    kept = carrier_sandbox.create_shipment("msg-2")
+    row = carrier_sandbox.refuse(refused["shipment_id"])
+    assert row["refused"] is True and row["status"] == "info_received" and row["live"]
+    with warehouse_client(carrier_sandbox.url) as client:
+        seen = []
+        for _ in range(5):
+            seen.append(client.track(refused["tracking_number"]).status)
+            carrier_sandbox.advance(60)
+        last = client.track(refused["tracking_number"])
+        assert client.track(kept["tracking_number"]).status == "delivered"
+    assert seen == ["info_received", "in_transit", "out_for_delivery", "exception", "returned"]
+    assert is_final(last.status) and [point.status for point in last.checkpoints] == [
+        "returned",
+        "exception",
+        "out_for_delivery",
+        "in_transit",
+        "info_received",
+    ]
+    assert last.checkpoints[1].message == "Refused by the recipient"
+    assert last.checkpoints[1].location == "8 Long Road"
+    [row] = carrier_sandbox.shipments(idempotency_key="msg-1")
+    assert (row["status"], row["live"]) == ("returned", False)
+    assert carrier_sandbox.shipments(status="delivered")[0]["idempotency_key"] == "msg-2"
 
 
 def test_a_delivered_or_cancelled_parcel_cannot_be_refused_and_an_unknown_one_is_404(carrier_sandbox):
@@ -337,6 +407,26 @@ def test_unique_numbers_differ_between_two_starts_in_the_same_second_and_are_sho
 
 RECIPIENT = {"name": "u-1001", "phone": "", "address": "8 Long Road"}
 ITEMS = [{"sku": "SHAMPOO-500", "quantity": 1}]
+
+
+def test_injected_409_and_422_are_final_refusals_in_the_contracts_error_body():
+    with running_sandbox("--faults", "409,422") as sandbox, warehouse_client(sandbox.url) as client:
+        refusals = []
+        for key in ("msg-1", "msg-2"):
+            with pytest.raises(CarrierRefusal) as raised:
+                client.create_shipment(idempotency_key=key, order_ref=key, recipient=RECIPIENT, items=ITEMS)
+            refusals.append(raised.value)
+        waybill = client.create_shipment(
+            idempotency_key="msg-1", order_ref="msg-1", recipient=RECIPIENT, items=ITEMS
+        )
+        seen = sandbox.requests()
+        parcels = sandbox.shipments()
+    assert [(r.http_status, r.error_code, r.reason) for r in refusals] == [
+        (409, "conflict", "HTTP 409 conflict"),
+        (422, "invalid_shipment", "HTTP 422 invalid_shipment"),
+    ]
+    assert seen["faults"] == {"409": 1, "422": 1} and seen["by_route"] == {"POST /v1/shipments": 3}
+    assert [parcel["tracking_number"] for parcel in parcels] == [waybill.express_no]  # not retried
 
 
 def test_a_final_fault_can_be_asked_for_on_one_request_or_as_a_share(carrier_sandbox):
