@@ -70,10 +70,12 @@ def clean_text(value: object, limit: int = TEXT_LIMIT) -> str:
 
 def shown(value: object, limit: int = 40) -> str:
     """A value quoted for an error message: ``repr`` (control and bidi characters escaped), cut short."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) > limit:
-        return repr(text[:limit]) + f"… ({len(text)} characters)"
-    return repr(text)
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "…"
+    if len(value) > limit:
+        return repr(value[:limit]) + f"… ({len(value)} characters)"
+    return repr(value)
 
 
 def iso(moment: datetime) -> str:
