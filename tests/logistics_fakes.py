@@ -1,8 +1,10 @@
 """Fakes for the carrier clients' unit tests: a clock that only moves when told, a recorded sleep,
-and a client on an ``httpx.MockTransport``."""
+a client on an ``httpx.MockTransport``, a scripted carrier (``Carrier``) and one that keeps the
+contract's books (``ContractCarrier``)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -92,3 +94,47 @@ def kuaidi100_client(handler, *, clock: FakeClock | None = None, **settings: Any
     }
     values.update(settings)
     return make_client(handler, clock=clock, **values)
+
+
+class Wall:
+    """A wall clock (``time.time``) moved by hand, for the sandbox's books."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ContractCarrier:
+    """The sandbox's own books behind an ``httpx.MockTransport``: a carrier that keeps the generic
+    contract (shipments by idempotency key, cancels, tracking), so a test can check what the carrier
+    received and what it holds afterwards, not only what the client made of a canned answer."""
+
+    def __init__(self, wall: Wall | None = None, **options: Any) -> None:
+        from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+        self.wall = wall or Wall()
+        self.books = SandboxCarrier(SandboxOptions(**options), wall=self.wall)
+        self.requests: list[httpx.Request] = []
+        self.statuses: list[int] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        from urllib.parse import unquote
+
+        self.requests.append(request)
+        parts = [unquote(part) for part in request.url.raw_path.decode().split("?")[0].split("/")]
+        key = request.headers.get("Idempotency-Key", "")
+        if request.method == "POST" and parts == ["", "v1", "shipments"]:
+            status, document = self.books.create(key, json.loads(request.content))
+        elif request.method == "POST" and len(parts) == 5 and parts[:3] == ["", "v1", "shipments"]:
+            status, document = self.books.cancel(parts[3], key)
+        elif request.method == "GET" and len(parts) == 5 and parts[:3] == ["", "v1", "trackings"]:
+            status, document = self.books.tracking(parts[3], parts[4])
+        else:
+            status, document = 404, {"error": {"code": "not_found", "message": "no route"}}
+        self.statuses.append(status)
+        return httpx.Response(status, json=document)
+
+    def advance(self, seconds: float) -> None:
+        self.wall.now += seconds

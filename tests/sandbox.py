@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -37,9 +38,29 @@ class RunningSandbox:
         response.raise_for_status()
         return response.json()
 
-    def shipments(self) -> list[dict]:
-        """Every parcel created: shipment_id, idempotency_key, tracking_number, status, create_calls…"""
-        return self._call("GET", "/_sandbox/shipments")
+    def shipments(self, **where: str) -> list[dict]:
+        """Every parcel created: shipment_id, idempotency_key, order_ref, tracking_number, status
+        (``cancelled`` too), live, refused, create_calls, cancel_calls…; ``where`` filters on
+        idempotency_key, order_ref, tracking_number or status."""
+        return self._call("GET", "/_sandbox/shipments", params=where)
+
+    def live_waybills(self, **where: str) -> list[dict]:
+        """The parcels that have gone or may still go to the recipient: neither cancelled nor returned."""
+        return [parcel for parcel in self.shipments(**where) if parcel["live"]]
+
+    def refuse(self, shipment_id: str) -> dict:
+        """Mark one parcel as refused by the recipient: it ends exception, then returned."""
+        return self._call("POST", f"/_sandbox/shipments/{quote(shipment_id, safe='')}/refuse")
+
+    def cancel(self, shipment_id: str, key: str = "cancel-1"):
+        """``POST /v1/shipments/{id}/cancel`` as a carrier client sends it; the raw response."""
+        import httpx
+
+        return httpx.post(
+            f"{self.url}/v1/shipments/{quote(shipment_id, safe='')}/cancel",
+            headers={"Idempotency-Key": key},
+            timeout=10,
+        )
 
     def requests(self) -> dict:
         """What the sandbox saw on /v1: {"total", "by_route", "faults"}."""

@@ -17,12 +17,31 @@ from credex.errors import (
     CarrierNotConfigured,
     CarrierRejected,
     CredexError,
+    InvalidInput,
     Unavailable,
     UnknownParcel,
 )
-from credex.logistics import STATUSES
+from credex.logistics import (
+    STATUSES,
+    CancelOutcome,
+    CarrierError,
+    CarrierKeyRefused,
+    CarrierRefusal,
+    CarrierUnreachable,
+    InvalidCarrierAnswer,
+    ParcelNotFound,
+    UnknownShipment,
+    is_final,
+)
 from credex.logistics.retrying import backoff_delay, retry_after_seconds
-from tests.logistics_fakes import API_KEY, Carrier, FakeClock, make_client, timeout_after_read
+from tests.logistics_fakes import (
+    API_KEY,
+    Carrier,
+    ContractCarrier,
+    FakeClock,
+    make_client,
+    timeout_after_read,
+)
 
 SHIPMENT = {
     "shipment_id": "shp-9",
@@ -82,9 +101,17 @@ def test_a_shipment_is_created_with_the_idempotency_key_the_bearer_key_and_the_c
     }
 
 
-def test_a_repeated_create_answered_200_gives_the_same_waybill():
-    with make_client(Carrier(ok(SHIPMENT, 201), ok(SHIPMENT, 200))) as client:
-        assert create(client) == create(client)
+def test_asking_twice_with_one_key_makes_one_shipment_and_gives_its_waybill_both_times():
+    carrier = ContractCarrier()
+    with make_client(carrier) as client:
+        first = create(client, "0b6c6a43-msg")
+        again = create(client, "0b6c6a43-msg")
+    [parcel] = carrier.books.shipments()
+    assert parcel["create_calls"] == 2 and carrier.statuses == [201, 200]
+    assert first == again
+    assert (first.express_no, first.shipment_id) == (parcel["tracking_number"], parcel["shipment_id"])
+    assert [request.headers["Idempotency-Key"] for request in carrier.requests] == ["0b6c6a43-msg"] * 2
+    assert carrier.requests[0].content == carrier.requests[1].content
 
 
 def test_no_authorization_header_is_sent_without_an_api_key():
@@ -110,6 +137,12 @@ def test_the_configured_default_carrier_is_used_when_none_is_given():
     with make_client(carrier, logistics_carrier="zto") as client:
         client.track("7700")
     assert carrier.requests[0].url.path == "/v1/trackings/zto/7700"
+
+
+def test_delivered_and_returned_are_the_only_final_statuses():
+    assert "returned" in STATUSES
+    assert [status for status in STATUSES if is_final(status)] == ["delivered", "returned"]
+    assert not is_final(None) and not is_final("cancelled")
 
 
 @pytest.mark.parametrize("status", STATUSES)
@@ -165,11 +198,12 @@ def test_an_unknown_number_is_an_unknown_parcel_exit_1():
     with make_client(carrier) as client, pytest.raises(UnknownParcel) as raised:
         client.track("SIM0000000099")
     assert raised.value.exit_code == 1 and raised.value.code == "unknown_parcel"
+    assert isinstance(raised.value, ParcelNotFound) and raised.value.final and raised.value.http_status == 404
     assert "SIM0000000099" in raised.value.message
     assert len(carrier.requests) == 1
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 409, 422])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 410, 422])
 def test_a_final_refusal_is_not_retried_and_is_carrier_rejected(status):
     carrier = Carrier(error(status, "bad", "the carrier says no"))
     clock = FakeClock()
@@ -178,6 +212,76 @@ def test_a_final_refusal_is_not_retried_and_is_carrier_rejected(status):
     assert len(carrier.requests) == 1 and clock.sleeps == []
     assert raised.value.exit_code == 1 and raised.value.code == "carrier_rejected"
     assert f"HTTP {status}" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (400, "bad_request", CarrierRefusal),
+        (401, "unauthorized", CarrierKeyRefused),
+        (403, "forbidden", CarrierKeyRefused),
+        (404, "not_found", CarrierRefusal),
+        (409, "conflict", CarrierRefusal),
+        (422, "invalid_shipment", CarrierRefusal),
+    ],
+)
+def test_a_final_refusal_carries_the_status_and_the_carriers_code_for_shipment_failed(status, code, kind):
+    with make_client(Carrier(error(status, code, "no"))) as client, pytest.raises(CarrierError) as raised:
+        create(client)
+    refusal = raised.value
+    assert type(refusal) is kind and refusal.final is True
+    assert (refusal.http_status, refusal.error_code, refusal.reason) == (
+        status,
+        code,
+        f"HTTP {status} {code}",
+    )
+
+
+def test_a_refusal_without_an_error_body_still_has_its_status_as_reason():
+    with (
+        make_client(Carrier(httpx.Response(422, text="nope"))) as client,
+        pytest.raises(CarrierRefusal) as raised,
+    ):
+        create(client)
+    assert (raised.value.http_status, raised.value.error_code, raised.value.reason) == (422, None, "HTTP 422")
+
+
+@pytest.mark.parametrize(
+    ("answer", "http_status"),
+    [
+        (error(503), None),  # gave up after retrying: the message says what the last attempt got
+        (error(429, **{"Retry-After": "120"}), None),
+        (lambda r: httpx.ReadTimeout("timed out", request=r), None),
+        (lambda r: httpx.RemoteProtocolError("Server disconnected", request=r), None),
+        (error(501), 501),  # not retried: a 5xx the carrier will not serve now
+    ],
+    ids=["503", "429-past-the-bound", "timeout", "dropped", "501"],
+)
+def test_try_again_later_is_its_own_type_apart_from_final_refusals(answer, http_status):
+    with (
+        make_client(Carrier(answer), total_timeout=5) as client,
+        pytest.raises(CarrierUnreachable) as raised,
+    ):
+        create(client)
+    error_ = raised.value
+    assert error_.final is False and not isinstance(error_, CarrierRejected)
+    assert isinstance(error_, Unavailable) and error_.exit_code == 69
+    assert error_.http_status == http_status and error_.reason
+
+
+def test_the_same_key_with_another_body_is_final_with_a_conflict_reason():
+    carrier = ContractCarrier()
+    with make_client(carrier) as client:
+        create(client, "msg-1")
+        with pytest.raises(CarrierRefusal) as raised:
+            client.create_shipment(
+                idempotency_key="msg-1",
+                order_ref="another order",
+                recipient={"name": "u-2", "phone": "", "address": "9 Short Lane"},
+                items=[{"sku": "SOAP", "quantity": 2}],
+            )
+    assert raised.value.reason == "HTTP 409 conflict" and "msg-1" in raised.value.message
+    assert len(carrier.books.shipments()) == 1
 
 
 def test_a_refused_key_says_which_setting_to_check():
@@ -204,14 +308,133 @@ def test_a_5xx_that_is_not_worth_retrying_is_unavailable_at_once(status):
     "answer",
     [
         httpx.Response(200, text="<html>maintenance</html>"),
+        httpx.Response(200, text='{"tracking_number": "SIM00000'),
+        httpx.Response(200, text=""),
+        httpx.Response(200, content=b"\xff\xfe{}"),
         ok([1, 2]),
-        ok({"checkpoints": [{"time": "soon"}]}),
+    ],
+    ids=["html", "truncated-json", "empty", "not-utf8", "json-list"],
+)
+def test_an_answer_that_is_not_a_json_object_is_asked_again_and_then_read(answer):
+    carrier = Carrier(answer, ok(tracking("out_for_delivery")))
+    clock = FakeClock()
+    with make_client(carrier, clock=clock) as client:
+        assert client.track("SIM0000000042").status == "out_for_delivery"
+    assert len(carrier.requests) == 2 and len(clock.sleeps) == 1
+
+
+@pytest.mark.parametrize("call", ["create", "track", "cancel"])
+def test_an_answer_that_is_never_a_json_object_is_try_again_later(call):
+    carrier = Carrier(httpx.Response(200, text="<html>maintenance</html>"))
+    with make_client(carrier, total_timeout=5) as client, pytest.raises(CarrierUnreachable) as raised:
+        call_carrier(client, call)
+    assert raised.value.final is False and raised.value.exit_code == 69
+    assert "cannot read" in raised.value.message and len(carrier.requests) > 1
+
+
+def shipment(**changes) -> dict:
+    return {**SHIPMENT, **changes}
+
+
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        (
+            {key: value for key, value in SHIPMENT.items() if key != "tracking_number"},
+            "tracking_number is missing",
+        ),
+        (shipment(tracking_number="SIM" + "9" * 5000), "5003 characters"),
+        (shipment(tracking_number="SIM42\nerror: forged"), "'SIM42\\nerror: forged'"),
+        (shipment(tracking_number="SIM\x0042"), "not an express number"),
+        (shipment(tracking_number="SIM\u202e24"), "not an express number"),
+        (shipment(tracking_number="ＳＩＭ４２"), "not an express number"),
+        (shipment(tracking_number=42), "not an express number"),
+        (shipment(carrier="sand box"), "carrier is not a carrier code"),
+        (shipment(shipment_id=None), "shipment_id is missing"),
+        (shipment(shipment_id="sbx 1"), "shipment_id is not a printable token"),
+        (shipment(status=["info_received"]), "status is not text"),
+        (shipment(created_at="yesterday"), "created_at is not an RFC 3339 time"),
+    ],
+    ids=[
+        "no-number",
+        "huge-number",
+        "newline",
+        "nul",
+        "bidi",
+        "full-width",
+        "number-not-text",
+        "bad-carrier",
+        "no-shipment-id",
+        "spaced-shipment-id",
+        "status-not-text",
+        "bad-time",
     ],
 )
-def test_an_answer_that_cannot_be_read_is_unavailable(answer):
-    with make_client(Carrier(answer)) as client, pytest.raises(Unavailable) as raised:
+def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_returned(document, words):
+    carrier = Carrier(ok(document, 201))
+    clock = FakeClock()
+    with make_client(carrier, clock=clock) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        create(client)
+    error = raised.value
+    assert len(carrier.requests) == 1 and clock.sleeps == []  # the carrier replays it to this key
+    assert error.final and isinstance(error, CarrierRefusal) and error.exit_code == 1
+    assert (error.code, error.http_status, error.error_code) == (
+        "invalid_carrier_answer",
+        201,
+        "invalid_answer",
+    )
+    assert words in error.message and error.reason.startswith("HTTP 201 invalid_answer: ")
+    assert "\n" not in error.message and "\x00" not in error.message and "\u202e" not in error.message
+    assert len(error.message) < 400
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"checkpoints": [{"time": "soon"}]},
+        tracking(status=None),
+        tracking(status=7),
+        tracking(checkpoints={"time": "2026-11-24T12:00:00Z"}),
+        tracking(checkpoints=["moving"]),
+        tracking(checkpoints=[{"time": "2026-11-24T12:00:00Z", "status": {"tag": "x"}}]),
+        tracking(checkpoints=[{"time": "2026-11-24T12:00:00Z", "status": "in_transit", "message": 5}]),
+    ],
+    ids=[
+        "no-status",
+        "null-status",
+        "number-status",
+        "points-not-a-list",
+        "point-not-object",
+        "point-status-object",
+        "message-not-text",
+    ],
+)
+def test_a_tracking_that_breaks_the_contract_is_a_clear_final_error(document):
+    carrier = Carrier(ok(document))
+    with make_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
         client.track("SIM0000000042")
-    assert "cannot read" in raised.value.message
+    assert len(carrier.requests) == 1 and "cannot read" in raised.value.message
+
+
+def test_a_tracking_is_about_the_number_asked_and_its_words_are_made_safe_to_print():
+    document = tracking(
+        checkpoints=[
+            {
+                "time": "2026-11-24T12:00:00Z",
+                "status": "in_transit",
+                "message": "moving\nerror: forged line\x00 \u202eevil" + "x" * 2000,
+                "location": "Hub\r\n",
+            }
+        ]
+    )
+    document["tracking_number"] = "SIM\x00999"  # an echo that is not read
+    with make_client(Carrier(ok(document))) as client:
+        result = client.track("SIM0000000042")
+    [point] = result.checkpoints
+    assert result.express_no == "SIM0000000042"
+    assert point.message.startswith("moving error: forged line   evil") and len(point.message) <= 500
+    assert point.location == "Hub"
+    assert not any(char in point.message for char in "\n\r\x00\u202e")
 
 
 # --- retries ------------------------------------------------------------------------------------
@@ -327,6 +550,136 @@ def test_total_timeout_given_by_the_caller_overrides_the_setting():
     assert clock.elapsed <= 2 and "within 2 s" in raised.value.message
 
 
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def call_carrier(client, call: str):
+    if call == "create":
+        return create(client)
+    if call == "cancel":
+        return client.cancel_shipment("shp-9", idempotency_key="cancel-1")
+    return client.track("SIM0000000042")
+
+
+def test_a_shipment_not_yet_picked_up_is_cancelled_with_the_key_and_again_gives_the_same_answer():
+    carrier = ContractCarrier()
+    with make_client(carrier) as client:
+        waybill = create(client, "msg-1")
+        first = client.cancel_shipment(waybill.shipment_id, idempotency_key="cancel-msg-7")
+        again = client.cancel_shipment(waybill.shipment_id, idempotency_key="cancel-msg-7")
+    assert first == again and first.cancelled and first.outcome is CancelOutcome.CANCELLED
+    assert (first.shipment_id, first.express_no, first.carrier) == (
+        waybill.shipment_id,
+        waybill.express_no,
+        "sandbox",
+    )
+    assert first.cancelled_at is not None and first.to_json()["outcome"] == "cancelled"
+    cancels = carrier.requests[1:]
+    assert [request.url.path for request in cancels] == [f"/v1/shipments/{waybill.shipment_id}/cancel"] * 2
+    assert all(request.method == "POST" for request in cancels)
+    assert [request.headers["Idempotency-Key"] for request in cancels] == ["cancel-msg-7"] * 2
+    assert cancels[0].headers["Authorization"] == f"Bearer {API_KEY}"
+    [parcel] = carrier.books.shipments()
+    assert parcel["status"] == "cancelled" and parcel["cancel_calls"] == 2 and not parcel["live"]
+
+
+def test_once_the_parcel_is_picked_up_a_cancel_is_an_answer_not_an_error():
+    carrier = ContractCarrier(stage_seconds=60)
+    with make_client(carrier) as client:
+        waybill = create(client)
+        carrier.advance(61)
+        result = client.cancel_shipment(waybill.shipment_id, idempotency_key="cancel-1")
+    assert result.outcome is CancelOutcome.ALREADY_PICKED_UP and not result.cancelled
+    assert result.shipment_id == waybill.shipment_id and "picked up" in result.detail
+    assert carrier.statuses[-1] == 409 and carrier.books.shipments()[0]["status"] == "in_transit"
+
+
+def test_a_cancel_of_a_shipment_the_carrier_does_not_know_is_final():
+    carrier = ContractCarrier()
+    clock = FakeClock()
+    with make_client(carrier, clock=clock) as client, pytest.raises(UnknownShipment) as raised:
+        client.cancel_shipment("sbx-nobody", idempotency_key="cancel-1")
+    refusal = raised.value
+    assert refusal.final and isinstance(refusal, CarrierRefusal) and refusal.exit_code == 1
+    assert (refusal.code, refusal.http_status, refusal.error_code) == ("unknown_shipment", 404, "not_found")
+    assert "sbx-nobody" in refusal.message and len(carrier.requests) == 1 and clock.sleeps == []
+
+
+def test_a_cancel_is_retried_like_every_call_with_the_same_key():
+    cancelled = ok({**SHIPMENT, "status": "cancelled", "cancelled_at": "2026-11-24T10:05:00Z"})
+    carrier = Carrier(error(503), lambda r: httpx.ReadTimeout("timed out", request=r), cancelled)
+    clock = FakeClock()
+    with make_client(carrier, clock=clock) as client:
+        result = client.cancel_shipment("shp-9", idempotency_key="cancel-1")
+    assert result.cancelled and result.cancelled_at == datetime(2026, 11, 24, 10, 5, tzinfo=UTC)
+    assert len(carrier.requests) == 3 and len(clock.sleeps) == 2
+    assert {request.headers["Idempotency-Key"] for request in carrier.requests} == {"cancel-1"}
+
+
+def test_a_cancel_the_carrier_cannot_be_asked_within_the_bound_is_try_again_later():
+    with (
+        make_client(Carrier(error(503)), total_timeout=3) as client,
+        pytest.raises(CarrierUnreachable) as raised,
+    ):
+        client.cancel_shipment("shp-9", idempotency_key="cancel-1")
+    assert not raised.value.final and "the cancel of shipment shp-9" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "reason"),
+    [
+        (error(409, "conflict", "key reused"), CarrierRefusal, "HTTP 409 conflict"),
+        (error(409, "already_delivered"), CarrierRefusal, "HTTP 409 already_delivered"),
+        (error(422, "invalid", "no"), CarrierRefusal, "HTTP 422 invalid"),
+        (
+            ok({**SHIPMENT, "status": "in_transit"}),
+            InvalidCarrierAnswer,
+            "HTTP 200 invalid_answer: status is",
+        ),
+        (ok({**SHIPMENT, "status": "cancelled", "shipment_id": "shp-1"}), InvalidCarrierAnswer, "HTTP 200"),
+        (
+            ok({**SHIPMENT, "status": "cancelled", "tracking_number": "x" * 65}),
+            InvalidCarrierAnswer,
+            "HTTP 200",
+        ),
+    ],
+    ids=["409-other-code", "409-not-picked-up", "422", "not-cancelled", "another-shipment", "bad-number"],
+)
+def test_other_cancel_answers_are_final_refusals_with_a_reason(answer, kind, reason):
+    carrier = Carrier(answer)
+    with make_client(carrier) as client, pytest.raises(kind) as raised:
+        client.cancel_shipment("shp-9", idempotency_key="cancel-1")
+    assert raised.value.final and raised.value.reason.startswith(reason) and len(carrier.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("shipment_id", "key", "words"),
+    [
+        ("", "k", "the shipment id"),
+        ("shp 9", "k", "the shipment id"),
+        ("shp-9", "", "the idempotency key"),
+        ("shp-9", "key\r\nX-Injected: 1", "the idempotency key"),
+        ("shp-9", "k" * 129, "the idempotency key"),
+    ],
+)
+def test_a_cancel_with_an_unusable_id_or_key_sends_nothing(shipment_id, key, words):
+    carrier = Carrier(ok(SHIPMENT))
+    with make_client(carrier) as client, pytest.raises(InvalidInput) as raised:
+        client.cancel_shipment(shipment_id, idempotency_key=key)
+    assert words in raised.value.message and carrier.requests == []
+
+
+def test_a_shipment_id_is_quoted_into_the_path_and_a_number_is_accepted():
+    carrier = Carrier(ok({"status": "cancelled"}))
+    with make_client(carrier) as client:
+        assert client.cancel_shipment("a/b?c", idempotency_key="k").shipment_id == "a/b?c"
+        assert client.cancel_shipment(7, idempotency_key="k").shipment_id == "7"
+    assert [request.url.raw_path for request in carrier.requests] == [
+        b"/v1/shipments/a%2Fb%3Fc/cancel",
+        b"/v1/shipments/7/cancel",
+    ]
+
+
 # --- configuration -----------------------------------------------------------------------------
 
 
@@ -370,6 +723,9 @@ def _every_failure() -> list[tuple[str, object]]:
         ("track", error(404)),
         ("create", error(409)),
         ("create", error(422, "invalid", f"bad Authorization: Bearer {API_KEY}")),
+        ("cancel", error(409, "already_delivered", f"Bearer {API_KEY}")),
+        ("cancel", error(404)),
+        ("create", ok({**SHIPMENT, "tracking_number": f"Bearer {API_KEY}"}, 201)),
         ("track", error(503)),
         ("track", error(501)),
         ("track", refused),
@@ -382,7 +738,7 @@ def test_the_api_key_never_appears_in_errors_tracebacks_reprs_or_logs(call, answ
     caplog.set_level(logging.DEBUG)
     client = make_client(Carrier(answer), total_timeout=3)
     with client, pytest.raises(CredexError) as raised:
-        create(client) if call == "create" else client.track("SIM0000000042")
+        call_carrier(client, call)
     seen = [
         raised.value.message,
         str(raised.value),

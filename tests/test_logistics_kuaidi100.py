@@ -13,6 +13,14 @@ import httpx
 import pytest
 
 from credex.errors import CarrierNotConfigured, CarrierRejected, CredexError, Unavailable, UnknownParcel
+from credex.logistics import (
+    CarrierKeyRefused,
+    CarrierRefusal,
+    CarrierUnreachable,
+    InvalidCarrierAnswer,
+    ParcelNotFound,
+    is_final,
+)
 from credex.logistics.kuaidi100 import STATES, kuaidi100_status, query_param, sign
 from tests.logistics_fakes import KUAIDI100_CUSTOMER, KUAIDI100_KEY, Carrier, FakeClock, kuaidi100_client
 
@@ -97,7 +105,10 @@ def test_the_base_url_can_point_at_a_local_stand_in():
         ("1001", "in_transit"),  # a sub-state of 0 that is not listed
         ("304", "delivered"),  # 3xx: signed for, one way or another
         ("205", "exception"),
+        ("1401", "exception"),  # a sub-state of 14, refused
+        ("402", "returned"),  # a sub-state of 4 that is not listed
         ("999", "in_transit"),  # unknown: kuaidi100 has the parcel, the words say the rest
+        (4, "returned"),  # a number rather than text
     ],
 )
 def test_every_state_maps_onto_a_normalised_status(state, expected):
@@ -108,17 +119,66 @@ def test_every_state_maps_onto_a_normalised_status(state, expected):
 
 
 def test_the_documented_states_map_as_a_shopper_would_read_them():
-    assert {code: STATES[code] for code in ("0", "1", "2", "3", "4", "5", "6", "7", "14")} == {
+    documented = ("0", "1", "2", "3", "4", "5", "6", "7", "10", "11", "12", "13", "14", "401")
+    assert {code: kuaidi100_status(code) for code in documented} == {
         "0": "in_transit",
         "1": "in_transit",
         "2": "exception",
         "3": "delivered",
-        "4": "exception",
+        "4": "returned",  # back with the sender and signed for: final, the redemption is refunded
         "5": "out_for_delivery",
-        "6": "exception",
+        "6": "exception",  # on its way back: not final until it is signed for (4)
         "7": "in_transit",
-        "14": "exception",
+        "10": "in_transit",  # customs: waiting, in progress, cleared
+        "11": "in_transit",
+        "12": "in_transit",
+        "13": "exception",  # a customs problem
+        "14": "exception",  # refused by the recipient: it comes back (6, then 4)
+        "401": "exception",  # the waybill was cancelled: nothing went out, so not a return
     }
+    assert [code for code in STATES if is_final(STATES[code])] == ["3", "4"]
+
+
+def test_a_parcel_back_with_the_sender_is_returned_and_final_in_state_and_checkpoints():
+    data = [
+        {"time": "2026-11-28 09:00:00", "context": "已退回寄件人并签收", "status": "退签"},
+        {"time": "2026-11-26 09:00:00", "context": "收件人拒收", "statusCode": "14"},
+    ]
+    with kuaidi100_client(Carrier(answer("4", data))) as client:
+        tracking = client.track("YT9693083639795", carrier="yuantong")
+    assert tracking.status == "returned" and is_final(tracking.status)
+    assert [point.status for point in tracking.checkpoints] == ["returned", "exception"]
+
+
+@pytest.mark.parametrize("state", [["4"], {"code": 4}, True, None, 4.5])
+def test_a_state_that_is_not_text_or_a_whole_number_is_a_clear_final_error(state):
+    reply = answer("0")
+    document = reply.json()
+    document["state"] = state
+    carrier = Carrier(httpx.Response(200, json=document))
+    with kuaidi100_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    assert raised.value.final and "cannot read" in raised.value.message and len(carrier.requests) == 1
+
+
+def test_an_answer_that_is_not_json_is_asked_again():
+    carrier = Carrier(httpx.Response(200, text="<html>502 Bad Gateway</html>"), answer("5"))
+    clock = FakeClock()
+    with kuaidi100_client(carrier, clock=clock) as client:
+        assert client.track("YT9693083639795", carrier="yuantong").status == "out_for_delivery"
+    assert len(carrier.requests) == 2 and len(clock.sleeps) == 1
+
+
+def test_kuaidi100s_words_are_made_safe_to_print_and_its_echo_of_the_number_is_not_read():
+    data = [{"time": "2026-11-24 18:30:00", "context": "到达\nerror: forged\u202e", "location": "杭州\x00"}]
+    reply = answer("0", data).json()
+    reply["nu"] = "YT\nforged"
+    with kuaidi100_client(Carrier(httpx.Response(200, json=reply))) as client:
+        tracking = client.track("YT9693083639795", carrier="yuantong")
+    assert tracking.express_no == "YT9693083639795"
+    assert (
+        tracking.checkpoints[0].message == "到达 error: forged" and tracking.checkpoints[0].location == "杭州"
+    )
 
 
 def test_checkpoints_keep_their_words_place_and_china_time_as_utc_newest_first():
@@ -157,6 +217,7 @@ def test_no_result_yet_is_an_unknown_parcel():
     with kuaidi100_client(carrier) as client, pytest.raises(UnknownParcel) as raised:
         client.track("YT0", carrier="yuantong")
     assert raised.value.exit_code == 1 and "no result" in raised.value.message
+    assert isinstance(raised.value, ParcelNotFound) and raised.value.error_code == "500"
 
 
 @pytest.mark.parametrize(
@@ -176,6 +237,14 @@ def test_final_failures_are_carrier_rejected_without_a_retry(code, hint):
         client.track("YT9693083639795", carrier="yuantong")
     assert hint in raised.value.message and raised.value.exit_code == 1
     assert len(carrier.requests) == 1 and clock.sleeps == []
+    refusal = raised.value
+    assert isinstance(refusal, CarrierRefusal) and refusal.final
+    assert (refusal.http_status, refusal.error_code, refusal.reason) == (
+        200,
+        code,
+        f"kuaidi100 returnCode {code}",
+    )
+    assert isinstance(refusal, CarrierKeyRefused) == (code in ("503", "601"))
 
 
 @pytest.mark.parametrize("code", ["501", "502"])
@@ -196,6 +265,7 @@ def test_kuaidi100_failing_until_the_bound_is_unavailable():
     ):
         client.track("YT9693083639795", carrier="yuantong")
     assert raised.value.exit_code == 69 and "returnCode 502" in raised.value.message and clock.elapsed <= 6
+    assert isinstance(raised.value, CarrierUnreachable) and not raised.value.final
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -214,6 +284,14 @@ def test_kuaidi100_creates_no_shipments_and_says_so():
     assert (
         "only tracks" in raised.value.message and "CREDEX_LOGISTICS_PROVIDER=generic" in raised.value.message
     )
+
+
+def test_kuaidi100_cancels_nothing_and_says_so_without_a_request():
+    carrier = Carrier(answer())
+    with kuaidi100_client(carrier) as client, pytest.raises(CarrierNotConfigured) as raised:
+        client.cancel_shipment("sbx-1", idempotency_key="cancel-1")
+    assert "cannot cancel" in raised.value.message and raised.value.exit_code == 2
+    assert carrier.requests == [] and client.issues_waybills is False
 
 
 def test_kuaidi100_needs_a_carrier_code():

@@ -1,16 +1,22 @@
 """The sandbox carrier as a real process on a free port: the generic contract, idempotency,
-time-based progression, injected faults, and a clean stop."""
+time-based progression, cancels, refused parcels, numbers never handed out twice, injected faults
+(retryable and final), and a clean stop."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 
 import httpx
 import pytest
 
+from credex.logistics import CancelOutcome, CarrierRefusal, UnknownShipment, is_final
+from tests.logistics_fakes import Wall
 from tests.sandbox import running_sandbox, stop_and_wait
 from tests.support import Outcome, credex_command, run_process, subprocess_env, wait_for
+
+EXPRESS_NO = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 
 BODY = {
     "order_ref": "redemption-42",
@@ -57,7 +63,7 @@ def test_a_create_is_idempotent_on_its_key_and_a_changed_body_is_a_conflict(carr
     assert first.status_code == 201
     waybill = first.json()
     assert waybill["carrier"] == "sandbox" and waybill["status"] == "info_received"
-    assert waybill["tracking_number"].startswith("SIM") and len(waybill["tracking_number"]) == 13
+    assert waybill["tracking_number"].startswith("SIM") and EXPRESS_NO.fullmatch(waybill["tracking_number"])
 
     again = post_shipment(carrier_sandbox.url, "redemption-42")
     assert again.status_code == 200 and again.json() == waybill
@@ -188,9 +194,10 @@ def test_with_an_api_key_set_requests_must_carry_it():
     with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": "sbx-key-1"}) as sandbox:
         assert post_shipment(sandbox.url, "k").status_code == 401
         assert post_shipment(sandbox.url, "k", Authorization="Bearer wrong").status_code == 401
-        assert post_shipment(sandbox.url, "k", Authorization="Bearer sbx-key-1").status_code == 201
+        created = post_shipment(sandbox.url, "k", Authorization="Bearer sbx-key-1")
+        assert created.status_code == 201
         with warehouse_client(sandbox.url, logistics_api_key="sbx-key-1") as client:
-            assert client.track("SIM0000000001").status == "info_received"
+            assert client.track(created.json()["tracking_number"]).status == "info_received"
 
 
 @pytest.mark.parametrize(
@@ -198,6 +205,8 @@ def test_with_an_api_key_set_requests_must_carry_it():
     [
         (["--faults", "503,boom"], "unknown fault 'boom'"),
         (["--unavailable-share", "0.6", "--drop-share", "0.6"], "more than 1"),
+        (["--conflict-share", "0.6", "--invalid-share", "0.6"], "more than 1"),
+        (["--numbering", "random"], "unknown --numbering 'random'"),
     ],
 )
 def test_bad_sandbox_options_are_refused(args, words):
@@ -223,19 +232,249 @@ def test_the_sandbox_is_a_credex_command():
     )
     outcome = Outcome(done.returncode, done.stdout, done.stderr)
     assert outcome.exit_code == 0 and "--stage-seconds" in outcome.stdout and "--faults" in outcome.stdout
+    for option in ("--refuse-share", "--numbering", "--conflict-share", "--invalid-share"):
+        assert option in outcome.stdout
+
+
+# --- cancels, over the socket -------------------------------------------------------------------
+
+
+def test_the_warehouse_client_cancels_before_pickup_and_is_told_too_late_after_it(carrier_sandbox):
+    with warehouse_client(carrier_sandbox.url) as client:
+        early = client.create_shipment(
+            idempotency_key="msg-1", order_ref="redemption-1", recipient=RECIPIENT, items=ITEMS
+        )
+        late = client.create_shipment(
+            idempotency_key="msg-2", order_ref="redemption-2", recipient=RECIPIENT, items=ITEMS
+        )
+        cancelled = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        again = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        carrier_sandbox.advance(60)  # both are picked up now, had they not been cancelled
+        still = client.cancel_shipment(early.shipment_id, idempotency_key="cancel-1")
+        too_late = client.cancel_shipment(late.shipment_id, idempotency_key="cancel-2")
+        with pytest.raises(UnknownShipment) as unknown:
+            client.cancel_shipment("sbx-nobody", idempotency_key="cancel-3")
+        tracking = client.track(early.express_no)
+    assert cancelled.outcome is CancelOutcome.CANCELLED and cancelled == again == still
+    assert cancelled.express_no == early.express_no
+    assert too_late.outcome is CancelOutcome.ALREADY_PICKED_UP and "in_transit" in too_late.detail
+    assert unknown.value.http_status == 404 and unknown.value.final
+    # A cancelled parcel stops where it was, its last checkpoint saying why.
+    assert tracking.status == "exception" and not is_final(tracking.status)
+    assert [point.status for point in tracking.checkpoints] == ["exception", "info_received"]
+    assert "cancelled" in tracking.checkpoints[0].message
+    rows = {row["idempotency_key"]: row for row in carrier_sandbox.shipments()}
+    assert (rows["msg-1"]["status"], rows["msg-1"]["live"], rows["msg-1"]["cancel_calls"]) == (
+        "cancelled",
+        False,
+        3,
+    )
+    assert (rows["msg-2"]["status"], rows["msg-2"]["live"], rows["msg-2"]["cancel_calls"]) == (
+        "in_transit",
+        True,
+        1,
+    )
+    assert carrier_sandbox.live_waybills(order_ref="redemption-1") == []
+    assert [row["tracking_number"] for row in carrier_sandbox.live_waybills(order_ref="redemption-2")] == [
+        late.express_no
+    ]
+    assert carrier_sandbox.requests()["by_route"]["POST /v1/shipments/{shipment_id}/cancel"] == 5
+
+
+def test_a_cancel_needs_its_idempotency_key_and_the_answer_is_the_shipment(carrier_sandbox):
+    waybill = carrier_sandbox.create_shipment("msg-1")
+    without = httpx.post(f"{carrier_sandbox.url}/v1/shipments/{waybill['shipment_id']}/cancel", timeout=10)
+    assert without.status_code == 400 and without.json()["error"]["code"] == "missing_idempotency_key"
+    assert carrier_sandbox.shipments()[0]["status"] == "info_received"
+    answer = carrier_sandbox.cancel(waybill["shipment_id"])
+    assert answer.status_code == 200
+    assert answer.json() == {**waybill, "status": "cancelled", "cancelled_at": answer.json()["cancelled_at"]}
+    gone = carrier_sandbox.cancel("sbx-0")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+# --- refused parcels ----------------------------------------------------------------------------
+
+
+def test_a_parcel_marked_refused_goes_back_and_ends_returned(carrier_sandbox):
+    refused = carrier_sandbox.create_shipment("msg-1", address="8 Long Road")
+    kept = carrier_sandbox.create_shipment("msg-2")
+    row = carrier_sandbox.refuse(refused["shipment_id"])
+    assert row["refused"] is True and row["status"] == "info_received" and row["live"]
+    with warehouse_client(carrier_sandbox.url) as client:
+        seen = []
+        for _ in range(5):
+            seen.append(client.track(refused["tracking_number"]).status)
+            carrier_sandbox.advance(60)
+        last = client.track(refused["tracking_number"])
+        assert client.track(kept["tracking_number"]).status == "delivered"
+    assert seen == ["info_received", "in_transit", "out_for_delivery", "exception", "returned"]
+    assert is_final(last.status) and [point.status for point in last.checkpoints] == [
+        "returned",
+        "exception",
+        "out_for_delivery",
+        "in_transit",
+        "info_received",
+    ]
+    assert last.checkpoints[1].message == "Refused by the recipient"
+    assert last.checkpoints[1].location == "8 Long Road"
+    [row] = carrier_sandbox.shipments(idempotency_key="msg-1")
+    assert (row["status"], row["live"]) == ("returned", False)
+    assert carrier_sandbox.shipments(status="delivered")[0]["idempotency_key"] == "msg-2"
+
+
+def test_a_delivered_or_cancelled_parcel_cannot_be_refused_and_an_unknown_one_is_404(carrier_sandbox):
+    delivered = carrier_sandbox.create_shipment("msg-1")
+    carrier_sandbox.advance(3 * 60)
+    cancelled = carrier_sandbox.create_shipment("msg-2")
+    assert carrier_sandbox.cancel(cancelled["shipment_id"]).status_code == 200
+
+    def refuse(shipment_id: str) -> httpx.Response:
+        return httpx.post(f"{carrier_sandbox.url}/_sandbox/shipments/{shipment_id}/refuse", timeout=10)
+
+    assert refuse(delivered["shipment_id"]).json()["error"]["code"] == "already_delivered"
+    assert refuse(cancelled["shipment_id"]).json()["error"]["code"] == "cancelled"
+    assert refuse("sbx-0").status_code == 404
+    assert [row["refused"] for row in carrier_sandbox.shipments()] == [False, False]
+
+
+def test_a_seeded_share_of_parcels_is_refused_whatever_the_faults():
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
+
+    def refused(**options) -> list[bool]:
+        carrier = SandboxCarrier(SandboxOptions(refuse_share=0.2, seed=7, **options), wall=Wall())
+        for index in range(200):
+            carrier.choose_fault("POST /v1/shipments")
+            carrier.create(f"msg-{index}", BODY)
+        return [row["refused"] for row in carrier.shipments()]
+
+    first = refused()
+    assert 20 <= sum(first) <= 60
+    assert refused() == first == refused(unavailable_share=0.5)
+    assert not any(row["refused"] for row in _books().shipments())  # none by default
+
+
+# --- tracking numbers ---------------------------------------------------------------------------
+
+
+def create_one(sandbox, key: str) -> dict:
+    response = post_shipment(sandbox.url, key)
+    assert response.status_code == 201
+    return response.json()
+
+
+def test_a_restarted_sandbox_never_hands_out_a_number_seen_before():
+    seen: list[dict] = []
+    for _ in range(2):
+        with running_sandbox() as sandbox:
+            seen += [create_one(sandbox, "msg-1"), create_one(sandbox, "msg-2")]
+            assert stop_and_wait(sandbox) == 0
+    numbers = [waybill["tracking_number"] for waybill in seen]
+    assert len(set(numbers)) == 4 and all(EXPRESS_NO.fullmatch(number) for number in numbers)
+    assert len({waybill["shipment_id"] for waybill in seen}) == 4
+
+
+def test_sequential_numbering_starts_from_1_on_every_start():
+    seen = []
+    for _ in range(2):
+        with running_sandbox("--numbering", "sequential") as sandbox:
+            seen.append(create_one(sandbox, "msg-1"))
+            seen.append(create_one(sandbox, "msg-2"))
+    assert [waybill["tracking_number"] for waybill in seen] == [
+        "SIM0000000001",
+        "SIM0000000002",
+        "SIM0000000001",
+        "SIM0000000002",
+    ]
+    assert [waybill["shipment_id"] for waybill in seen] == ["sbx-1", "sbx-2", "sbx-1", "sbx-2"]
+
+
+def test_unique_numbers_differ_between_two_starts_in_the_same_second_and_are_short_tokens():
+    from credex.logistics.sandbox import Numbering
+
+    wall = Wall()
+    starts = [Numbering("unique", wall=wall) for _ in range(50)]
+    numbers = {start.shipment(sequence) for start in starts for sequence in (1, 2, 1_000_000)}
+    assert len(numbers) == 150
+    assert all(EXPRESS_NO.fullmatch(number) and len(number) <= 64 for _, number in numbers)
+    assert Numbering("sequential").shipment(42) == ("sbx-42", "SIM0000000042")
+    with pytest.raises(ValueError):
+        Numbering("random")
+
+
+# --- final faults -------------------------------------------------------------------------------
+
+
+RECIPIENT = {"name": "u-1001", "phone": "", "address": "8 Long Road"}
+ITEMS = [{"sku": "SHAMPOO-500", "quantity": 1}]
+
+
+def test_injected_409_and_422_are_final_refusals_in_the_contracts_error_body():
+    with running_sandbox("--faults", "409,422") as sandbox, warehouse_client(sandbox.url) as client:
+        refusals = []
+        for key in ("msg-1", "msg-2"):
+            with pytest.raises(CarrierRefusal) as raised:
+                client.create_shipment(idempotency_key=key, order_ref=key, recipient=RECIPIENT, items=ITEMS)
+            refusals.append(raised.value)
+        waybill = client.create_shipment(
+            idempotency_key="msg-1", order_ref="msg-1", recipient=RECIPIENT, items=ITEMS
+        )
+        seen = sandbox.requests()
+        parcels = sandbox.shipments()
+    assert [(r.http_status, r.error_code, r.reason) for r in refusals] == [
+        (409, "conflict", "HTTP 409 conflict"),
+        (422, "invalid_shipment", "HTTP 422 invalid_shipment"),
+    ]
+    assert seen["faults"] == {"409": 1, "422": 1} and seen["by_route"] == {"POST /v1/shipments": 3}
+    assert [parcel["tracking_number"] for parcel in parcels] == [waybill.express_no]  # not retried
+
+
+def test_a_final_fault_can_be_asked_for_on_one_request_or_as_a_share(carrier_sandbox):
+    conflict = post_shipment(carrier_sandbox.url, "k", **{"X-Sandbox-Fault": "409"})
+    invalid = post_shipment(carrier_sandbox.url, "k", **{"X-Sandbox-Fault": "422"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "conflict"
+    assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "invalid_shipment"
+    assert all(set(r.json()["error"]) == {"code", "message"} for r in (conflict, invalid))
+    assert carrier_sandbox.shipments() == []
+    with running_sandbox("--conflict-share", "0.5", "--invalid-share", "0.5", "--seed", "3") as sandbox:
+        codes = {post_shipment(sandbox.url, f"k-{n}").status_code for n in range(20)}
+        assert codes == {409, 422} and sandbox.shipments() == []
 
 
 # --- the sandbox's state, in process -----------------------------------------------------------
 
 
-class Wall:
-    """The sandbox's wall clock, moved by hand."""
+def _books(**options):
+    from credex.logistics.sandbox import SandboxCarrier, SandboxOptions
 
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
+    return SandboxCarrier(SandboxOptions(stage_seconds=60, **options), wall=Wall())
 
-    def __call__(self) -> float:
-        return self.now
+
+def test_a_cancel_is_allowed_until_the_first_stage_ends_and_freezes_the_parcel():
+    books = _books()
+    shipment_id = books.create("k", BODY)[1]["shipment_id"]
+    books.advance(59.999)
+    status, answer = books.cancel(shipment_id, "c")
+    assert status == 200 and answer["status"] == "cancelled"
+    books.advance(10_000)
+    assert books.cancel(shipment_id, "c") == (200, answer)
+    tracked = books.tracking("sandbox", answer["tracking_number"])[1]
+    assert tracked["status"] == "exception" and len(tracked["checkpoints"]) == 2
+    assert tracked["checkpoints"][0]["time"] == answer["cancelled_at"]
+
+    other = books.create("k2", BODY)[1]["shipment_id"]
+    books.advance(60)
+    status, refusal = books.cancel(other, "c2")
+    assert status == 409 and refusal["error"]["code"] == "already_picked_up"
+
+
+def test_shipments_can_be_filtered_and_an_unknown_filter_is_refused(carrier_sandbox):
+    carrier_sandbox.create_shipment("msg-1")
+    carrier_sandbox.create_shipment("msg-2")
+    assert [row["idempotency_key"] for row in carrier_sandbox.shipments(order_ref="msg-2")] == ["msg-2"]
+    assert carrier_sandbox.shipments(status="cancelled") == []
+    bad = httpx.get(f"{carrier_sandbox.url}/_sandbox/shipments?colour=red", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_filter"
 
 
 def test_stages_change_exactly_at_each_stage_boundary():

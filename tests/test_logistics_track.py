@@ -224,6 +224,45 @@ def test_bad_usage_is_one_line_and_exit_2(cli, args, words):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+HOSTILE = {
+    "unit-separator": "SIM1\x1f",  # whitespace to str.strip(), a control character all the same
+    "newline": "SIM1\nerror: forged",
+    "nul": "SIM\x001",
+    "del": "SIM1\x7f",
+    "c1": "SIM1\x85",
+    "bidi-override": "SIM\u202e1",
+    "bidi-isolate": "\u2066SIM1",
+    "tab": "SIM\t1",
+    "full-width": "ＳＩＭ１",
+    "overlong": "S" * 65,
+    "very-long": "S" * 100_000,
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("option", ["--express-no", "--carrier"])
+@pytest.mark.parametrize("value", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_express_number_or_carrier_is_refused_naming_the_field(cli, option, value):
+    args = (
+        ["--express-no", value] if option == "--express-no" else ["--express-no", "SIM1", "--carrier", value]
+    )
+    result = cli("track", *args, env={"CREDEX_LOGISTICS_URL": "http://127.0.0.1:9"})
+    assert result.exit_code == 2 and result.stdout == ""  # refused before any carrier is asked
+    assert result.stderr.startswith(f"error: {option} is not ")
+    assert len(result.stderr.splitlines()) == 1 and len(result.stderr) < 300
+    assert not any(char in result.stderr for char in "\x00\x1f\x7f\x85\u202e\u2066\t")
+    as_json = cli("track", *args, "--json", env={"CREDEX_LOGISTICS_URL": "http://127.0.0.1:9"})
+    error = json.loads(as_json.stderr)["error"]
+    assert as_json.exit_code == 2 and error["code"] == "invalid_input" and option in error["message"]
+
+
+def test_plain_spaces_around_an_express_number_are_forgiven():
+    from credex.logistics.tracking import check_carrier_code, check_express_no
+
+    assert check_express_no("  SF1234-5 ") == "SF1234-5" and check_carrier_code(" shunfeng ") == "shunfeng"
+    assert check_express_no("S" * 64) == "S" * 64
+
+
 def test_the_api_key_is_sent_and_never_shown():
     with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": API_KEY}) as sandbox:
         number = sandbox.create_shipment("redemption-1")["tracking_number"]

@@ -21,14 +21,16 @@ def sandbox(
         typer.Option(
             "--stage-seconds",
             min=0.001,
-            help="Seconds between stages: info_received, in_transit, out_for_delivery, delivered.",
+            help="Seconds between stages: info_received, in_transit, out_for_delivery, delivered "
+            "(a refused parcel: exception, then returned).",
         ),
     ] = 60.0,
     faults: Annotated[
         str,
         typer.Option(
             "--faults",
-            help="Faults for the first requests, in order, comma-separated: 503, 429, slow, drop.",
+            help="Faults for the first requests, in order, comma-separated: 503, 429, slow, drop "
+            "(retried by clients), 409, 422 (final refusals).",
             show_default=False,
         ),
     ] = "",
@@ -46,6 +48,33 @@ def sandbox(
         float,
         typer.Option("--drop-share", min=0.0, max=1.0, help="Share whose connection is dropped unanswered."),
     ] = 0.0,
+    conflict_share: Annotated[
+        float,
+        typer.Option("--conflict-share", min=0.0, max=1.0, help="Share answered 409 (final: conflict)."),
+    ] = 0.0,
+    invalid_share: Annotated[
+        float,
+        typer.Option(
+            "--invalid-share", min=0.0, max=1.0, help="Share answered 422 (final: invalid_shipment)."
+        ),
+    ] = 0.0,
+    refuse_share: Annotated[
+        float,
+        typer.Option(
+            "--refuse-share",
+            min=0.0,
+            max=1.0,
+            help="Share of parcels the recipient refuses: they end exception, then returned.",
+        ),
+    ] = 0.0,
+    numbering: Annotated[
+        str,
+        typer.Option(
+            "--numbering",
+            help="unique: tracking numbers never seen before, across restarts too; "
+            "sequential: SIM0000000001, SIM0000000002… from 1 on every start.",
+        ),
+    ] = "unique",
     retry_after: Annotated[
         int, typer.Option("--retry-after", min=0, help="Seconds a 429 asks the client to wait.")
     ] = 1,
@@ -54,23 +83,31 @@ def sandbox(
     ] = 5.0,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", help="Seed of the random faults, for repeatable runs.", show_default=False),
+        typer.Option(
+            "--seed",
+            help="Seed of the random faults and refusals, for repeatable runs (not of the numbers).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """A local carrier that speaks the generic contract (parcels in memory), for demos and tests.
 
     Prints `listening on URL` first; point credex at it with CREDEX_LOGISTICS_URL=URL. When
-    CREDEX_LOGISTICS_API_KEY is set, requests must carry it as a bearer key. Stop it with Ctrl-C.
+    CREDEX_LOGISTICS_API_KEY is set, requests must carry it as a bearer key. Admin endpoints under
+    /_sandbox (shipments, refuse, requests, clock) are described in docs/logistics.md. Stop it
+    with Ctrl-C.
     """
     from credex.errors import InvalidInput
-    from credex.logistics.sandbox import FAULTS, SandboxOptions, serve
+    from credex.logistics.sandbox import FAULTS, NUMBERINGS, SandboxOptions, serve
 
     script = tuple(fault.strip() for fault in faults.split(",") if fault.strip())
     unknown = [fault for fault in script if fault not in FAULTS]
     if unknown:
         raise InvalidInput(f"unknown fault {unknown[0]!r} in --faults: use {', '.join(FAULTS)}")
-    if unavailable_share + throttle_share + slow_share + drop_share > 1:
+    if unavailable_share + throttle_share + slow_share + drop_share + conflict_share + invalid_share > 1:
         raise InvalidInput("the fault shares add up to more than 1")
+    if numbering not in NUMBERINGS:
+        raise InvalidInput(f"unknown --numbering {numbering!r}: use {' or '.join(NUMBERINGS)}")
     key = settings(ctx).logistics_api_key
     options = SandboxOptions(
         stage_seconds=stage_seconds,
@@ -79,8 +116,12 @@ def sandbox(
         throttle_share=throttle_share,
         slow_share=slow_share,
         drop_share=drop_share,
+        conflict_share=conflict_share,
+        invalid_share=invalid_share,
         retry_after=retry_after,
         slow_seconds=slow_seconds,
+        refuse_share=refuse_share,
+        numbering=numbering,
         seed=seed,
         api_key=key.get_secret_value() if key is not None and key.get_secret_value() else None,
     )

@@ -6,6 +6,10 @@ Importing this package is cheap: httpx is imported when a client is made.
     with carrier_client(settings) as client:
         waybill = client.create_shipment(idempotency_key=..., order_ref=..., recipient=..., items=...)
         tracking = client.track(waybill.express_no, carrier=waybill.carrier)
+        result = client.cancel_shipment(waybill.shipment_id, idempotency_key=...)
+
+A carrier's failure is a ``CarrierError``: ``CarrierUnreachable`` (try again later) or a
+``CarrierRefusal`` (final, with ``http_status``, ``error_code`` and ``reason``). See docs/logistics.md.
 """
 
 from __future__ import annotations
@@ -15,20 +19,48 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from credex.errors import CarrierNotConfigured
-from credex.logistics.model import STATUSES, CarrierClient, Checkpoint, Tracking, Waybill
+from credex.logistics.model import (
+    FINAL_STATUSES,
+    STATUSES,
+    CancelOutcome,
+    CancelResult,
+    CarrierClient,
+    CarrierError,
+    CarrierKeyRefused,
+    CarrierRefusal,
+    CarrierUnreachable,
+    Checkpoint,
+    InvalidCarrierAnswer,
+    ParcelNotFound,
+    Tracking,
+    UnknownShipment,
+    Waybill,
+    is_final,
+)
 
 if TYPE_CHECKING:
     from credex.config import Settings
 
 __all__ = [
+    "FINAL_STATUSES",
     "NO_CARRIER_HELP",
     "PROVIDERS",
     "STATUSES",
+    "CancelOutcome",
+    "CancelResult",
     "CarrierClient",
+    "CarrierError",
+    "CarrierKeyRefused",
+    "CarrierRefusal",
+    "CarrierUnreachable",
     "Checkpoint",
+    "InvalidCarrierAnswer",
+    "ParcelNotFound",
     "Tracking",
+    "UnknownShipment",
     "Waybill",
     "carrier_client",
+    "is_final",
 ]
 
 PROVIDERS = ("generic", "kuaidi100")

@@ -1,4 +1,17 @@
-"""The generic carrier contract (logistics.md): JSON over HTTP with a bearer key. The sandbox speaks it."""
+"""The generic carrier contract (logistics.md): JSON over HTTP with a bearer key. The sandbox speaks it.
+
+How an answer is read, and what is done with one that cannot be:
+
+- A success whose body is not a JSON object at all (a gateway's HTML page, a body cut short, a
+  list) is retried like a 503, within the same bound: it was damaged on the way or came from
+  something in front of the carrier, so another attempt may well read fine. Past the bound it is
+  ``CarrierUnreachable`` (try again later).
+- A JSON object that breaks the contract (a field missing or of the wrong type, a tracking number
+  that is not a short printable token, a status that is not text) is ``InvalidCarrierAnswer``,
+  final: it is the carrier's own answer, and it replays that answer to the same idempotency key.
+  Nothing of it is returned, so nothing of it can be stored.
+- 4xx other than 429 is a ``CarrierRefusal`` (final) with the status and the carrier's error code.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +21,33 @@ from urllib.parse import quote
 
 import httpx
 
-from credex.errors import CarrierRejected, CredexError, Unavailable, UnknownParcel, redact
-from credex.logistics.model import STATUSES, CarrierClient, Checkpoint, Tracking, Waybill
+from credex.errors import redact
+from credex.logistics.model import (
+    STATUSES,
+    CancelOutcome,
+    CancelResult,
+    CarrierClient,
+    CarrierError,
+    CarrierKeyRefused,
+    CarrierRefusal,
+    CarrierUnreachable,
+    Checkpoint,
+    InvalidCarrierAnswer,
+    ParcelNotFound,
+    Tracking,
+    UnknownShipment,
+    Waybill,
+    clean_text,
+    is_carrier_code,
+    is_express_no,
+    is_token,
+    require_token,
+    shown,
+)
 from credex.logistics.retrying import RetryingHttp
 
 DEFAULT_CARRIER = "sandbox"
+ALREADY_PICKED_UP = "already_picked_up"  # the contract's error code of a cancel that came too late
 
 
 def parse_time(value: object) -> datetime:
@@ -25,20 +60,97 @@ def parse_time(value: object) -> datetime:
     return moment.astimezone(UTC)
 
 
-def normalise_status(value: object) -> str:
+def normalise_status(value: str) -> str:
     """One of STATUSES; a status credex does not know is an exception for a person to look at."""
-    text = str(value or "").strip().lower().replace("-", "_").replace(" ", "_")
+    text = value.strip().lower().replace("-", "_").replace(" ", "_")
     return text if text in STATUSES else "exception"
 
 
-def _error_detail(response: httpx.Response) -> str:
-    """The carrier's own words from ``{"error": {"code", "message"}}``, kept short and redacted."""
+def _document(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object, or None when the body is not one."""
     try:
-        error = response.json().get("error") or {}
-        detail = str(error.get("message") or error.get("code") or "").strip()
-    except (ValueError, AttributeError):
-        detail = ""
-    return redact(detail)[:200]
+        answer = response.json()
+    except ValueError:  # not JSON, not UTF-8, cut short
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _damaged(response: httpx.Response) -> str | None:
+    """A success that is not a JSON object at all: worth another attempt (the retry hook)."""
+    if 200 <= response.status_code < 300 and _document(response) is None:
+        return "an answer credex cannot read (not a JSON object)"
+    return None
+
+
+def _error_of(response: httpx.Response) -> tuple[str | None, str]:
+    """The carrier's ``{"error": {"code", "message"}}``: its code (or None) and its words, one safe line."""
+    error = (_document(response) or {}).get("error")
+    if not isinstance(error, dict):
+        return None, ""
+    code = error.get("code")
+    code = (clean_text(code, 64) or None) if isinstance(code, str) else None
+    message = error.get("message")
+    words = clean_text(message, 200) if isinstance(message, str) else ""
+    return code, redact(words or code or "")
+
+
+class _Broken(ValueError):
+    """A field of a JSON answer that breaks the contract (turned into InvalidCarrierAnswer)."""
+
+
+def _field(document: dict[str, Any], name: str) -> object:
+    value = document.get(name)
+    if value is None:
+        raise _Broken(f"{name} is missing")
+    return value
+
+
+def _express_no(value: object, name: str = "tracking_number") -> str:
+    if not is_express_no(value):
+        raise _Broken(
+            f"{name} is not an express number (letters, digits and '-', at most 64): {shown(value)}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _carrier_code(value: object, name: str = "carrier") -> str:
+    if not is_carrier_code(value):
+        raise _Broken(f"{name} is not a carrier code: {shown(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _shipment_id(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not is_token(value):
+        raise _Broken(f"shipment_id is not a printable token of at most 128 characters: {shown(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _status(value: object, name: str = "status") -> str:
+    if not isinstance(value, str):
+        raise _Broken(f"{name} is not text: {shown(value)}")
+    return normalise_status(value)
+
+
+def _time(value: object, name: str) -> datetime:
+    try:
+        return parse_time(value)
+    except (ValueError, TypeError):
+        raise _Broken(f"{name} is not an RFC 3339 time: {shown(value)}") from None
+
+
+def _optional_time(document: dict[str, Any], name: str) -> datetime | None:
+    value = document.get(name)
+    return None if value in (None, "") else _time(value, name)
+
+
+def _optional_text(value: object, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Broken(f"{name} is not text: {shown(value)}")
+    return clean_text(value) or None
 
 
 class GenericCarrier(CarrierClient):
@@ -56,6 +168,7 @@ class GenericCarrier(CarrierClient):
         recipient: dict[str, str],
         items: list[dict[str, Any]],
     ) -> Waybill:
+        key = require_token(idempotency_key, "the idempotency key")
         body = {
             "order_ref": order_ref,
             "recipient": {
@@ -65,84 +178,168 @@ class GenericCarrier(CarrierClient):
             },
             "items": [{"sku": item["sku"], "quantity": item["quantity"]} for item in items],
         }
-        what = f"shipment {idempotency_key}"
-        response = self._http.send(
-            "POST", "/v1/shipments", what=what, json=body, headers={"Idempotency-Key": idempotency_key}
+        what = f"shipment {key}"
+        response = self._send(
+            "POST",
+            "/v1/shipments",
+            what=what,
+            json=body,
+            headers={"Idempotency-Key": key},
+            retryable_answer=_damaged,
         )
         if response.status_code in (200, 201):
-            answer = self._json(response, what)
+            answer = self._answer(response, what)
             try:
                 return Waybill(
-                    carrier=str(answer["carrier"]),
-                    express_no=str(answer["tracking_number"]),
-                    shipment_id=None if answer.get("shipment_id") is None else str(answer["shipment_id"]),
-                    status=normalise_status(answer.get("status", "info_received")),
-                    created_at=parse_time(answer["created_at"]) if answer.get("created_at") else None,
+                    carrier=_carrier_code(_field(answer, "carrier")),
+                    express_no=_express_no(_field(answer, "tracking_number")),
+                    shipment_id=_shipment_id(_field(answer, "shipment_id")),
+                    status=_status(answer.get("status", "info_received")),
+                    created_at=_optional_time(answer, "created_at"),
                 )
-            except (KeyError, TypeError, ValueError) as error:
-                raise self._unreadable(what, error) from None
+            except _Broken as broken:
+                raise self._invalid(response, what, broken) from None
         if response.status_code == 409:
-            raise CarrierRejected(
-                f"the carrier refused {what}: the idempotency key {idempotency_key} was already used "
-                f"with other content (HTTP 409)"
+            code, _ = _error_of(response)
+            raise CarrierRefusal(
+                f"the carrier refused {what}: the idempotency key {key} was already used "
+                f"with other content (HTTP 409)",
+                http_status=409,
+                error_code=code or "conflict",
             )
         raise self._refusal(response, what)
+
+    def cancel_shipment(self, shipment_id: str, *, idempotency_key: str) -> CancelResult:
+        if isinstance(shipment_id, int) and not isinstance(shipment_id, bool):
+            shipment_id = str(shipment_id)
+        shipment = require_token(shipment_id, "the shipment id")
+        key = require_token(idempotency_key, "the idempotency key")
+        what = f"the cancel of shipment {shipment}"
+        response = self._send(
+            "POST",
+            f"/v1/shipments/{quote(shipment, safe='')}/cancel",
+            what=what,
+            headers={"Idempotency-Key": key},
+            retryable_answer=_damaged,
+        )
+        status = response.status_code
+        if status in (200, 201):
+            answer = self._answer(response, what)
+            try:
+                return self._cancelled(answer, shipment)
+            except _Broken as broken:
+                raise self._invalid(response, what, broken) from None
+        code, words = _error_of(response)
+        if status == 409 and code == ALREADY_PICKED_UP:
+            return CancelResult(CancelOutcome.ALREADY_PICKED_UP, shipment, detail=words)
+        if status == 404:
+            raise UnknownShipment(
+                f"the carrier knows no shipment {shipment} to cancel (HTTP 404)",
+                http_status=404,
+                error_code=code or "not_found",
+            )
+        raise self._refusal(response, what)
+
+    @staticmethod
+    def _cancelled(answer: dict[str, Any], shipment: str) -> CancelResult:
+        status = answer.get("status")
+        if status != "cancelled":
+            raise _Broken(f"status is {shown(status)}, where a cancel answers 'cancelled'")
+        if answer.get("shipment_id") is not None and _shipment_id(answer["shipment_id"]) != shipment:
+            raise _Broken(f"shipment_id is {shown(answer['shipment_id'])}, not the one asked to cancel")
+        number = answer.get("tracking_number")
+        carrier = answer.get("carrier")
+        return CancelResult(
+            CancelOutcome.CANCELLED,
+            shipment,
+            carrier=None if carrier is None else _carrier_code(carrier),
+            express_no=None if number is None else _express_no(number),
+            cancelled_at=_optional_time(answer, "cancelled_at"),
+        )
 
     def track(self, express_no: str, *, carrier: str | None = None, phone: str | None = None) -> Tracking:
         carrier = carrier or self.default_carrier
         what = f"the tracking of {express_no}"
         path = f"/v1/trackings/{quote(carrier, safe='')}/{quote(express_no, safe='')}"
-        response = self._http.send("GET", path, what=what)
+        response = self._send("GET", path, what=what, retryable_answer=_damaged)
         if response.status_code == 404:
-            raise UnknownParcel(f"carrier {carrier} knows no parcel {express_no}")
+            code, _ = _error_of(response)
+            raise ParcelNotFound(
+                f"carrier {carrier} knows no parcel {express_no}", http_status=404, error_code=code
+            )
         if response.status_code != 200:
             raise self._refusal(response, what)
-        answer = self._json(response, what)
+        answer = self._answer(response, what)
         try:
-            checkpoints = tuple(
-                Checkpoint(
-                    time=parse_time(point["time"]),
-                    status=normalise_status(point.get("status")),
-                    message=str(point.get("message") or ""),
-                    location=None if point.get("location") in (None, "") else str(point["location"]),
-                )
-                for point in answer.get("checkpoints") or []
-            )
-            checkpoints = tuple(sorted(checkpoints, key=lambda point: point.time, reverse=True))
+            # The answer is about the number asked: its echo of the number is not read.
             return Tracking(
-                carrier=str(answer.get("carrier") or carrier),
-                express_no=str(answer.get("tracking_number") or express_no),
-                status=normalise_status(answer.get("status")),
-                checkpoints=checkpoints,
-                updated_at=parse_time(answer["updated_at"]) if answer.get("updated_at") else None,
+                carrier=carrier,
+                express_no=express_no,
+                status=_status(_field(answer, "status")),
+                checkpoints=self._checkpoints(answer.get("checkpoints")),
+                updated_at=_optional_time(answer, "updated_at"),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise self._unreadable(what, error) from None
+        except _Broken as broken:
+            raise self._invalid(response, what, broken) from None
 
-    def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
-        try:
-            answer = response.json()
-        except ValueError:
-            raise self._unreadable(what, "not JSON") from None
-        if not isinstance(answer, dict):
-            raise self._unreadable(what, "not a JSON object")
+    @staticmethod
+    def _checkpoints(points: object) -> tuple[Checkpoint, ...]:
+        if points is None:
+            return ()
+        if not isinstance(points, list):
+            raise _Broken(f"checkpoints is not a list: {shown(points)}")
+        checkpoints = []
+        for point in points:
+            if not isinstance(point, dict):
+                raise _Broken(f"a checkpoint is not an object: {shown(point)}")
+            checkpoints.append(
+                Checkpoint(
+                    time=_time(point.get("time"), "checkpoint time"),
+                    status=_status(point.get("status"), "checkpoint status"),
+                    message=_optional_text(point.get("message"), "checkpoint message") or "",
+                    location=_optional_text(point.get("location"), "checkpoint location"),
+                )
+            )
+        return tuple(sorted(checkpoints, key=lambda point: point.time, reverse=True))
+
+    def _answer(self, response: httpx.Response, what: str) -> dict[str, Any]:
+        answer = _document(response)
+        if answer is None:  # the retry hook lets none through; kept for a hook-less caller
+            raise CarrierUnreachable(
+                f"the carrier at {self._http.where} answered {what} with something credex cannot read "
+                "(not a JSON object)",
+                http_status=response.status_code,
+                reason="unreadable answer",
+            )
         return answer
 
-    def _unreadable(self, what: str, detail: object) -> Unavailable:
-        return Unavailable(
-            f"the carrier at {self._http.where} answered {what} with something credex cannot read "
-            f"({redact(str(detail))[:120]})"
+    def _invalid(self, response: httpx.Response, what: str, broken: _Broken) -> CarrierError:
+        detail = redact(str(broken))[:200]
+        return InvalidCarrierAnswer(
+            f"the carrier at {self._http.where} answered {what} with something credex cannot read: {detail}",
+            http_status=response.status_code,
+            error_code="invalid_answer",
+            reason=f"HTTP {response.status_code} invalid_answer: {detail}",
         )
 
-    def _refusal(self, response: httpx.Response, what: str) -> CredexError:
+    def _refusal(self, response: httpx.Response, what: str) -> CarrierError:
         status = response.status_code
-        detail = _error_detail(response)
-        suffix = f": {detail}" if detail else ""
+        code, words = _error_of(response)
+        suffix = f": {words}" if words else ""
         if status in (401, 403):
-            return CarrierRejected(
-                f"the carrier refused the API key for {what} (HTTP {status}): check CREDEX_LOGISTICS_API_KEY"
+            return CarrierKeyRefused(
+                f"the carrier refused the API key for {what} (HTTP {status}): check CREDEX_LOGISTICS_API_KEY",
+                http_status=status,
+                error_code=code,
             )
         if 400 <= status < 500:
-            return CarrierRejected(f"the carrier refused {what} (HTTP {status}){suffix}")
-        # Other 5xx (501, 505...) and surprises (3xx): the carrier cannot serve this, retrying won't help.
-        return Unavailable(f"the carrier at {self._http.where} failed {what} (HTTP {status}){suffix}")
+            return CarrierRefusal(
+                f"the carrier refused {what} (HTTP {status}){suffix}", http_status=status, error_code=code
+            )
+        # Other 5xx (501, 505...) and surprises (3xx): the carrier cannot serve this now; a fix on
+        # its side may change that, so it is not a final answer about the shipment.
+        return CarrierUnreachable(
+            f"the carrier at {self._http.where} failed {what} (HTTP {status}){suffix}",
+            http_status=status,
+            error_code=code,
+        )

@@ -15,15 +15,22 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from credex.errors import (
-    CarrierNotConfigured,
-    CarrierRejected,
-    CredexError,
-    Unavailable,
-    UnknownParcel,
-    redact,
+from credex.errors import CarrierNotConfigured, redact
+from credex.logistics.model import (
+    CancelResult,
+    CarrierClient,
+    CarrierError,
+    CarrierKeyRefused,
+    CarrierRefusal,
+    CarrierUnreachable,
+    Checkpoint,
+    InvalidCarrierAnswer,
+    ParcelNotFound,
+    Tracking,
+    Waybill,
+    clean_text,
+    shown,
 )
-from credex.logistics.model import CarrierClient, Checkpoint, Tracking, Waybill
 from credex.logistics.retrying import RetryingHttp
 
 KUAIDI100_URL = "https://poll.kuaidi100.com"
@@ -31,27 +38,29 @@ QUERY_PATH = "/poll/query.do"
 CHINA_TIME = timezone(timedelta(hours=8), "CST")  # kuaidi100's times carry no offset
 
 # `state` of the parcel, and `statusCode` of a checkpoint (resultv2=1 adds the three- and
-# four-digit sub-states), onto the normalised statuses.
+# four-digit sub-states), onto the normalised statuses (logistics.md). Only `returned` and
+# `delivered` are final, so a code lands there only when the parcel has stopped for good.
 STATES = {
     "0": "in_transit",  # 在途
     "1": "in_transit",  # 揽收: picked up
     "2": "exception",  # 疑难: a problem
     "3": "delivered",  # 签收
-    "4": "exception",  # 退签: returned and signed for by the sender
+    "4": "returned",  # 退签: returned and signed for by the sender (final: the redemption is refunded)
     "5": "out_for_delivery",  # 派件
-    "6": "exception",  # 退回: being returned
+    "6": "exception",  # 退回: being returned, still on its way back (not final until 4)
     "7": "in_transit",  # 转投: forwarded to another carrier
-    "8": "in_transit",  # 清关: customs
+    "8": "in_transit",  # 清关: customs (the parent of 10-13)
     "10": "in_transit",  # 待清关
     "11": "in_transit",  # 清关中
     "12": "in_transit",  # 已清关
-    "13": "exception",  # 清关异常
-    "14": "exception",  # 拒签: refused by the recipient
+    "13": "exception",  # 清关异常: a customs problem
+    "14": "exception",  # 拒签: refused by the recipient; the parcel goes back (6, then 4)
     "101": "info_received",  # 已下单: ordered, not picked up
     "102": "info_received",  # 待揽收
     "103": "in_transit",  # 已揽收
     "204": "failed_attempt",  # 派件异常
     "206": "failed_attempt",  # 无法联系: the recipient could not be reached
+    "401": "exception",  # 已销单: the waybill was cancelled; no parcel left, so not a return
     "501": "available_for_pickup",  # 投柜或驿站: in a locker or a pick-up station
 }
 # A checkpoint's `status` in words, when it has no `statusCode`.
@@ -60,7 +69,7 @@ STATE_WORDS = {
     "揽收": "in_transit",
     "疑难": "exception",
     "签收": "delivered",
-    "退签": "exception",
+    "退签": "returned",
     "派件": "out_for_delivery",
     "退回": "exception",
     "转投": "in_transit",
@@ -71,25 +80,30 @@ STATE_WORDS = {
     "已清关": "in_transit",
     "清关异常": "exception",
     "拒签": "exception",
+    "销单": "exception",
+    "已销单": "exception",
 }
 
 RETRYABLE_CODES = {"501", "502"}  # kuaidi100's own server errors
 
 
 def kuaidi100_status(code: object) -> str:
-    """The normalised status of a ``state`` or ``statusCode``.
+    """The normalised status of a ``state`` or ``statusCode`` (text or a whole number).
 
-    A sub-state it does not list takes its parent's (``1001`` → ``0``, ``304`` → ``3``); a state
-    not known at all counts as in transit: kuaidi100 has the parcel, and its words say the rest.
+    A sub-state it does not list takes its parent's: a three-digit code its first digit's
+    (``304`` → ``3``), a four-digit one its first two digits' (``1401`` → ``14``), ``10xx`` the
+    trunk's (``0``). A state not known at all counts as in transit: kuaidi100 has the parcel, and
+    its words say the rest. Anything else (a list, an object, true) is ``ValueError``.
     """
-    text = str(code if code is not None else "").strip()
+    if isinstance(code, bool) or not isinstance(code, str | int):
+        raise ValueError(f"not a kuaidi100 state: {shown(code)}")
+    text = str(code).strip()
     if text in STATES:
         return STATES[text]
-    if text.isdigit():
-        if len(text) == 4 and text.startswith("10"):
-            return STATES["0"]
-        if len(text) == 3 and text[0] in STATES:
-            return STATES[text[0]]
+    if text.isascii() and text.isdigit():
+        parent = {3: text[:1], 4: "0" if text.startswith("10") else text[:2]}.get(len(text))
+        if parent in STATES:
+            return STATES[parent]
     return "in_transit"
 
 
@@ -130,11 +144,14 @@ def _failure_code(answer: dict[str, Any]) -> str | None:
 
 
 def _busy(response: httpx.Response) -> str | None:
-    # HTTP 200 that says kuaidi100's servers are busy or failing: worth another attempt.
+    # HTTP 200 that says kuaidi100's servers are busy or failing, or that is not a JSON object at all
+    # (a gateway's page, a body cut short): worth another attempt.
     if response.status_code != 200:
         return None
     answer = _answer(response)
-    code = _failure_code(answer) if answer is not None else None
+    if answer is None:
+        return "an answer credex cannot read (not a JSON object)"
+    code = _failure_code(answer)
     return f"kuaidi100 returnCode {code}" if code in RETRYABLE_CODES else None
 
 
@@ -163,6 +180,12 @@ class Kuaidi100Carrier(CarrierClient):
             "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
         )
 
+    def cancel_shipment(self, shipment_id: str, *, idempotency_key: str) -> CancelResult:
+        raise CarrierNotConfigured(
+            "the kuaidi100 provider only tracks parcels and cannot cancel shipments: cancel at the carrier "
+            "that issued the waybill (CREDEX_LOGISTICS_PROVIDER=generic)"
+        )
+
     def track(self, express_no: str, *, carrier: str | None = None, phone: str | None = None) -> Tracking:
         com = carrier or self.default_carrier
         if not com:
@@ -177,15 +200,22 @@ class Kuaidi100Carrier(CarrierClient):
             "sign": sign(param, self._key.get_secret_value(), self._customer),
         }
         what = f"the tracking of {express_no}"
-        response = self._http.send("POST", QUERY_PATH, what=what, data=form, retryable_answer=_busy)
+        response = self._send("POST", QUERY_PATH, what=what, data=form, retryable_answer=_busy)
         if response.status_code != 200:
-            if 400 <= response.status_code < 500:
-                raise CarrierRejected(f"kuaidi100 refused {what} (HTTP {response.status_code})")
-            raise Unavailable(f"kuaidi100 at {self._http.where} failed {what} (HTTP {response.status_code})")
+            status = response.status_code
+            if status in (401, 403):
+                raise CarrierKeyRefused(f"kuaidi100 refused {what} (HTTP {status})", http_status=status)
+            if 400 <= status < 500:
+                raise CarrierRefusal(f"kuaidi100 refused {what} (HTTP {status})", http_status=status)
+            raise CarrierUnreachable(
+                f"kuaidi100 at {self._http.where} failed {what} (HTTP {status})", http_status=status
+            )
         answer = _answer(response)
-        if answer is None:
-            raise Unavailable(
-                f"kuaidi100 at {self._http.where} answered {what} with something that is not JSON"
+        if answer is None:  # the retry hook lets none through
+            raise CarrierUnreachable(
+                f"kuaidi100 at {self._http.where} answered {what} with something that is not JSON",
+                http_status=200,
+                reason="unreadable answer",
             )
         code = _failure_code(answer)
         if code is not None:
@@ -193,58 +223,80 @@ class Kuaidi100Carrier(CarrierClient):
         try:
             return self._tracking(answer, com=com, express_no=express_no)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise Unavailable(
-                f"kuaidi100 answered {what} with something credex cannot read ({redact(str(error))[:120]})"
+            detail = redact(str(error))[:120]
+            raise InvalidCarrierAnswer(
+                f"kuaidi100 answered {what} with something credex cannot read ({detail})",
+                http_status=200,
+                error_code="invalid_answer",
+                reason=f"HTTP 200 invalid_answer: {detail}",
             ) from None
 
     def _tracking(self, answer: dict[str, Any], *, com: str, express_no: str) -> Tracking:
+        points = answer.get("data") or []
+        if not isinstance(points, list):
+            raise ValueError(f"data is not a list: {shown(points)}")
         checkpoints = []
-        for point in answer.get("data") or []:
+        for point in points:
             if point.get("statusCode") not in (None, ""):
                 status = kuaidi100_status(point["statusCode"])
             else:
-                status = STATE_WORDS.get(str(point.get("status") or "").strip(), "in_transit")
+                words = point.get("status")
+                words = words.strip() if isinstance(words, str) else ""
+                status = STATE_WORDS.get(words, "in_transit")
             location = point.get("location") or point.get("areaName") or None
+            context = point.get("context")
             checkpoints.append(
                 Checkpoint(
                     time=_china_time(point.get("ftime") or point["time"]),
                     status=status,
-                    message=str(point.get("context") or ""),
-                    location=None if location is None else str(location),
+                    message=clean_text(context) if isinstance(context, str) else "",
+                    location=(clean_text(location) or None) if isinstance(location, str) else None,
                 )
             )
         checkpoints.sort(key=lambda point: point.time, reverse=True)
+        # The answer is about the number asked: its echoes (`com`, `nu`) are not read.
         return Tracking(
-            carrier=str(answer.get("com") or com),
-            express_no=str(answer.get("nu") or express_no),
+            carrier=com,
+            express_no=express_no,
             status=kuaidi100_status(answer.get("state")),
             checkpoints=tuple(checkpoints),
             updated_at=checkpoints[0].time if checkpoints else None,
         )
 
-    def _refusal(self, code: str, message: str, *, com: str, express_no: str) -> CredexError:
-        said = f": {redact(message)[:160]}" if message else ""
+    def _refusal(self, code: str, message: str, *, com: str, express_no: str) -> CarrierError:
+        said = f": {redact(clean_text(message, 160))}" if message else ""
         parcel = f"{com} {express_no}"
+        facts: dict[str, Any] = {
+            "http_status": 200,
+            "error_code": code or None,
+            "reason": f"kuaidi100 returnCode {code or '?'}",
+        }
         if code == "500":
-            return UnknownParcel(f"kuaidi100 has no result for {parcel} (yet){said}")
+            return ParcelNotFound(f"kuaidi100 has no result for {parcel} (yet){said}", **facts)
         if code == "408":
-            return CarrierRejected(
+            return CarrierRefusal(
                 f"kuaidi100 needs the recipient's or sender's phone number to track {parcel} "
-                f"(returnCode 408): pass --phone{said}"
+                f"(returnCode 408): pass --phone{said}",
+                **facts,
             )
         if code == "503":
-            return CarrierRejected(
+            return CarrierKeyRefused(
                 "kuaidi100 refused the signature (returnCode 503): "
-                "check CREDEX_KUAIDI100_KEY and CREDEX_KUAIDI100_CUSTOMER"
+                "check CREDEX_KUAIDI100_KEY and CREDEX_KUAIDI100_CUSTOMER",
+                **facts,
             )
         if code == "601":
-            return CarrierRejected(
+            return CarrierKeyRefused(
                 "kuaidi100 refused the query: the key has expired or has no queries left "
-                f"(returnCode 601){said}"
+                f"(returnCode 601){said}",
+                **facts,
             )
         if code == "400":
-            return CarrierRejected(
+            return CarrierRefusal(
                 f"kuaidi100 refused the query for {parcel} as bad data (returnCode 400): "
-                f"check the carrier code and the express number{said}"
+                f"check the carrier code and the express number{said}",
+                **facts,
             )
-        return CarrierRejected(f"kuaidi100 refused the query for {parcel} (returnCode {code or '?'}){said}")
+        return CarrierRefusal(
+            f"kuaidi100 refused the query for {parcel} (returnCode {code or '?'}){said}", **facts
+        )

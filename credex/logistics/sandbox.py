@@ -1,9 +1,13 @@
 """A local carrier that speaks the generic contract (logistics.md), for demos, staging and tests.
 
 Parcels live in memory and move ``info_received → in_transit → out_for_delivery → delivered``,
-one stage every ``stage_seconds`` from their creation. Faults (503s, 429s with Retry-After, slow
-answers, dropped connections) come from a script of first faults, from seeded random shares, or
-from an ``X-Sandbox-Fault`` header on one request, so that retries can be seen working.
+one stage every ``stage_seconds`` from their creation; a seeded share of them (or one marked by
+hand) is refused by the recipient and ends ``exception → returned`` instead. A parcel can be
+cancelled until it is picked up. Tracking numbers are never handed out twice, across restarts
+too, unless sequential numbering is asked for. Faults (503s, 429s with Retry-After, slow
+answers, dropped connections, final 409s and 422s) come from a script of first faults, from
+seeded random shares, or from an ``X-Sandbox-Fault`` header on one request, so that retries and
+final refusals can be seen working.
 
 Built on the standard library's ``ThreadingHTTPServer``: no dependency to install, a thread per
 connection so a slow answer does not hold up the others, and the raw socket at hand to drop a
@@ -17,6 +21,7 @@ import hashlib
 import hmac
 import json
 import random
+import secrets
 import signal
 import socket
 import socketserver
@@ -29,25 +34,43 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 CARRIER = "sandbox"
-FAULTS = ("503", "429", "slow", "drop")
+FAULTS = ("503", "429", "slow", "drop", "409", "422")
 FAULT_HEADER = "X-Sandbox-Fault"
+NUMBERINGS = ("unique", "sequential")
 MAX_BODY = 1 << 20
-# (status, message, location) of each stage; the last is delivered to the recipient's address.
+# (status, message, location) of each stage; a location of None is the recipient's address.
 STAGES = (
     ("info_received", "Shipment information received", "Sandbox warehouse"),
     ("in_transit", "Departed the sorting centre", "Sandbox sorting centre"),
     ("out_for_delivery", "Out for delivery", "Sandbox delivery station"),
     ("delivered", "Delivered to the recipient", None),
 )
+# A parcel the recipient refuses: the same road to the door, then back to the sender.
+REFUSED_STAGES = (
+    *STAGES[:3],
+    ("exception", "Refused by the recipient", None),
+    ("returned", "Returned to the sender", "Sandbox warehouse"),
+)
+# A parcel cancelled before pick-up stops where it is, with this last checkpoint. `exception`, not
+# `returned`: nothing travelled, and `returned` is final and refunds the redemption, which the
+# cancel has already done (or, for a waybill cancelled behind credex's back, a person should see).
+CANCELLED_CHECKPOINT = ("exception", "Shipment cancelled by the sender before pick-up", "Sandbox warehouse")
+CANCELLED = "cancelled"  # the shipment's status in cancel answers and in /_sandbox/shipments
+# Injected final refusals, in the contract's error body.
+FINAL_FAULTS = {
+    "409": ("conflict", "sandbox: an injected 409 (as for an idempotency key reused with another body)"),
+    "422": ("invalid_shipment", "sandbox: an injected 422 (as for a shipment the carrier cannot take)"),
+}
+SHIPMENT_FILTERS = ("idempotency_key", "order_ref", "tracking_number", "status")
 
 
 @dataclass(frozen=True)
 class SandboxOptions:
-    """How the sandbox behaves. Shares are fractions of the /v1 requests, drawn in this order:
-    drop, 503, 429, slow."""
+    """How the sandbox behaves. Fault shares are fractions of the /v1 requests, drawn in this order:
+    drop, 503, 429, slow, 409, 422. ``refuse_share`` is a fraction of the parcels created."""
 
     stage_seconds: float = 60.0
     faults: tuple[str, ...] = ()  # the first /v1 requests get these faults, in order
@@ -55,10 +78,24 @@ class SandboxOptions:
     throttle_share: float = 0.0
     slow_share: float = 0.0
     drop_share: float = 0.0
+    conflict_share: float = 0.0  # answered 409, as a reused idempotency key would be
+    invalid_share: float = 0.0  # answered 422, as a shipment the carrier cannot take would be
     retry_after: int = 1
     slow_seconds: float = 5.0
+    refuse_share: float = 0.0
+    numbering: str = "unique"  # or "sequential": SIM0000000001, sbx-1… from 1 on every start
     seed: int | None = None
     api_key: str | None = field(default=None, repr=False)
+
+    def fault_shares(self) -> tuple[tuple[str, float], ...]:
+        return (
+            ("drop", self.drop_share),
+            ("503", self.unavailable_share),
+            ("429", self.throttle_share),
+            ("slow", self.slow_share),
+            ("409", self.conflict_share),
+            ("422", self.invalid_share),
+        )
 
 
 def _iso(moment: datetime) -> str:
@@ -67,6 +104,40 @@ def _iso(moment: datetime) -> str:
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+_BASE36 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _base36(number: int, width: int) -> str:
+    digits = []
+    while number:
+        number, digit = divmod(number, 36)
+        digits.append(_BASE36[digit])
+    return "".join(reversed(digits)).rjust(width, "0")[-width:]
+
+
+class Numbering:
+    """Shipment ids and tracking numbers that no other run of the sandbox hands out, without a state
+    file: a prefix made at start from the clock (seconds, base 36) and 4 random characters, then a
+    sequence. Two starts share a prefix only in the same second and with the same 1-in-1.7-million
+    draw; the prefix has a fixed width, so numbers of different starts never run into each other.
+    ``sequential`` is the old numbering from 1 on every start (``SIM0000000001``, ``sbx-1``): a
+    restarted sandbox hands out numbers already used, which a test may want to show refused.
+    """
+
+    def __init__(self, scheme: str, *, wall: Callable[[], float] = time.time) -> None:
+        if scheme not in NUMBERINGS:
+            raise ValueError(f"unknown numbering {scheme!r}: use {' or '.join(NUMBERINGS)}")
+        self.scheme = scheme
+        random_part = "".join(secrets.choice(_BASE36) for _ in range(4))  # never the seeded RNG
+        self.prefix = _base36(int(wall()), 7) + random_part if scheme == "unique" else ""
+
+    def shipment(self, sequence: int) -> tuple[str, str]:
+        """The shipment id and tracking number of the ``sequence``-th parcel (1 first)."""
+        if not self.prefix:
+            return f"sbx-{sequence}", f"SIM{sequence:010d}"
+        return f"sbx-{self.prefix}-{sequence}", f"SIM{self.prefix}{sequence:06d}"
 
 
 def shipment_problem(body: object) -> str | None:
@@ -106,6 +177,14 @@ class Parcel:
     created_at: datetime
     answer: dict[str, Any]
     create_calls: int = 1
+    refused: bool = False  # the recipient will refuse it: it ends exception, then returned
+    cancelled_at: datetime | None = None
+    cancel_answer: dict[str, Any] | None = None
+    cancel_calls: int = 0
+
+    @property
+    def stages(self) -> tuple[tuple[str, str, str | None], ...]:
+        return REFUSED_STAGES if self.refused else STAGES
 
 
 class SandboxCarrier:
@@ -117,14 +196,22 @@ class SandboxCarrier:
         unknown = [fault for fault in options.faults if fault not in FAULTS]
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r}: use {', '.join(FAULTS)}")
+        if not 0 <= options.refuse_share <= 1:
+            raise ValueError("refuse_share must be between 0 and 1")
         self.options = options
         self._wall = wall
+        self._numbering = Numbering(options.numbering, wall=wall)
         self._lock = threading.Lock()
         self._rng = random.Random(options.seed)
+        # A parcel's fate has its own draws, so that faults asked for do not change which parcels
+        # are refused.
+        self._fates = random.Random(None if options.seed is None else f"refuse-{options.seed}")
         self._script = list(options.faults)
         self._offset = 0.0
+        self._sequence = 0
         self._by_key: dict[str, Parcel] = {}
         self._by_number: dict[str, Parcel] = {}
+        self._by_id: dict[str, Parcel] = {}
         self._routes: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
 
@@ -164,12 +251,7 @@ class SandboxCarrier:
             else:
                 draw = self._rng.random()
                 fault = None
-                for name, share in (
-                    ("drop", options.drop_share),
-                    ("503", options.unavailable_share),
-                    ("429", options.throttle_share),
-                    ("slow", options.slow_share),
-                ):
+                for name, share in options.fault_shares():
                     if draw < share:
                         fault = name
                         break
@@ -201,17 +283,17 @@ class SandboxCarrier:
                         f"idempotency key {key} was used for shipment {parcel.shipment_id} with another body",
                     )
                 return 200, parcel.answer
-            sequence = len(self._by_key) + 1
-            number = f"SIM{sequence:010d}"
+            self._sequence += 1
+            shipment_id, number = self._numbering.shipment(self._sequence)
             answer = {
-                "shipment_id": f"sbx-{sequence}",
+                "shipment_id": shipment_id,
                 "carrier": CARRIER,
                 "tracking_number": number,
                 "status": STAGES[0][0],
                 "created_at": _iso(now),
             }
             parcel = Parcel(
-                shipment_id=answer["shipment_id"],
+                shipment_id=shipment_id,
                 tracking_number=number,
                 idempotency_key=key,
                 fingerprint=fingerprint,
@@ -219,29 +301,80 @@ class SandboxCarrier:
                 address=body["recipient"]["address"],
                 created_at=now,
                 answer=answer,
+                refused=self._fates.random() < self.options.refuse_share,
             )
             self._by_key[key] = parcel
             self._by_number[number] = parcel
+            self._by_id[shipment_id] = parcel
             return 201, answer
 
+    def cancel(self, shipment_id: str, key: str) -> tuple[int, dict[str, Any]]:
+        """Void a waybill while its parcel has not been picked up; the same answer when asked again."""
+        now = self.now()
+        with self._lock:
+            parcel = self._by_id.get(shipment_id)
+            if parcel is None:
+                return 404, _error("not_found", f"no shipment {shipment_id}")
+            parcel.cancel_calls += 1
+            if parcel.cancel_answer is not None:
+                return 200, parcel.cancel_answer
+            reached = self._stage(parcel, now)
+            if reached > 0:
+                status = parcel.stages[reached][0]
+                return 409, _error(
+                    "already_picked_up",
+                    f"shipment {shipment_id} was picked up at {_iso(self._stage_time(parcel, 1))} "
+                    f"and is {status} now: it can no longer be cancelled",
+                )
+            parcel.cancelled_at = now
+            parcel.cancel_answer = {**parcel.answer, "status": CANCELLED, "cancelled_at": _iso(now)}
+            return 200, parcel.cancel_answer
+
+    def refuse(self, shipment_id: str) -> tuple[int, dict[str, Any]]:
+        """Mark one parcel as one the recipient will refuse (admin): it ends exception, then returned."""
+        now = self.now()
+        with self._lock:
+            parcel = self._by_id.get(shipment_id)
+            if parcel is None:
+                return 404, _error("not_found", f"no shipment {shipment_id}")
+            if parcel.cancelled_at is not None:
+                return 409, _error(
+                    "cancelled", f"shipment {shipment_id} was cancelled: nobody will refuse it"
+                )
+            if not parcel.refused and self._stage(parcel, now) >= len(STAGES) - 1:
+                return 409, _error("already_delivered", f"shipment {shipment_id} was delivered already")
+            parcel.refused = True
+        return 200, self._row(parcel, now)
+
     def _stage(self, parcel: Parcel, now: datetime) -> int:
+        """The index of the stage the parcel has reached; a cancelled parcel stays at the first."""
+        if parcel.cancelled_at is not None:
+            return 0
         elapsed = (now - parcel.created_at).total_seconds()
-        return max(0, min(len(STAGES) - 1, int(elapsed // self.options.stage_seconds)))
+        return max(0, min(len(parcel.stages) - 1, int(elapsed // self.options.stage_seconds)))
+
+    def _stage_time(self, parcel: Parcel, index: int) -> datetime:
+        return parcel.created_at + index * timedelta(seconds=self.options.stage_seconds)
 
     def tracking(self, carrier: str, number: str) -> tuple[int, dict[str, Any]]:
         now = self.now()
         with self._lock:
             parcel = self._by_number.get(number) if carrier == CARRIER else None
-        if parcel is None:
-            return 404, _error("not_found", f"no parcel {number} at carrier {carrier}")
-        reached = self._stage(parcel, now)
-        step = timedelta(seconds=self.options.stage_seconds)
+            if parcel is None:
+                return 404, _error("not_found", f"no parcel {number} at carrier {carrier}")
+            reached = self._stage(parcel, now)
+            stages, cancelled_at = parcel.stages, parcel.cancelled_at
         checkpoints = []
+        if cancelled_at is not None:
+            status, message, location = CANCELLED_CHECKPOINT
+            checkpoints.append(
+                {"time": _iso(cancelled_at), "status": status, "message": message, "location": location}
+            )
         for index in range(reached, -1, -1):
-            status, message, location = STAGES[index]
+            status, message, location = stages[index]
             checkpoints.append(
                 {
-                    "time": _iso(parcel.created_at + index * step),
+                    "time": _iso(self._stage_time(parcel, index)),
                     "status": status,
                     "message": message,
                     "location": location or parcel.address,
@@ -250,28 +383,39 @@ class SandboxCarrier:
         return 200, {
             "tracking_number": number,
             "carrier": CARRIER,
-            "status": STAGES[reached][0],
+            "status": checkpoints[0]["status"],
             "updated_at": checkpoints[0]["time"],
             "checkpoints": checkpoints,
         }
 
-    def shipments(self) -> list[dict[str, Any]]:
+    def _row(self, parcel: Parcel, now: datetime) -> dict[str, Any]:
+        reached = parcel.stages[self._stage(parcel, now)][0]
+        status = CANCELLED if parcel.cancelled_at is not None else reached
+        return {
+            "shipment_id": parcel.shipment_id,
+            "idempotency_key": parcel.idempotency_key,
+            "order_ref": parcel.order_ref,
+            "carrier": CARRIER,
+            "tracking_number": parcel.tracking_number,
+            "status": status,
+            # Whether this waybill has sent, or may still send, a parcel to the recipient.
+            "live": status not in (CANCELLED, "returned"),
+            "refused": parcel.refused,
+            "created_at": _iso(parcel.created_at),
+            "cancelled_at": None if parcel.cancelled_at is None else _iso(parcel.cancelled_at),
+            "create_calls": parcel.create_calls,
+            "cancel_calls": parcel.cancel_calls,
+        }
+
+    def shipments(self, **where: str) -> list[dict[str, Any]]:
+        """Every parcel, in creation order; ``where`` keeps those whose fields equal the given values."""
+        unknown = set(where) - set(SHIPMENT_FILTERS)
+        if unknown:
+            raise ValueError(f"cannot filter on {sorted(unknown)[0]!r}: use {', '.join(SHIPMENT_FILTERS)}")
         now = self.now()
         with self._lock:
-            parcels = list(self._by_key.values())
-        return [
-            {
-                "shipment_id": parcel.shipment_id,
-                "idempotency_key": parcel.idempotency_key,
-                "order_ref": parcel.order_ref,
-                "carrier": CARRIER,
-                "tracking_number": parcel.tracking_number,
-                "status": STAGES[self._stage(parcel, now)][0],
-                "created_at": _iso(parcel.created_at),
-                "create_calls": parcel.create_calls,
-            }
-            for parcel in parcels
-        ]
+            rows = [self._row(parcel, now) for parcel in self._by_key.values()]
+        return [row for row in rows if all(row[name] == value for name, value in where.items())]
 
 
 class SandboxHandler(BaseHTTPRequestHandler):
@@ -315,7 +459,15 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if asked is not None and asked not in FAULTS:
             self._send(400, _error("bad_fault", f"{FAULT_HEADER} must be one of {', '.join(FAULTS)}"))
             return
-        route = f"{method} /v1/trackings" if path.startswith("/v1/trackings/") else f"{method} {path}"
+        # Split before unquoting: a quoted "/" belongs to the number or the id, not to the path.
+        parts = [unquote(part) for part in urlsplit(self.path).path.split("/")]
+        is_cancel = len(parts) == 5 and parts[:3] == ["", "v1", "shipments"] and parts[4] == "cancel"
+        if path.startswith("/v1/trackings/"):
+            route = f"{method} /v1/trackings"
+        elif is_cancel:
+            route = f"{method} /v1/shipments/{{shipment_id}}/cancel"
+        else:
+            route = f"{method} {path}"
         fault = carrier.choose_fault(route, asked)
         if fault == "drop":
             self._drop()
@@ -326,6 +478,10 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if fault == "429":
             retry_after = str(carrier.options.retry_after)
             self._send(429, _error("rate_limited", "sandbox: slow down"), {"Retry-After": retry_after})
+            return
+        if fault in FINAL_FAULTS:
+            code, message = FINAL_FAULTS[fault]
+            self._send(int(fault), _error(code, message))
             return
         if fault == "slow" and self.server.stopping.wait(carrier.options.slow_seconds):
             self._drop()  # shutting down: do not hold the process up
@@ -339,17 +495,30 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 return
             self._create(raw)
             return
-        # Split before unquoting: a quoted "/" belongs to the number, not to the path.
-        parts = [unquote(part) for part in urlsplit(self.path).path.split("/")]
+        if is_cancel:
+            if method != "POST":
+                self._send(405, _error("method_not_allowed", "use POST"))
+                return
+            key = self._idempotency_key()
+            if key is not None:
+                self._send(*carrier.cancel(parts[3], key))
+            return
         if len(parts) == 5 and parts[:3] == ["", "v1", "trackings"] and method == "GET":
             self._send(*carrier.tracking(parts[3], parts[4]))
             return
         self._send(404, _error("not_found", f"no route {method} {path}"))
 
-    def _create(self, raw: bytes) -> None:
+    def _idempotency_key(self) -> str | None:
+        """The request's Idempotency-Key; without one, a 400 is sent and None returned."""
         key = (self.headers.get("Idempotency-Key") or "").strip()
         if not key:
             self._send(400, _error("missing_idempotency_key", "the Idempotency-Key header is required"))
+            return None
+        return key
+
+    def _create(self, raw: bytes) -> None:
+        key = self._idempotency_key()
+        if key is None:
             return
         try:
             body = json.loads(raw or b"null")
@@ -371,8 +540,22 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     def _admin(self, method: str, path: str, raw: bytes) -> None:
         carrier = self.server.carrier
+        parts = [unquote(part) for part in urlsplit(self.path).path.split("/")]
         if method == "GET" and path == "/_sandbox/shipments":
-            self._send(200, carrier.shipments())
+            query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+            try:
+                rows = carrier.shipments(**{name: values[-1] for name, values in query.items()})
+            except ValueError as error:
+                self._send(400, _error("bad_filter", str(error)))
+                return
+            self._send(200, rows)
+        elif (
+            method == "POST"
+            and len(parts) == 5
+            and parts[:3] == ["", "_sandbox", "shipments"]
+            and (parts[4] == "refuse")
+        ):
+            self._send(*carrier.refuse(parts[3]))
         elif method == "POST" and path == "/_sandbox/shipments":
             self._create(raw)  # as POST /v1/shipments, without faults or a key: to set a scene
         elif method == "GET" and path == "/_sandbox/requests":

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from sqlmodel import Session
 
 from credex.errors import InvalidInput, NotShipped
-from credex.logistics.model import CarrierClient, Tracking
-
-_EXPRESS_NO = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
-_CARRIER_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+from credex.logistics.model import CarrierClient, Tracking, is_carrier_code, is_express_no, shown
 
 # Where a redemption without an express number stands, by the state of its outbox message.
 MESSAGE_STORIES = {
@@ -32,17 +28,27 @@ class Parcel:
     redemption_id: int | None = None
 
 
-def check_express_no(value: str) -> str:
-    text = (value or "").strip()
-    if not _EXPRESS_NO.fullmatch(text):
-        raise InvalidInput(f"not an express number: {value!r} (letters, digits and '-', at most 64)")
+def check_express_no(value: str, what: str = "--express-no") -> str:
+    """An express number as a user may type it: ASCII letters, digits and '-', at most 64.
+
+    Only plain spaces around it are forgiven (a pasted number); any other character, a control
+    character, NUL or a bidirectional override included, is refused (exit 2) rather than dropped.
+    """
+    text = (value or "").strip(" ")
+    if not is_express_no(text):
+        raise InvalidInput(
+            f"{what} is not an express number: {shown(value)} (ASCII letters, digits and '-', at most 64)"
+        )
     return text
 
 
-def check_carrier_code(value: str) -> str:
-    text = (value or "").strip()
-    if not _CARRIER_CODE.fullmatch(text):
-        raise InvalidInput(f"not a carrier code: {value!r} (e.g. sandbox, shunfeng, yuantong)")
+def check_carrier_code(value: str, what: str = "--carrier") -> str:
+    """A carrier code: ASCII letters, digits, '_', '.' and '-', at most 64 (e.g. sandbox, shunfeng)."""
+    text = (value or "").strip(" ")
+    if not is_carrier_code(text):
+        raise InvalidInput(
+            f"{what} is not a carrier code: {shown(value)} (e.g. sandbox, shunfeng, yuantong; at most 64)"
+        )
     return text
 
 
