@@ -7,11 +7,15 @@ elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -221,19 +225,51 @@ def _newest_redemption(db_url: str) -> int | None:
 # --- RabbitMQ ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def amqp_url() -> str:
-    """The broker's URL; the test fails (CI) or is skipped when it cannot be reached."""
+# Tests that stop the broker take this lock exclusively; every other broker test holds it shared,
+# so that parallel workers (pytest-xdist) never see a restart they did not ask for.
+BROKER_LOCK = Path(tempfile.gettempdir()) / "credex-tests-broker.lock"
+
+
+@contextmanager
+def broker_lock(*, exclusive: bool, timeout: float = 600) -> Iterator[None]:
+    with open(BROKER_LOCK, "a+") as handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the broker lock {BROKER_LOCK} was not free within {timeout} s"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_broker(url: str = AMQP_URL) -> str:
+    """``url``, once a connection to it opened; the test fails (CI) or is skipped otherwise."""
     import pika
 
     try:
         connection = pika.BlockingConnection(
-            pika.URLParameters(AMQP_URL + "?connection_attempts=1&socket_timeout=5")
+            pika.URLParameters(url + "?connection_attempts=1&socket_timeout=5")
         )
         connection.close()
     except Exception as error:
         service_missing("RabbitMQ", type(error).__name__)
-    return AMQP_URL
+    return url
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """The broker's URL; the test fails (CI) or is skipped when it cannot be reached."""
+    with broker_lock(exclusive=False):
+        yield check_broker()
 
 
 @pytest.fixture
