@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from sqlalchemy import text
@@ -143,8 +144,12 @@ def check_invariants(
     def bad(check: str, ids: object, detail: str) -> None:
         violations.append(Violation(check, ids, detail))
 
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).exists():
+        return {}  # never created: nothing to check (and asking would create it)
     engine = get_engine(db_url)
     with engine.connect() as connection:
+        if not _has_table(connection, "account"):
+            return {}  # credex never got as far as creating its schema: nothing to check
         accounts = _rows(connection, "SELECT user_id, balance, pending, debt, earned, redeemed FROM account")
         entries = _rows(
             connection,
@@ -362,12 +367,6 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
     for message in messages:
         if message.state not in MESSAGE_STATES:
             bad("message.state", message.id, f"unknown state {message.state!r}")
-        # (A confirmed message may show 0 attempts: its relay died after publishing it, before
-        # recording the publish, and the warehouse's confirmation came all the same.)
-        if message.state == "sent" and message.attempts < 1:
-            bad("message.attempts", message.id, "sent but no publish recorded")
-        if message.state == "confirmed" and message.confirmed_at is None:
-            bad("message.confirmed_at", message.id, "confirmed without a time")
         if message.routing_key == REDEMPTION_CREATED:
             created_messages[message.redemption_id].append(message)
     ids = {r.id for r in redemptions}
