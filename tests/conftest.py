@@ -32,11 +32,11 @@ SEED_FROM_ENVIRONMENT = os.environ.get("CREDEX_TEST_SEED")
 # Hypothesis: more examples on CI than on a developer's machine; both fit the suite's budget.
 # Tests that set max_examples themselves keep their own number.
 settings.register_profile(
-    "dev", max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    "dev", max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 settings.register_profile(
     "ci",
-    max_examples=15,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     print_blob=True,  # a failure on CI prints @reproduce_failure(...) to replay it anywhere

@@ -533,7 +533,7 @@ def steps_settings(share: float = 1.0) -> settings:
     return settings(
         settings.default,
         max_examples=max(3, int(settings.default.max_examples * share)),
-        stateful_step_count=20,
+        stateful_step_count=18,
     )
 
 
