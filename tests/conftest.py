@@ -1,4 +1,5 @@
-"""Fixtures: a fresh database per test on SQLite and on Postgres, the CLI, real processes.
+"""Fixtures: a fresh database per test on SQLite and on Postgres, the CLI, real processes,
+every rule of domain.md checked after each test that used a database, and seeded randomness.
 
 With CI=true a test that needs Postgres or RabbitMQ fails when the service is missing;
 elsewhere it is skipped with the reason.
@@ -6,17 +7,86 @@ elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-from tests.support import AMQP_URL, Outcome, pg_admin, pg_url, service_missing
+from tests.invariants import CatalogBook, check_invariants, newest_redemption
+from tests.support import AMQP_URL, CI, Outcome, pg_admin, pg_url, service_missing
 
 pytest_plugins = ["tests.sandbox"]
+
+# Read once, before the autouse fixture below clears every CREDEX_ variable from the environment.
+SEED_FROM_ENVIRONMENT = os.environ.get("CREDEX_TEST_SEED")
+
+# Hypothesis: more examples on CI than on a developer's machine; both fit the suite's budget.
+# Tests that set max_examples themselves keep their own number.
+settings.register_profile(
+    "dev", max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    print_blob=True,  # a failure on CI prints @reproduce_failure(...) to replay it anywhere
+)
+settings.load_profile(os.environ.get("CREDEX_HYPOTHESIS_PROFILE") or ("ci" if CI else "dev"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CREDEX_TEST_SEED also seeds hypothesis, so one variable replays a whole run.
+    if SEED_FROM_ENVIRONMENT and getattr(config.option, "hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = int(SEED_FROM_ENVIRONMENT)
+
+
+# Tests in files owned elsewhere that break data on purpose, until those files carry the marker.
+BREAK_DATA_ON_PURPOSE = {
+    "tests/test_lifecycle_invariants.py::test_the_checker_notices_a_lot_spent_twice",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("[", 1)[0] in BREAK_DATA_ON_PURPOSE:
+            item.add_marker(pytest.mark.breaks_invariants)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.when == "call":
+        item.credex_call_passed = report.passed  # read by the invariant check at teardown
+    return report
+
+
+# --- randomness that can be replayed ------------------------------------------------------------
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The test's random seed: CREDEX_TEST_SEED when set, else a fresh one. Printed (so a failure
+    shows it) and kept as a user property of the test report."""
+    value = int(SEED_FROM_ENVIRONMENT) if SEED_FROM_ENVIRONMENT else random.SystemRandom().randrange(2**32)
+    print(f"\nrandom seed of {request.node.nodeid}: replay with CREDEX_TEST_SEED={value}")
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.fixture
+def rng(seed: int) -> random.Random:
+    """A random.Random seeded with ``seed``: every random choice of a test comes from it."""
+    return random.Random(seed)
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +96,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("CREDEX_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("CREDEX_OPERATOR", "tester")
+    # pytest-xdist's workers export the terminal's width; tables printed for a pipe are 160 wide.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 # --- Postgres -------------------------------------------------------------------------------
@@ -86,12 +159,37 @@ def backend(db_url: str) -> str:
     return "postgres" if db_url.startswith("postgresql") else "sqlite"
 
 
+# --- the rules, after every test that changed data ----------------------------------------------
+
+
+@pytest.fixture
+def catalog_book() -> CatalogBook:
+    """The stock and price of each gift as the test set them (the ``credex`` fixture records
+    every successful ``catalog add/update``): stock conservation and prices are checked on it."""
+    return CatalogBook()
+
+
+@pytest.fixture(autouse=True)
+def _invariants_after_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test with a ``db_url`` ends by checking every rule (tests/invariants.py) on it, unless
+    it is marked ``breaks_invariants``. Skipped when the test itself failed: one failure is enough."""
+    if "db_url" not in request.fixturenames or request.node.get_closest_marker("breaks_invariants"):
+        yield
+        return
+    db_url = request.getfixturevalue("db_url")  # torn down after this fixture: the database is still there
+    book = request.getfixturevalue("catalog_book")
+    yield
+    if getattr(request.node, "credex_call_passed", False):
+        check_invariants(db_url, book=book)
+
+
 # --- running credex ---------------------------------------------------------------------------
 
 
 @pytest.fixture
-def credex(db_url: str) -> Callable[..., Outcome]:
-    """Run credex in-process through Typer's CliRunner against the test database."""
+def credex(db_url: str, catalog_book: CatalogBook) -> Callable[..., Outcome]:
+    """Run credex in-process through Typer's CliRunner against the test database. Every
+    successful ``catalog add/update`` is recorded in ``catalog_book``."""
     from typer.testing import CliRunner
 
     from credex.cli import app
@@ -99,30 +197,82 @@ def credex(db_url: str) -> Callable[..., Outcome]:
     runner = CliRunner()
 
     def run(*args: object, input: str | None = None, env: dict[str, str] | None = None) -> Outcome:
+        words = [str(arg) for arg in args]
+        changes_catalog = words[:2] in (["catalog", "add"], ["catalog", "update"]) and len(words) > 2
+        before = _newest_redemption(db_url) if changes_catalog else None
         result = runner.invoke(
-            app, ["--database-url", db_url, *map(str, args)], input=input, env=env, catch_exceptions=False
+            app, ["--database-url", db_url, *words], input=input, env=env, catch_exceptions=False
         )
+        if changes_catalog and result.exit_code == 0:
+            catalog_book.record_from(db_url, words[2], before=before or 0)
         return Outcome(result.exit_code, result.stdout, result.stderr)
 
     return run
 
 
+def _newest_redemption(db_url: str) -> int | None:
+    """The newest redemption's id (0: none), or None before the schema exists."""
+    from sqlalchemy.exc import DBAPIError
+
+    from credex.db.engine import get_engine
+
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).exists():
+        return None  # asking would create the file before credex does
+    try:
+        with get_engine(db_url).connect() as connection:
+            return newest_redemption(connection)
+    except DBAPIError:
+        return None
+
+
 # --- RabbitMQ ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def amqp_url() -> str:
-    """The broker's URL; the test fails (CI) or is skipped when it cannot be reached."""
+# Tests that stop the broker take this lock exclusively; every other broker test holds it shared,
+# so that parallel workers (pytest-xdist) never see a restart they did not ask for.
+BROKER_LOCK = Path(tempfile.gettempdir()) / "credex-tests-broker.lock"
+
+
+@contextmanager
+def broker_lock(*, exclusive: bool, timeout: float = 600) -> Iterator[None]:
+    with open(BROKER_LOCK, "a+") as handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the broker lock {BROKER_LOCK} was not free within {timeout} s"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_broker(url: str = AMQP_URL) -> str:
+    """``url``, once a connection to it opened; the test fails (CI) or is skipped otherwise."""
     import pika
 
     try:
         connection = pika.BlockingConnection(
-            pika.URLParameters(AMQP_URL + "?connection_attempts=1&socket_timeout=5")
+            pika.URLParameters(url + "?connection_attempts=1&socket_timeout=5")
         )
         connection.close()
     except Exception as error:
         service_missing("RabbitMQ", type(error).__name__)
-    return AMQP_URL
+    return url
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """The broker's URL; the test fails (CI) or is skipped when it cannot be reached."""
+    with broker_lock(exclusive=False):
+        yield check_broker()
 
 
 @pytest.fixture

@@ -1,46 +1,543 @@
-"""The rules of domain.md, checked straight on the database."""
+"""Every rule of domain.md (and of the points lifecycle), checked straight on the databases.
+
+``check_invariants(db_url)`` reads everything once and reports every broken rule at once, each
+naming the ids involved, the way ``credex audit verify`` will. The ``db_url`` tests run it at
+teardown (conftest.py); a test that breaks data on purpose opts out with
+``@pytest.mark.breaks_invariants``.
+
+To grow it with a new state or ledger kind, add a line to ``REDEMPTION_STATES`` or
+``LEDGER_KINDS``: a status or kind the tables below do not know is itself reported, so a new
+one cannot slip past unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import text
 
 from credex.db.engine import get_engine
 
+# --- what each state and kind means to the rules ---------------------------------------------
+
+
+class RedemptionState(NamedTuple):
+    holds_stock: bool  # the gift's stock stays taken (False: a cancel or a return gave it back)
+    confirmed: bool  # the warehouse confirmed it: a waybill, a confirmed (or purged) message
+
+
+REDEMPTION_STATES: dict[str, RedemptionState] = {
+    "pending": RedemptionState(holds_stock=True, confirmed=False),
+    "shipping": RedemptionState(holds_stock=True, confirmed=True),
+    # issue 9 adds: cancelling, cancelled (holds_stock=False), delivered, returned (False), exception
+}
+
+
+class LedgerKind(NamedTuple):
+    earned: bool = False  # counts in account.earned: its gross points (balance + pending - debt)
+    redeemed: bool = False  # counts in account.redeemed: minus its points
+    makes_lot: bool = False  # a positive entry of this kind is a lot of its own
+
+
+LEDGER_KINDS: dict[str, LedgerKind] = {
+    "purchase": LedgerKind(earned=True, makes_lot=True),
+    "review": LedgerKind(earned=True, makes_lot=True),
+    "grant": LedgerKind(earned=True, makes_lot=True),
+    "refund": LedgerKind(earned=True),  # a clawback: earned goes down by what it took back
+    "settle": LedgerKind(),
+    "expiry": LedgerKind(),
+    "redemption": LedgerKind(redeemed=True),
+}
+
+MESSAGE_STATES = ("pending", "sent", "confirmed", "dead")
+REDEMPTION_CREATED = "redemption.created"
+
+
+# --- the stock a test set ------------------------------------------------------------------------
+
+
+@dataclass
+class StockSet:
+    """``catalog add/update`` left ``sku`` at ``stock`` units costing ``points`` each, when the
+    newest redemption was ``after`` (``uncertain``: a redemption committed during the change)."""
+
+    stock: int | None
+    points: int
+    after: int
+    uncertain: bool = False
+
+
+@dataclass
+class CatalogBook:
+    """What a test did to the catalog, in order: the stock each gift was set to and its price,
+    and which redemptions came after. The ``credex`` fixture records every ``catalog add`` and
+    ``catalog update``; a test that fills the catalog another way calls ``record`` itself."""
+
+    sets: dict[str, list[StockSet]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, sku: str, *, stock: int | None, points: int, after: int, before: int | None = None):
+        uncertain = before is not None and before != after
+        self.sets[sku].append(StockSet(stock, points, after, uncertain))
+
+    def record_from(self, db_url: str, sku: str, *, before: int) -> None:
+        """Read what ``sku`` is now (right after a successful change) and record it."""
+        with get_engine(db_url).connect() as connection:
+            row = connection.execute(
+                text("SELECT stock, points FROM catalog_item WHERE sku = :sku"), {"sku": sku}
+            ).first()
+            after = newest_redemption(connection)
+        if row is not None:
+            self.record(sku, stock=row.stock, points=row.points, after=after, before=before)
+
+
+def newest_redemption(connection) -> int:
+    return connection.execute(text("SELECT coalesce(max(id), 0) FROM redemption")).scalar()
+
+
+# --- the check ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Violation:
+    check: str
+    ids: object
+    detail: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.ids}: {self.detail}"
+
+
+class InvariantsBroken(AssertionError):
+    def __init__(self, violations: list[Violation]) -> None:
+        self.violations = violations
+        shown = "\n  ".join(str(v) for v in violations[:40])
+        more = f"\n  … and {len(violations) - 40} more" if len(violations) > 40 else ""
+        super().__init__(f"{len(violations)} invariant(s) broken:\n  {shown}{more}")
+
+
+def _rows(connection, sql: str):
+    return connection.execute(text(sql)).all()
+
+
+def check_invariants(
+    db_url: str,
+    *,
+    warehouse_db_url: str | None = None,
+    book: CatalogBook | None = None,
+    stocks: dict[str, int] | None = None,
+    shipped: bool = False,
+    legacy_upto: int = 0,
+) -> dict:
+    """Check every rule; raise InvariantsBroken listing each broken one. Returns totals.
+
+    ``book`` (or ``stocks``: sku -> the stock set at the start, never changed since) turns on
+    stock conservation and price checks for those gifts. ``shipped``: a warehouse really ran, so
+    every confirmed redemption must have its shipment request. ``legacy_upto``: ledger entries up
+    to this id predate the lots (migration 0002 carried their points over as one lot per account).
+    """
+    violations: list[Violation] = []
+
+    def bad(check: str, ids: object, detail: str) -> None:
+        violations.append(Violation(check, ids, detail))
+
+    if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).exists():
+        return {}  # never created: nothing to check (and asking would create it)
+    engine = get_engine(db_url)
+    with engine.connect() as connection:
+        if not _has_table(connection, "account"):
+            return {}  # credex never got as far as creating its schema: nothing to check
+        accounts = _rows(connection, "SELECT user_id, balance, pending, debt, earned, redeemed FROM account")
+        entries = _rows(
+            connection,
+            "SELECT id, user_id, kind, ref, points, pending, debt, balance, source_id, detail "
+            "FROM ledger_entry ORDER BY id",
+        )
+        lots = _rows(connection, "SELECT id, user_id, entry_id, points, remaining, state FROM point_lot")
+        uses = _rows(connection, "SELECT lot_id, entry_id, points FROM lot_use")
+        items = _rows(connection, "SELECT sku, points, stock FROM catalog_item")
+        redemptions = _rows(
+            connection,
+            "SELECT id, request_id, user_id, sku, quantity, points, balance, address, status, "
+            "message_id, carrier, express_no, created_at FROM redemption ORDER BY id",
+        )
+        messages = _rows(
+            connection,
+            "SELECT id, redemption_id, routing_key, body, state, attempts, sent_at, confirmed_at, "
+            "created_at FROM outbox_message",
+        )
+    shipment_requests = []
+    warehouse_url = warehouse_db_url or db_url
+    with get_engine(warehouse_url).connect() as connection:
+        if _has_table(connection, "shipment_request"):
+            shipment_requests = _rows(
+                connection,
+                "SELECT id, type, redemption_id, message_id, sku, quantity, address, carrier, express_no "
+                "FROM shipment_request",
+            )
+
+    _check_ledger_and_accounts(bad, accounts, entries)
+    _check_lots(bad, accounts, entries, lots, uses, legacy_upto)
+    _check_redemptions(bad, redemptions, entries, messages, items)
+    _check_stock(bad, items, redemptions, book, stocks)
+    _check_shipments(bad, redemptions, messages, shipment_requests, shipped)
+    if violations:
+        raise InvariantsBroken(violations)
+    return {
+        "accounts": len(accounts),
+        "balance": sum(a.balance for a in accounts),
+        "pending": sum(a.pending for a in accounts),
+        "debt": sum(a.debt for a in accounts),
+        "entries": len(entries),
+        "lots": len(lots),
+        "expired_lots": sum(1 for lot in lots if lot.state == "expired"),
+        "redemptions": len(redemptions),
+        "messages": len(messages),
+        "shipment_requests": len(shipment_requests),
+    }
+
 
 def check_points_invariants(db_url: str) -> dict:
-    """Assert every invariant about points and the outbox; return a few totals for the test."""
-    with get_engine(db_url).connect() as connection:
-        negative = connection.execute(text("SELECT count(*) FROM account WHERE balance < 0")).scalar()
-        assert negative == 0, "a balance is below zero"
-        mismatched = connection.execute(
-            text(
-                "SELECT a.user_id, a.balance, COALESCE(SUM(l.points), 0) AS total FROM account a "
-                "LEFT JOIN ledger_entry l ON l.user_id = a.user_id "
-                "GROUP BY a.user_id, a.balance HAVING a.balance <> COALESCE(SUM(l.points), 0)"
+    """Every rule (``check_invariants``); the counts of redemptions and outbox messages."""
+    totals = check_invariants(db_url)
+    return {"redemptions": totals["redemptions"], "messages": totals["messages"]}
+
+
+def _has_table(connection, name: str) -> bool:
+    from sqlalchemy import inspect
+
+    return inspect(connection).has_table(name)
+
+
+def _check_ledger_and_accounts(bad, accounts, entries) -> None:
+    sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])  # balance pending debt earned redeemed
+    seen_refs: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        kind = LEDGER_KINDS.get(entry.kind)
+        if kind is None:
+            bad("ledger.kind", entry.id, f"unknown kind {entry.kind!r}: add it to invariants.LEDGER_KINDS")
+            continue
+        if (entry.kind, entry.ref) in seen_refs:
+            bad(
+                "ledger.ref_once",
+                (seen_refs[entry.kind, entry.ref], entry.id),
+                f"{entry.kind} {entry.ref} twice",
             )
-        ).all()
-        assert mismatched == [], f"balances differ from their ledger: {mismatched}"
-        without_message = connection.execute(
-            text(
-                "SELECT count(*) FROM redemption r LEFT JOIN outbox_message m ON m.redemption_id = r.id "
-                "WHERE m.id IS NULL OR m.id <> r.message_id"
+        seen_refs[entry.kind, entry.ref] = entry.id
+        total = sums[entry.user_id]
+        total[0] += entry.points
+        total[1] += entry.pending
+        total[2] += entry.debt
+        if kind.earned:
+            total[3] += entry.points + entry.pending - entry.debt
+        if kind.redeemed:
+            total[4] -= entry.points
+        if entry.balance != total[0]:
+            bad(
+                "ledger.running_balance",
+                entry.id,
+                f"{entry.user_id}'s entry records balance {entry.balance}, its ledger sums to {total[0]}",
             )
-        ).scalar()
-        assert without_message == 0, "a redemption has no outbox message of its own"
-        messages_per_redemption = connection.execute(
-            text("SELECT max(c) FROM (SELECT count(*) AS c FROM outbox_message GROUP BY redemption_id) t")
-        ).scalar()
-        assert messages_per_redemption in (None, 1), "a redemption has several outbox messages"
-        ledger_per_redemption = connection.execute(
-            text(
-                "SELECT count(*) FROM redemption r WHERE (SELECT count(*) FROM ledger_entry l "
-                "WHERE l.kind = 'redemption' AND l.ref = CAST(r.id AS VARCHAR(32))) <> 1"
+    known = set()
+    for account in accounts:
+        known.add(account.user_id)
+        where = f"account {account.user_id}"
+        for column in ("balance", "pending", "debt"):
+            if getattr(account, column) < 0:
+                bad(f"account.{column}_nonnegative", account.user_id, f"{column} {getattr(account, column)}")
+        balance, pending, debt, earned, redeemed = sums[account.user_id]
+        found = (account.balance, account.pending, account.debt)
+        if found != (balance, pending, debt):
+            bad(
+                "account.ledger",
+                account.user_id,
+                f"{where}: balance/pending/debt {found}, the ledger sums to {(balance, pending, debt)}",
             )
-        ).scalar()
-        assert ledger_per_redemption == 0, "a redemption does not have exactly one ledger entry"
-        negative_stock = connection.execute(
-            text("SELECT count(*) FROM catalog_item WHERE stock < 0")
-        ).scalar()
-        assert negative_stock == 0, "a stock is below zero"
-        return {
-            "redemptions": connection.execute(text("SELECT count(*) FROM redemption")).scalar(),
-            "messages": connection.execute(text("SELECT count(*) FROM outbox_message")).scalar(),
-        }
+        if account.earned != earned:
+            bad("account.earned", account.user_id, f"earned {account.earned}, the ledger says {earned}")
+        if account.redeemed != redeemed:
+            bad(
+                "account.redeemed",
+                account.user_id,
+                f"redeemed {account.redeemed}, the ledger says {redeemed}",
+            )
+        if account.debt and account.balance:
+            bad(
+                "account.debt_paid_first",
+                account.user_id,
+                f"debt {account.debt} beside balance {account.balance}",
+            )
+    for user in sorted(set(sums) - known):
+        bad("ledger.account", user, "ledger entries without an account")
+
+
+def _check_lots(bad, accounts, entries, lots, uses, legacy_upto: int) -> None:
+    by_entry = {e.id: e for e in entries}
+    in_lots: dict[str, dict[str, int]] = defaultdict(lambda: {"available": 0, "pending": 0})
+    used_by_lot: dict[int, list] = defaultdict(list)
+    used_by_entry: dict[int, int] = defaultdict(int)
+    for use in uses:
+        if use.points <= 0:
+            bad("lot_use.positive", (use.lot_id, use.entry_id), f"{use.points} points")
+        used_by_lot[use.lot_id].append(use)
+        used_by_entry[use.entry_id] += use.points
+    made_by_entry: dict[int, int] = defaultdict(int)
+    for lot in lots:
+        where = f"lot {lot.id} ({lot.state}, {lot.user_id})"
+        if lot.state in ("available", "pending"):
+            in_lots[lot.user_id][lot.state] += lot.remaining
+        if not 0 <= lot.remaining <= lot.points:
+            bad("lot.remaining", lot.id, f"{where}: remaining {lot.remaining} of {lot.points}")
+        taken = sum(u.points for u in used_by_lot[lot.id])
+        if lot.points - lot.remaining != taken:
+            bad(
+                "lot.uses",
+                lot.id,
+                f"{where}: {lot.points - lot.remaining} taken out, its uses add up to {taken}",
+            )
+        if lot.state == "available" and lot.remaining <= 0:
+            bad("lot.state", lot.id, f"{where}: nothing left in an available lot")
+        elif lot.state in ("used", "expired") and lot.remaining != 0:
+            bad("lot.state", lot.id, f"{where}: {lot.remaining} left in a finished lot")
+        elif lot.state not in ("available", "pending", "used", "expired"):
+            bad("lot.state", lot.id, f"{where}: unknown state")
+        expiries = [
+            u for u in used_by_lot[lot.id] if u.entry_id in by_entry and by_entry[u.entry_id].kind == "expiry"
+        ]
+        if lot.state == "expired":
+            if len(expiries) != 1:
+                bad("lot.expired_once", lot.id, f"{where}: {len(expiries)} expiry entries")
+            elif expiries[0].entry_id != max(u.entry_id for u in used_by_lot[lot.id]):
+                bad("lot.expired_last", lot.id, f"{where}: points taken after it expired")
+        elif expiries:
+            bad("lot.expired_once", lot.id, f"{where}: expiry entries on a lot that did not expire")
+        if lot.entry_id is not None:
+            made_by_entry[lot.entry_id] += lot.points
+            entry = by_entry.get(lot.entry_id)
+            if entry is None or not LEDGER_KINDS.get(entry.kind, LedgerKind()).makes_lot:
+                bad("lot.award", lot.id, f"{where}: made by entry {lot.entry_id}, which is not an award")
+    for account in accounts:
+        found = in_lots[account.user_id]
+        if account.balance != found["available"]:
+            bad(
+                "lots.balance",
+                account.user_id,
+                f"balance {account.balance}, available lots {found['available']}",
+            )
+        if account.pending != found["pending"]:
+            bad(
+                "lots.pending", account.user_id, f"pending {account.pending}, pending lots {found['pending']}"
+            )
+    clawed: dict[int, int] = defaultdict(int)
+    for entry in entries:
+        if entry.id > legacy_upto:
+            moved = made_by_entry[entry.id] - used_by_entry[entry.id]
+            if moved != entry.points + entry.pending:
+                bad(
+                    "lots.entry",
+                    entry.id,
+                    f"{entry.kind} {entry.ref}: its lots moved {moved}, "
+                    f"its effect is {entry.points + entry.pending}",
+                )
+        if entry.kind == "refund":
+            clawback = -(entry.points + entry.pending - entry.debt)
+            if clawback < 0 or entry.debt < 0:
+                bad(
+                    "refund.sign",
+                    entry.id,
+                    f"refund {entry.ref} gives points back ({clawback}, debt {entry.debt})",
+                )
+            clawed[entry.source_id] += clawback
+    for purchase_id, taken in clawed.items():
+        purchase = by_entry.get(purchase_id)
+        if purchase is None or purchase.kind != "purchase":
+            bad("refund.order", purchase_id, "a refund of an entry that is not a purchase")
+            continue
+        earned = purchase.points + purchase.pending - purchase.debt
+        if taken > earned:
+            bad("refund.at_most_earned", purchase.ref, f"refunds took back {taken} of the {earned} it earned")
+
+
+def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
+    ledger = {(e.kind, e.ref): e for e in entries}
+    created_messages: dict[int, list] = defaultdict(list)
+    for message in messages:
+        if message.state not in MESSAGE_STATES:
+            bad("message.state", message.id, f"unknown state {message.state!r}")
+        if message.routing_key == REDEMPTION_CREATED:
+            created_messages[message.redemption_id].append(message)
+    ids = {r.id for r in redemptions}
+    for redemption_id in sorted(set(created_messages) - ids, key=str):
+        bad("message.redemption", redemption_id, "a redemption.created message without its redemption")
+    request_ids: dict[str, int] = {}
+    for r in redemptions:
+        where = f"redemption {r.id} ({r.user_id}, {r.quantity} x {r.sku})"
+        state = REDEMPTION_STATES.get(r.status)
+        if state is None:
+            bad(
+                "redemption.status",
+                r.id,
+                f"{where}: unknown status {r.status!r}: add it to REDEMPTION_STATES",
+            )
+            state = RedemptionState(holds_stock=True, confirmed=False)
+        if r.request_id is not None:
+            if r.request_id in request_ids:
+                bad(
+                    "redemption.request_once", (request_ids[r.request_id], r.id), f"request id {r.request_id}"
+                )
+            request_ids[r.request_id] = r.id
+        if r.quantity < 1 or r.points < 1 or r.points % r.quantity:
+            bad("redemption.points", r.id, f"{where}: {r.points} points is no price x {r.quantity}")
+        entry = ledger.get(("redemption", str(r.id)))
+        if entry is None:
+            bad("redemption.ledger", r.id, f"{where}: no ledger entry")
+        elif (entry.user_id, entry.points, entry.balance) != (r.user_id, -r.points, r.balance):
+            bad(
+                "redemption.ledger",
+                (r.id, entry.id),
+                f"{where}: entry {entry.user_id} {entry.points} (balance {entry.balance}), "
+                f"redemption {-r.points} (balance {r.balance})",
+            )
+        found = created_messages.get(r.id, [])
+        if len(found) > 1:
+            bad("redemption.one_message", r.id, f"{where}: {len(found)} redemption.created messages")
+        if not found:
+            # `relay purge` deletes confirmed messages: only a confirmed redemption may lack its own.
+            if not (state.confirmed and r.express_no):
+                bad("redemption.one_message", r.id, f"{where}: no outbox message")
+            continue
+        message = found[0]
+        if message.id != r.message_id:
+            bad("redemption.message_id", (r.id, message.id), f"{where}: its message id is {r.message_id}")
+        if message.created_at != r.created_at:
+            bad(
+                "redemption.same_transaction",
+                (r.id, message.id),
+                f"{where}: written at {r.created_at}, its message at {message.created_at}",
+            )
+        _check_body(bad, r, message, where)
+        if message.state == "confirmed" and not (state.confirmed and r.express_no):
+            bad("redemption.confirmed", r.id, f"{where}: message confirmed, status {r.status}, no waybill")
+        if message.state != "confirmed" and state.confirmed:
+            bad("redemption.confirmed", r.id, f"{where}: {r.status} but its message is {message.state}")
+
+
+def _check_body(bad, r, message, where: str) -> None:
+    try:
+        body = json.loads(message.body)
+    except ValueError:
+        bad("message.body", message.id, f"{where}: the body is not JSON")
+        return
+    expected = {
+        "message_id": r.message_id,
+        "redemption_id": r.id,
+        "user_id": r.user_id,
+        "sku": r.sku,
+        "quantity": r.quantity,
+        "points": r.points,
+        "address": r.address,
+    }
+    found = {key: body.get(key) for key in expected} if isinstance(body, dict) else body
+    if found != expected:
+        bad("message.body", message.id, f"{where}: the body says {found}")
+
+
+def _check_stock(bad, items, redemptions, book: CatalogBook | None, stocks: dict[str, int] | None) -> None:
+    sets: dict[str, list[StockSet]] = {}
+    if book is not None:
+        sets.update(book.sets)
+    for sku, stock in (stocks or {}).items():
+        sets[sku] = [StockSet(stock, 0, 0)]  # no price known: the points rule is left to the book
+    catalog = {item.sku: item for item in items}
+    by_sku: dict[str, list] = defaultdict(list)
+    for r in redemptions:
+        by_sku[r.sku].append(r)
+    for item in items:
+        if item.stock is not None and item.stock < 0:
+            bad("stock.nonnegative", item.sku, f"stock {item.stock}")
+    for sku, history in sets.items():
+        item = catalog.get(sku)
+        if item is None:
+            bad("stock.item", sku, "the test set its stock, the catalog has no such gift")
+            continue
+        # The price in force when each redemption was made.
+        for r in by_sku[sku]:
+            index = _set_before(history, r.id)
+            if index is None or history[index].points == 0:
+                continue
+            if history[index].uncertain and history[index].after >= r.id:
+                continue
+            if r.points != history[index].points * r.quantity:
+                bad(
+                    "redemption.price",
+                    r.id,
+                    f"{r.quantity} x {sku} at {history[index].points} is "
+                    f"{history[index].points * r.quantity}, it cost {r.points}",
+                )
+        last = history[-1]
+        if last.uncertain:
+            continue  # a redemption raced the change: which side of it it fell on is unknown
+        if last.stock is None:
+            if item.stock is not None:
+                bad("stock.conserved", sku, f"set unlimited, the catalog says {item.stock}")
+            continue
+        taken = sum(r.quantity for r in by_sku[sku] if r.id > last.after and _holds_stock(r))
+        if item.stock != last.stock - taken:
+            bad(
+                "stock.conserved",
+                sku,
+                f"set to {last.stock}, redemptions since took {taken}, the catalog says {item.stock}",
+            )
+
+
+def _holds_stock(redemption) -> bool:
+    return REDEMPTION_STATES.get(redemption.status, RedemptionState(True, False)).holds_stock
+
+
+def _set_before(history: list[StockSet], redemption_id: int) -> int | None:
+    """The last change made before ``redemption_id`` (None: the gift was set up another way)."""
+    found = None
+    for index, change in enumerate(history):
+        if change.after < redemption_id:
+            found = index
+    return found
+
+
+def _check_shipments(bad, redemptions, messages, shipment_requests, shipped: bool) -> None:
+    by_id = {r.id: r for r in redemptions}
+    per_redemption: dict[int, list] = defaultdict(list)
+    express: dict[str, list] = defaultdict(list)
+    for request in shipment_requests:
+        per_redemption[request.redemption_id].append(request)
+        if request.express_no is not None:
+            express[request.express_no].append(request.id)
+    for redemption_id, requests in per_redemption.items():
+        if len(requests) > 1:
+            bad("shipment.once", redemption_id, f"{len(requests)} shipment requests")
+    for number, ids in express.items():
+        if len(ids) > 1:
+            bad("waybill.once", ids, f"express number {number} on several shipment requests")
+    for redemption_id, (request, *_) in per_redemption.items():
+        r = by_id.get(redemption_id)
+        if r is None or request.type != 2:
+            continue  # a purchase, or a message a test made up: nothing to compare with
+        found = (request.message_id, request.sku, request.quantity, request.address)
+        if found != (r.message_id, r.sku, r.quantity, r.address):
+            bad("shipment.matches", (redemption_id, request.id), f"the request says {found}")
+        if r.express_no is not None and request.express_no != r.express_no:
+            bad(
+                "shipment.waybill",
+                (redemption_id, request.id),
+                f"the redemption shows {r.express_no}, its shipment request {request.express_no}",
+            )
+    if shipped:
+        for r in redemptions:
+            if REDEMPTION_STATES.get(r.status, RedemptionState(True, False)).confirmed:
+                requests = per_redemption.get(r.id, [])
+                if len(requests) != 1 or requests[0].express_no is None:
+                    bad(
+                        "shipment.confirmed", r.id, "confirmed without a shipment request holding its waybill"
+                    )

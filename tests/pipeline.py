@@ -28,21 +28,27 @@ class Pipeline:
             CREDEX_DATABASE_URL=db_url, CREDEX_LOGISTICS_URL=sandbox.url, **rabbit.env, **extra
         )
 
-    def start(self, *command: str) -> subprocess.Popen:
+    def start(self, *command: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``credex COMMAND`` in the background; stderr goes to a log of its own, stdout is kept."""
         log = open(self.logs / f"{command[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
         process = subprocess.Popen(
-            credex_command(*command), env=self.env, stdout=subprocess.PIPE, stderr=log, text=True
+            credex_command(*command),
+            env={**self.env, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
         process.log_path = log.name
         log.close()
         self.processes.append(process)
         return process
 
-    def relay(self, *options: str) -> subprocess.Popen:
-        return self.start("relay", "run", "--json", "--poll-interval", "0.05", *options)
+    def relay(self, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.start("relay", "run", "--json", "--poll-interval", "0.05", *options, env=env)
 
-    def warehouse(self, *options: str) -> subprocess.Popen:
-        return self.start("warehouse", "run", "--json", *options)
+    def warehouse(self, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.start("warehouse", "run", "--json", *options, env=env)
 
     def run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -63,16 +69,28 @@ class Pipeline:
 
     @staticmethod
     def kill(process: subprocess.Popen) -> None:
+        """SIGKILL, and wait until it is gone (its connections closed with it)."""
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
 
     def close(self) -> None:
+        """Kill every process still running; a process that will not die is named, not waited on."""
+        stuck = []
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
+            try:
                 process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stuck.append(process.args)
+            except ValueError:  # its pipes were read and closed already
+                pass
+        assert not stuck, f"processes that outlived SIGKILL: {stuck}"
 
     # --- what the databases say ---------------------------------------------------------------
+
+    def unconfirmed(self) -> int:
+        return self.scalar("SELECT count(*) FROM outbox_message WHERE state <> 'confirmed'")
 
     def scalar(self, sql: str, *, warehouse: bool = False):
         with get_engine(self.warehouse_db_url if warehouse else self.db_url).connect() as connection:
@@ -110,3 +128,26 @@ def check_shipped_exactly_once(pipeline: Pipeline, redemptions: int) -> None:
         "the carrier issued more than one waybill for a redemption"
     )
     assert {parcel["tracking_number"] for parcel in parcels} == set(shipped.values())
+
+
+def close_connections(needle: str) -> int:
+    """Close, from the broker's side, the connections whose client-given name contains ``needle``."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    pids = [
+        line.split("\t", 1)[0]
+        for line in listed.splitlines()
+        if '"connection_name"' in line and needle in line
+    ]
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "test: cut the connection"],
+            capture_output=True,
+            timeout=60,
+        )
+    return len(pids)

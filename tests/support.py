@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +81,30 @@ def pg_url(database: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
+
+
+@contextmanager
+def holding_accounts(db_url: str, *users: str) -> Iterator[None]:
+    """Postgres: hold the row locks of ``users``' accounts, as a long transaction of another
+    program would: every writer that touches them waits inside its own transaction meanwhile."""
+    import psycopg
+
+    with psycopg.connect(db_url, connect_timeout=5) as connection:
+        connection.execute(
+            "SELECT user_id FROM account WHERE user_id = ANY(%s) FOR UPDATE", (list(users),)
+        ).fetchall()
+        try:
+            yield
+        finally:
+            connection.rollback()
+
+
+def lock_waiters(db_url: str) -> int:
+    """Postgres: the sessions of this database that wait for a lock right now."""
+    import psycopg
+
+    with psycopg.connect(db_url, connect_timeout=5, autocommit=True) as connection:
+        return connection.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()[0]

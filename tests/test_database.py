@@ -2,7 +2,6 @@
 
 import json
 import sqlite3
-import time
 import uuid
 
 import pytest
@@ -84,12 +83,11 @@ def test_an_unmigrated_postgres_is_refused_until_db_upgrade(empty_postgres):
         "postgresql://credex:s3cr3t-pw@db.invalid:5432/points",  # no such host
     ],
 )
-def test_an_unreachable_database_exits_69_quickly_without_the_password(url):
-    started = time.monotonic()
+def test_an_unreachable_database_exits_69_without_the_password(url):
+    # No wall-clock bound of our own: a DNS lookup has no timeout credex could promise; a hang
+    # fails through run_process's timeout (and pytest-timeout's) with a stack.
     result = run_process("--database-url", url, "account", "show", "u1")
-    elapsed = time.monotonic() - started
     assert result.exit_code == 69
-    assert elapsed < 15
     assert "s3cr3t-pw" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot use the database postgresql")
@@ -108,3 +106,288 @@ def test_an_unsupported_database_url_is_bad_usage():
     result = run_process("--database-url", "mysql://root:pw@localhost/x", "catalog", "list")
     assert result.exit_code == 2
     assert "unsupported database" in result.stderr and "pw@" not in result.stderr
+
+
+# --- a schema credex does not know ------------------------------------------------------------
+
+
+def _set_revision(url: str, revision: str) -> None:
+    from sqlalchemy import text
+
+    from credex.db.engine import dispose_engines, get_engine
+
+    with get_engine(url).begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    dispose_engines()  # forget that this process found the schema current
+
+
+def _everything(url: str) -> dict:
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine
+
+    tables = ("account", "ledger_entry", "point_lot", "catalog_item", "redemption", "outbox_message")
+    with get_engine(url).connect() as connection:
+        found = {t: connection.execute(text(f"SELECT * FROM {t} ORDER BY 1")).all() for t in tables}
+        found["revision"] = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return found
+
+
+@pytest.fixture
+def shop_at_unknown_revision(db_url, credex):
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5")
+    credex("award", "grant", "u1", "100", "--reason", "opening", "--ref", "open-u1")
+    credex("redeem", "create", "u1", "MUG", "--address", "1 High St")
+    _set_revision(db_url, "9999")  # a newer credex migrated it, or someone stamped it by hand
+    return _everything(db_url)
+
+
+ORDINARY_COMMANDS = [
+    ("account", "show", "u1"),
+    ("award", "grant", "u1", "5", "--reason", "r", "--ref", "g-9999"),
+    ("award", "purchase", "u2", "--order", "o-1", "--amount", "30"),
+    ("catalog", "add", "CAP", "--name", "Cap", "--points", "3"),
+    ("redeem", "create", "u1", "MUG", "--address", "1 High St"),
+    ("relay", "status"),
+    ("award", "settle"),
+]
+
+
+@pytest.mark.parametrize("command", ORDINARY_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_database_at_an_unknown_revision_is_refused_by_every_command_and_left_alone(
+    db_url, backend, credex, shop_at_unknown_revision, command, request
+):
+    if backend == "sqlite":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="credex tries to migrate a SQLite file from 9999 and exits 70 (alembic CommandError)",
+            )
+        )
+    result = credex(*command, "--json")
+    assert result.exit_code == 1, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "not_migrated" and "9999" in error["message"], error
+    assert result.stdout == ""
+    assert _everything(db_url) == shop_at_unknown_revision
+
+
+@pytest.mark.xfail(
+    strict=True, reason="`db upgrade` from an unknown revision exits 70 (alembic CommandError)"
+)
+def test_db_upgrade_refuses_a_revision_it_does_not_know_and_changes_nothing(
+    db_url, credex, shop_at_unknown_revision
+):
+    result = credex("db", "upgrade", "--json")
+    assert result.exit_code == 1, result.stderr
+    assert "9999" in json.loads(result.stderr)["error"]["message"]
+    assert _everything(db_url) == shop_at_unknown_revision
+
+
+# --- an old file, upgraded by whatever command comes first --------------------------------------
+
+
+def fill_sqlite_at_0001(path) -> None:
+    """What credex 0001 left: two shoppers, a gift, a redemption with its ledger entry and its
+    outbox message, written as that version wrote them."""
+    created = "2024-03-01 12:00:00.000000"
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "INSERT INTO account (user_id, balance, earned, redeemed, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [("u1", 60, 100, 40, created, created), ("u2", 25, 25, 0, created, created)],
+        )
+        db.execute(
+            "INSERT INTO catalog_item (sku, name, points, stock, active, created_at, updated_at) "
+            "VALUES ('MUG', 'Mug', 40, 9, 1, ?, ?)",
+            (created, created),
+        )
+        db.executemany(
+            "INSERT INTO ledger_entry (id, user_id, kind, ref, points, balance, detail, operator, reason, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'old-admin', ?, ?)",
+            [
+                (1, "u1", "purchase", "o-1", 100, 100, "amount=100", "order o-1", created),
+                (2, "u2", "review", "rv-1", 25, 25, "photos=no", "review rv-1", created),
+                (3, "u1", "redemption", "1", -40, 60, "MUG x1", "redemption 1: 1 x MUG", created),
+            ],
+        )
+        message_id = "6f1c2f7e-0000-4000-8000-000000000001"
+        db.execute(
+            "INSERT INTO redemption (id, request_id, user_id, sku, quantity, points, balance, address, "
+            "status, message_id, operator, created_at, updated_at) "
+            "VALUES (1, 'web-1', 'u1', 'MUG', 1, 40, 60, '1 High St', 'pending', ?, 'old-admin', ?, ?)",
+            (message_id, created, created),
+        )
+        body = {
+            "message_id": message_id,
+            "redemption_id": 1,
+            "user_id": "u1",
+            "sku": "MUG",
+            "quantity": 1,
+            "points": 40,
+            "address": "1 High St",
+            "created_at": "2024-03-01T12:00:00+00:00",
+        }
+        db.execute(
+            "INSERT INTO outbox_message (id, redemption_id, routing_key, body, state, attempts, "
+            "next_attempt_at, created_at) VALUES (?, 1, 'redemption.created', ?, 'pending', 0, ?, ?)",
+            (message_id, json.dumps(body), created, created),
+        )
+
+
+def test_an_old_sqlite_file_is_upgraded_by_the_first_ordinary_command_and_keeps_every_rule(tmp_path):
+    from credex.db import HEAD_REVISION
+    from credex.db.engine import dispose_engines, get_engine
+    from credex.db.migrate import alembic_config
+    from tests.invariants import check_invariants
+
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    with get_engine(url).execution_options(credex_write=True).begin() as connection:
+        from alembic import command
+
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    dispose_engines()
+    fill_sqlite_at_0001(path)
+
+    shown = run_process("--database-url", url, "account", "show", "u1", "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert {k: json.loads(shown.stdout)[k] for k in ("balance", "earned", "redeemed", "pending", "debt")} == {
+        "balance": 60,
+        "earned": 100,
+        "redeemed": 40,
+        "pending": 0,
+        "debt": 0,
+    }
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD_REVISION,)]
+    check_invariants(url, stocks={"MUG": 10}, legacy_upto=3)
+
+    # The upgraded file lives on: the old request id is still a repeat, new points join the old.
+    again = run_process(
+        "--database-url", url, "redeem", "create", "u1", "MUG", "--address", "1 High St",
+        "--request-id", "web-1", "--json",
+    )  # fmt: skip
+    assert again.exit_code == 0 and json.loads(again.stdout)["duplicate"] is True, again.stderr
+    assert run_process("--database-url", url, "award", "grant", "u1", "30", "--reason", "r").exit_code == 0
+    spent = run_process("--database-url", url, "redeem", "create", "u1", "MUG", "--address", "x", "--json")
+    assert spent.exit_code == 0 and json.loads(spent.stdout)["balance"] == 50, spent.stderr
+    check_invariants(url, stocks={"MUG": 10}, legacy_upto=3)
+
+
+# --- processes that all start on a fresh database -----------------------------------------------
+
+
+def _start(*args: object, env: dict | None = None):
+    import subprocess
+
+    from tests.support import credex_command
+
+    return subprocess.Popen(
+        credex_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or subprocess_env(),
+    )
+
+
+def _finish(processes, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Every process's (exit code, stdout, stderr); all of them killed if one hangs."""
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_processes_starting_together_on_a_fresh_sqlite_file_migrate_it_once(tmp_path):
+    from credex.db import HEAD_REVISION
+    from tests.invariants import check_invariants
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    grants = [
+        _start("--database-url", url, "award", "grant", "u1", str(n), "--reason", "r", "--ref", f"g-{n}")
+        for n in range(1, 5)
+    ]
+    for code, _out, err in _finish(grants):
+        assert code == 0, err
+    with sqlite3.connect(tmp_path / "fresh.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD_REVISION,)]
+        assert db.execute("SELECT balance FROM account").fetchall() == [(1 + 2 + 3 + 4,)]
+    check_invariants(url)
+
+
+@pytest.mark.timeout(300)
+def test_db_upgrade_run_by_several_processes_at_once_on_an_empty_postgres(empty_postgres):
+    from sqlalchemy import text
+
+    from credex.db import HEAD_REVISION
+    from credex.db.engine import get_engine
+    from tests.invariants import check_invariants
+
+    upgrades = [_start("--database-url", empty_postgres, "db", "upgrade", "--json") for _ in range(3)]
+    outcomes = _finish(upgrades)
+    for code, out, err in outcomes:
+        assert code == 0, err
+        assert json.loads(out)["to"] == HEAD_REVISION
+    with get_engine(empty_postgres).connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [(HEAD_REVISION,)]
+    granted = run_process("--database-url", empty_postgres, "award", "grant", "u1", "7", "--reason", "r")
+    assert granted.exit_code == 0, granted.stderr
+    check_invariants(empty_postgres)
+
+
+# --- a database another program holds locked ----------------------------------------------------
+
+WRITES = [
+    ("award", "grant", "u1", "5", "--reason", "r", "--ref", "g-locked"),
+    ("redeem", "create", "u1", "MUG", "--address", "1 High St"),
+    ("catalog", "update", "MUG", "--stock", "3"),
+    ("award", "settle"),
+]
+
+
+@pytest.mark.parametrize("command", WRITES, ids=lambda c: " ".join(c[:2]))
+def test_a_sqlite_file_locked_by_another_program_is_exit_69_and_nothing_changes(
+    tmp_path, monkeypatch, command
+):
+    from typer.testing import CliRunner
+
+    from credex.cli import app
+    from credex.db import engine
+
+    path = tmp_path / "locked.db"
+    url = f"sqlite:///{path}"
+
+    def credex(*args: str):
+        return CliRunner().invoke(app, ["--database-url", url, *args], catch_exceptions=False)
+
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10").exit_code == 0
+    assert credex("award", "grant", "u1", "100", "--reason", "opening").exit_code == 0
+    before = _everything(url)
+    # credex waits 30 s for a lock and has no setting for it: a test must not wait that long.
+    monkeypatch.setattr(engine, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    engine.dispose_engines()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # what a backup tool or a stuck script does
+        result = credex(*command, "--json")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 69, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "unavailable" and "database is locked" in error["message"], error
+    assert result.stdout == ""
+    engine.dispose_engines()
+    assert _everything(url) == before

@@ -1,0 +1,330 @@
+"""The relay and the warehouse against a broker that misbehaves for real: confirmations that are
+not JSON objects, a confirmation the broker refuses, a queue deleted under its consumer,
+publisher confirms that stop arriving, a second SIGTERM, and a full broker restart.
+
+Each ends with every redemption shipped exactly once and every rule of domain.md holding (the
+``db_url`` teardown check, plus ``check_shipped_exactly_once`` where a warehouse ran)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.invariants import check_invariants
+from tests.netfaults import FaultyProxy
+from tests.pipeline import Pipeline, check_shipped_exactly_once
+from tests.sandbox import running_sandbox
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.rabbitmq]
+
+
+@pytest.fixture
+def shop(credex):
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "100")
+    credex("award", "grant", "u1", "1000", "--reason", "opening", "--ref", "open-u1")
+
+    def redeem(n: int = 1) -> list[dict]:
+        created = []
+        for i in range(n):
+            result = credex("redeem", "create", "u1", "MUG", "--address", f"{i} High St", "--json")
+            assert result.exit_code == 0, result.stderr
+            created.append(result.json())
+        return created
+
+    return redeem
+
+
+def message_of(credex, redemption: dict) -> dict:
+    (message,) = [
+        m for m in credex("relay", "list", "--json").json() if m["message_id"] == redemption["message_id"]
+    ]
+    return message
+
+
+# --- confirmations the relay cannot use ------------------------------------------------------------
+
+
+def test_confirmations_that_are_not_objects_or_miss_a_field_are_dropped_and_change_nothing(
+    db_url, credex, shop, rabbit
+):
+    (redemption,) = shop(1)
+    assert credex("relay", "run", "--once", "--json").json()["published"] == 1
+    mid = redemption["message_id"]
+    malformed = [
+        b"[1, 2]",
+        b'"shipped"',
+        b"null",
+        b"42",
+        b"{}",
+        b"\xff\xfe not even text",
+        {"message_id": mid},  # no express number
+        {"message_id": mid, "express_no": ""},
+        {"message_id": mid, "express_no": 42},
+        {"express_no": "SIM1", "carrier": "sandbox"},  # no message id, no correlation id
+        {"message_id": 7, "express_no": "SIM1"},
+    ]
+    for body in malformed:
+        rabbit.publish("shipment.requested", body)
+    # Well formed, for a message nobody wrote: a repeat that finds nothing to confirm.
+    rabbit.publish("shipment.requested", {"message_id": "no-such-message", "express_no": "SIM9"})
+
+    report = credex("relay", "run", "--once", "--json")
+    assert report.exit_code == 0, report.stderr
+    counts = report.json()
+    assert (counts["malformed_confirmations"], counts["repeated_confirmations"], counts["confirmed"]) == (
+        len(malformed),
+        1,
+        0,
+    )
+    assert report.stderr.count("dropped a malformed confirmation") == len(malformed)
+    assert rabbit.count(rabbit.names.confirmations_queue) == 0, "every one of them is acked"
+    shown = credex("redeem", "show", str(redemption["redemption_id"]), "--json").json()
+    assert (shown["status"], shown["express_no"], shown["message_state"]) == ("pending", None, "sent")
+
+    # The relay is still of use: the real confirmation comes and is recorded.
+    rabbit.publish("shipment.requested", {"message_id": mid, "express_no": "SIM1", "carrier": "sandbox"})
+    assert credex("relay", "run", "--once", "--json").json()["confirmed"] == 1
+    assert credex("redeem", "show", str(redemption["redemption_id"]), "--json").json()["express_no"] == "SIM1"
+
+
+# --- the warehouse's confirmation refused by the broker ---------------------------------------------
+
+
+@pytest.fixture
+def pipeline(db_url, rabbit, tmp_path):
+    with running_sandbox() as sandbox:
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
+        try:
+            yield pipeline
+        finally:
+            pipeline.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_confirmation_that_cannot_be_published_is_sent_again_with_the_next_delivery(shop, rabbit, pipeline):
+    names = rabbit.names
+    relay = pipeline.relay("--confirm-timeout", "1", "--max-confirm-timeout", "1")
+    warehouse = pipeline.warehouse()
+    for process in (relay, warehouse):
+        pipeline.wait_ready(process)  # both declared the topology
+    # No queue takes the confirmations any more: the broker returns each one unroutable.
+    rabbit.channel.queue_unbind(names.confirmations_queue, names.exchange, routing_key="shipment.requested")
+    try:
+        (redemption,) = shop(1)
+        wait_for(
+            lambda: pipeline.log(warehouse).count("not published: unroutable") >= 2,
+            timeout=60,
+            what="the warehouse's confirmation returned twice (the relay sent the message again)",
+        )
+        assert pipeline.confirmed() == 0
+        assert rabbit.count(names.warehouse_queue) == 0, "acked all the same: the relay sends it again"
+    finally:
+        rabbit.channel.queue_bind(names.confirmations_queue, names.exchange, routing_key="shipment.requested")
+    pipeline.wait_all_confirmed(1, timeout=60)
+    (relay_exit, _), (warehouse_exit, warehouse_out) = pipeline.stop(relay), pipeline.stop(warehouse)
+    assert (relay_exit, warehouse_exit) == (0, 0)
+    report = json.loads(warehouse_out)
+    assert report["received"] >= 3 and report["shipments_created"] == 1 and report["waybills"] == 1
+    check_shipped_exactly_once(pipeline, 1)
+    (parcel,) = pipeline.sandbox.shipments()
+    assert parcel["idempotency_key"] == f"redemption-{redemption['redemption_id']}"
+
+
+# --- a queue deleted under its consumer -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("worker", ["warehouse", "relay"])
+def test_a_worker_whose_queue_is_deleted_under_it_reconnects_and_everything_ships(
+    shop, rabbit, pipeline, worker
+):
+    relay = pipeline.relay("--confirm-timeout", "1", "--max-confirm-timeout", "2")
+    warehouse = pipeline.warehouse()
+    for process in (relay, warehouse):
+        pipeline.wait_ready(process)
+    shop(2)
+    pipeline.wait_all_confirmed(2)
+    victim = warehouse if worker == "warehouse" else relay
+    queue = rabbit.names.warehouse_queue if worker == "warehouse" else rabbit.names.confirmations_queue
+    rabbit.channel.queue_delete(queue)  # the broker cancels the consumer
+    wait_for(
+        lambda: "reconnected to the broker" in pipeline.log(victim),
+        timeout=60,
+        what=f"the {worker} to reconnect",
+    )
+    assert "cancelled the consumer" in pipeline.log(victim)
+    shop(3)
+    pipeline.wait_all_confirmed(5, timeout=90)
+    (relay_exit, relay_out), (warehouse_exit, warehouse_out) = pipeline.stop(relay), pipeline.stop(warehouse)
+    assert (relay_exit, warehouse_exit) == (0, 0), pipeline.log(victim)
+    reports = {"relay": json.loads(relay_out), "warehouse": json.loads(warehouse_out)}
+    assert reports[worker]["reconnects"] >= 1
+    check_shipped_exactly_once(pipeline, 5)
+
+
+# --- publisher confirms that stop arriving --------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_published_again(
+    credex, shop, rabbit, pipeline
+):
+    # The relay talks to the broker through a proxy that, once muted, passes what the relay sends
+    # (the broker stores the message) and swallows every answer: the publisher confirm never comes.
+    with FaultyProxy("127.0.0.1", 5672) as proxy:
+        pipeline.env["CREDEX_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        relay = pipeline.relay("--confirm-timeout", "60")
+        pipeline.wait_ready(relay)
+        assert proxy.mute_answers() == 1
+        (redemption,) = shop(1)
+        queue = rabbit.names.warehouse_queue
+        wait_for(lambda: rabbit.count(queue) == 1, timeout=30, what="the broker to have the message")
+        # Never marked sent without its confirm, however long the relay waits for it.
+        while "publisher confirms stopped arriving" not in pipeline.log(relay):
+            assert message_of(credex, redemption)["state"] == "pending"
+            assert relay.poll() is None, pipeline.log(relay)
+            time.sleep(0.5)
+        assert "no publisher confirm within 30 s" in pipeline.log(relay)
+        wait_for(
+            lambda: message_of(credex, redemption)["state"] == "sent", timeout=60, what="the publish again"
+        )
+        message = message_of(credex, redemption)
+        assert message["attempts"] == 2
+        assert rabbit.count(queue) == 2  # both copies: the warehouse ships it once all the same
+        pipeline.env["CREDEX_AMQP_URL"] = rabbit.url
+        warehouse = pipeline.warehouse()
+        pipeline.wait_all_confirmed(1, timeout=90)
+        (relay_exit, relay_out), (warehouse_exit, _) = pipeline.stop(relay), pipeline.stop(warehouse)
+    assert (relay_exit, warehouse_exit) == (0, 0)
+    assert json.loads(relay_out)["reconnects"] >= 1
+    check_shipped_exactly_once(pipeline, 1)
+
+
+# --- a second SIGTERM -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_sigterm_leaves_at_once_and_the_message_comes_back_to_the_next_warehouse(
+    db_url, shop, rabbit, tmp_path
+):
+    # The carrier takes two minutes to answer the first request: the warehouse is busy with it.
+    with running_sandbox("--faults", "slow", "--slow-seconds", "120") as sandbox:
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
+        try:
+            shop(1)
+            published = pipeline.run("relay", "run", "--once", "--json")
+            assert published.returncode == 0, published.stderr
+            warehouse = pipeline.warehouse("--carrier-timeout", "100")
+            wait_for(
+                lambda: sandbox.requests()["faults"].get("slow") == 1,
+                timeout=60,
+                what="the warehouse waiting on the carrier",
+            )
+            warehouse.send_signal(signal.SIGTERM)
+            wait_for(
+                lambda: "SIGTERM received" in pipeline.log(warehouse), timeout=30, what="the first SIGTERM"
+            )
+            time.sleep(0.5)
+            assert warehouse.poll() is None, "the first SIGTERM lets the work in hand finish"
+            warehouse.send_signal(signal.SIGTERM)
+            try:
+                out, _ = warehouse.communicate(timeout=20)  # far less than the carrier's 120 s
+            except subprocess.TimeoutExpired:
+                pytest.fail("the second SIGTERM did not make the warehouse leave at once")
+            assert warehouse.returncode == 130, pipeline.log(warehouse)
+            assert '"code": "interrupted"' in pipeline.log(warehouse) and out == ""
+            assert rabbit.count(rabbit.names.warehouse_queue) == 1, "unacked: back in the queue"
+
+            relay, again = pipeline.relay(), pipeline.warehouse()
+            pipeline.wait_all_confirmed(1, timeout=90)
+            assert (pipeline.stop(relay)[0], pipeline.stop(again)[0]) == (0, 0)
+        finally:
+            pipeline.close()
+        check_shipped_exactly_once(pipeline, 1)
+
+
+# --- the broker restarts ----------------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
+
+
+@pytest.fixture
+def broker_to_ourselves():
+    """The shared broker, with no other test of this run using it (they wait on the lock)."""
+    from tests.conftest import broker_lock, check_broker
+
+    with broker_lock(exclusive=True):
+        yield check_broker()
+
+
+@pytest.mark.broker_restart
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # one outage per run is enough
+def test_the_relay_and_the_warehouse_ride_out_a_broker_restart(
+    db_url, credex, shop, broker_to_ourselves, tmp_path, monkeypatch
+):
+    from tests.conftest import Rabbit
+
+    prefix = f"t{tmp_path.name[-8:]}{int(time.time() * 1000) % 100000}."
+    rabbit = Rabbit(broker_to_ourselves, prefix)
+    rabbit.close()  # the test only needs its names and URL; the restart would cut its connection
+    with running_sandbox() as sandbox:
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
+        try:
+            relay = pipeline.relay("--confirm-timeout", "2", "--max-confirm-timeout", "4")
+            warehouse = pipeline.warehouse()
+            shop(5)
+            pipeline.wait_all_confirmed(5)
+            stopped = False
+            try:
+                rabbitmqctl("stop_app")
+                stopped = True
+                shop(5)  # shoppers go on while the broker is away: the outbox keeps their messages
+                time.sleep(3)  # a short outage: other engineers' tests share this broker
+            finally:
+                rabbitmqctl("start_app")
+                rabbitmqctl("await_startup")
+            assert stopped
+            pipeline.wait_all_confirmed(10, timeout=180)
+            (relay_exit, relay_out), (warehouse_exit, warehouse_out) = (
+                pipeline.stop(relay),
+                pipeline.stop(warehouse),
+            )
+            assert (relay_exit, warehouse_exit) == (0, 0)
+            for process, out in ((relay, relay_out), (warehouse, warehouse_out)):
+                log = pipeline.log(process)
+                assert json.loads(out)["reconnects"] >= 1, log
+                # The reconnect loop went round: at least one attempt found the broker away.
+                assert "cannot reach the broker" in log and "reconnected to the broker" in log, log
+        finally:
+            pipeline.close()
+            _delete_names(broker_to_ourselves, rabbit.names)
+        check_shipped_exactly_once(pipeline, 10)
+    check_invariants(db_url)
+
+
+def _delete_names(url: str, names) -> None:
+    import contextlib
+
+    import pika
+
+    with contextlib.suppress(Exception):
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        for queue in (names.warehouse_queue, names.confirmations_queue):
+            channel.queue_delete(queue)
+        channel.exchange_delete(names.exchange)
+        connection.close()
