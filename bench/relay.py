@@ -86,13 +86,10 @@ def fill_outbox(url: str, count: int) -> list[bytes]:
 
 
 def run_credex(url: str, prefix: str, batch_size: int) -> float:
-    from credex.relay.outbox import RetryPolicy
-    from credex.relay.runner import Relay, RelayOptions
+    from credex.relay.runner import RelayOptions, make_relay
     from credex.relay.topology import Names
 
-    relay = Relay(
-        url, AMQP_URL, Names(prefix), RelayOptions(batch_size=batch_size, once=True, policy=RetryPolicy())
-    )
+    relay = make_relay(url, AMQP_URL, Names(prefix), RelayOptions(batch_size=batch_size, once=True))
     started = time.perf_counter()
     report = relay.run()
     elapsed = time.perf_counter() - started

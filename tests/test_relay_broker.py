@@ -104,10 +104,15 @@ def test_confirmations_waiting_are_recorded_and_a_repeat_changes_nothing(db_url,
 
 
 def test_an_unroutable_publish_is_reported_as_a_failure_not_as_sent(rabbit):
-    from credex.broker import Broker, Outgoing
+    from credex.amqp.broker import Broker
+    from credex.amqp.confirms import Outgoing
 
     broker = Broker(
-        rabbit.url, rabbit.names, queue=rabbit.names.confirmations_queue, prefetch=10, connection_name="test"
+        rabbit.url,
+        rabbit.names.topology(),
+        consume=rabbit.names.confirmations_queue,
+        prefetch=10,
+        connection_name="test",
     )
     broker.open()
     try:

@@ -51,16 +51,17 @@ def run(
 ) -> None:
     """Publish due messages (publisher confirms), record the warehouse's confirmations, publish
     again what is not confirmed in time. Runs until SIGINT/SIGTERM, or one pass with --once."""
-    from credex.broker import quiet_pika, stop_on_signals
+    from credex.amqp.params import quiet_pika
     from credex.output import log_to_stderr
-    from credex.relay.outbox import RetryPolicy
-    from credex.relay.runner import Relay, RelayOptions
+    from credex.relay.outbox import RedeliveryPolicy
+    from credex.relay.runner import RelayOptions, make_relay
     from credex.relay.topology import Names
+    from credex.worker import run_until_signalled
 
     s = settings(ctx)
     log_to_stderr(verbose)
     quiet_pika()
-    policy = RetryPolicy(
+    policy = RedeliveryPolicy(
         confirm_timeout=confirm_timeout,
         max_confirm_timeout=max(confirm_timeout, max_confirm_timeout),
         max_attempts=max_attempts,
@@ -68,9 +69,8 @@ def run(
     options = RelayOptions(
         batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
     )
-    relay = Relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
-    with stop_on_signals(relay.stop):
-        report = relay.run()
+    relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
+    report = run_until_signalled(relay)
     emit(report.to_json(), as_json=as_json, title="relay")
 
 

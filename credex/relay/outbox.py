@@ -1,5 +1,9 @@
 """The outbox as the relay and operators see it: claiming due messages, recording what the
-broker and the warehouse said, and the operators' commands."""
+broker and the warehouse said, and the operators' commands.
+
+The relay's functions are statements run inside the caller's transaction (the caller commits);
+how a relay holds a batch, and so which of them it uses, is ``credex.relay.claims``'s business.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, true, update
+from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import MessageState, RedemptionStatus, utcnow
 from credex.errors import UnknownMessage
+from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
 _redemption = tables.redemption
@@ -51,24 +57,22 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How long to wait for the warehouse after a publish (doubling per attempt, to a cap), and
-    when to give up (``max_attempts`` 0: never)."""
+class RedeliveryPolicy:
+    """How long to wait for the warehouse after a publish before publishing again (doubling per
+    attempt, to a cap), and when to give up (``max_attempts`` 0: never)."""
 
     confirm_timeout: float = 60.0
     max_confirm_timeout: float = 3600.0
     max_attempts: int = 0
 
     def confirm_wait(self, attempt: int) -> timedelta:
-        from credex.broker import backoff
-
-        return timedelta(seconds=backoff(attempt, base=self.confirm_timeout, cap=self.max_confirm_timeout))
+        backoff = Backoff(self.confirm_timeout, max(self.confirm_timeout, self.max_confirm_timeout))
+        return timedelta(seconds=backoff.delay(attempt))
 
     def failure_wait(self, attempt: int) -> timedelta:
         # The broker refused or went away: try again soon, sooner than a missing confirmation.
-        from credex.broker import backoff
-
-        return timedelta(seconds=backoff(attempt, base=1.0, cap=self.confirm_timeout))
+        backoff = Backoff(min(1.0, self.confirm_timeout), self.confirm_timeout)
+        return timedelta(seconds=backoff.delay(attempt))
 
     def exhausted(self, attempts: int) -> bool:
         return self.max_attempts > 0 and attempts >= self.max_attempts
@@ -88,12 +92,13 @@ def _claimable(now: datetime):
     )
 
 
-def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
-    """Due messages that used up their attempts become dead (listed for an operator). On Postgres
-    a message another transaction holds is left for later: waiting could wait on ourselves."""
+def bury_exhausted(session: Session, *, max_attempts: int, now: datetime, skip_locked: bool = False) -> int:
+    """Due messages that used up their attempts become dead (listed for an operator). With
+    ``skip_locked`` (claims are row locks) a message another transaction holds is left for later:
+    waiting could be waiting on ourselves."""
     o = outbox_table.c
     exhausted = select(o.id).where(*_claimable(now), o.attempts >= max_attempts)
-    if session.bind.dialect.name == "postgresql":
+    if skip_locked:
         exhausted = exhausted.with_for_update(skip_locked=True)
     return session.execute(
         update(outbox_table)
@@ -110,12 +115,12 @@ def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int
 def claim_due_messages(
     session: Session, *, relay_id: str, limit: int, lease: float, now: datetime
 ) -> list[ClaimedMessage]:
-    """Take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once committed,
-    relays running at once never publish the same due message in one round. A relay that dies
-    leaves its lease behind, and the messages are due again when it runs out."""
+    """A lease: take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once
+    committed, relays running at once never publish the same due message in one round. A relay
+    that dies leaves its lease behind, and the messages are due again when it runs out."""
     o = outbox_table.c
     due = select(o.id).where(*_claimable(now)).order_by(o.next_attempt_at, o.id).limit(limit)
-    if session.bind.dialect.name == "postgresql":
+    if session.bind.dialect.name == "postgresql":  # a lease works on Postgres too (tests use it)
         due = due.with_for_update(skip_locked=True)  # concurrent claimers pass each other by
     rows = session.execute(
         update(outbox_table)
@@ -128,7 +133,7 @@ def claim_due_messages(
 
 
 def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[ClaimedMessage]:
-    """Postgres: up to ``limit`` due messages, locked by the session's transaction until it ends,
+    """Row locks (Postgres): up to ``limit`` due messages, locked by the session's transaction until it ends,
     passing by those another transaction holds. Nothing is written: the claim is the lock, and a
     relay that dies releases it with its connection."""
     o = outbox_table.c
@@ -142,24 +147,19 @@ def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[Cl
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
+def release_lease(session: Session, *, relay_id: str, message_ids: Sequence[str]) -> None:
+    """Give up ``relay_id``'s lease on ``message_ids`` before it runs out (the caller commits)."""
+    o = outbox_table.c
+    for start in range(0, len(message_ids), CHUNK):
+        session.execute(
+            update(outbox_table)
+            .where(o.id.in_(list(message_ids[start : start + CHUNK])), o.claimed_by == relay_id)
+            .values(claimed_by=None, claimed_until=None)
+        )
+
+
 _o = outbox_table.c
 _STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
-_FAILED_VALUES = {
-    "state": bindparam("new_state"),
-    "attempts": bindparam("n"),
-    "next_attempt_at": bindparam("due"),
-    "last_error": bindparam("error"),
-    "claimed_by": None,
-    "claimed_until": None,
-}
-_RECORD_FAILED = (
-    update(outbox_table)
-    .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
-    .values(**_FAILED_VALUES)
-)
-_RECORD_FAILED_HELD = (
-    update(outbox_table).where(_o.id == bindparam("mid"), _STILL_UNCONFIRMED).values(**_FAILED_VALUES)
-)
 
 
 @dataclass
@@ -182,18 +182,18 @@ def _one_of(session: Session, ids: list[str]):
 def record_publish_outcomes(
     session: Session,
     *,
-    relay_id: str | None,
     claimed: Sequence[ClaimedMessage],
     outcomes: dict[str, str | None],
-    policy: RetryPolicy,
+    policy: RedeliveryPolicy,
     now: datetime,
+    still_claimed: ColumnElement[bool],
 ) -> PublishTally:
     """What the broker said about each claimed message (the caller commits): confirmed ones are
     ``sent`` and due again when the warehouse had time to confirm; the others keep their state,
     carry the reason in ``last_error`` and are due again soon (or dead past ``max_attempts``).
-    A message is never marked sent unless the broker confirmed it. ``relay_id`` names the lease
-    holder (a lease that ran out and was taken over is left alone); None when the session's
-    transaction holds the messages' row locks."""
+    A message is never marked sent unless the broker confirmed it. ``still_claimed`` says that a
+    row is still this relay's claim (its lease, not one that ran out and was taken over; or
+    simply true when the transaction holds the rows locked)."""
     tally = PublishTally()
     sent: dict[int, list[str]] = {}  # attempt -> message ids: one statement each, not one per message
     failed = []
@@ -208,7 +208,6 @@ def record_publish_outcomes(
         failed.append(
             {
                 "mid": message.id,
-                "relay": relay_id,
                 "n": attempt,
                 "error": error[:1000],
                 "new_state": _DEAD if dead else message.state,
@@ -217,13 +216,14 @@ def record_publish_outcomes(
         )
         tally.failed += 1
         tally.dead += dead
-    holder = _o.claimed_by == relay_id if relay_id is not None else true()
     for attempt, ids in sent.items():
         due = now + policy.confirm_wait(attempt)
         for start in range(0, len(ids), CHUNK):
             session.execute(
                 update(outbox_table)
-                .where(_one_of(session, ids[start : start + CHUNK]), holder, _o.state.in_(_UNCONFIRMED))
+                .where(
+                    _one_of(session, ids[start : start + CHUNK]), still_claimed, _o.state.in_(_UNCONFIRMED)
+                )
                 .values(
                     last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
                     state=_SENT,
@@ -235,7 +235,19 @@ def record_publish_outcomes(
                 )
             )
     if failed:
-        session.execute(_RECORD_FAILED if relay_id is not None else _RECORD_FAILED_HELD, failed)
+        session.execute(
+            update(outbox_table)
+            .where(_o.id == bindparam("mid"), still_claimed, _STILL_UNCONFIRMED)
+            .values(
+                state=bindparam("new_state"),
+                attempts=bindparam("n"),
+                next_attempt_at=bindparam("due"),
+                last_error=bindparam("error"),
+                claimed_by=None,
+                claimed_until=None,
+            ),
+            failed,
+        )
     return tally
 
 
@@ -261,23 +273,23 @@ _SHIP = (
 
 
 def record_confirmations(
-    session: Session, confirmations: Iterable[Confirmation], *, now: datetime
+    session: Session, confirmations: Iterable[Confirmation], *, now: datetime, skip_locked: bool = False
 ) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed changes nothing (also a
     dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
-    message ids put off): on Postgres a message a relay holds locked right now is left for a
-    moment later rather than waited for, which could be waiting on ourselves."""
+    message ids put off): with ``skip_locked`` (claims are row locks) a message a relay holds
+    locked right now is left for a moment later rather than waited for, which could be waiting
+    on ourselves."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
-    holds_locks = session.bind.dialect.name == "postgresql"
     confirmed, put_off = 0, []
     ids = list(first)
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         unconfirmed = select(_o.id).where(_o.id.in_(chunk), _o.state != _CONFIRMED)
-        if holds_locks:
+        if skip_locked:
             unconfirmed = unconfirmed.with_for_update(skip_locked=True)
         rows = session.execute(
             update(outbox_table)
@@ -298,7 +310,7 @@ def record_confirmations(
         if ships:
             session.execute(_SHIP, ships)
         confirmed += len(rows)
-        if holds_locks and len(rows) < len(chunk):
+        if skip_locked and len(rows) < len(chunk):
             done = {row.id for row in rows}
             put_off += (
                 session.execute(

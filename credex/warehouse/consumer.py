@@ -17,10 +17,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from credex.broker import Broker, BrokerLost, Outgoing, Worker, display_amqp_url
-from credex.db.engine import session_for
+from credex.amqp.broker import Broker
+from credex.amqp.confirms import Outgoing
+from credex.db.engine import ensure_schema, session_for
 from credex.db.models import utcnow
-from credex.errors import CarrierNotConfigured, CredexError, Unavailable
+from credex.errors import CarrierNotConfigured, CredexError
 from credex.relay.topology import SHIPMENT_REQUESTED, Names
 from credex.warehouse.shipments import (
     RedemptionMessage,
@@ -30,6 +31,7 @@ from credex.warehouse.shipments import (
     parse_redemption_message,
     save_waybills,
 )
+from credex.worker import Worker
 
 log = logging.getLogger("credex.warehouse")
 
@@ -50,87 +52,76 @@ class WarehouseReport:
         return asdict(self)
 
 
-class Warehouse(Worker):
-    """``run()`` until ``stop()`` (or until the queue is empty with ``once``)."""
+def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
+    """The warehouse's side of the broker: it consumes redemption messages and publishes
+    confirmations."""
+    name = f"{socket.gethostname()[:32]}:{os.getpid()}"
+    return Broker(
+        amqp_url,
+        names.topology(),
+        consume=names.warehouse_queue,
+        prefetch=prefetch,
+        connection_name=f"credex warehouse {name}",
+    )
+
+
+class Warehouse(Worker[WarehouseReport]):
+    """Runs until ``stop()``, or until the messages waiting are handled with ``once``."""
 
     def __init__(
         self,
         database_url: str,
-        amqp_url: str,
-        names: Names,
+        broker: Broker,
         carrier_factory: Callable[[], object],
         *,
+        report: WarehouseReport | None = None,
         once: bool = False,
-        prefetch: int = 20,
         carrier_timeout: float = 15.0,
         poll_interval: float = 1.0,
     ) -> None:
+        super().__init__(broker, report or WarehouseReport(), log=log, once=once)
         self.database_url = database_url
         self.carrier_factory = carrier_factory
-        self.once = once
         self.carrier_timeout = carrier_timeout
         self.poll_interval = poll_interval
-        self.report = WarehouseReport()
-        self.log = log
         self._carrier = None
         self._pool: ThreadPoolExecutor | None = None
-        name = f"{socket.gethostname()[:32]}:{os.getpid()}"
-        self.broker = Broker(
-            amqp_url,
-            names,
-            queue=names.warehouse_queue,
-            prefetch=prefetch,
-            connection_name=f"credex warehouse {name}",
-        )
 
-    def run(self) -> WarehouseReport:
-        from credex.db.engine import ensure_schema
+    def __str__(self) -> str:
+        return "warehouse " + self.broker.connection_name.removeprefix("credex warehouse ")
 
+    # --- the worker's life ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
         ensure_schema(self.database_url)
         self._carrier = self.carrier_factory()  # not configured: say so before consuming anything
         if not getattr(self._carrier, "issues_waybills", True):
-            self._carrier.close()
             raise CarrierNotConfigured(
                 f"the {self._carrier.provider} provider cannot issue waybills: the warehouse needs "
                 "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
             )
-        self.broker.open()
-        log.info(
-            "warehouse %s connected to %s: consuming %s",
-            self.broker.connection_name.removeprefix("credex warehouse "),
-            display_amqp_url(self.broker.url),
-            self.broker.queue,
-        )
         self._pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
-        try:
-            if self.once:
-                self._drain(expected=self.broker.ready_at_open)
-            else:
-                self._until_stopped()
-        except BrokerLost as lost:
-            raise Unavailable(f"lost the broker {display_amqp_url(self.broker.url)}: {lost}") from None
-        finally:
-            self.broker.close()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._carrier.close()
-        return self.report
 
-    def _drain(self, *, expected: int) -> None:
-        left = expected
-        while left > 0 and not self._stopping:
+    def one_pass(self) -> None:
+        """Handle the messages that were waiting when the queue was declared."""
+        left = self.broker.ready_at_open
+        while left > 0 and not self.stopping:
             self.broker.wait(1.0, until=lambda: self.broker.buffered > 0)
             handled = self._handle_batch()
             if not handled:
                 return
             left -= handled
 
-    def _until_stopped(self) -> None:
-        self.run_until_stopped(self._one_turn)
-
-    def _one_turn(self) -> None:
+    def turn(self) -> None:
         # A database away for a moment leaves the messages in hand unacked: they come back.
-        self.broker.wait(self.poll_interval, until=lambda: self._stopping or self.broker.buffered > 0)
+        self.broker.wait(self.poll_interval, until=lambda: self.stopping or self.broker.buffered > 0)
         self._handle_batch()
+
+    def cleanup(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._carrier is not None:
+            self._carrier.close()
 
     # --- the work -----------------------------------------------------------------------------
 
@@ -232,5 +223,4 @@ class Warehouse(Worker):
                 self.report.confirmed += 1
             else:  # the relay publishes the redemption again and we confirm then
                 log.warning("confirmation %s not published: %s", message_id, failure)
-        if self.broker.lost:
-            raise BrokerLost(self.broker.lost)  # unacked: the messages come back
+        self.broker.raise_if_lost()  # unacked: the messages come back
