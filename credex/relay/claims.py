@@ -8,7 +8,8 @@ from the database's dialect (``claim_strategy``):
 - ``LockClaims`` (Postgres): the claim is the row locks of the batch's own transaction
   (``FOR UPDATE SKIP LOCKED``), held while the batch is published and ended by the commit that
   records it. Nothing is written to claim, and a relay that dies releases the locks with its
-  connection. Other writers of those rows pass them by (``holds_locks``) rather than wait.
+  connection. Other writers of those rows pass them by rather than wait (``outbox``'s statements
+  say ``SKIP LOCKED``).
 
 Every method runs on the relay's database thread, one at a time.
 """
@@ -53,8 +54,6 @@ class Claim:
 class ClaimStrategy(ABC):
     """claim, then record or release: every claim ends one way or the other."""
 
-    holds_locks: bool = False  # whether other writers of a claimed row pass it by instead of waiting
-
     def __init__(self, database_url: str, policy: RedeliveryPolicy) -> None:
         self.database_url = database_url
         self.policy = policy
@@ -80,9 +79,7 @@ class ClaimStrategy(ABC):
     def _bury(self, session: Session, now: datetime) -> int:
         if not self.policy.max_attempts:
             return 0
-        return bury_exhausted(
-            session, max_attempts=self.policy.max_attempts, now=now, skip_locked=self.holds_locks
-        )
+        return bury_exhausted(session, max_attempts=self.policy.max_attempts, now=now)
 
 
 class LeaseClaims(ClaimStrategy):
@@ -123,8 +120,6 @@ class LeaseClaims(ClaimStrategy):
 
 
 class LockClaims(ClaimStrategy):
-    holds_locks = True
-
     def relax_commit(self, session: Session) -> None:
         """Postgres need not flush the relay's commits to disk before answering: everything the
         relay writes can be lost in a server crash without harm (a lost claim or "sent" means one
@@ -135,17 +130,19 @@ class LockClaims(ClaimStrategy):
     def claim(self, limit: int, *, now: datetime) -> Claim:
         session = open_session(self.database_url, write=True)
         try:
-            self.relax_commit(session)
             buried = self._bury(session, now)
             messages = lock_due_messages(session, limit=limit, now=now)
-            if not messages:  # nothing to hold: keep what was buried, end the transaction
+            if messages:
+                self.relax_commit(session)  # for the record that ends this transaction
+                return Claim(messages, session, buried)
+            if buried:  # nothing to hold: keep what was buried
+                self.relax_commit(session)
                 session.commit()
-                session.close()
-                return Claim([], buried=buried)
         except BaseException:
             session.close()
             raise
-        return Claim(messages, session, buried)
+        session.close()  # an idle poll costs its query and the rollback
+        return Claim([], buried=buried)
 
     def record(self, claim: Claim, outcomes: Mapping[str, str | None], *, now: datetime) -> PublishTally:
         if claim.session is None:

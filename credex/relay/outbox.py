@@ -11,8 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import Boolean, String, any_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
@@ -78,38 +80,95 @@ class RedeliveryPolicy:
         return self.max_attempts > 0 and attempts >= self.max_attempts
 
 
+# The relay's statements, built once (SQLAlchemy caches their compiled form; building them is
+# what would cost, many times a second in an idle relay). ``FOR UPDATE SKIP LOCKED`` is in every
+# one that reads rows a relay may hold: on Postgres a row another transaction holds is passed by,
+# never waited for (that could be waiting on ourselves); SQLite has no row locks and renders none.
+_o = outbox_table.c
+_NOW = bindparam("now", type_=_o.next_attempt_at.type)
+
+
+class _OneOf(ColumnElement[bool]):
+    """``id IN (:ids…)``, on Postgres ``id = ANY(:ids)``: one array parameter there, so the
+    statement is the same text for any number of ids and the driver prepares it once."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True  # a condition as it is, not "… = 1" where booleans are integers
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column) -> None:
+        self.column = column
+
+
+@compiles(_OneOf)
+def _one_of_in(element: _OneOf, compiler, **kw) -> str:
+    return compiler.process(element.column.in_(bindparam("ids", expanding=True)), **kw)
+
+
+@compiles(_OneOf, "postgresql")
+def _one_of_any(element: _OneOf, compiler, **kw) -> str:
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    return compiler.process(element.column == any_(bindparam("ids", type_=ARRAY(String))), **kw)
+
+
+_IDS_MATCH = _OneOf(_o.id)  # takes the parameter ``ids``: a list of message ids
 # Written out, not bound: a database uses the partial index ix_outbox_message_due only when the
 # query says what its WHERE says (a bound parameter proves nothing to a planner).
 _UNCONFIRMED_LITERAL = text("outbox_message.state IN ('pending', 'sent')")
-
-
-def _claimable(now: datetime):
-    o = outbox_table.c
-    return (
-        _UNCONFIRMED_LITERAL,
-        o.next_attempt_at <= now,
-        or_(o.claimed_until.is_(None), o.claimed_until < now),
-    )
-
-
-def bury_exhausted(session: Session, *, max_attempts: int, now: datetime, skip_locked: bool = False) -> int:
-    """Due messages that used up their attempts become dead (listed for an operator). With
-    ``skip_locked`` (claims are row locks) a message another transaction holds is left for later:
-    waiting could be waiting on ourselves."""
-    o = outbox_table.c
-    exhausted = select(o.id).where(*_claimable(now), o.attempts >= max_attempts)
-    if skip_locked:
-        exhausted = exhausted.with_for_update(skip_locked=True)
-    return session.execute(
-        update(outbox_table)
-        .where(o.id.in_(exhausted.scalar_subquery()))
-        .values(
-            state=_DEAD,
-            claimed_by=None,
-            claimed_until=None,
-            last_error=f"no confirmation after {max_attempts} attempts",
+_CLAIMABLE = (
+    _UNCONFIRMED_LITERAL,
+    _o.next_attempt_at <= _NOW,
+    or_(_o.claimed_until.is_(None), _o.claimed_until < _NOW),
+)
+_DUE = (
+    select(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state)
+    .where(*_CLAIMABLE)
+    .order_by(_o.next_attempt_at, _o.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_LEASE = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(*_CLAIMABLE)
+            .order_by(_o.next_attempt_at, _o.id)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
         )
-    ).rowcount
+    )
+    .values(claimed_by=bindparam("relay"), claimed_until=bindparam("until", type_=_o.claimed_until.type))
+    .returning(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state, _o.next_attempt_at)
+)
+_BURY = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(*_CLAIMABLE, _o.attempts >= bindparam("max_attempts"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(state=_DEAD, claimed_by=None, claimed_until=None, last_error=bindparam("error"))
+)
+_RELEASE_LEASE = (
+    update(outbox_table)
+    .where(_IDS_MATCH, _o.claimed_by == bindparam("relay"))
+    .values(claimed_by=None, claimed_until=None)
+)
+_STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
+
+
+def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
+    """Due messages that used up their attempts become dead (listed for an operator); one a relay
+    holds right now is left for later."""
+    error = f"no confirmation after {max_attempts} attempts"
+    return session.execute(_BURY, {"now": now, "max_attempts": max_attempts, "error": error}).rowcount
 
 
 def claim_due_messages(
@@ -118,48 +177,26 @@ def claim_due_messages(
     """A lease: take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once
     committed, relays running at once never publish the same due message in one round. A relay
     that dies leaves its lease behind, and the messages are due again when it runs out."""
-    o = outbox_table.c
-    due = select(o.id).where(*_claimable(now)).order_by(o.next_attempt_at, o.id).limit(limit)
-    if session.bind.dialect.name == "postgresql":  # a lease works on Postgres too (tests use it)
-        due = due.with_for_update(skip_locked=True)  # concurrent claimers pass each other by
+    until = now + timedelta(seconds=lease)
     rows = session.execute(
-        update(outbox_table)
-        .where(o.id.in_(due.scalar_subquery()))
-        .values(claimed_by=relay_id, claimed_until=now + timedelta(seconds=lease))
-        .returning(o.id, o.routing_key, o.body, o.attempts, o.state, o.next_attempt_at)
+        _CLAIM_LEASE, {"now": now, "limit": limit, "relay": relay_id, "until": until}
     ).all()
     rows.sort(key=lambda r: (r.next_attempt_at, r.id))  # RETURNING keeps no order: publish the oldest first
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
 def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[ClaimedMessage]:
-    """Row locks (Postgres): up to ``limit`` due messages, locked by the session's transaction until it ends,
-    passing by those another transaction holds. Nothing is written: the claim is the lock, and a
-    relay that dies releases it with its connection."""
-    o = outbox_table.c
-    rows = session.execute(
-        select(o.id, o.routing_key, o.body, o.attempts, o.state)
-        .where(*_claimable(now))
-        .order_by(o.next_attempt_at, o.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    """Row locks (Postgres): up to ``limit`` due messages, locked by the session's transaction
+    until it ends, passing by those another transaction holds. Nothing is written: the claim is
+    the lock, and a relay that dies releases it with its connection."""
+    rows = session.execute(_DUE, {"now": now, "limit": limit}).all()
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
 def release_lease(session: Session, *, relay_id: str, message_ids: Sequence[str]) -> None:
     """Give up ``relay_id``'s lease on ``message_ids`` before it runs out (the caller commits)."""
-    o = outbox_table.c
     for start in range(0, len(message_ids), CHUNK):
-        session.execute(
-            update(outbox_table)
-            .where(o.id.in_(list(message_ids[start : start + CHUNK])), o.claimed_by == relay_id)
-            .values(claimed_by=None, claimed_until=None)
-        )
-
-
-_o = outbox_table.c
-_STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
+        session.execute(_RELEASE_LEASE, {"ids": list(message_ids[start : start + CHUNK]), "relay": relay_id})
 
 
 @dataclass
@@ -167,16 +204,6 @@ class PublishTally:
     sent: int = 0
     failed: int = 0
     dead: int = 0
-
-
-def _one_of(session: Session, ids: list[str]):
-    """``id IN (…)``; on Postgres ``id = ANY(array)``: one parameter, so the statement is the same
-    text every time and the driver prepares it once instead of rendering a placeholder per id."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        return _o.id == any_(bindparam("ids", ids, type_=ARRAY(String)))
-    return _o.id.in_(ids)
 
 
 def record_publish_outcomes(
@@ -216,24 +243,25 @@ def record_publish_outcomes(
         )
         tally.failed += 1
         tally.dead += dead
-    for attempt, ids in sent.items():
-        due = now + policy.confirm_wait(attempt)
-        for start in range(0, len(ids), CHUNK):
-            session.execute(
-                update(outbox_table)
-                .where(
-                    _one_of(session, ids[start : start + CHUNK]), still_claimed, _o.state.in_(_UNCONFIRMED)
-                )
-                .values(
-                    last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
-                    state=_SENT,
-                    attempts=attempt,
-                    sent_at=now,
-                    next_attempt_at=due,
-                    claimed_by=None,
-                    claimed_until=None,
-                )
+    if sent:
+        mark_sent = (
+            update(outbox_table)
+            .where(_IDS_MATCH, still_claimed, _o.state.in_(_UNCONFIRMED))
+            .values(
+                last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
+                state=_SENT,
+                attempts=bindparam("n"),
+                sent_at=bindparam("now", type_=_o.sent_at.type),
+                next_attempt_at=bindparam("due", type_=_o.next_attempt_at.type),
+                claimed_by=None,
+                claimed_until=None,
             )
+        )
+        for attempt, ids in sent.items():
+            due = now + policy.confirm_wait(attempt)
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start : start + CHUNK]
+                session.execute(mark_sent, {"ids": chunk, "n": attempt, "now": now, "due": due})
     if failed:
         session.execute(
             update(outbox_table)
@@ -270,17 +298,35 @@ _SHIP = (
         updated_at=bindparam("now"),
     )
 )
+_CONFIRM = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(_IDS_MATCH, _o.state != _CONFIRMED)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        state=_CONFIRMED,
+        confirmed_at=bindparam("now", type_=_o.confirmed_at.type),
+        claimed_by=None,
+        claimed_until=None,
+    )
+    .returning(_o.id, _o.redemption_id)
+)
+_STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state != _CONFIRMED)
 
 
 def record_confirmations(
-    session: Session, confirmations: Iterable[Confirmation], *, now: datetime, skip_locked: bool = False
+    session: Session, confirmations: Iterable[Confirmation], *, now: datetime
 ) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed changes nothing (also a
     dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
-    message ids put off): with ``skip_locked`` (claims are row locks) a message a relay holds
-    locked right now is left for a moment later rather than waited for, which could be waiting
-    on ourselves."""
+    message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
+    later rather than waited for, which could be waiting on ourselves."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
@@ -288,15 +334,7 @@ def record_confirmations(
     ids = list(first)
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
-        unconfirmed = select(_o.id).where(_o.id.in_(chunk), _o.state != _CONFIRMED)
-        if skip_locked:
-            unconfirmed = unconfirmed.with_for_update(skip_locked=True)
-        rows = session.execute(
-            update(outbox_table)
-            .where(_o.id.in_(unconfirmed.scalar_subquery()))
-            .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
-            .returning(_o.id, _o.redemption_id)
-        ).all()
+        rows = session.execute(_CONFIRM, {"ids": chunk, "now": now}).all()
         ships = [
             {
                 "rid": row.redemption_id,
@@ -310,17 +348,10 @@ def record_confirmations(
         if ships:
             session.execute(_SHIP, ships)
         confirmed += len(rows)
-        if skip_locked and len(rows) < len(chunk):
+        if len(rows) < len(chunk):  # repeats, or held: those still open are put off
             done = {row.id for row in rows}
-            put_off += (
-                session.execute(
-                    select(_o.id).where(
-                        _o.id.in_([m for m in chunk if m not in done]), _o.state != _CONFIRMED
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            rest = [m for m in chunk if m not in done]
+            put_off += session.execute(_STILL_OPEN, {"ids": rest}).scalars().all()
     return confirmed, put_off
 
 

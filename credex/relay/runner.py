@@ -311,9 +311,7 @@ class Relay(Worker[RelayReport]):
     def _record_confirmations(self, confirmations: list[Confirmation]) -> tuple[int, set[str]]:
         with session_for(self.database_url, write=True) as session:
             self.claims.relax_commit(session)
-            confirmed, put_off = record_confirmations(
-                session, confirmations, now=self.clock(), skip_locked=self.claims.holds_locks
-            )
+            confirmed, put_off = record_confirmations(session, confirmations, now=self.clock())
             session.commit()
         return confirmed, set(put_off)
 
