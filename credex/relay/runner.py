@@ -29,6 +29,7 @@ from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
+from credex.errors import Unavailable
 from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
 from credex.relay.outbox import Confirmation, PublishTally, RedeliveryPolicy, record_confirmations
 from credex.relay.topology import REDEMPTION_CREATED, Names
@@ -156,7 +157,10 @@ class Relay(Worker[RelayReport]):
             )
 
     def finish(self) -> None:
-        self._take_confirmations()
+        try:
+            self._take_confirmations()
+        except Unavailable as error:  # they come back to a relay, unacked
+            log.warning("%s; the confirmations in hand come back", error.message)
 
     def broker_lost(self) -> None:
         self._put_off = []
@@ -275,7 +279,8 @@ class Relay(Worker[RelayReport]):
 
     def _take_confirmations(self) -> int:
         """Record the confirmations received so far, then ack them. Returns how many were taken.
-        Those whose message a relay holds locked right now (Postgres) wait for the next turn."""
+        Those whose message a relay holds locked right now (Postgres) wait for the next turn, and
+        so do all of them when the database could not record them."""
         deliveries = self._put_off + self.broker.take_deliveries()
         self._put_off = []
         if not deliveries:
@@ -286,17 +291,23 @@ class Relay(Worker[RelayReport]):
             if confirmation is None:
                 self.report.malformed_confirmations += 1
                 log.error("dropped a malformed confirmation (message id %s)", delivery.properties.message_id)
+                self.broker.ack(delivery.tag)
             else:
                 confirmations[delivery.tag] = confirmation
-        confirmed, put_off = self._await(
-            self._in_db(self._record_confirmations, list(confirmations.values()))
-        )
-        self._put_off = [
-            d for d in deliveries if d.tag in confirmations and confirmations[d.tag].message_id in put_off
-        ]
+        if not confirmations:
+            return len(deliveries)
+        waiting = [d for d in deliveries if d.tag in confirmations]
+        try:
+            confirmed, put_off = self._await(
+                self._in_db(self._record_confirmations, list(confirmations.values()))
+            )
+        except BaseException:
+            self._put_off = waiting  # not recorded: tried again, never acked before they are
+            raise
+        self._put_off = [d for d in waiting if confirmations[d.tag].message_id in put_off]
         # Acked only after the commit: a relay killed before this point gets them again.
-        waiting = {d.tag for d in self._put_off}
-        done = [d.tag for d in deliveries if d.tag not in waiting]
+        held = {d.tag for d in self._put_off}
+        done = [d.tag for d in waiting if d.tag not in held]
         if self._put_off:
             for tag in done:
                 self.broker.ack(tag)
@@ -306,7 +317,7 @@ class Relay(Worker[RelayReport]):
         self.report.repeated_confirmations += len(confirmations) - confirmed - len(self._put_off)
         if confirmed:
             log.info("recorded %d confirmation(s) from the warehouse", confirmed)
-        return len(done)
+        return len(deliveries) - len(self._put_off)
 
     def _record_confirmations(self, confirmations: list[Confirmation]) -> tuple[int, set[str]]:
         with session_for(self.database_url, write=True) as session:
