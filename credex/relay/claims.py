@@ -11,7 +11,7 @@ from the database's dialect (``claim_strategy``):
   connection. Other writers of those rows pass them by rather than wait (``outbox``'s statements
   say ``SKIP LOCKED``).
 
-Every method runs on the relay's database thread, one at a time.
+Every method runs on one of the relay's database threads (``writers`` of them).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class Claim:
 
 class ClaimStrategy(ABC):
     """claim, then record or release: every claim ends one way or the other."""
+
+    writers = 1  # database threads a relay gives its claims and records
 
     def __init__(self, database_url: str, policy: RedeliveryPolicy) -> None:
         self.database_url = database_url
@@ -120,6 +122,8 @@ class LeaseClaims(ClaimStrategy):
 
 
 class LockClaims(ClaimStrategy):
+    writers = 2  # a claim and a record at once: their rows are apart, and neither waits on a lock
+
     def relax_commit(self, session: Session) -> None:
         """Postgres need not flush the relay's commits to disk before answering: everything the
         relay writes can be lost in a server crash without harm (a lost claim or "sent" means one

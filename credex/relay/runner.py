@@ -37,7 +37,7 @@ from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
 
-PIPELINE_DEPTH = 2  # batches in flight at once
+PIPELINE_DEPTH = 3  # batches claimed or published at once, besides those being recorded
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,15 @@ def make_relay(
     return Relay(database_url, broker, options, relay_id=relay_id, clock=clock)
 
 
+@dataclass
+class _Pipeline:
+    """The batches of one publishing pass, oldest first at each stage."""
+
+    claiming: deque[Future] = field(default_factory=deque)  # claims the database is taking
+    in_flight: deque[Claim] = field(default_factory=deque)  # published, their confirms awaited
+    recording: list[Future] = field(default_factory=list)  # outcomes the database is recording
+
+
 class Relay(Worker[RelayReport]):
     """``stop()`` lets the batch in hand finish: its publishes confirmed and recorded, the
     confirmations taken so far recorded and acked."""
@@ -128,7 +137,7 @@ class Relay(Worker[RelayReport]):
             relay_id=self.id,
             lease=self.options.lease,
         )
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-db")
+        self._db = ThreadPoolExecutor(max_workers=self.claims.writers, thread_name_prefix="relay-db")
 
     def connected(self) -> None:
         log.info(
@@ -183,22 +192,26 @@ class Relay(Worker[RelayReport]):
             raise translate_db_error(error) or error from None
 
     def _await(self, future: Future):
-        return self.broker.wait_for(future)
+        """The result of database work, the broker answered meanwhile (heartbeats, confirms,
+        deliveries) for as long as it takes: the database bounds its own waits."""
+        future.add_done_callback(lambda _future: self.broker.wake())
+        while not future.done():
+            self.broker.wait(1.0, until=future.done)
+        return future.result()
 
     # --- publishing ---------------------------------------------------------------------------
 
     def _publish_due(self) -> int:
-        """Publish everything due, batch by batch. The database thread and this one work at once:
-        while this thread publishes a batch, the database records the batch published before it
-        (once the broker has confirmed or refused all of it) and claims the next. Returns the
-        number of messages claimed."""
-        in_flight: deque[Claim] = deque()
+        """Publish everything due, batch by batch, three kinds of work overlapping: the database
+        claims the next batch while this thread publishes one and the database records the one
+        before it (once the broker has confirmed or refused all of it). Returns the number of
+        messages claimed."""
+        pipeline = _Pipeline()
         published_before = self.report.published
-        steps: list[Future] = [self._in_db(self._database_step, None, True)]  # the one under way
         try:
-            claimed_total = self._publish_loop(in_flight, steps)
+            claimed_total = self._publish_loop(pipeline)
         except BaseException:
-            self._release(in_flight, steps)
+            self._release(pipeline)
             raise
         if claimed_total:
             log.info(
@@ -206,69 +219,68 @@ class Relay(Worker[RelayReport]):
             )
         return claimed_total
 
-    def _publish_loop(self, in_flight: deque[Claim], steps: list[Future]) -> int:
-        claimed_total, more = 0, True
-        while steps:
-            tally, claim = self._await(steps.pop())
-            self._tally(tally)
-            batch = claim.messages
-            more = (
-                more and len(batch) == self.options.batch_size and not self.stopping and not self.broker.lost
-            )
-            if batch and in_flight and len(in_flight) + 1 >= PIPELINE_DEPTH:
-                steps.append(self._record_oldest(in_flight, claim=more))
-            elif batch and more:
-                steps.append(self._in_db(self._database_step, None, True))
-            if batch:
-                self.broker.send(
-                    [Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED) for m in batch]
-                )
-                in_flight.append(claim)
-                claimed_total += len(batch)
-            if not steps and in_flight:
-                steps.append(self._record_oldest(in_flight, claim=more))
-            if self.broker.buffered >= self.options.batch_size:
+    def _publish_loop(self, pipeline: _Pipeline) -> int:
+        claimed_total, more, size = 0, True, self.options.batch_size
+        while True:
+            while more and len(pipeline.claiming) + len(pipeline.in_flight) < PIPELINE_DEPTH:
+                pipeline.claiming.append(self._in_db(self._claim))
+            if not pipeline.claiming and not pipeline.in_flight:
+                break
+            if pipeline.claiming:
+                claim = self._await(pipeline.claiming[0])
+                pipeline.claiming.popleft()
+                self.report.dead += claim.buried
+                more = more and len(claim.messages) == size and not self.stopping and not self.broker.lost
+                if claim.messages:
+                    self.broker.send(
+                        [
+                            Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED)
+                            for m in claim.messages
+                        ]
+                    )
+                    pipeline.in_flight.append(claim)
+                    claimed_total += len(claim.messages)
+            # The oldest batch is recorded once the next one is published, or when none is coming.
+            while pipeline.in_flight and (len(pipeline.in_flight) >= PIPELINE_DEPTH or not pipeline.claiming):
+                oldest = pipeline.in_flight.popleft()
+                outcomes = self.broker.collect([m.id for m in oldest.messages])
+                pipeline.recording.append(self._in_db(self._record, oldest, outcomes))
+            if self.broker.buffered >= size:
                 self._take_confirmations()
+        for recorded in pipeline.recording:
+            self._tally(self._await(recorded))
+        pipeline.recording.clear()
         return claimed_total
 
-    def _release(self, in_flight: deque[Claim], steps: list[Future]) -> None:
-        """After a failure: give up the batches in flight and the one being claimed (on Postgres
-        their locks go; on SQLite their leases are cleared), in order on the database thread."""
-        for step in steps:
-            with contextlib.suppress(BaseException):  # the step's own failure ended its claim
-                in_flight.append(step.result()[1])
-        for claim in in_flight:
+    def _release(self, pipeline: _Pipeline) -> None:
+        """After a failure: give up the batches in flight and those being claimed (on Postgres
+        their locks go; on SQLite their leases are cleared), on the database threads."""
+        held = list(pipeline.in_flight)
+        for claiming in pipeline.claiming:
+            with contextlib.suppress(BaseException):  # a claim that failed holds nothing
+                held.append(claiming.result())
+        for claim in held:
             self._db.submit(_quietly, self.claims.release, claim)
-        in_flight.clear()
+        for recorded in pipeline.recording:
+            with contextlib.suppress(BaseException):  # a failed record ended its claim too
+                self._tally(recorded.result())
+        pipeline.claiming.clear()
+        pipeline.in_flight.clear()
+        pipeline.recording.clear()
 
-    def _record_oldest(self, in_flight: deque[Claim], *, claim: bool) -> Future:
-        """Hand the database the oldest batch in flight, with what the broker said of it."""
-        oldest = in_flight.popleft()
-        outcomes = self.broker.collect([m.id for m in oldest.messages])
-        return self._in_db(self._database_step, (oldest, outcomes), claim)
+    def _claim(self) -> Claim:
+        """On a database thread: the next batch of due messages."""
+        return self.claims.claim(self.options.batch_size, now=self.clock())
 
-    def _database_step(
-        self, published: tuple[Claim, dict[str, str | None]] | None, claim: bool
-    ) -> tuple[PublishTally, Claim]:
-        """On the database thread: record what the broker said of a published batch (its claim
-        ends), then claim the next batch."""
-        tally = PublishTally()
-        if published is not None:
-            held, outcomes = published
-            tally = self.claims.record(held, outcomes, now=self.clock())
-            if tally.failed:
-                reasons = sorted({reason for reason in outcomes.values() if reason})
-                log.warning(
-                    "%d of %d messages not published: %s",
-                    tally.failed,
-                    len(held.messages),
-                    "; ".join(reasons),
-                )
-        claimed = Claim([])
-        if claim:
-            claimed = self.claims.claim(self.options.batch_size, now=self.clock())
-            tally.dead += claimed.buried
-        return tally, claimed
+    def _record(self, held: Claim, outcomes: dict[str, str | None]) -> PublishTally:
+        """On a database thread: what the broker said of a published batch (its claim ends)."""
+        tally = self.claims.record(held, outcomes, now=self.clock())
+        if tally.failed:
+            reasons = sorted({reason for reason in outcomes.values() if reason})
+            log.warning(
+                "%d of %d messages not published: %s", tally.failed, len(held.messages), "; ".join(reasons)
+            )
+        return tally
 
     def _tally(self, tally: PublishTally) -> None:
         self.report.published += tally.sent
