@@ -77,7 +77,7 @@ def run(
 @app.command("status")
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Messages per state and the age of the oldest unconfirmed one."""
-    from credex.relay.outbox import outbox_status
+    from credex.relay.operators import outbox_status
 
     with points_session(ctx) as session:
         result = outbox_status(session)
@@ -93,7 +93,7 @@ def list_(
 ) -> None:
     """Outbox messages, newest first."""
     from credex.errors import InvalidInput
-    from credex.relay.outbox import MESSAGE_STATES, list_messages
+    from credex.relay.operators import MESSAGE_STATES, list_messages
 
     if state is not None and state not in MESSAGE_STATES:
         raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(MESSAGE_STATES)}")
@@ -113,7 +113,7 @@ def retry(
 ) -> None:
     """Make messages due now (a dead one comes back as pending with fresh attempts)."""
     from credex.errors import InvalidInput
-    from credex.relay.outbox import retry_messages
+    from credex.relay.operators import retry_messages
 
     if bool(message_ids) == dead:
         raise InvalidInput("give message ids or --dead (one of the two)")
@@ -138,7 +138,7 @@ def purge(
 ) -> None:
     """Delete messages confirmed longer ago than the given age."""
     from credex.points.rules import parse_duration
-    from credex.relay.outbox import purge_confirmed
+    from credex.relay.operators import purge_confirmed
 
     age = parse_duration(confirmed_before, "--confirmed-before")
     with points_session(ctx, write=True) as session:

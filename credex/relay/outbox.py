@@ -1,8 +1,8 @@
-"""The outbox as the relay and operators see it: claiming due messages, recording what the
-broker and the warehouse said, and the operators' commands.
+"""The outbox as the relay works it: claiming due messages, recording what the broker and the
+warehouse said. The operators' commands are in ``credex.relay.operators``.
 
-The relay's functions are statements run inside the caller's transaction (the caller commits);
-how a relay holds a batch, and so which of them it uses, is ``credex.relay.claims``'s business.
+Every function runs inside the caller's transaction (the caller commits); how a relay holds a
+batch, and so which of them it uses, is ``credex.relay.claims``'s business.
 """
 
 from __future__ import annotations
@@ -11,20 +11,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Boolean, String, any_, bindparam, case, delete, func, or_, select, text, update
+from sqlalchemy import Boolean, String, any_, bindparam, case, or_, select, text, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
-from credex.db.models import MessageState, RedemptionStatus, utcnow
-from credex.errors import UnknownMessage
+from credex.db.models import MessageState, RedemptionStatus
 from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
 _redemption = tables.redemption
-MESSAGE_STATES = [state.value for state in MessageState]
 
 _PENDING = MessageState.pending.value
 _SENT = MessageState.sent.value
@@ -33,20 +31,6 @@ _DEAD = MessageState.dead.value
 _UNCONFIRMED = (_PENDING, _SENT)
 REPUBLISHED = "not confirmed by its due time: published again"
 CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
-
-
-def message_json(row) -> dict:
-    return {
-        "message_id": row.id,
-        "redemption_id": row.redemption_id,
-        "state": row.state,
-        "attempts": row.attempts,
-        "next_attempt_at": row.next_attempt_at,
-        "last_error": row.last_error,
-    }
-
-
-# --- the relay: these work inside the caller's transaction, which commits ----------------------
 
 
 @dataclass(frozen=True)
@@ -353,76 +337,3 @@ def record_confirmations(
             rest = [m for m in chunk if m not in done]
             put_off += session.execute(_STILL_OPEN, {"ids": rest}).scalars().all()
     return confirmed, put_off
-
-
-# --- operators ----------------------------------------------------------------------------------
-
-
-def outbox_status(session: Session) -> dict:
-    """Messages per state, and how long the oldest unconfirmed one has waited."""
-    counts = dict.fromkeys(MESSAGE_STATES, 0)
-    for state, count in session.execute(
-        select(outbox_table.c.state, func.count()).group_by(outbox_table.c.state)
-    ):
-        counts[state] = count
-    oldest = session.execute(
-        select(func.min(outbox_table.c.created_at)).where(outbox_table.c.state.in_(_UNCONFIRMED))
-    ).scalar()
-    if oldest is not None:
-        counts["oldest_unconfirmed_age_seconds"] = round((utcnow() - oldest).total_seconds(), 3)
-    else:
-        counts["oldest_unconfirmed_age_seconds"] = None
-    return counts
-
-
-def list_messages(session: Session, *, state: str | None = None, limit: int = 50) -> list[dict]:
-    query = select(outbox_table).order_by(outbox_table.c.created_at.desc(), outbox_table.c.id).limit(limit)
-    if state is not None:
-        query = query.where(outbox_table.c.state == state)
-    return [message_json(row) for row in session.execute(query)]
-
-
-def retry_messages(
-    session: Session, message_ids: Sequence[str] = (), *, dead: bool = False, now: datetime | None = None
-) -> dict:
-    """Make messages due now: the given ones, or every dead one. A dead message comes back as
-    pending with a fresh count of attempts; a confirmed one is left alone. An unknown id
-    refuses the whole command before anything changes."""
-    now = now or utcnow()
-    o = outbox_table.c
-    if dead:
-        chosen = select(o.id, o.state).where(o.state == _DEAD)
-    else:
-        chosen = select(o.id, o.state).where(o.id.in_(list(message_ids)))
-    states = {row.id: row.state for row in session.execute(chosen)}
-    unknown = [m for m in message_ids if m not in states]
-    if unknown:
-        session.rollback()
-        raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
-    retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
-    for start in range(0, len(retried), CHUNK):
-        session.execute(
-            update(outbox_table)
-            .where(o.id.in_(retried[start : start + CHUNK]), o.state != _CONFIRMED)
-            .values(
-                attempts=case((o.state == _DEAD, 0), else_=o.attempts),
-                state=case((o.state == _DEAD, _PENDING), else_=o.state),
-                next_attempt_at=now,
-            )
-        )
-    session.commit()
-    return {"retried": retried, "already_confirmed": sorted(m for m, s in states.items() if s == _CONFIRMED)}
-
-
-def purge_confirmed(session: Session, *, older_than: timedelta, dry_run: bool = False) -> dict:
-    """Delete messages confirmed more than ``older_than`` ago (their redemptions keep the id)."""
-    before = utcnow() - older_than
-    o = outbox_table.c
-    condition = (o.state == _CONFIRMED, o.confirmed_at < before)
-    if dry_run:
-        count = session.execute(select(func.count()).select_from(outbox_table).where(*condition)).scalar_one()
-        session.rollback()
-    else:
-        count = session.execute(delete(outbox_table).where(*condition)).rowcount
-        session.commit()
-    return {"purged": count, "confirmed_before": before, "dry_run": dry_run}
