@@ -222,7 +222,9 @@ class Relay(Worker[RelayReport]):
     def _publish_loop(self, pipeline: _Pipeline) -> int:
         claimed_total, more, size = 0, True, self.options.batch_size
         while True:
-            while more and len(pipeline.claiming) + len(pipeline.in_flight) < PIPELINE_DEPTH:
+            # One claim at first; more ahead of publishing only once a full batch says there are.
+            ahead = PIPELINE_DEPTH if claimed_total else 1
+            while more and len(pipeline.claiming) + len(pipeline.in_flight) < ahead:
                 pipeline.claiming.append(self._in_db(self._claim))
             if not pipeline.claiming and not pipeline.in_flight:
                 break
