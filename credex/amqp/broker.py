@@ -5,7 +5,6 @@ takes them (acknowledged by the worker, after its database work has committed)."
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +105,6 @@ class Broker:
         Raises BrokerLost when the connection goes."""
         self._connection.wait(seconds, until)
 
-    def wait_for(self, future: Future, timeout: float | None = None) -> Any:
-        """The result of work on another thread, the broker answered meanwhile (heartbeats,
-        confirms, deliveries). Raises the work's own exception, or TimeoutError."""
-        return self._connection.wait_for(future, timeout)
-
     # --- consuming ----------------------------------------------------------------------------
 
     def _on_message(self, _channel, method, properties, body) -> None:
@@ -121,13 +115,10 @@ class Broker:
     def buffered(self) -> int:
         return len(self._deliveries)
 
-    def take_deliveries(self, limit: int | None = None) -> list[Delivery]:
-        """The deliveries received so far (at most ``limit``, oldest first); the worker settles
-        each with ``ack`` or ``reject``."""
-        if limit is None or limit >= len(self._deliveries):
-            taken, self._deliveries = self._deliveries, []
-        else:
-            taken, self._deliveries = self._deliveries[:limit], self._deliveries[limit:]
+    def take_deliveries(self) -> list[Delivery]:
+        """The deliveries received so far, oldest first; the worker settles each with ``ack`` or
+        ``reject``."""
+        taken, self._deliveries = self._deliveries, []
         return taken
 
     def ack(self, tag: int, *, multiple: bool = False) -> None:

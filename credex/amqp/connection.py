@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import pika
@@ -201,16 +200,6 @@ class Connection:
         self.run_until(until or (lambda: False), seconds)
         if self._lost:
             raise BrokerLost(self._lost)
-
-    def wait_for(self, future: Future, timeout: float | None = None) -> Any:
-        """The result of work running in another thread, the I/O loop turning meanwhile. Without
-        a connection it just waits. Raises the work's own exception, or TimeoutError."""
-        if self._connection is not None and not self._lost:
-            future.add_done_callback(lambda _future: self.wake())
-            self.run_until(future.done, RPC_TIMEOUT_S if timeout is None else timeout)
-            if not future.done() and not self._lost:
-                raise TimeoutError(f"no result within {timeout} s")
-        return future.result(timeout=timeout)
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
