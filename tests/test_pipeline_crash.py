@@ -68,6 +68,7 @@ def test_killed_relays_and_warehouses_and_a_cut_connection_lose_nothing_and_ship
                 )
                 time.sleep(rng.uniform(0.0, 0.4))  # the awkward moment: chosen at random, not a wait
                 if kill == KILLS // 2 and not cut:
+                    pipeline.wait_ready(relay)  # a relay started by the kill before may not be connected yet
                     assert close_connections(f":{relay.pid}:") == 1, "the relay's connection to cut"
                     cut = True
                 if rng.random() < 0.5:
