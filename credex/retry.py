@@ -2,6 +2,11 @@
 workers' reconnects and database waits, a bulk batch started again, and the relay's wait for a
 confirmation before it publishes again.
 
+Kept as one small module rather than tenacity or stamina: the callers wait in their own ways (the
+carrier client within a bound on its total time and after a carrier's Retry-After, the workers
+while answering the broker's heartbeats and waking up at once when told to stop, the relay by
+writing a due time into the outbox), so what they share is the formula, not a retry loop.
+
 A wait is the attempt's step, ``base`` doubled per attempt up to ``cap``, stretched by a random
 share of up to ``spread`` of itself: never shorter than the step (a relay told to wait 60 s for
 the warehouse never republishes sooner), and spread out so that clients that failed together do
@@ -40,3 +45,19 @@ class Backoff:
         """The wait after attempt number ``attempt`` (1 for the first) failed."""
         step = self.step(attempt)
         return step * (1.0 + self.spread * self.rng.random())
+
+
+@dataclass
+class Streak:
+    """Failures in a row and the wait they call for: ``failed()`` counts one and returns the wait
+    before the next attempt, ``succeeded()`` starts again from the first step."""
+
+    backoff: Backoff
+    failures: int = 0
+
+    def failed(self) -> float:
+        self.failures += 1
+        return self.backoff.delay(self.failures)
+
+    def succeeded(self) -> None:
+        self.failures = 0

@@ -3,6 +3,7 @@ the bound on total time, error mapping, and the API key kept out of every messag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -33,7 +34,7 @@ from credex.logistics import (
     UnknownShipment,
     is_final,
 )
-from credex.logistics.retrying import backoff_delay, retry_after_seconds
+from credex.logistics.retrying import RetryPolicy, retry_after_seconds
 from tests.logistics_fakes import (
     API_KEY,
     Carrier,
@@ -495,13 +496,13 @@ def test_a_retry_after_past_the_bound_gives_up_at_once_instead_of_sleeping():
 
 
 def test_backoff_doubles_to_a_cap_with_jitter():
-    rng = random.Random(11)
+    backoff = dataclasses.replace(RetryPolicy().backoff, rng=random.Random(11))
     for retry in range(12):
         step = min(8.0, 0.5 * 2**retry)
-        delays = [backoff_delay(retry, base=0.5, cap=8.0, rng=rng) for _ in range(200)]
+        delays = [backoff.delay(retry + 1) for _ in range(200)]
         assert all(step / 2 <= delay <= step for delay in delays)
         assert len({round(delay, 6) for delay in delays}) > 150  # jittered, not one fixed wait
-    assert max(backoff_delay(30, base=0.5, cap=8.0, rng=rng) for _ in range(100)) <= 8.0
+    assert max(backoff.delay(31) for _ in range(100)) <= 8.0
 
 
 def test_the_waits_between_attempts_follow_the_capped_backoff():

@@ -104,10 +104,15 @@ def test_confirmations_waiting_are_recorded_and_a_repeat_changes_nothing(db_url,
 
 
 def test_an_unroutable_publish_is_reported_as_a_failure_not_as_sent(rabbit):
-    from credex.broker import Broker, Outgoing
+    from credex.amqp.broker import Broker
+    from credex.amqp.confirms import Outgoing
 
     broker = Broker(
-        rabbit.url, rabbit.names, queue=rabbit.names.confirmations_queue, prefetch=10, connection_name="test"
+        rabbit.url,
+        rabbit.names.topology(),
+        consume=rabbit.names.confirmations_queue,
+        prefetch=10,
+        connection_name="test",
     )
     broker.open()
     try:
@@ -300,3 +305,58 @@ def test_sigterm_lets_the_relay_finish_the_batches_in_hand_and_leave_no_claim_be
     wait_for(
         lambda: rabbit.count(rabbit.names.warehouse_queue) == report["published"], timeout=10, what="queue"
     )
+
+
+def test_confirmations_taken_while_the_database_is_away_are_recorded_once_it_is_back(
+    db_url, backend, credex, shop, rabbit, tmp_path
+):
+    """Confirmations in hand when the database goes away are kept, not dropped unacked: the
+    running relay records them once the database answers, without reconnecting to the broker."""
+    from sqlalchemy.engine import make_url
+
+    from tests.support import pg_admin
+
+    if backend != "postgres":
+        pytest.skip("a database server that can refuse connections for a while")
+    created = shop(2)
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "w") as log:
+        relay = subprocess.Popen(
+            credex_command("relay", "run", "--json", "--poll-interval", "0.05"),
+            env=subprocess_env(CREDEX_DATABASE_URL=db_url, **rabbit.env),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    database = make_url(db_url).database
+    try:
+        wait_for(lambda: rabbit.count(rabbit.names.warehouse_queue) == 2, timeout=60, what="publishing")
+        with pg_admin() as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+        try:
+            for n, redemption in enumerate(created, start=1):
+                rabbit.publish(
+                    "shipment.requested",
+                    confirmation(redemption, f"SIM{n}"),
+                    correlation_id=redemption["message_id"],
+                )
+            wait_for(lambda: "trying again" in log_path.read_text(), timeout=30, what="the database to fail")
+        finally:
+            with pg_admin() as admin:
+                admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+        def confirmed() -> int:  # this process's pooled connections were cut too: 69 once
+            status = credex("relay", "status", "--json")
+            return status.json()["confirmed"] if status.exit_code == 0 else -1
+
+        wait_for(lambda: confirmed() == 2, timeout=60, what="the confirmations recorded")
+        assert rabbit.count(rabbit.names.confirmations_queue) == 0
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        out, _ = relay.communicate(timeout=60)
+    assert relay.returncode == 0, log_path.read_text()
+    report = json.loads(out)
+    assert (report["confirmed"], report["reconnects"]) == (2, 0)

@@ -9,18 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from credex.db.engine import session_for
-from credex.relay.outbox import (
-    Confirmation,
-    RetryPolicy,
-    bury_exhausted,
-    claim_due_messages,
-    record_confirmations,
-    record_publish_outcomes,
-)
+from credex.relay.claims import Claim, LeaseClaims
+from credex.relay.outbox import Confirmation, RedeliveryPolicy, bury_exhausted, record_confirmations
 from tests.invariants import check_points_invariants
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # a clock the tests move by hand: every message is due by then
-POLICY = RetryPolicy(confirm_timeout=60, max_confirm_timeout=600)
+POLICY = RedeliveryPolicy(confirm_timeout=60, max_confirm_timeout=600)
 
 
 @pytest.fixture
@@ -35,19 +29,12 @@ def redemptions(credex):
 
 
 def claim(db_url, relay="r1", *, now=LATER, limit=100, lease=30.0):
-    with session_for(db_url, write=True) as session:
-        claimed = claim_due_messages(session, relay_id=relay, limit=limit, lease=lease, now=now)
-        session.commit()
-        return claimed
+    """The messages a relay's lease takes (the way SQLite claims; the tests run it on both)."""
+    return LeaseClaims(db_url, POLICY, relay_id=relay, lease=lease).claim(limit, now=now).messages
 
 
 def record(db_url, claimed, outcomes, *, relay="r1", now=LATER, policy=POLICY):
-    with session_for(db_url, write=True) as session:
-        tally = record_publish_outcomes(
-            session, relay_id=relay, claimed=claimed, outcomes=outcomes, policy=policy, now=now
-        )
-        session.commit()
-        return tally
+    return LeaseClaims(db_url, policy, relay_id=relay, lease=30.0).record(Claim(claimed), outcomes, now=now)
 
 
 def bury(db_url, *, max_attempts: int, now=LATER) -> int:
@@ -94,7 +81,7 @@ def test_a_confirmed_publish_is_sent_and_due_again_after_the_confirm_timeout(db_
 
 
 def test_the_wait_for_a_confirmation_doubles_with_each_attempt_up_to_its_cap():
-    policy = RetryPolicy(confirm_timeout=10, max_confirm_timeout=35)
+    policy = RedeliveryPolicy(confirm_timeout=10, max_confirm_timeout=35)
     for attempt, expected in ((1, 10), (2, 20), (3, 35), (4, 35), (60, 35)):
         wait = policy.confirm_wait(attempt).total_seconds()
         assert expected <= wait <= expected * 1.1, (attempt, wait)
@@ -133,7 +120,7 @@ def test_a_refused_publish_is_a_failed_attempt_with_its_reason_and_never_sent(db
 
 
 def test_past_max_attempts_a_message_is_dead_and_listed_for_an_operator(db_url, credex, redemptions):
-    policy = RetryPolicy(confirm_timeout=1, max_confirm_timeout=1, max_attempts=2)
+    policy = RedeliveryPolicy(confirm_timeout=1, max_confirm_timeout=1, max_attempts=2)
     first = claim(db_url)
     record(
         db_url,
@@ -250,3 +237,80 @@ def test_the_message_body_in_the_outbox_is_what_the_warehouse_parses(db_url, cre
         1,
     )
     assert parsed.address == "1 High St" and parsed.user_id == "u1"
+
+
+# --- how a relay holds a batch: picked from the database, claimed, recorded or released ---------
+
+
+def test_the_claim_strategy_is_picked_once_from_the_database(db_url, backend):
+    from credex.db.engine import ensure_schema
+    from credex.relay.claims import LockClaims, claim_strategy
+
+    strategy = claim_strategy(ensure_schema(db_url).dialect, db_url, POLICY, relay_id="r1", lease=30.0)
+    expected = LockClaims if backend == "postgres" else LeaseClaims
+    assert type(strategy) is expected
+
+
+def test_a_released_lease_is_due_again_at_once_for_every_relay(db_url, credex, redemptions):
+    r1 = LeaseClaims(db_url, POLICY, relay_id="r1", lease=30.0)
+    held = r1.claim(2, now=LATER)
+    assert [m.id for m in claim(db_url, "r2")] == redemptions[2:]
+    r1.release(held)  # r1 failed before recording: its claim goes, nothing is marked
+    retaken = claim(db_url, "r3")
+    assert [m.id for m in retaken] == redemptions[:2]
+    assert all(m["state"] == "pending" and m["attempts"] == 0 for m in messages(credex).values())
+
+
+@pytest.fixture
+def postgres_only(backend):
+    if backend != "postgres":
+        pytest.skip("row locks held by an open transaction are Postgres's way to claim")
+
+
+def test_row_lock_claims_pass_each_other_by_and_end_with_their_transaction(
+    db_url, credex, redemptions, postgres_only
+):
+    from credex.relay.claims import LockClaims
+
+    relay_a, relay_b = LockClaims(db_url, POLICY), LockClaims(db_url, POLICY)
+    first = relay_a.claim(2, now=LATER)
+    second = relay_b.claim(10, now=LATER)  # passes the locked rows by, never waits for them
+    assert [m.id for m in first.messages] == redemptions[:2]
+    assert [m.id for m in second.messages] == redemptions[2:]
+    assert relay_b.claim(10, now=LATER).messages == []
+    # Nothing was written to claim: the rows look untouched from outside.
+    assert all(m["state"] == "pending" for m in messages(credex).values())
+
+    # A confirmation for a held message is put off, not waited for.
+    with session_for(db_url, write=True) as session:
+        confirmed, put_off = record_confirmations(
+            session, [Confirmation(redemptions[0], "sandbox", "SIM1")], now=LATER
+        )
+        session.commit()
+    assert (confirmed, put_off) == (0, [redemptions[0]])
+
+    relay_a.release(first)  # rolled back: the locks go, the messages are due for anyone
+    tally = relay_b.record(second, dict.fromkeys(redemptions[2:]), now=LATER)
+    assert tally.sent == 1
+    again = relay_b.claim(10, now=LATER)
+    assert [m.id for m in again.messages] == redemptions[:2]
+    relay_b.release(again)
+    listed = messages(credex)
+    assert listed[redemptions[2]]["state"] == "sent" and listed[redemptions[0]]["state"] == "pending"
+
+
+def test_a_relay_that_dies_holding_row_locks_leaves_nothing_claimed(db_url, redemptions, postgres_only):
+    from sqlalchemy import text
+
+    from credex.relay.claims import LockClaims
+    from tests.support import pg_admin
+
+    dying = LockClaims(db_url, POLICY).claim(10, now=LATER)
+    assert len(dying.messages) == 3
+    pid = dying.session.execute(text("SELECT pg_backend_pid()")).scalar()
+    with pg_admin() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # as if the relay were killed
+    survivor = LockClaims(db_url, POLICY).claim(10, now=LATER)
+    assert [m.id for m in survivor.messages] == redemptions
+    LockClaims(db_url, POLICY).release(survivor)
+    dying.session.invalidate()

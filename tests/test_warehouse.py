@@ -143,3 +143,60 @@ def test_without_a_carrier_the_warehouse_refuses_to_start_and_consumes_nothing(c
 def test_warehouse_list_with_no_shipments_says_so(credex):
     assert credex("warehouse", "list", "--json").json() == []
     assert "(none)" in credex("warehouse", "list").stdout
+
+
+def test_messages_taken_while_the_database_is_away_are_shipped_once_it_is_back(
+    db_url, backend, rabbit, carrier_sandbox, tmp_path
+):
+    """The messages in hand when the database goes away are neither dropped nor left unacked on
+    the channel: the running warehouse handles them again once the database answers, without
+    reconnecting to the broker."""
+    import signal
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+
+    from tests.support import credex_command, pg_admin
+
+    if backend != "postgres":
+        pytest.skip("a database server that can refuse connections for a while")
+    database = make_url(db_url).database
+    log_path = tmp_path / "warehouse.log"
+    with open(log_path, "w") as log:
+        warehouse = subprocess.Popen(
+            credex_command("warehouse", "run", "--json"),
+            env=carrier_sandbox.env(CREDEX_DATABASE_URL=db_url, **rabbit.env),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+    try:
+        wait_for(lambda: " connected to " in log_path.read_text(), timeout=60, what="the warehouse")
+        first = redemption_message(1)
+        rabbit.publish("redemption.created", first, message_id=first["message_id"])
+        wait_for(lambda: rabbit.count(rabbit.names.confirmations_queue) == 1, timeout=30, what="shipping")
+
+        with pg_admin() as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+            )
+        try:
+            for n in (2, 3):
+                message = redemption_message(n)
+                rabbit.publish("redemption.created", message, message_id=message["message_id"])
+            wait_for(lambda: "trying again" in log_path.read_text(), timeout=30, what="the database to fail")
+        finally:
+            with pg_admin() as admin:
+                admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        wait_for(
+            lambda: rabbit.count(rabbit.names.confirmations_queue) == 3, timeout=60, what="the rest shipped"
+        )
+        assert rabbit.count(rabbit.names.warehouse_queue) == 0
+    finally:
+        warehouse.send_signal(signal.SIGTERM)
+        out, _ = warehouse.communicate(timeout=60)
+    assert warehouse.returncode == 0, log_path.read_text()
+    report = json.loads(out)
+    assert (report["received"], report["shipments_created"], report["reconnects"]) == (3, 3, 0)
+    assert len(carrier_sandbox.shipments()) == 3

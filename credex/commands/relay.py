@@ -51,16 +51,17 @@ def run(
 ) -> None:
     """Publish due messages (publisher confirms), record the warehouse's confirmations, publish
     again what is not confirmed in time. Runs until SIGINT/SIGTERM, or one pass with --once."""
-    from credex.broker import quiet_pika, stop_on_signals
+    from credex.amqp.params import quiet_pika
     from credex.output import log_to_stderr
-    from credex.relay.outbox import RetryPolicy
-    from credex.relay.runner import Relay, RelayOptions
+    from credex.relay.outbox import RedeliveryPolicy
+    from credex.relay.runner import RelayOptions, make_relay
     from credex.relay.topology import Names
+    from credex.worker import run_until_signalled
 
     s = settings(ctx)
     log_to_stderr(verbose)
     quiet_pika()
-    policy = RetryPolicy(
+    policy = RedeliveryPolicy(
         confirm_timeout=confirm_timeout,
         max_confirm_timeout=max(confirm_timeout, max_confirm_timeout),
         max_attempts=max_attempts,
@@ -68,16 +69,15 @@ def run(
     options = RelayOptions(
         batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
     )
-    relay = Relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
-    with stop_on_signals(relay.stop):
-        report = relay.run()
+    relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
+    report = run_until_signalled(relay)
     emit(report.to_json(), as_json=as_json, title="relay")
 
 
 @app.command("status")
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Messages per state and the age of the oldest unconfirmed one."""
-    from credex.relay.outbox import outbox_status
+    from credex.relay.operators import outbox_status
 
     with points_session(ctx) as session:
         result = outbox_status(session)
@@ -93,7 +93,7 @@ def list_(
 ) -> None:
     """Outbox messages, newest first."""
     from credex.errors import InvalidInput
-    from credex.relay.outbox import MESSAGE_STATES, list_messages
+    from credex.relay.operators import MESSAGE_STATES, list_messages
 
     if state is not None and state not in MESSAGE_STATES:
         raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(MESSAGE_STATES)}")
@@ -113,7 +113,7 @@ def retry(
 ) -> None:
     """Make messages due now (a dead one comes back as pending with fresh attempts)."""
     from credex.errors import InvalidInput
-    from credex.relay.outbox import retry_messages
+    from credex.relay.operators import retry_messages
 
     if bool(message_ids) == dead:
         raise InvalidInput("give message ids or --dead (one of the two)")
@@ -138,7 +138,7 @@ def purge(
 ) -> None:
     """Delete messages confirmed longer ago than the given age."""
     from credex.points.rules import parse_duration
-    from credex.relay.outbox import purge_confirmed
+    from credex.relay.operators import purge_confirmed
 
     age = parse_duration(confirmed_before, "--confirmed-before")
     with points_session(ctx, write=True) as session:

@@ -41,26 +41,24 @@ def run(
 ) -> None:
     """Consume redemption messages: create shipment requests (once per redemption), get waybills
     from the carrier, publish confirmations. Runs until SIGINT/SIGTERM, or once with --once."""
-    from credex.broker import quiet_pika, stop_on_signals
+    from credex.amqp.params import quiet_pika
     from credex.logistics import carrier_client
     from credex.output import log_to_stderr
     from credex.relay.topology import Names
-    from credex.warehouse.consumer import Warehouse
+    from credex.warehouse.consumer import Warehouse, warehouse_broker
+    from credex.worker import run_until_signalled
 
     s = settings(ctx)
     log_to_stderr(verbose)
     quiet_pika()
     warehouse = Warehouse(
         s.warehouse_database_url or s.database_url,
-        s.amqp_url.get_secret_value(),
-        Names(s.amqp_prefix),
+        warehouse_broker(s.amqp_url.get_secret_value(), Names(s.amqp_prefix), prefetch=prefetch),
         lambda: carrier_client(s, total_timeout=carrier_timeout),
         once=once,
-        prefetch=prefetch,
         carrier_timeout=carrier_timeout,
     )
-    with stop_on_signals(warehouse.stop):
-        report = warehouse.run()
+    report = run_until_signalled(warehouse)
     emit(report.to_json(), as_json=as_json, title="warehouse")
 
 

@@ -3,6 +3,7 @@ and the check that the schema is current."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,26 +177,31 @@ def _bind(url: str, write: bool) -> Engine:
     return bound
 
 
+# psycopg: an OperationalError with no SQLSTATE is the client's own (refused, unknown host, server
+# gone, the connection closed); from the server, class 08 (connection exception), a shutdown or
+# restart (57P01-57P03) and too many connections. Deadlocks and serialization failures are
+# OperationalErrors too, but the connection is fine: not these.
+_PG_LOST_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# SQLite: the primary result codes of a database that cannot be had now or at all.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN = 5, 6, 14
+_SQLITE_UNAVAILABLE = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN})
+
+
 def is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` means the database cannot be reached or used right now (exit 69, or a
+    worker waits and tries again), judged by the driver's exception class and codes, and by
+    SQLAlchemy's own verdict that the connection was invalidated; never by the message text."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    text_ = str(getattr(error, "orig", error)).lower()
-    needles = (
-        "connection refused",
-        "could not connect",
-        "connection to server",
-        "server closed the connection",
-        "timeout expired",
-        "unable to open database file",
-        "database is locked",
-        "no such host",
-        "name or service not known",
-        "could not translate host name",
-        "terminating connection",
-        "connection is closed",
-        "the connection is lost",
-    )
-    return any(needle in text_ for needle in needles)
+    orig = getattr(error, "orig", None) or error
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_UNAVAILABLE  # extended codes carry the primary in the low byte
+    psycopg = sys.modules.get("psycopg")  # loaded whenever a psycopg error exists
+    if psycopg is not None and isinstance(orig, psycopg.OperationalError):
+        state = orig.sqlstate
+        return state is None or state.startswith("08") or state in _PG_LOST_STATES
+    return False
 
 
 def unavailable(url: str, error: BaseException) -> Unavailable:

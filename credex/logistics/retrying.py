@@ -7,10 +7,11 @@ Retry-After). Final: every other answer, handed back to the provider to read.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -18,6 +19,7 @@ import httpx
 
 from credex import __version__
 from credex.errors import CarrierNotConfigured, Unavailable, redact
+from credex.retry import Backoff
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -29,19 +31,11 @@ class RetryPolicy:
     total_timeout: float = 30.0
     connect_timeout: float = 5.0
     read_timeout: float = 10.0
-    backoff_base: float = 0.5
-    backoff_cap: float = 8.0
+    # Steps of 0.5, 1, 2… 8 s with "equal jitter": half of each always waited (a struggling
+    # carrier gets some air), the other half at random (clients that failed together do not come
+    # back together). That is credex's one backoff on a step half as long, stretched by up to 100 %.
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.25, cap=4.0, spread=1.0))
     max_attempts: int = 8
-
-
-def backoff_delay(retry: int, *, base: float, cap: float, rng: random.Random) -> float:
-    """The wait before retry number ``retry`` (0 first): "equal jitter" over a capped doubling.
-
-    Half of the step is always waited (a struggling carrier gets some air), the other half is
-    random (clients that failed together do not come back together).
-    """
-    step = min(cap, base * 2**retry)
-    return step / 2 + rng.uniform(0, step / 2)
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -116,7 +110,7 @@ class RetryingHttp:
         self.where = _where(url)
         self._sleep = sleep
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._backoff = dataclasses.replace(self.policy.backoff, rng=rng) if rng else self.policy.backoff
         self._client = httpx.Client(
             base_url=url,
             headers={"User-Agent": f"credex/{__version__}", **(headers or {})},
@@ -178,12 +172,7 @@ class RetryingHttp:
                     return response
             if attempts >= policy.max_attempts:
                 raise self._gave_up(what, attempts, reason)
-            if asked_wait is not None:
-                delay = asked_wait
-            else:
-                delay = backoff_delay(
-                    attempts - 1, base=policy.backoff_base, cap=policy.backoff_cap, rng=self._rng
-                )
+            delay = asked_wait if asked_wait is not None else self._backoff.delay(attempts)
             remaining = deadline - self._clock()
             if delay >= remaining:
                 # Waiting would end past the bound: say so now rather than sleep and fail anyway.

@@ -1,5 +1,9 @@
-"""The outbox as the relay and operators see it: claiming due messages, recording what the
-broker and the warehouse said, and the operators' commands."""
+"""The outbox as the relay works it: claiming due messages, recording what the broker and the
+warehouse said. The operators' commands are in ``credex.relay.operators``.
+
+Every function runs inside the caller's transaction (the caller commits); how a relay holds a
+batch, and so which of them it uses, is ``credex.relay.claims``'s business.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, any_, bindparam, case, delete, func, or_, select, text, true, update
+from sqlalchemy import Boolean, String, any_, bindparam, case, or_, select, text, update
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
-from credex.db.models import MessageState, RedemptionStatus, utcnow
-from credex.errors import UnknownMessage
+from credex.db.models import MessageState, RedemptionStatus
+from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
 _redemption = tables.redemption
-MESSAGE_STATES = [state.value for state in MessageState]
 
 _PENDING = MessageState.pending.value
 _SENT = MessageState.sent.value
@@ -25,20 +31,6 @@ _DEAD = MessageState.dead.value
 _UNCONFIRMED = (_PENDING, _SENT)
 REPUBLISHED = "not confirmed by its due time: published again"
 CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
-
-
-def message_json(row) -> dict:
-    return {
-        "message_id": row.id,
-        "redemption_id": row.redemption_id,
-        "state": row.state,
-        "attempts": row.attempts,
-        "next_attempt_at": row.next_attempt_at,
-        "last_error": row.last_error,
-    }
-
-
-# --- the relay: these work inside the caller's transaction, which commits ----------------------
 
 
 @dataclass(frozen=True)
@@ -51,115 +43,144 @@ class ClaimedMessage:
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
-    """How long to wait for the warehouse after a publish (doubling per attempt, to a cap), and
-    when to give up (``max_attempts`` 0: never)."""
+class RedeliveryPolicy:
+    """How long to wait for the warehouse after a publish before publishing again (doubling per
+    attempt, to a cap), and when to give up (``max_attempts`` 0: never)."""
 
     confirm_timeout: float = 60.0
     max_confirm_timeout: float = 3600.0
     max_attempts: int = 0
 
     def confirm_wait(self, attempt: int) -> timedelta:
-        from credex.broker import backoff
-
-        return timedelta(seconds=backoff(attempt, base=self.confirm_timeout, cap=self.max_confirm_timeout))
+        backoff = Backoff(self.confirm_timeout, max(self.confirm_timeout, self.max_confirm_timeout))
+        return timedelta(seconds=backoff.delay(attempt))
 
     def failure_wait(self, attempt: int) -> timedelta:
         # The broker refused or went away: try again soon, sooner than a missing confirmation.
-        from credex.broker import backoff
-
-        return timedelta(seconds=backoff(attempt, base=1.0, cap=self.confirm_timeout))
+        backoff = Backoff(min(1.0, self.confirm_timeout), self.confirm_timeout)
+        return timedelta(seconds=backoff.delay(attempt))
 
     def exhausted(self, attempts: int) -> bool:
         return self.max_attempts > 0 and attempts >= self.max_attempts
 
 
+# The relay's statements, built once (SQLAlchemy caches their compiled form; building them is
+# what would cost, many times a second in an idle relay). ``FOR UPDATE SKIP LOCKED`` is in every
+# one that reads rows a relay may hold: on Postgres a row another transaction holds is passed by,
+# never waited for (that could be waiting on ourselves); SQLite has no row locks and renders none.
+_o = outbox_table.c
+_NOW = bindparam("now", type_=_o.next_attempt_at.type)
+
+
+class _OneOf(ColumnElement[bool]):
+    """``id IN (:ids…)``, on Postgres ``id = ANY(:ids)``: one array parameter there, so the
+    statement is the same text for any number of ids and the driver prepares it once."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True  # a condition as it is, not "… = 1" where booleans are integers
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column) -> None:
+        self.column = column
+
+
+@compiles(_OneOf)
+def _one_of_in(element: _OneOf, compiler, **kw) -> str:
+    return compiler.process(element.column.in_(bindparam("ids", expanding=True)), **kw)
+
+
+@compiles(_OneOf, "postgresql")
+def _one_of_any(element: _OneOf, compiler, **kw) -> str:
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    return compiler.process(element.column == any_(bindparam("ids", type_=ARRAY(String))), **kw)
+
+
+_IDS_MATCH = _OneOf(_o.id)  # takes the parameter ``ids``: a list of message ids
 # Written out, not bound: a database uses the partial index ix_outbox_message_due only when the
 # query says what its WHERE says (a bound parameter proves nothing to a planner).
 _UNCONFIRMED_LITERAL = text("outbox_message.state IN ('pending', 'sent')")
-
-
-def _claimable(now: datetime):
-    o = outbox_table.c
-    return (
-        _UNCONFIRMED_LITERAL,
-        o.next_attempt_at <= now,
-        or_(o.claimed_until.is_(None), o.claimed_until < now),
+_CLAIMABLE = (
+    _UNCONFIRMED_LITERAL,
+    _o.next_attempt_at <= _NOW,
+    or_(_o.claimed_until.is_(None), _o.claimed_until < _NOW),
+)
+_DUE = (
+    select(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state)
+    .where(*_CLAIMABLE)
+    .order_by(_o.next_attempt_at, _o.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_LEASE = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(*_CLAIMABLE)
+            .order_by(_o.next_attempt_at, _o.id)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
     )
+    .values(claimed_by=bindparam("relay"), claimed_until=bindparam("until", type_=_o.claimed_until.type))
+    .returning(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state, _o.next_attempt_at)
+)
+_BURY = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(*_CLAIMABLE, _o.attempts >= bindparam("max_attempts"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(state=_DEAD, claimed_by=None, claimed_until=None, last_error=bindparam("error"))
+)
+_RELEASE_LEASE = (
+    update(outbox_table)
+    .where(_IDS_MATCH, _o.claimed_by == bindparam("relay"))
+    .values(claimed_by=None, claimed_until=None)
+)
+_STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
 
 
 def bury_exhausted(session: Session, *, max_attempts: int, now: datetime) -> int:
-    """Due messages that used up their attempts become dead (listed for an operator). On Postgres
-    a message another transaction holds is left for later: waiting could wait on ourselves."""
-    o = outbox_table.c
-    exhausted = select(o.id).where(*_claimable(now), o.attempts >= max_attempts)
-    if session.bind.dialect.name == "postgresql":
-        exhausted = exhausted.with_for_update(skip_locked=True)
-    return session.execute(
-        update(outbox_table)
-        .where(o.id.in_(exhausted.scalar_subquery()))
-        .values(
-            state=_DEAD,
-            claimed_by=None,
-            claimed_until=None,
-            last_error=f"no confirmation after {max_attempts} attempts",
-        )
-    ).rowcount
+    """Due messages that used up their attempts become dead (listed for an operator); one a relay
+    holds right now is left for later."""
+    error = f"no confirmation after {max_attempts} attempts"
+    return session.execute(_BURY, {"now": now, "max_attempts": max_attempts, "error": error}).rowcount
 
 
 def claim_due_messages(
     session: Session, *, relay_id: str, limit: int, lease: float, now: datetime
 ) -> list[ClaimedMessage]:
-    """Take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once committed,
-    relays running at once never publish the same due message in one round. A relay that dies
-    leaves its lease behind, and the messages are due again when it runs out."""
-    o = outbox_table.c
-    due = select(o.id).where(*_claimable(now)).order_by(o.next_attempt_at, o.id).limit(limit)
-    if session.bind.dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)  # concurrent claimers pass each other by
+    """A lease: take up to ``limit`` due messages for ``relay_id`` until ``now + lease``; once
+    committed, relays running at once never publish the same due message in one round. A relay
+    that dies leaves its lease behind, and the messages are due again when it runs out."""
+    until = now + timedelta(seconds=lease)
     rows = session.execute(
-        update(outbox_table)
-        .where(o.id.in_(due.scalar_subquery()))
-        .values(claimed_by=relay_id, claimed_until=now + timedelta(seconds=lease))
-        .returning(o.id, o.routing_key, o.body, o.attempts, o.state, o.next_attempt_at)
+        _CLAIM_LEASE, {"now": now, "limit": limit, "relay": relay_id, "until": until}
     ).all()
     rows.sort(key=lambda r: (r.next_attempt_at, r.id))  # RETURNING keeps no order: publish the oldest first
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
 def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[ClaimedMessage]:
-    """Postgres: up to ``limit`` due messages, locked by the session's transaction until it ends,
-    passing by those another transaction holds. Nothing is written: the claim is the lock, and a
-    relay that dies releases it with its connection."""
-    o = outbox_table.c
-    rows = session.execute(
-        select(o.id, o.routing_key, o.body, o.attempts, o.state)
-        .where(*_claimable(now))
-        .order_by(o.next_attempt_at, o.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    """Row locks (Postgres): up to ``limit`` due messages, locked by the session's transaction
+    until it ends, passing by those another transaction holds. Nothing is written: the claim is
+    the lock, and a relay that dies releases it with its connection."""
+    rows = session.execute(_DUE, {"now": now, "limit": limit}).all()
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
-_o = outbox_table.c
-_STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
-_FAILED_VALUES = {
-    "state": bindparam("new_state"),
-    "attempts": bindparam("n"),
-    "next_attempt_at": bindparam("due"),
-    "last_error": bindparam("error"),
-    "claimed_by": None,
-    "claimed_until": None,
-}
-_RECORD_FAILED = (
-    update(outbox_table)
-    .where(_o.id == bindparam("mid"), _o.claimed_by == bindparam("relay"), _STILL_UNCONFIRMED)
-    .values(**_FAILED_VALUES)
-)
-_RECORD_FAILED_HELD = (
-    update(outbox_table).where(_o.id == bindparam("mid"), _STILL_UNCONFIRMED).values(**_FAILED_VALUES)
-)
+def release_lease(session: Session, *, relay_id: str, message_ids: Sequence[str]) -> None:
+    """Give up ``relay_id``'s lease on ``message_ids`` before it runs out (the caller commits)."""
+    for start in range(0, len(message_ids), CHUNK):
+        session.execute(_RELEASE_LEASE, {"ids": list(message_ids[start : start + CHUNK]), "relay": relay_id})
 
 
 @dataclass
@@ -169,31 +190,21 @@ class PublishTally:
     dead: int = 0
 
 
-def _one_of(session: Session, ids: list[str]):
-    """``id IN (…)``; on Postgres ``id = ANY(array)``: one parameter, so the statement is the same
-    text every time and the driver prepares it once instead of rendering a placeholder per id."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        return _o.id == any_(bindparam("ids", ids, type_=ARRAY(String)))
-    return _o.id.in_(ids)
-
-
 def record_publish_outcomes(
     session: Session,
     *,
-    relay_id: str | None,
     claimed: Sequence[ClaimedMessage],
     outcomes: dict[str, str | None],
-    policy: RetryPolicy,
+    policy: RedeliveryPolicy,
     now: datetime,
+    still_claimed: ColumnElement[bool],
 ) -> PublishTally:
     """What the broker said about each claimed message (the caller commits): confirmed ones are
     ``sent`` and due again when the warehouse had time to confirm; the others keep their state,
     carry the reason in ``last_error`` and are due again soon (or dead past ``max_attempts``).
-    A message is never marked sent unless the broker confirmed it. ``relay_id`` names the lease
-    holder (a lease that ran out and was taken over is left alone); None when the session's
-    transaction holds the messages' row locks."""
+    A message is never marked sent unless the broker confirmed it. ``still_claimed`` says that a
+    row is still this relay's claim (its lease, not one that ran out and was taken over; or
+    simply true when the transaction holds the rows locked)."""
     tally = PublishTally()
     sent: dict[int, list[str]] = {}  # attempt -> message ids: one statement each, not one per message
     failed = []
@@ -208,7 +219,6 @@ def record_publish_outcomes(
         failed.append(
             {
                 "mid": message.id,
-                "relay": relay_id,
                 "n": attempt,
                 "error": error[:1000],
                 "new_state": _DEAD if dead else message.state,
@@ -217,25 +227,39 @@ def record_publish_outcomes(
         )
         tally.failed += 1
         tally.dead += dead
-    holder = _o.claimed_by == relay_id if relay_id is not None else true()
-    for attempt, ids in sent.items():
-        due = now + policy.confirm_wait(attempt)
-        for start in range(0, len(ids), CHUNK):
-            session.execute(
-                update(outbox_table)
-                .where(_one_of(session, ids[start : start + CHUNK]), holder, _o.state.in_(_UNCONFIRMED))
-                .values(
-                    last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
-                    state=_SENT,
-                    attempts=attempt,
-                    sent_at=now,
-                    next_attempt_at=due,
-                    claimed_by=None,
-                    claimed_until=None,
-                )
+    if sent:
+        mark_sent = (
+            update(outbox_table)
+            .where(_IDS_MATCH, still_claimed, _o.state.in_(_UNCONFIRMED))
+            .values(
+                last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
+                state=_SENT,
+                attempts=bindparam("n"),
+                sent_at=bindparam("now", type_=_o.sent_at.type),
+                next_attempt_at=bindparam("due", type_=_o.next_attempt_at.type),
+                claimed_by=None,
+                claimed_until=None,
             )
+        )
+        for attempt, ids in sent.items():
+            due = now + policy.confirm_wait(attempt)
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start : start + CHUNK]
+                session.execute(mark_sent, {"ids": chunk, "n": attempt, "now": now, "due": due})
     if failed:
-        session.execute(_RECORD_FAILED if relay_id is not None else _RECORD_FAILED_HELD, failed)
+        session.execute(
+            update(outbox_table)
+            .where(_o.id == bindparam("mid"), still_claimed, _STILL_UNCONFIRMED)
+            .values(
+                state=bindparam("new_state"),
+                attempts=bindparam("n"),
+                next_attempt_at=bindparam("due"),
+                last_error=bindparam("error"),
+                claimed_by=None,
+                claimed_until=None,
+            ),
+            failed,
+        )
     return tally
 
 
@@ -258,6 +282,25 @@ _SHIP = (
         updated_at=bindparam("now"),
     )
 )
+_CONFIRM = (
+    update(outbox_table)
+    .where(
+        _o.id.in_(
+            select(_o.id)
+            .where(_IDS_MATCH, _o.state != _CONFIRMED)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        state=_CONFIRMED,
+        confirmed_at=bindparam("now", type_=_o.confirmed_at.type),
+        claimed_by=None,
+        claimed_until=None,
+    )
+    .returning(_o.id, _o.redemption_id)
+)
+_STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state != _CONFIRMED)
 
 
 def record_confirmations(
@@ -266,25 +309,16 @@ def record_confirmations(
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed changes nothing (also a
     dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
-    message ids put off): on Postgres a message a relay holds locked right now is left for a
-    moment later rather than waited for, which could be waiting on ourselves."""
+    message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
+    later rather than waited for, which could be waiting on ourselves."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
-    holds_locks = session.bind.dialect.name == "postgresql"
     confirmed, put_off = 0, []
     ids = list(first)
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
-        unconfirmed = select(_o.id).where(_o.id.in_(chunk), _o.state != _CONFIRMED)
-        if holds_locks:
-            unconfirmed = unconfirmed.with_for_update(skip_locked=True)
-        rows = session.execute(
-            update(outbox_table)
-            .where(_o.id.in_(unconfirmed.scalar_subquery()))
-            .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
-            .returning(_o.id, _o.redemption_id)
-        ).all()
+        rows = session.execute(_CONFIRM, {"ids": chunk, "now": now}).all()
         ships = [
             {
                 "rid": row.redemption_id,
@@ -298,88 +332,8 @@ def record_confirmations(
         if ships:
             session.execute(_SHIP, ships)
         confirmed += len(rows)
-        if holds_locks and len(rows) < len(chunk):
+        if len(rows) < len(chunk):  # repeats, or held: those still open are put off
             done = {row.id for row in rows}
-            put_off += (
-                session.execute(
-                    select(_o.id).where(
-                        _o.id.in_([m for m in chunk if m not in done]), _o.state != _CONFIRMED
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            rest = [m for m in chunk if m not in done]
+            put_off += session.execute(_STILL_OPEN, {"ids": rest}).scalars().all()
     return confirmed, put_off
-
-
-# --- operators ----------------------------------------------------------------------------------
-
-
-def outbox_status(session: Session) -> dict:
-    """Messages per state, and how long the oldest unconfirmed one has waited."""
-    counts = dict.fromkeys(MESSAGE_STATES, 0)
-    for state, count in session.execute(
-        select(outbox_table.c.state, func.count()).group_by(outbox_table.c.state)
-    ):
-        counts[state] = count
-    oldest = session.execute(
-        select(func.min(outbox_table.c.created_at)).where(outbox_table.c.state.in_(_UNCONFIRMED))
-    ).scalar()
-    if oldest is not None:
-        counts["oldest_unconfirmed_age_seconds"] = round((utcnow() - oldest).total_seconds(), 3)
-    else:
-        counts["oldest_unconfirmed_age_seconds"] = None
-    return counts
-
-
-def list_messages(session: Session, *, state: str | None = None, limit: int = 50) -> list[dict]:
-    query = select(outbox_table).order_by(outbox_table.c.created_at.desc(), outbox_table.c.id).limit(limit)
-    if state is not None:
-        query = query.where(outbox_table.c.state == state)
-    return [message_json(row) for row in session.execute(query)]
-
-
-def retry_messages(
-    session: Session, message_ids: Sequence[str] = (), *, dead: bool = False, now: datetime | None = None
-) -> dict:
-    """Make messages due now: the given ones, or every dead one. A dead message comes back as
-    pending with a fresh count of attempts; a confirmed one is left alone. An unknown id
-    refuses the whole command before anything changes."""
-    now = now or utcnow()
-    o = outbox_table.c
-    if dead:
-        chosen = select(o.id, o.state).where(o.state == _DEAD)
-    else:
-        chosen = select(o.id, o.state).where(o.id.in_(list(message_ids)))
-    states = {row.id: row.state for row in session.execute(chosen)}
-    unknown = [m for m in message_ids if m not in states]
-    if unknown:
-        session.rollback()
-        raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
-    retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
-    for start in range(0, len(retried), CHUNK):
-        session.execute(
-            update(outbox_table)
-            .where(o.id.in_(retried[start : start + CHUNK]), o.state != _CONFIRMED)
-            .values(
-                attempts=case((o.state == _DEAD, 0), else_=o.attempts),
-                state=case((o.state == _DEAD, _PENDING), else_=o.state),
-                next_attempt_at=now,
-            )
-        )
-    session.commit()
-    return {"retried": retried, "already_confirmed": sorted(m for m, s in states.items() if s == _CONFIRMED)}
-
-
-def purge_confirmed(session: Session, *, older_than: timedelta, dry_run: bool = False) -> dict:
-    """Delete messages confirmed more than ``older_than`` ago (their redemptions keep the id)."""
-    before = utcnow() - older_than
-    o = outbox_table.c
-    condition = (o.state == _CONFIRMED, o.confirmed_at < before)
-    if dry_run:
-        count = session.execute(select(func.count()).select_from(outbox_table).where(*condition)).scalar_one()
-        session.rollback()
-    else:
-        count = session.execute(delete(outbox_table).where(*condition)).rowcount
-        session.commit()
-    return {"purged": count, "confirmed_before": before, "dry_run": dry_run}

@@ -1,8 +1,12 @@
 """The relay: publish due outbox messages with publisher confirms, take the warehouse's
 confirmations, and publish again what is not confirmed in time, until every message is confirmed.
 
-Everything it knows lives in the database (claims with a lease, attempts, due times), so a relay
-can be killed at any moment: the next one, or another one running beside it, carries on.
+Everything it knows lives in the database (claims, attempts, due times), so a relay can be killed
+at any moment: the next one, or another one running beside it, carries on.
+
+Two threads: this one drives the broker (publishing, confirms, deliveries, heartbeats) and the
+relay's database thread runs every database step in order, so that a batch is claimed and the one
+before it recorded while another is being published.
 """
 
 from __future__ import annotations
@@ -16,42 +20,33 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlmodel import Session
 
-from credex.broker import Broker, BrokerLost, Delivery, Outgoing, Worker, display_amqp_url
-from credex.db.engine import open_session, session_for, translate_db_error
+from credex.amqp.broker import Broker, Delivery
+from credex.amqp.confirms import Outgoing
+from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
-from credex.relay.outbox import (
-    ClaimedMessage,
-    Confirmation,
-    PublishTally,
-    RetryPolicy,
-    bury_exhausted,
-    claim_due_messages,
-    lock_due_messages,
-    record_confirmations,
-    record_publish_outcomes,
-)
+from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
+from credex.relay.outbox import Confirmation, PublishTally, RedeliveryPolicy, record_confirmations
 from credex.relay.topology import REDEMPTION_CREATED, Names
+from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
 
-PIPELINE_DEPTH = 2  # batches in flight at once
+PIPELINE_DEPTH = 3  # batches claimed or published at once, besides those being recorded
 
 
 @dataclass(frozen=True)
 class RelayOptions:
     batch_size: int = 1000
-    lease: float = 60.0  # how long a claim holds if the relay dies with it
+    lease: float = 60.0  # SQLite: how long a claim holds if the relay dies with it
     poll_interval: float = 0.5  # how often an idle relay looks for due messages
     once: bool = False
-    policy: RetryPolicy = RetryPolicy()
+    policy: RedeliveryPolicy = field(default_factory=RedeliveryPolicy)
 
 
 @dataclass
@@ -68,126 +63,155 @@ class RelayReport:
         return asdict(self)
 
 
-def relay_id() -> str:
+def new_relay_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def relay_broker(amqp_url: str, names: Names, options: RelayOptions, relay_id: str) -> Broker:
+    """The relay's side of the broker: it publishes redemption messages and consumes confirmations."""
+    return Broker(
+        amqp_url,
+        names.topology(),
+        consume=names.confirmations_queue,
+        prefetch=max(100, 2 * options.batch_size),
+        connection_name=f"credex relay {relay_id}",
+    )
+
+
+def make_relay(
+    database_url: str,
+    amqp_url: str,
+    names: Names,
+    options: RelayOptions,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+) -> Relay:
+    relay_id = new_relay_id()
+    broker = relay_broker(amqp_url, names, options, relay_id)
+    return Relay(database_url, broker, options, relay_id=relay_id, clock=clock)
+
+
 @dataclass
-class Claim:
-    """A batch taken for publishing. On Postgres its session stays open: the transaction's row
-    locks are the claim, until the outcome is recorded and committed in it."""
+class _Pipeline:
+    """The batches of one publishing pass, oldest first at each stage."""
 
-    messages: list[ClaimedMessage]
-    session: Session | None = None
+    claiming: deque[Future] = field(default_factory=deque)  # claims the database is taking
+    in_flight: deque[Claim] = field(default_factory=deque)  # published, their confirms awaited
+    recording: list[Future] = field(default_factory=list)  # outcomes the database is recording
 
 
-class Relay(Worker):
-    """``run()`` until ``stop()`` (or one pass with ``once``); ``stop()`` lets the batch in hand
-    finish: its publishes confirmed and recorded, the confirmations taken so far recorded and acked."""
+class Relay(Worker[RelayReport]):
+    """``stop()`` lets the batch in hand finish: its publishes confirmed and recorded, the
+    confirmations taken so far recorded and acked."""
 
     def __init__(
         self,
         database_url: str,
-        amqp_url: str,
-        names: Names,
+        broker: Broker,
         options: RelayOptions,
         *,
+        report: RelayReport | None = None,
+        relay_id: str | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        super().__init__(broker, report or RelayReport(), log=log, once=options.once)
         self.database_url = database_url
         self.options = options
         self.clock = clock
-        self.id = relay_id()
-        self.report = RelayReport()
-        self.log = log
+        self.id = relay_id or new_relay_id()
+        self.claims: ClaimStrategy | None = None  # picked from the database in prepare()
+        self._db: ThreadPoolExecutor | None = None
         self._put_off: list[Delivery] = []  # confirmations of messages held locked: next turn
-        self._holds_locks = database_url.startswith(("postgresql", "postgres"))
-        self.broker = Broker(
-            amqp_url,
-            names,
-            queue=names.confirmations_queue,
-            prefetch=max(100, 2 * options.batch_size),
-            connection_name=f"credex relay {self.id}",
+
+    def __str__(self) -> str:
+        return f"relay {self.id}"
+
+    # --- the worker's life ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        engine = ensure_schema(self.database_url)  # unreachable or not migrated: say so first
+        self.claims = claim_strategy(
+            engine.dialect,
+            self.database_url,
+            self.options.policy,
+            relay_id=self.id,
+            lease=self.options.lease,
         )
+        self._db = ThreadPoolExecutor(max_workers=self.claims.writers, thread_name_prefix="relay-db")
 
-    def run(self) -> RelayReport:
-        from credex.db.engine import ensure_schema
-
-        ensure_schema(self.database_url)  # unreachable or not migrated: say so before anything else
-        self.broker.open()  # unreachable at start: Unavailable, exit 69
+    def connected(self) -> None:
         log.info(
-            "relay %s connected to %s: publishing to %s, confirmations from %s",
-            self.id,
-            display_amqp_url(self.broker.url),
-            self.broker.names.exchange,
+            "%s connected to %s: publishing to %s, confirmations from %s",
+            self,
+            self.broker.where,
+            self.broker.topology.exchange,
             self.broker.queue,
         )
-        # The database work runs on a thread of its own, in order, while this thread keeps the
-        # broker busy: a batch is claimed while the one before is being stored and confirmed.
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-db")
-        try:
-            if self.options.once:
-                self._one_pass()
-            else:
-                self._until_stopped()
-        except BrokerLost as lost:
-            raise Unavailable(f"lost the broker {display_amqp_url(self.broker.url)}: {lost}") from None
-        finally:
-            self._db.shutdown(wait=True)
-            self.broker.close()
-        return self.report
 
-    def _in_db(self, work: Callable, *args) -> Future:
-        return self._db.submit(work, *args)
-
-    def _await(self, future: Future):
-        return self.broker.wait_for(future)
-
-    # --- the two ways to run ------------------------------------------------------------------
-
-    def _one_pass(self) -> None:
+    def one_pass(self) -> None:
         """For cron: take the confirmations waiting, publish everything due, take what came back."""
         self._drain_confirmations(expected=self.broker.ready_at_open)
         self._publish_due()
         self._take_confirmations()
-        if self.broker.lost:
-            raise BrokerLost(self.broker.lost)
 
-    def _until_stopped(self) -> None:
-        self.run_until_stopped(self._one_turn)
-        if not self.broker.lost:
-            self._take_confirmations()
-
-    def _one_turn(self) -> None:
-        if self.broker.lost:
-            raise BrokerLost(self.broker.lost)
+    def turn(self) -> None:
+        self.broker.raise_if_lost()
         self._take_confirmations()
         published = self._publish_due()
-        if self.broker.lost:
-            raise BrokerLost(self.broker.lost)
-        if published < self.options.batch_size and not self._stopping:
+        self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
+        if published < self.options.batch_size and not self.stopping:
             self.broker.wait(
                 self.options.poll_interval,
-                until=lambda: self._stopping or self.broker.buffered >= self.options.batch_size,
+                until=lambda: self.stopping or self.broker.buffered >= self.options.batch_size,
             )
 
-    def forget_deliveries(self) -> None:
+    def finish(self) -> None:
+        try:
+            self._take_confirmations()
+        except Unavailable as error:  # they come back to a relay, unacked
+            log.warning("%s; the confirmations in hand come back", error.message)
+
+    def broker_lost(self) -> None:
         self._put_off = []
 
-    # --- the work -----------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        if self._db is not None:
+            self._db.shutdown(wait=True)
+
+    # --- the database thread ------------------------------------------------------------------
+
+    def _in_db(self, work: Callable, *args) -> Future:
+        return self._db.submit(self._translated, work, *args)
+
+    @staticmethod
+    def _translated(work: Callable, *args):
+        """A lost database as Unavailable: the worker waits and tries again."""
+        try:
+            return work(*args)
+        except DBAPIError as error:
+            raise translate_db_error(error) or error from None
+
+    def _await(self, future: Future):
+        """The result of database work, the broker answered meanwhile (heartbeats, confirms,
+        deliveries) for as long as it takes: the database bounds its own waits."""
+        future.add_done_callback(lambda _future: self.broker.wake())
+        while not future.done():
+            self.broker.wait(1.0, until=future.done)
+        return future.result()
+
+    # --- publishing ---------------------------------------------------------------------------
 
     def _publish_due(self) -> int:
-        """Publish everything due, batch by batch. The database thread and this one work at once:
-        while this thread publishes a batch, the database records the batch published before it
-        (once the broker has confirmed or refused all of it) and claims the next. Returns the
-        number of messages claimed."""
-        in_flight: deque[Claim] = deque()
+        """Publish everything due, batch by batch, three kinds of work overlapping: the database
+        claims the next batch while this thread publishes one and the database records the one
+        before it (once the broker has confirmed or refused all of it). Returns the number of
+        messages claimed."""
+        pipeline = _Pipeline()
         published_before = self.report.published
-        steps: list[Future] = [self._in_db(self._database_step, None, True)]  # the one under way, if any
         try:
-            claimed_total = self._publish_loop(in_flight, steps)
+            claimed_total = self._publish_loop(pipeline)
         except BaseException:
-            self._release(in_flight, steps)
+            self._release(pipeline)
             raise
         if claimed_total:
             log.info(
@@ -195,120 +219,64 @@ class Relay(Worker):
             )
         return claimed_total
 
-    def _publish_loop(self, in_flight: deque[Claim], steps: list[Future]) -> int:
-        claimed_total, more = 0, True
-        while steps:
-            tally, claim = self._await(steps.pop())
-            self._tally(tally)
-            batch = claim.messages
-            more = (
-                more and len(batch) == self.options.batch_size and not self._stopping and not self.broker.lost
-            )
-            if batch and in_flight and len(in_flight) + 1 >= PIPELINE_DEPTH:
-                steps.append(self._record_oldest(in_flight, claim=more))
-            elif batch and more:
-                steps.append(self._in_db(self._database_step, None, True))
-            if batch:
-                self.broker.send(
-                    [Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED) for m in batch]
-                )
-                in_flight.append(claim)
-                claimed_total += len(batch)
-            elif claim.session is not None:
-                self._in_db(claim.session.close)
-            if not steps and in_flight:
-                steps.append(self._record_oldest(in_flight, claim=more))
-            if self.broker.buffered >= self.options.batch_size:
+    def _publish_loop(self, pipeline: _Pipeline) -> int:
+        claimed_total, more, size = 0, True, self.options.batch_size
+        while True:
+            # One claim at first; more ahead of publishing only once a full batch says there are.
+            ahead = PIPELINE_DEPTH if claimed_total else 1
+            while more and len(pipeline.claiming) + len(pipeline.in_flight) < ahead:
+                pipeline.claiming.append(self._in_db(self._claim))
+            if not pipeline.claiming and not pipeline.in_flight:
+                break
+            if pipeline.claiming:
+                claim = self._await(pipeline.claiming[0])
+                pipeline.claiming.popleft()
+                self.report.dead += claim.buried
+                more = more and len(claim.messages) == size and not self.stopping and not self.broker.lost
+                if claim.messages:
+                    self.broker.send(
+                        [
+                            Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED)
+                            for m in claim.messages
+                        ]
+                    )
+                    pipeline.in_flight.append(claim)
+                    claimed_total += len(claim.messages)
+            # The oldest batch is recorded once the next one is published, or when none is coming.
+            while pipeline.in_flight and (len(pipeline.in_flight) >= PIPELINE_DEPTH or not pipeline.claiming):
+                oldest = pipeline.in_flight.popleft()
+                outcomes = self.broker.collect([m.id for m in oldest.messages])
+                pipeline.recording.append(self._in_db(self._record, oldest, outcomes))
+            if self.broker.buffered >= size:
                 self._take_confirmations()
+        for recorded in pipeline.recording:
+            self._tally(self._await(recorded))
+        pipeline.recording.clear()
         return claimed_total
 
-    def _release(self, in_flight: deque[Claim], steps: list[Future]) -> None:
-        """After a failure: end the transactions of the batches in flight and of the one being
-        claimed (their locks go; on SQLite their leases run out)."""
-        for step in steps:
-            with contextlib.suppress(BaseException):  # the step's own failure closed its session
-                in_flight.append(step.result()[1])
-        for claim in in_flight:
-            if claim.session is not None:
-                self._in_db(claim.session.close)
-        in_flight.clear()
+    def _release(self, pipeline: _Pipeline) -> None:
+        """After a failure: give up the batches in flight and those being claimed (on Postgres
+        their locks go; on SQLite their leases are cleared), on the database threads."""
+        held = list(pipeline.in_flight)
+        for claiming in pipeline.claiming:
+            with contextlib.suppress(BaseException):  # a claim that failed holds nothing
+                held.append(claiming.result())
+        for claim in held:
+            self._db.submit(_quietly, self.claims.release, claim)
+        for recorded in pipeline.recording:
+            with contextlib.suppress(BaseException):  # a failed record ended its claim too
+                self._tally(recorded.result())
+        pipeline.claiming.clear()
+        pipeline.in_flight.clear()
+        pipeline.recording.clear()
 
-    def _record_oldest(self, in_flight: deque[Claim], *, claim: bool) -> Future:
-        """Hand the database the oldest batch in flight, with what the broker said of it."""
-        oldest = in_flight.popleft()
-        outcomes = self.broker.collect([m.id for m in oldest.messages])
-        return self._in_db(self._database_step, (oldest, outcomes), claim)
+    def _claim(self) -> Claim:
+        """On a database thread: the next batch of due messages."""
+        return self.claims.claim(self.options.batch_size, now=self.clock())
 
-    def _database_step(
-        self, published: tuple[Claim, dict[str, str | None]] | None, claim: bool
-    ) -> tuple[PublishTally, Claim]:
-        """On the database thread: record what the broker said of a published batch, bury messages
-        out of attempts, claim the next batch. SQLite: one transaction, the claim a lease.
-        Postgres: the record commits the published batch's own transaction, and the next batch is
-        locked in a new one that stays open until its own record."""
-        try:
-            return self._database_step_in(published, claim)
-        except DBAPIError as error:
-            for held in [published[0]] if published else []:
-                if held.session is not None:
-                    held.session.close()
-            raise translate_db_error(error) or error from None
-
-    def _database_step_in(
-        self, published: tuple[Claim, dict[str, str | None]] | None, claim: bool
-    ) -> tuple[PublishTally, Claim]:
-        policy = self.options.policy
-        tally, claimed = PublishTally(), Claim([])
-        if self._holds_locks:
-            if published is not None:
-                held, outcomes = published
-                with held.session as session:  # closed afterwards: its locks go with the commit
-                    tally = self._record(session, held, outcomes, relay_id=None)
-                    session.commit()
-            if claim:
-                session = open_session(self.database_url, write=True)
-                try:
-                    relaxed_commit(session)
-                    if policy.max_attempts:
-                        tally.dead += bury_exhausted(
-                            session, max_attempts=policy.max_attempts, now=self.clock()
-                        )
-                    messages = lock_due_messages(session, limit=self.options.batch_size, now=self.clock())
-                except BaseException:
-                    session.close()
-                    raise
-                claimed = Claim(messages, session)
-            return tally, claimed
-        with session_for(self.database_url, write=True) as session:
-            if published is not None:
-                held, outcomes = published
-                tally = self._record(session, held, outcomes, relay_id=self.id)
-            if claim:
-                if policy.max_attempts:
-                    tally.dead += bury_exhausted(session, max_attempts=policy.max_attempts, now=self.clock())
-                claimed = Claim(
-                    claim_due_messages(
-                        session,
-                        relay_id=self.id,
-                        limit=self.options.batch_size,
-                        lease=self.options.lease,
-                        now=self.clock(),
-                    )
-                )
-            session.commit()
-        return tally, claimed
-
-    def _record(
-        self, session: Session, held: Claim, outcomes: dict[str, str | None], *, relay_id
-    ) -> PublishTally:
-        tally = record_publish_outcomes(
-            session,
-            relay_id=relay_id,
-            claimed=held.messages,
-            outcomes=outcomes,
-            policy=self.options.policy,
-            now=self.clock(),
-        )
+    def _record(self, held: Claim, outcomes: dict[str, str | None]) -> PublishTally:
+        """On a database thread: what the broker said of a published batch (its claim ends)."""
+        tally = self.claims.record(held, outcomes, now=self.clock())
         if tally.failed:
             reasons = sorted({reason for reason in outcomes.values() if reason})
             log.warning(
@@ -321,9 +289,12 @@ class Relay(Worker):
         self.report.failed += tally.failed
         self.report.dead += tally.dead
 
+    # --- confirmations ------------------------------------------------------------------------
+
     def _take_confirmations(self) -> int:
         """Record the confirmations received so far, then ack them. Returns how many were taken.
-        Those whose message a relay holds locked right now (Postgres) wait for the next turn."""
+        Those whose message a relay holds locked right now (Postgres) wait for the next turn, and
+        so do all of them when the database could not record them."""
         deliveries = self._put_off + self.broker.take_deliveries()
         self._put_off = []
         if not deliveries:
@@ -334,17 +305,23 @@ class Relay(Worker):
             if confirmation is None:
                 self.report.malformed_confirmations += 1
                 log.error("dropped a malformed confirmation (message id %s)", delivery.properties.message_id)
+                self.broker.ack(delivery.tag)
             else:
                 confirmations[delivery.tag] = confirmation
-        confirmed, put_off = self._await(
-            self._in_db(self._record_confirmations, list(confirmations.values()))
-        )
-        self._put_off = [
-            d for d in deliveries if d.tag in confirmations and confirmations[d.tag].message_id in put_off
-        ]
+        if not confirmations:
+            return len(deliveries)
+        waiting = [d for d in deliveries if d.tag in confirmations]
+        try:
+            confirmed, put_off = self._await(
+                self._in_db(self._record_confirmations, list(confirmations.values()))
+            )
+        except BaseException:
+            self._put_off = waiting  # not recorded: tried again, never acked before they are
+            raise
+        self._put_off = [d for d in waiting if confirmations[d.tag].message_id in put_off]
         # Acked only after the commit: a relay killed before this point gets them again.
-        waiting = {d.tag for d in self._put_off}
-        done = [d.tag for d in deliveries if d.tag not in waiting]
+        held = {d.tag for d in self._put_off}
+        done = [d.tag for d in waiting if d.tag not in held]
         if self._put_off:
             for tag in done:
                 self.broker.ack(tag)
@@ -354,11 +331,11 @@ class Relay(Worker):
         self.report.repeated_confirmations += len(confirmations) - confirmed - len(self._put_off)
         if confirmed:
             log.info("recorded %d confirmation(s) from the warehouse", confirmed)
-        return len(done)
+        return len(deliveries) - len(self._put_off)
 
     def _record_confirmations(self, confirmations: list[Confirmation]) -> tuple[int, set[str]]:
         with session_for(self.database_url, write=True) as session:
-            relaxed_commit(session)
+            self.claims.relax_commit(session)
             confirmed, put_off = record_confirmations(session, confirmations, now=self.clock())
             session.commit()
         return confirmed, set(put_off)
@@ -366,7 +343,7 @@ class Relay(Worker):
     def _drain_confirmations(self, *, expected: int) -> None:
         """Take the confirmations that were waiting in the queue (other relays may take some)."""
         left = expected
-        while left > 0 and not self._stopping:
+        while left > 0 and not self.stopping:
             want = min(left, self.broker.prefetch)
             self.broker.wait(1.0, until=lambda w=want: self.broker.buffered >= w)
             taken = self._take_confirmations()
@@ -375,12 +352,9 @@ class Relay(Worker):
             left -= taken
 
 
-def relaxed_commit(session) -> None:
-    """Postgres need not flush the relay's commits to disk before answering: everything the relay
-    writes can be lost in a server crash without harm (a lost claim or "sent" means one more
-    publish, a lost "confirmed" one more confirmation from the warehouse), and never half-way."""
-    if session.bind.dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+def _quietly(work: Callable, *args) -> None:
+    with contextlib.suppress(Exception):  # cleaning up after a failure: the failure is what counts
+        work(*args)
 
 
 def parse_confirmation(properties, body: bytes) -> Confirmation | None:

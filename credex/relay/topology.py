@@ -1,8 +1,13 @@
-"""Names on the broker: one place for exchanges, queues and routing keys (messaging.md)."""
+"""Names on the broker: one place for exchanges, queues and routing keys (messaging.md), and the
+topology the workers declare from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from credex.amqp.topology import Topology
 
 REDEMPTION_CREATED = "redemption.created"
 SHIPMENT_REQUESTED = "shipment.requested"
@@ -25,3 +30,15 @@ class Names:
     @property
     def confirmations_queue(self) -> str:
         return f"{self.prefix}credex.relay.confirmations"
+
+    def topology(self) -> Topology:
+        """Everything either worker declares on start (whoever starts first declares it all)."""
+        from credex.amqp.topology import Queue, Topology
+
+        return Topology(
+            exchange=self.exchange,
+            queues=(
+                Queue(self.warehouse_queue, (REDEMPTION_CREATED,), {"x-queue-type": "quorum"}),
+                Queue(self.confirmations_queue, (SHIPMENT_REQUESTED,)),
+            ),
+        )

@@ -6,19 +6,27 @@ When the carrier cannot issue a waybill, the message is acked without a confirma
 publishes it again when its confirmation is overdue, and the same shipment request is completed
 then. A consumer killed at any point loses nothing: unacked messages come back, and everything
 done for them is found again.
+
+Messages are handled in batches, two in hand at once: while one batch's shipment requests are
+written and its waybills asked for (on a thread of its own), the batch before it is confirmed and
+acked on this thread, which alone talks to the broker. Batches are finished in the order they were
+taken, so an ack never settles a message whose work is not done.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
-from credex.broker import Broker, BrokerLost, Outgoing, Worker, display_amqp_url
-from credex.db.engine import session_for
+from credex.amqp.broker import Broker, Delivery
+from credex.amqp.confirms import Outgoing
+from credex.db.engine import ensure_schema, session_for
 from credex.db.models import utcnow
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
 from credex.relay.topology import SHIPMENT_REQUESTED, Names
@@ -30,10 +38,12 @@ from credex.warehouse.shipments import (
     parse_redemption_message,
     save_waybills,
 )
+from credex.worker import Worker
 
 log = logging.getLogger("credex.warehouse")
 
 CARRIER_CALLS = 4  # waybills asked for at once
+BATCHES_IN_HAND = 2  # one being shipped while the one before it is confirmed
 
 
 @dataclass
@@ -50,100 +60,139 @@ class WarehouseReport:
         return asdict(self)
 
 
-class Warehouse(Worker):
-    """``run()`` until ``stop()`` (or until the queue is empty with ``once``)."""
+@dataclass
+class _Shipped:
+    """What a batch's shipping thread did: the requests by redemption id, with their waybills
+    where the carrier gave one."""
+
+    requests: dict[int, object]
+    created: int = 0
+    waybills: int = 0
+    without_waybill: int = 0
+
+
+@dataclass
+class _Batch:
+    deliveries: list[Delivery]  # the well-formed ones, acked when the batch is done
+    messages: list[RedemptionMessage]
+    shipped: Future = field(repr=False)
+
+
+def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
+    """The warehouse's side of the broker: it consumes redemption messages and publishes
+    confirmations."""
+    name = f"{socket.gethostname()[:32]}:{os.getpid()}"
+    return Broker(
+        amqp_url,
+        names.topology(),
+        consume=names.warehouse_queue,
+        prefetch=prefetch,
+        connection_name=f"credex warehouse {name}",
+    )
+
+
+class Warehouse(Worker[WarehouseReport]):
+    """Runs until ``stop()``, or until the messages waiting are handled with ``once``."""
 
     def __init__(
         self,
         database_url: str,
-        amqp_url: str,
-        names: Names,
+        broker: Broker,
         carrier_factory: Callable[[], object],
         *,
+        report: WarehouseReport | None = None,
         once: bool = False,
-        prefetch: int = 20,
         carrier_timeout: float = 15.0,
         poll_interval: float = 1.0,
     ) -> None:
+        super().__init__(broker, report or WarehouseReport(), log=log, once=once)
         self.database_url = database_url
         self.carrier_factory = carrier_factory
-        self.once = once
         self.carrier_timeout = carrier_timeout
         self.poll_interval = poll_interval
-        self.report = WarehouseReport()
-        self.log = log
         self._carrier = None
-        self._pool: ThreadPoolExecutor | None = None
-        name = f"{socket.gethostname()[:32]}:{os.getpid()}"
-        self.broker = Broker(
-            amqp_url,
-            names,
-            queue=names.warehouse_queue,
-            prefetch=prefetch,
-            connection_name=f"credex warehouse {name}",
-        )
+        self._carrier_pool: ThreadPoolExecutor | None = None
+        self._shipping: ThreadPoolExecutor | None = None
+        self._in_hand: deque[_Batch] = deque()
+        self._again: list[Delivery] = []  # taken, but their batch failed: handled again next
 
-    def run(self) -> WarehouseReport:
-        from credex.db.engine import ensure_schema
+    def __str__(self) -> str:
+        return "warehouse " + self.broker.connection_name.removeprefix("credex warehouse ")
 
+    # --- the worker's life ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
         ensure_schema(self.database_url)
         self._carrier = self.carrier_factory()  # not configured: say so before consuming anything
         if not getattr(self._carrier, "issues_waybills", True):
-            self._carrier.close()
             raise CarrierNotConfigured(
                 f"the {self._carrier.provider} provider cannot issue waybills: the warehouse needs "
                 "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
             )
-        self.broker.open()
-        log.info(
-            "warehouse %s connected to %s: consuming %s",
-            self.broker.connection_name.removeprefix("credex warehouse "),
-            display_amqp_url(self.broker.url),
-            self.broker.queue,
-        )
-        self._pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
-        try:
-            if self.once:
-                self._drain(expected=self.broker.ready_at_open)
-            else:
-                self._until_stopped()
-        except BrokerLost as lost:
-            raise Unavailable(f"lost the broker {display_amqp_url(self.broker.url)}: {lost}") from None
-        finally:
-            self.broker.close()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._carrier_pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
+        self._shipping = ThreadPoolExecutor(max_workers=BATCHES_IN_HAND, thread_name_prefix="shipping")
+
+    def one_pass(self) -> None:
+        """Handle the messages that were waiting when the queue was declared."""
+        left = self.broker.ready_at_open
+        while (left > 0 or self._in_hand) and not self.stopping:
+            if left > 0 and len(self._in_hand) < BATCHES_IN_HAND:
+                self.broker.wait(1.0, until=lambda: self.broker.buffered > 0 or self._oldest_shipped())
+                started = self._start_batch()
+                left -= started
+                if started:
+                    continue
+                if not self._in_hand:
+                    return  # nothing came: other consumers took the rest
+            self._finish_oldest()
+        self.finish()
+
+    def turn(self) -> None:
+        started = self._start_batch() if len(self._in_hand) < BATCHES_IN_HAND else 0
+        if self._oldest_shipped():
+            self._finish_oldest()
+        elif not started:
+            self.broker.wait(self.poll_interval, until=self._something_to_do)
+
+    def finish(self) -> None:
+        """Stopping: the batches in hand are confirmed and acked before the worker leaves; one
+        the database failed stays unacked and comes back to a consumer."""
+        while self._in_hand:
+            try:
+                self._finish_oldest()
+            except Unavailable as error:
+                log.warning("%s; its messages come back", error.message)
+
+    def broker_lost(self) -> None:
+        # Their deliveries died with the channel and come again; what the shipping threads still
+        # do for them is found again then.
+        self._in_hand.clear()
+        self._again = []
+
+    def cleanup(self) -> None:
+        for pool in (self._shipping, self._carrier_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if self._carrier is not None:
             self._carrier.close()
-        return self.report
 
-    def _drain(self, *, expected: int) -> None:
-        left = expected
-        while left > 0 and not self._stopping:
-            self.broker.wait(1.0, until=lambda: self.broker.buffered > 0)
-            handled = self._handle_batch()
-            if not handled:
-                return
-            left -= handled
+    def _something_to_do(self) -> bool:
+        room = len(self._in_hand) < BATCHES_IN_HAND and (self.broker.buffered > 0 or bool(self._again))
+        return self.stopping or room or self._oldest_shipped()
 
-    def _until_stopped(self) -> None:
-        self.run_until_stopped(self._one_turn)
+    def _oldest_shipped(self) -> bool:
+        return bool(self._in_hand) and self._in_hand[0].shipped.done()
 
-    def _one_turn(self) -> None:
-        # A database away for a moment leaves the messages in hand unacked: they come back.
-        self.broker.wait(self.poll_interval, until=lambda: self._stopping or self.broker.buffered > 0)
-        self._handle_batch()
+    # --- a batch, from its deliveries to its ack --------------------------------------------------
 
-    # --- the work -----------------------------------------------------------------------------
-
-    def _handle_batch(self) -> int:
-        """Handle the messages in hand together: their shipment requests in one transaction, the
-        missing waybills asked for in parallel and saved in one transaction, the confirmations
-        published together; then the ack."""
-        deliveries = self.broker.take_deliveries()
-        if not deliveries:
-            return 0
-        messages, handled = [], []
-        for delivery in deliveries:
-            self.report.received += 1
+    def _start_batch(self) -> int:
+        """Take the deliveries waiting (those of a failed batch first), drop the malformed ones,
+        and hand the rest to a shipping thread. Returns the number of deliveries taken."""
+        again, self._again = self._again, []
+        fresh = self.broker.take_deliveries()
+        self.report.received += len(fresh)
+        deliveries, messages = [], []
+        for delivery in again + fresh:
             try:
                 messages.append(parse_redemption_message(delivery.body))
             except CredexError as error:
@@ -152,28 +201,65 @@ class Warehouse(Worker):
                 self.broker.reject(delivery.tag)
                 self.report.rejected += 1
                 continue
-            handled.append(delivery.tag)
+            deliveries.append(delivery)
         if messages:
-            self._confirm(self._ship(messages), messages)
-        if handled:
-            self.broker.ack(max(handled), multiple=True)  # rejected ones are settled already
-        return len(deliveries)
+            shipped = self._shipping.submit(self._ship, messages)
+            shipped.add_done_callback(lambda _future: self.broker.wake())
+            self._in_hand.append(_Batch(deliveries, messages, shipped))
+        return len(again) + len(fresh)
 
-    def _ship(self, messages: list[RedemptionMessage]) -> dict[int, object]:
-        """Shipment requests with their waybills where the carrier gave one: redemption id -> row."""
+    def _finish_oldest(self) -> None:
+        """Wait for the oldest batch's shipping, publish its confirmations, then ack it. A batch
+        whose shipping failed (the database went away) keeps its deliveries for the next try."""
+        batch = self._in_hand[0]
+        while not batch.shipped.done():  # woken by the batch's end; the carrier bounds its calls
+            self.broker.wait(self.poll_interval, until=batch.shipped.done)
+        self._in_hand.popleft()
+        try:
+            shipped = batch.shipped.result()
+        except BaseException:
+            self._again = batch.deliveries + self._again
+            raise
+        report = self.report
+        report.shipments_created += shipped.created
+        report.waybills += shipped.waybills
+        report.without_waybill += shipped.without_waybill
+        self._confirm(shipped.requests, batch.messages)
+        self._ack(batch.deliveries)
+
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        tags = [d.tag for d in deliveries]
+        waiting = [d.tag for d in self._again] + [d.tag for b in self._in_hand for d in b.deliveries]
+        if tags and (not waiting or min(waiting) > max(tags)):
+            self.broker.ack(max(tags), multiple=True)  # rejected ones are settled already
+        else:  # an earlier delivery is still being worked on: settle only these
+            for tag in tags:
+                self.broker.ack(tag)
+
+    # --- on a shipping thread ---------------------------------------------------------------------
+
+    def _ship(self, messages: list[RedemptionMessage]) -> _Shipped:
+        """Shipment requests with their waybills where the carrier gave one."""
         with session_for(self.database_url, write=True) as session:
             requests, created = open_shipment_requests(session, messages, now=utcnow())
             session.commit()
-        self.report.shipments_created += created
+        shipped = _Shipped(requests, created)
         missing = {m.redemption_id: m for m in messages if requests[m.redemption_id].express_no is None}
         asked = {
-            redemption_id: self._pool.submit(self._ask_carrier, message)
+            redemption_id: self._carrier_pool.submit(self._ask_carrier, message)
             for redemption_id, message in missing.items()
         }
+        if asked:
+            # Each call is bounded by the carrier client (--carrier-timeout, retries included);
+            # they run CARRIER_CALLS at a time, and the last round gets a few seconds more.
+            rounds = -(-len(asked) // CARRIER_CALLS)
+            concurrent.futures.wait(asked.values(), timeout=rounds * self.carrier_timeout + 5)
         waybills = []
         for redemption_id, future in asked.items():
             waybill = self._waybill(future, redemption_id)
-            if waybill is not None:
+            if waybill is None:
+                shipped.without_waybill += 1
+            else:
                 waybills.append((requests[redemption_id].id, waybill.carrier, waybill.express_no))
         if waybills:
             with session_for(self.database_url, write=True) as session:
@@ -182,8 +268,8 @@ class Warehouse(Worker):
             for row in saved.values():
                 requests[row.redemption_id] = row
                 log.info("redemption %s: waybill %s %s", row.redemption_id, row.carrier, row.express_no)
-            self.report.waybills += len(waybills)
-        return requests
+            shipped.waybills = len(waybills)
+        return shipped
 
     def _ask_carrier(self, message: RedemptionMessage):
         key = f"redemption-{message.redemption_id}"
@@ -194,21 +280,24 @@ class Warehouse(Worker):
             items=[{"sku": message.sku, "quantity": message.quantity}],
         )
 
-    def _waybill(self, future, redemption_id: int):
+    def _waybill(self, future: Future, redemption_id: int):
         """The carrier's answer, or None (logged) when it gave no waybill this time."""
-        try:
-            return self.broker.wait_for(future, timeout=self.carrier_timeout + 5)
-        except CredexError as error:
-            reason = error.message
-        except TimeoutError:
+        if not future.done():
+            future.cancel()
             reason = "the carrier did not answer in time"
-        self.report.without_waybill += 1
+        else:
+            try:
+                return future.result()
+            except CredexError as error:
+                reason = error.message
         log.warning(
             "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
             redemption_id,
             reason,
         )
         return None
+
+    # --- back on the broker's thread ------------------------------------------------------------
 
     def _confirm(self, requests: dict[int, object], messages: list[RedemptionMessage]) -> None:
         """Publish a confirmation for every message whose request has its waybill."""
@@ -232,5 +321,4 @@ class Warehouse(Worker):
                 self.report.confirmed += 1
             else:  # the relay publishes the redemption again and we confirm then
                 log.warning("confirmation %s not published: %s", message_id, failure)
-        if self.broker.lost:
-            raise BrokerLost(self.broker.lost)  # unacked: the messages come back
+        self.broker.raise_if_lost()  # unacked: the messages come back

@@ -77,13 +77,34 @@ def shipment_json(row) -> dict:
     }
 
 
+_INSERT_IGNORING_REPEATS: dict[str, object] = {}  # dialect name -> INSERT … ON CONFLICT DO NOTHING
+_REQUESTS_OF = select(shipment_table).where(_s.redemption_id.in_(bindparam("rids", expanding=True)))
+_SAVE_WAYBILL = (
+    update(shipment_table)
+    .where(_s.id == bindparam("sid"), _s.express_no.is_(None))
+    .values(
+        carrier=bindparam("new_carrier"), express_no=bindparam("new_express_no"), updated_at=bindparam("now")
+    )
+)
+_REQUESTS_BY_ID = select(shipment_table).where(_s.id.in_(bindparam("sids", expanding=True)))
+
+
 def _insert_ignoring_repeats(session: Session):
-    """INSERT … ON CONFLICT DO NOTHING in the session's dialect."""
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(shipment_table)
+    """INSERT … ON CONFLICT (redemption_id) DO NOTHING RETURNING id in the session's dialect, built
+    once per dialect: one executemany for a batch, its compiled form cached."""
+    name = session.bind.dialect.name
+    statement = _INSERT_IGNORING_REPEATS.get(name)
+    if statement is None:
+        if name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = _INSERT_IGNORING_REPEATS[name] = (
+            dialect_insert(shipment_table)
+            .on_conflict_do_nothing(index_elements=["redemption_id"])
+            .returning(_s.id)
+        )
+    return statement
 
 
 def open_shipment_requests(
@@ -97,26 +118,22 @@ def open_shipment_requests(
     for message in messages:
         first.setdefault(message.redemption_id, message)
     created = session.execute(
-        _insert_ignoring_repeats(session)
-        .values(
-            [
-                {
-                    "type": ShipmentType.redemption.value,
-                    "redemption_id": m.redemption_id,
-                    "message_id": m.message_id,
-                    "sku": m.sku,
-                    "quantity": m.quantity,
-                    "address": m.address,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for m in first.values()
-            ]
-        )
-        .on_conflict_do_nothing(index_elements=["redemption_id"])
-        .returning(_s.id)
+        _insert_ignoring_repeats(session),
+        [
+            {
+                "type": ShipmentType.redemption.value,
+                "redemption_id": m.redemption_id,
+                "message_id": m.message_id,
+                "sku": m.sku,
+                "quantity": m.quantity,
+                "address": m.address,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for m in first.values()
+        ],
     ).all()
-    rows = session.execute(select(shipment_table).where(_s.redemption_id.in_(list(first)))).all()
+    rows = session.execute(_REQUESTS_OF, {"rids": list(first)}).all()
     return {row.redemption_id: row for row in rows}, len(created)
 
 
@@ -126,16 +143,14 @@ def save_waybills(
     """Keep each carrier's waybill, (shipment id, carrier, express number), on its request; the
     first one saved wins. The caller commits. Returns shipment id -> the row as saved."""
     session.execute(
-        update(shipment_table)
-        .where(_s.id == bindparam("sid"), _s.express_no.is_(None))
-        .values(carrier=bindparam("new_carrier"), express_no=bindparam("new_express_no"), updated_at=now),
+        _SAVE_WAYBILL,
         [
-            {"sid": sid, "new_carrier": carrier, "new_express_no": express_no}
+            {"sid": sid, "new_carrier": carrier, "new_express_no": express_no, "now": now}
             for sid, carrier, express_no in waybills
         ],
     )
     ids = [sid for sid, _, _ in waybills]
-    return {row.id: row for row in session.execute(select(shipment_table).where(_s.id.in_(ids)))}
+    return {row.id: row for row in session.execute(_REQUESTS_BY_ID, {"sids": ids})}
 
 
 def confirmation_body(row, *, message_id: str, now: datetime) -> bytes:

@@ -1,0 +1,105 @@
+"""The outbox as operators see it: messages per state, the list, making messages due again, and
+purging old confirmed ones (``credex relay status|list|retry|purge``). Kept apart from the relay's
+statements so that these commands start without building them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import case, delete, func, select, update
+from sqlmodel import Session
+
+from credex.db import tables
+from credex.db.models import MessageState, utcnow
+from credex.errors import UnknownMessage
+
+outbox_table = tables.outbox_message
+MESSAGE_STATES = [state.value for state in MessageState]
+
+_PENDING = MessageState.pending.value
+_SENT = MessageState.sent.value
+_CONFIRMED = MessageState.confirmed.value
+_DEAD = MessageState.dead.value
+CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
+
+
+def message_json(row) -> dict:
+    return {
+        "message_id": row.id,
+        "redemption_id": row.redemption_id,
+        "state": row.state,
+        "attempts": row.attempts,
+        "next_attempt_at": row.next_attempt_at,
+        "last_error": row.last_error,
+    }
+
+
+def outbox_status(session: Session) -> dict:
+    """Messages per state, and how long the oldest unconfirmed one has waited."""
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    for state, count in session.execute(
+        select(outbox_table.c.state, func.count()).group_by(outbox_table.c.state)
+    ):
+        counts[state] = count
+    oldest = session.execute(
+        select(func.min(outbox_table.c.created_at)).where(outbox_table.c.state.in_((_PENDING, _SENT)))
+    ).scalar()
+    if oldest is not None:
+        counts["oldest_unconfirmed_age_seconds"] = round((utcnow() - oldest).total_seconds(), 3)
+    else:
+        counts["oldest_unconfirmed_age_seconds"] = None
+    return counts
+
+
+def list_messages(session: Session, *, state: str | None = None, limit: int = 50) -> list[dict]:
+    query = select(outbox_table).order_by(outbox_table.c.created_at.desc(), outbox_table.c.id).limit(limit)
+    if state is not None:
+        query = query.where(outbox_table.c.state == state)
+    return [message_json(row) for row in session.execute(query)]
+
+
+def retry_messages(
+    session: Session, message_ids: Sequence[str] = (), *, dead: bool = False, now: datetime | None = None
+) -> dict:
+    """Make messages due now: the given ones, or every dead one. A dead message comes back as
+    pending with a fresh count of attempts; a confirmed one is left alone. An unknown id
+    refuses the whole command before anything changes."""
+    now = now or utcnow()
+    o = outbox_table.c
+    if dead:
+        chosen = select(o.id, o.state).where(o.state == _DEAD)
+    else:
+        chosen = select(o.id, o.state).where(o.id.in_(list(message_ids)))
+    states = {row.id: row.state for row in session.execute(chosen)}
+    unknown = [m for m in message_ids if m not in states]
+    if unknown:
+        session.rollback()
+        raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
+    retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
+    for start in range(0, len(retried), CHUNK):
+        session.execute(
+            update(outbox_table)
+            .where(o.id.in_(retried[start : start + CHUNK]), o.state != _CONFIRMED)
+            .values(
+                attempts=case((o.state == _DEAD, 0), else_=o.attempts),
+                state=case((o.state == _DEAD, _PENDING), else_=o.state),
+                next_attempt_at=now,
+            )
+        )
+    session.commit()
+    return {"retried": retried, "already_confirmed": sorted(m for m, s in states.items() if s == _CONFIRMED)}
+
+
+def purge_confirmed(session: Session, *, older_than: timedelta, dry_run: bool = False) -> dict:
+    """Delete messages confirmed more than ``older_than`` ago (their redemptions keep the id)."""
+    before = utcnow() - older_than
+    o = outbox_table.c
+    condition = (o.state == _CONFIRMED, o.confirmed_at < before)
+    if dry_run:
+        count = session.execute(select(func.count()).select_from(outbox_table).where(*condition)).scalar_one()
+        session.rollback()
+    else:
+        count = session.execute(delete(outbox_table).where(*condition)).rowcount
+        session.commit()
+    return {"purged": count, "confirmed_before": before, "dry_run": dry_run}
