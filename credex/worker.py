@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any, Generic, Protocol, TypeVar
@@ -200,10 +199,11 @@ class Worker(Generic[R]):
         return type(self).__name__.lower()
 
 
-def run_until_signalled(worker: Worker[R]) -> R:
+def run_until_signalled(worker: Worker[R], *, as_json: bool = False) -> R:
     """Run ``worker`` on its thread until it ends. The first SIGINT or SIGTERM stops it (the work
     in hand is finished: published, confirmed, recorded, acknowledged); a second one leaves at once,
-    as a kill would, which the outbox and the broker are built to survive."""
+    as a kill would, which the outbox and the broker are built to survive, after the error line
+    every interrupted command ends with (JSON under ``as_json``)."""
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -214,7 +214,9 @@ def run_until_signalled(worker: Worker[R]) -> R:
             worker.stop()
             return
         worker.log.warning("%s received again: leaving now", name)
-        sys.stderr.flush()
+        from credex.output import report_error
+
+        report_error(None, as_json=as_json, code="interrupted", message="interrupted")
         os._exit(128 + signum)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

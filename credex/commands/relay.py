@@ -70,7 +70,7 @@ def run(
         batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
     )
     relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
-    report = run_until_signalled(relay)
+    report = run_until_signalled(relay, as_json=as_json)
     emit(report.to_json(), as_json=as_json, title="relay")
 
 

@@ -58,7 +58,7 @@ def run(
         once=once,
         carrier_timeout=carrier_timeout,
     )
-    report = run_until_signalled(warehouse)
+    report = run_until_signalled(warehouse, as_json=as_json)
     emit(report.to_json(), as_json=as_json, title="warehouse")
 
 
