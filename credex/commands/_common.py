@@ -63,7 +63,10 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def operator(ctx: typer.Context, given: str | None) -> str:
-    return given or settings(ctx).operator
+    """Who makes the change, checked like any identifier (it is written on every ledger entry)."""
+    from credex.points.rules import check_operator
+
+    return check_operator(given or settings(ctx).operator)
 
 
 def points_session(ctx: typer.Context, *, write: bool = False):

@@ -113,10 +113,12 @@ def retry(
 ) -> None:
     """Make messages due now (a dead one comes back as pending with fresh attempts)."""
     from credex.errors import InvalidInput
+    from credex.points.rules import check_message_id
     from credex.relay.operators import retry_messages
 
     if bool(message_ids) == dead:
         raise InvalidInput("give message ids or --dead (one of the two)")
+    message_ids = [check_message_id(message_id) for message_id in message_ids or ()]
     with points_session(ctx, write=True) as session:
         result = retry_messages(session, message_ids or (), dead=dead)
     if as_json:
