@@ -202,6 +202,31 @@ def test_every_command_refuses_bad_input_in_one_line_naming_the_field_and_writes
     assert not failures, "\n".join(failures)
 
 
+# Whole-number options parsed by the command line itself: a usage error (click's usage text
+# without --json, one JSON document with it), by the same rules.
+OPTION_CASES = [
+    ("redeem", "list", "--limit", "1_000"),
+    ("account", "history", "u1", "--limit", "１０"),
+    ("relay", "list", "--limit", "99999999999999999999"),
+    ("warehouse", "list", "--limit", "1e3"),
+    ("award", "bulk", "-", "--batch-size", "1_0"),
+    ("relay", "run", "--once", "--max-attempts", "-1"),
+    ("relay", "run", "--once", "--confirm-timeout", "nan"),
+    ("relay", "run", "--once", "--lease", "inf"),
+    ("warehouse", "run", "--once", "--prefetch", "２"),
+]
+
+
+def test_whole_number_options_follow_the_same_rules(shop, credex):
+    for args in OPTION_CASES:
+        before = dump(shop)
+        result = credex(*args, "--json")
+        assert result.exit_code == 2, (args, result.stderr)
+        error = json.loads(result.stderr)["error"]
+        assert error["code"] == "invalid_input" and args[-2] in error["message"], (args, error)
+        assert dump(shop) == before
+
+
 def test_an_echoed_value_cannot_forge_a_second_error_line(shop, credex):
     for args in (grant(user=FORGED), ("redeem", "list", "--status", FORGED), ("redeem", "show", FORGED)):
         result = credex(*args)

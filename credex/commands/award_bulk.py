@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings
+from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings, whole
 from credex.errors import InvalidInput
 from credex.output import emit
 
@@ -131,8 +131,7 @@ def bulk(
         int,
         typer.Option(
             "--batch-size",
-            min=1,
-            max=100_000,
+            parser=whole(1, 100_000),
             help="Rows per transaction (a killed run keeps whole batches).",
         ),
     ] = 5000,
