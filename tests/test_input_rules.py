@@ -497,3 +497,23 @@ def _grants(url: str) -> list[tuple]:
                 )
             )
         ]
+
+
+@pytest.mark.breaks_invariants
+def test_the_invariant_checker_notices_a_stored_value_that_breaks_the_input_rules(shop, credex):
+    """What a script writing straight to the database could leave: the checker says so."""
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine
+    from tests.invariants import InvariantsBroken, check_invariants
+
+    with get_engine(shop).begin() as connection:
+        connection.execute(text("UPDATE redemption SET address = :a"), {"a": "1 High St" + ESC + "[2J"})
+        connection.execute(
+            text("UPDATE ledger_entry SET operator = :o WHERE ref = 'open-u1'"), {"o": "op" + RLO}
+        )
+    with pytest.raises(InvariantsBroken) as broken:
+        check_invariants(shop)
+    found = str(broken.value)
+    assert "redemption address" in found or "address" in found
+    assert "ledger_entry operator" in found
