@@ -18,8 +18,6 @@ from typing import IO, Any
 from credex.errors import InvalidInput
 from credex.points.rules import (
     ID_SPACES,
-    NOT_IN_FREE_TEXT,
-    NOT_IN_IDENTIFIER,
     REASON_MAX,
     REF_MAX,
     TEXT_SPACES,
@@ -115,15 +113,13 @@ def check_row(line: int, user_id: Any, points: Any, ref: Any, reason: Any, origi
             and len(digits) <= 18
             and digits.isdigit()
             and digits.isascii()
-            and NOT_IN_IDENTIFIER.search(user) is None
-            and NOT_IN_IDENTIFIER.search(key) is None
+            # isprintable() refuses every control, bidi, separator and surrogate character (and a
+            # few harmless ones, such as a no-break space, which then take the slow path).
+            and user.isprintable()
+            and key.isprintable()
             and (
                 reason is None
-                or (
-                    reason.__class__ is str
-                    and len(reason) <= REASON_MAX
-                    and NOT_IN_FREE_TEXT.search(reason) is None
-                )
+                or (reason.__class__ is str and len(reason) <= REASON_MAX and reason.isprintable())
             )
         ):
             number = int(digits)

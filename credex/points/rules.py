@@ -32,10 +32,8 @@ AMOUNT_MAX_DIGITS = 15  # before the point: what a purchase can cost, far below 
 # overrides and isolates (U+202A-U+202E, U+2066-U+2069) and lone surrogates (not encodable).
 _BIDI = "\u202a-\u202e\u2066-\u2069"
 _NOT_IN_IDENTIFIER = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
-NOT_IN_IDENTIFIER = _NOT_IN_IDENTIFIER  # for bulk's fast path
 # Free text: the same, but tabs and line breaks (\t \n \r, U+2028, U+2029) are text.
 _NOT_IN_FREE_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
-NOT_IN_FREE_TEXT = _NOT_IN_FREE_TEXT
 ID_SPACES, TEXT_SPACES = " ", " \t\r\n"  # forgiven around an identifier, around free text
 FREE_TEXT_MAX = 4000  # for TEXT columns, which have no length of their own
 _SPACES, _WHITESPACE = ID_SPACES, TEXT_SPACES  # anything else around a value is kept or refused
