@@ -431,9 +431,11 @@ def test_the_number_parsers_take_ascii_numbers_only(value):
 def test_a_grant_of_arbitrary_text_is_refused_cleanly_or_reads_back_as_given(
     db_url, credex, user, ref, reason, points
 ):
-    result = credex("award", "grant", user, points, "--reason", reason, "--ref", ref, "--json")
+    # After "--" any text is an argument, whatever it looks like ("--", "-4"): as a careful script passes it.
+    result = credex("award", "grant", "--reason", reason, "--ref", ref, "--json", "--", user, points)
     assert result.exit_code in (0, 1, 2), result.stderr
     if result.exit_code:
+        assert result.stderr.startswith("{"), (result.exit_code, result.stderr)
         assert json.loads(result.stderr)["error"]["code"] in (
             "invalid_input",
             "conflict",
@@ -447,6 +449,47 @@ def test_a_grant_of_arbitrary_text_is_refused_cleanly_or_reads_back_as_given(
     history = credex("account", "history", entry["user_id"], "--json").json()
     stored = next(e for e in history if e["ref"] == entry["ref"])
     assert stored["reason"] == reason.strip(" \t\r\n") and stored["points"] == int(points.strip(" "))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sku=ANY_TEXT,
+    name=ANY_TEXT,
+    address=ANY_TEXT,
+    request_id=ANY_TEXT,
+    quantity=st.sampled_from(["1", " 1 ", "+1", "2"]) | ANY_TEXT,
+)
+def test_a_gift_and_a_redemption_of_arbitrary_text_are_refused_cleanly_or_read_back_as_given(
+    shop, credex, sku, name, address, request_id, quantity
+):
+    added = credex("catalog", "add", "--name", name, "--points", "1", "--json", "--", sku)
+    assert added.exit_code in (0, 1, 2), added.stderr
+    if added.exit_code == 0:
+        assert (added.json()["sku"], added.json()["name"]) == (sku.strip(" "), name.strip(" \t\r\n"))
+    elif added.exit_code == 1:
+        assert json.loads(added.stderr)["error"]["code"] == "conflict"  # the same sku twice
+    redeemed = credex(
+        "redeem",
+        "create",
+        "u1",
+        "MUG",
+        "--address",
+        address,
+        "--request-id",
+        request_id,
+        "--quantity",
+        quantity,
+        "--json",
+    )
+    assert redeemed.exit_code in (0, 1, 2), redeemed.stderr
+    if redeemed.exit_code:
+        code = json.loads(redeemed.stderr)["error"]["code"]
+        assert code in ("invalid_input", "conflict", "insufficient_points", "out_of_stock"), code
+        return
+    shown = credex("redeem", "show", str(redeemed.json()["redemption_id"]), "--json").json()
+    if not redeemed.json()["duplicate"]:
+        assert shown["address"] == address.strip(" \t\r\n")
+        assert shown["quantity"] == int(quantity.strip(" "))
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -468,13 +511,16 @@ def test_bulk_rows_of_arbitrary_text_are_applied_as_given_or_rejected_never_70(
     summary = result.json()
     assert summary["applied"] + summary["duplicates"] + summary["rejected"] == len(rows)
     # Every grant stored reads back as one of the rows that gave it, character for character.
+    from credex.points.bulk import DEFAULT_REASON
     from credex.points.bulk_files import Grant, check_row
 
     given_rows = {}
     for line, (user, points, ref, why) in enumerate(rows, 1):
         checked = check_row(line, user, points, ref, why, None)
         if isinstance(checked, Grant):
-            given_rows.setdefault(checked.ref, set()).add((checked.user_id, checked.points, checked.reason))
+            given_rows.setdefault(checked.ref, set()).add(
+                (checked.user_id, checked.points, checked.reason or DEFAULT_REASON)
+            )
     stored = set(_grants(db_url)) - before
     assert len(stored) == summary["applied"]
     for ref, user, points, reason in stored:
