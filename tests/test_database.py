@@ -429,6 +429,22 @@ def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(tmp_path, url
     assert "s3cr3t-pw" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///shop\x00.db",
+        "postgresql://credex:s3cr3t-pw@127.0.0.1:5432/po\x00ints",
+        "sqlite:///\ud800.db",
+    ],
+)
+def test_a_database_url_holding_nul_or_a_surrogate_is_bad_usage(credex_at, url):
+    result = credex_at(url, "account", "show", "u1", "--json")
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and "printable" in error["message"], error
+    assert "s3cr3t-pw" not in result.stderr
+
+
 def test_a_read_only_sqlite_file_is_read_and_a_write_is_exit_69_changing_nothing(tmp_path, credex_at):
     path = tmp_path / "shop.db"
     assert credex_at(f"sqlite:///{path}", "award", "grant", "u1", "5", "--reason", "r").exit_code == 0

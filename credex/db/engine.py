@@ -15,7 +15,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, Programm
 from sqlmodel import Session, create_engine
 
 from credex.db import HEAD_REVISION
-from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, printable, redact
+from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, one_line, printable, redact
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # CREDEX_SQLITE_BUSY_TIMEOUT overrides it
 POSTGRES_CONNECT_TIMEOUT_S = 5
@@ -38,6 +38,8 @@ _DRIVERS = {
 
 def normalise_url(url: str):
     """Parse a database URL; ``postgresql://`` means psycopg 3. Anything else is bad input."""
+    if not isinstance(url, str) or one_line(url) != url:  # NUL, controls, bidi, surrogates
+        raise InvalidInput(f"the database URL must be printable text: {printable(redact(str(url)), 80)}")
     try:
         parsed = make_url(url)
     except Exception:
