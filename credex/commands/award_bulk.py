@@ -62,6 +62,9 @@ class _Reporter:
         self.task = self.progress.add_task("granting", total=self.reader.size, rows=0, rate=0.0)
 
     def say(self, text: str) -> None:
+        from credex.errors import one_line
+
+        text = one_line(text)  # a row's text cannot break the line or forge another one
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
