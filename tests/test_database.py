@@ -445,9 +445,17 @@ def test_a_database_url_holding_nul_or_a_surrogate_is_bad_usage(credex_at, url):
     assert "s3cr3t-pw" not in result.stderr
 
 
-def test_a_read_only_sqlite_file_is_read_and_a_write_is_exit_69_changing_nothing(tmp_path, credex_at):
+@pytest.mark.parametrize("journal", ["wal", "delete"])  # delete: a file copied from elsewhere
+def test_a_read_only_sqlite_file_is_read_and_a_write_is_exit_69_changing_nothing(
+    tmp_path, credex_at, journal
+):
     path = tmp_path / "shop.db"
     assert credex_at(f"sqlite:///{path}", "award", "grant", "u1", "5", "--reason", "r").exit_code == 0
+    from credex.db.engine import dispose_engines
+
+    dispose_engines()
+    with sqlite3.connect(path) as db:
+        assert db.execute(f"PRAGMA journal_mode = {journal}").fetchone() == (journal,)
     before = _everything(f"sqlite:///{path}")
     read_only = f"sqlite:///file:{path}?mode=ro&uri=true"  # what a read-only mount gives, even to root
     shown = credex_at(read_only, "account", "show", "u1", "--json")

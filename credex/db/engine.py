@@ -3,7 +3,6 @@ and the check that the schema is current."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
@@ -88,7 +87,7 @@ def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         try:
             cursor.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.OperationalError as error:
+        except Exception as error:  # sqlite3.OperationalError, without importing it for Postgres
             # A read-only file (or directory) cannot switch to WAL: it is read as it is, and
             # a write says it is read-only (exit 69).
             if getattr(error, "sqlite_errorcode", 0) & 0xFF not in _SQLITE_CANNOT_WRITE:
@@ -124,9 +123,8 @@ def get_engine(url: str) -> Engine:
                         hide_parameters=True,
                     )
             except (ArgumentError, ImportError) as error:  # a URL SQLAlchemy cannot use
-                detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise InvalidInput(
-                    f"cannot use the database URL {display_url(url)}: {redact(detail)}"
+                    f"cannot use the database URL {display_url(url)}: {_first_line(error)}"
                 ) from None
             _engines[url] = engine
         return engine
@@ -237,16 +235,8 @@ _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN = 5, 6, 14
 _SQLITE_UNAVAILABLE = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN})
 # SQLite: a file that cannot be used as it is (read-only, no permission, a full disk, an I/O
 # error, not a database at all): exit 69, but nothing a worker would wait out.
-_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = (
-    8,
-    3,
-    10,
-    11,
-    13,
-    26,
-)
-_SQLITE_CANNOT_WRITE = frozenset({_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_IOERR, _SQLITE_FULL})
-_SQLITE_UNUSABLE = _SQLITE_CANNOT_WRITE | {_SQLITE_CORRUPT, _SQLITE_NOTADB}
+_SQLITE_CANNOT_WRITE = frozenset({3, 8, 10, 13})  # PERM, READONLY, IOERR, FULL
+_SQLITE_UNUSABLE = _SQLITE_CANNOT_WRITE | {11, 26}  # CORRUPT, NOTADB
 
 
 def is_connection_error(error: BaseException) -> bool:
