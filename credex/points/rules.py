@@ -34,9 +34,9 @@ _BIDI = "\u202a-\u202e\u2066-\u2069"
 _NOT_IN_IDENTIFIER = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
 # Free text: the same, but tabs and line breaks (\t \n \r, U+2028, U+2029) are text.
 _NOT_IN_FREE_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
-ID_SPACES, TEXT_SPACES = " ", " \t\r\n"  # forgiven around an identifier, around free text
+# Forgiven around an identifier, around free text; anything else is kept as typed or refused.
+ID_SPACES, TEXT_SPACES = " ", " \t\r\n"
 FREE_TEXT_MAX = 4000  # for TEXT columns, which have no length of their own
-_SPACES, _WHITESPACE = ID_SPACES, TEXT_SPACES  # anything else around a value is kept or refused
 
 
 def column_length(column: Column) -> int:
@@ -64,9 +64,14 @@ def _forbidden(text: str, pattern: re.Pattern[str]) -> str | None:
     if found is None:
         return None
     char = found.group()
-    kind = "a bidirectional override" if "\u202a" <= char <= "\u2069" else "a control character"
-    if "\ud800" <= char <= "\udfff":
+    if "\u202a" <= char <= "\u2069":
+        kind = "a bidirectional override"
+    elif char in "\u2028\u2029":
+        kind = "a line separator"
+    elif "\ud800" <= char <= "\udfff":
         kind = "a lone surrogate (not Unicode text)"
+    else:
+        kind = "a control character"
     return f"{kind} ({printable(char)}) at character {found.start() + 1}"
 
 
@@ -74,7 +79,7 @@ def identifier_problem(value: object, what: str, longest: int) -> str | None:
     """Why ``value`` is not an identifier of at most ``longest`` characters (None: it is)."""
     if not isinstance(value, str):
         return f"{what} must be text"
-    text = value.strip(_SPACES)
+    text = value.strip(ID_SPACES)
     if not text:
         return f"{what} must not be empty"
     bad = _forbidden(text, _NOT_IN_IDENTIFIER)
@@ -89,7 +94,7 @@ def free_text_problem(value: object, what: str, longest: int) -> str | None:
     """Why ``value`` is not free text of at most ``longest`` characters (None: it is)."""
     if not isinstance(value, str):
         return f"{what} must be text"
-    text = value.strip(_WHITESPACE)
+    text = value.strip(TEXT_SPACES)
     if not text:
         return f"{what} must not be empty"
     bad = _forbidden(text, _NOT_IN_FREE_TEXT)
@@ -105,7 +110,7 @@ def identifier(value: object, what: str, longest: int) -> str:
     problem = identifier_problem(value, what, longest)
     if problem is not None:
         raise InvalidInput(problem)
-    return value.strip(_SPACES)  # type: ignore[union-attr]
+    return value.strip(ID_SPACES)  # type: ignore[union-attr]
 
 
 def free_text(value: object, what: str, longest: int) -> str:
@@ -113,7 +118,7 @@ def free_text(value: object, what: str, longest: int) -> str:
     problem = free_text_problem(value, what, longest)
     if problem is not None:
         raise InvalidInput(problem)
-    return value.strip(_WHITESPACE)  # type: ignore[union-attr]
+    return value.strip(TEXT_SPACES)  # type: ignore[union-attr]
 
 
 def check_user_id(value: str, what: str = "user id") -> str:
@@ -167,7 +172,7 @@ def integer_problem(value: object, what: str, *, minimum: int | None = None, max
     if isinstance(value, int):
         number = value
     elif isinstance(value, str):
-        text = value.strip(_SPACES)
+        text = value.strip(ID_SPACES)
         if not text:
             return f"{what} must not be empty"
         if not _INTEGER.fullmatch(text):
@@ -197,7 +202,7 @@ def parse_int(value: str | int, what: str, *, minimum: int | None = None, maximu
 
 def parse_amount(value: str | Decimal, what: str = "amount") -> Decimal:
     """A positive amount of money: ASCII digits with at most two decimals (129.90)."""
-    text = value.strip(_SPACES) if isinstance(value, str) else None
+    text = value.strip(ID_SPACES) if isinstance(value, str) else None
     if isinstance(value, Decimal) and value.is_finite():
         text = f"{value:f}"
     if text is None or not _AMOUNT.fullmatch(text):
