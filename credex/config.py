@@ -23,11 +23,11 @@ class Settings(BaseSettings):
     warehouse_database_url: str | None = None
     operator: str = Field(default_factory=_login_name)
 
-    purchase_rate: Decimal = Decimal(1)
-    review_points: int = 10
-    review_photo_points: int = 20
-    pending_days: int = 0
-    expiry_days: int = 0
+    purchase_rate: Decimal = Field(default=Decimal(1), ge=0, allow_inf_nan=False)
+    review_points: int = Field(default=10, ge=1, le=2**63 - 1)
+    review_photo_points: int = Field(default=20, ge=1, le=2**63 - 1)
+    pending_days: int = Field(default=0, ge=0, le=36500)
+    expiry_days: int = Field(default=0, ge=0, le=36500)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/%2F")
     amqp_prefix: str = ""
@@ -43,8 +43,21 @@ class Settings(BaseSettings):
     logistics_total_timeout: float = Field(default=30.0, gt=0)
     logistics_connect_timeout: float = Field(default=5.0, gt=0)
     logistics_read_timeout: float = Field(default=10.0, gt=0)
+    # Seconds a SQLite writer waits for another program's lock before giving up (exit 69).
+    sqlite_busy_timeout: float = Field(default=30.0, ge=0, le=24 * 3600)
 
 
 def get_settings(**overrides: object) -> Settings:
-    """The settings, with command-line options (non-None values) taking precedence."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """The settings, with command-line options (non-None values) taking precedence. A value that
+    is not what its setting takes is bad input (exit 2) naming the setting, never its value."""
+    from pydantic import ValidationError
+
+    from credex.errors import InvalidInput
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        name = str(problem["loc"][0]) if problem.get("loc") else "?"
+        where = f"--{name.replace('_', '-')}" if name in overrides else f"CREDEX_{name.upper()}"
+        raise InvalidInput(f"{where}: {problem['msg']}") from None

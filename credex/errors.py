@@ -109,6 +109,30 @@ class NotShipped(RuleViolation):
     code = "not_shipped"
 
 
+# What a terminal would act on rather than show: controls (a line break could forge a second
+# `error:` line), bidirectional overrides and isolates, line separators, lone surrogates.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def one_line(text: str) -> str:
+    """``text`` safe to show on one line: every control, bidi or surrogate character escaped."""
+    return _UNSHOWABLE.sub(_escape, text)
+
+
+def printable(value: object, limit: int = 40) -> str:
+    """A value quoted for an error message: its repr with what a terminal would act on escaped,
+    cut short after ``limit`` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return one_line(repr(value[:limit])) + f"… ({len(value)} characters)"
+    text = one_line(repr(value))
+    return text if len(text) <= limit + 2 else text[:limit] + "…"
+
+
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 _KEY_VALUE_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)=\S+")
 _KEY_VALUE_SECRET = re.compile(r"(?i)\b([a-z_]*key|sign|token)=[^\s&]+")  # an API key or signature in a form

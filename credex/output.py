@@ -106,7 +106,11 @@ def print_rows(
 
 
 def report_error(error: Exception, *, as_json: bool, code: str, message: str) -> None:
-    """Write an error to stderr: one line, or a JSON document with --json."""
+    """Write an error to stderr: one line, or a JSON document with --json. Whatever the message
+    quotes (a user's input, a driver's text) cannot break the line or forge another one."""
+    from credex.errors import one_line
+
+    message = one_line(message)
     if as_json:
         sys.stderr.write(to_json({"error": {"code": code, "message": message}}) + "\n")
     else:

@@ -169,6 +169,13 @@ def check_invariants(
             "SELECT id, redemption_id, routing_key, body, state, attempts, sent_at, confirmed_at, "
             "created_at FROM outbox_message",
         )
+        texts = _rows(
+            connection,
+            "SELECT 'ledger_entry' AS tbl, CAST(id AS VARCHAR(20)) AS id, operator, reason, NULL AS name "
+            "FROM ledger_entry UNION ALL "
+            "SELECT 'catalog_item', sku, NULL, NULL, name FROM catalog_item UNION ALL "
+            "SELECT 'redemption', CAST(id AS VARCHAR(20)), operator, NULL, NULL FROM redemption",
+        )
     shipment_requests = []
     warehouse_url = warehouse_db_url or db_url
     with get_engine(warehouse_url).connect() as connection:
@@ -184,6 +191,7 @@ def check_invariants(
     _check_redemptions(bad, redemptions, entries, messages, items)
     _check_stock(bad, items, redemptions, book, stocks)
     _check_shipments(bad, redemptions, messages, shipment_requests, shipped)
+    _check_input_rules(bad, accounts, entries, items, redemptions, texts)
     if violations:
         raise InvariantsBroken(violations)
     return {
@@ -541,3 +549,35 @@ def _check_shipments(bad, redemptions, messages, shipment_requests, shipped: boo
                     bad(
                         "shipment.confirmed", r.id, "confirmed without a shipment request holding its waybill"
                     )
+
+
+def _check_input_rules(bad, accounts, entries, items, redemptions, texts) -> None:
+    """Everything stored went through the input rules (cli.md): identifiers printable and within
+    their column's length, free text without NUL or other controls."""
+    from credex.points import rules
+
+    def identifier(check: str, ids: object, value: str | None, longest: int) -> None:
+        if value is not None and (problem := rules.identifier_problem(value, check, longest)):
+            bad("input rules", ids, f"{problem}: {value!r}")
+
+    def free_text(check: str, ids: object, value: str | None, longest: int) -> None:
+        if (
+            value is not None
+            and value.strip()
+            and (problem := rules.free_text_problem(value, check, longest))
+        ):
+            bad("input rules", ids, f"{problem}: {value!r}")
+
+    for account in accounts:
+        identifier("account user id", account.user_id, account.user_id, rules.USER_ID_MAX)
+    for entry in entries:
+        identifier("ledger ref", entry.id, entry.ref, rules.REF_MAX)
+    for item in items:
+        identifier("sku", item.sku, item.sku, rules.SKU_MAX)
+    for r in redemptions:
+        identifier("request id", r.id, r.request_id, rules.REQUEST_ID_MAX)
+        free_text("address", r.id, r.address, rules.ADDRESS_MAX)
+    for row in texts:
+        identifier(f"{row.tbl} operator", row.id, row.operator, rules.OPERATOR_MAX)
+        free_text(f"{row.tbl} reason", row.id, row.reason, rules.REASON_MAX)
+        free_text(f"{row.tbl} name", row.id, row.name, rules.NAME_MAX)

@@ -155,15 +155,8 @@ ORDINARY_COMMANDS = [
 
 @pytest.mark.parametrize("command", ORDINARY_COMMANDS, ids=lambda c: " ".join(c[:2]))
 def test_a_database_at_an_unknown_revision_is_refused_by_every_command_and_left_alone(
-    db_url, backend, credex, shop_at_unknown_revision, command, request
+    db_url, credex, shop_at_unknown_revision, command
 ):
-    if backend == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="credex tries to migrate a SQLite file from 9999 and exits 70 (alembic CommandError)",
-            )
-        )
     result = credex(*command, "--json")
     assert result.exit_code == 1, result.stderr
     error = json.loads(result.stderr)["error"]
@@ -172,9 +165,6 @@ def test_a_database_at_an_unknown_revision_is_refused_by_every_command_and_left_
     assert _everything(db_url) == shop_at_unknown_revision
 
 
-@pytest.mark.xfail(
-    strict=True, reason="`db upgrade` from an unknown revision exits 70 (alembic CommandError)"
-)
 def test_db_upgrade_refuses_a_revision_it_does_not_know_and_changes_nothing(
     db_url, credex, shop_at_unknown_revision
 ):
@@ -340,6 +330,10 @@ def test_db_upgrade_run_by_several_processes_at_once_on_an_empty_postgres(empty_
     for code, out, err in outcomes:
         assert code == 0, err
         assert json.loads(out)["to"] == HEAD_REVISION
+    # Each says what it found once it held the lock: one migrated an empty database, the
+    # others found it done.
+    found = sorted((json.loads(out)["from"] or "") for _code, out, _err in outcomes)
+    assert found == ["", HEAD_REVISION, HEAD_REVISION], found
     with get_engine(empty_postgres).connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [(HEAD_REVISION,)]
     granted = run_process("--database-url", empty_postgres, "award", "grant", "u1", "7", "--reason", "r")
@@ -375,8 +369,8 @@ def test_a_sqlite_file_locked_by_another_program_is_exit_69_and_nothing_changes(
     assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10").exit_code == 0
     assert credex("award", "grant", "u1", "100", "--reason", "opening").exit_code == 0
     before = _everything(url)
-    # credex waits 30 s for a lock and has no setting for it: a test must not wait that long.
-    monkeypatch.setattr(engine, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    # credex waits 30 s for a lock unless told otherwise: a test must not wait that long.
+    monkeypatch.setenv("CREDEX_SQLITE_BUSY_TIMEOUT", "0.3")
     engine.dispose_engines()
     holder = sqlite3.connect(path, isolation_level=None)
     try:
@@ -391,3 +385,136 @@ def test_a_sqlite_file_locked_by_another_program_is_exit_69_and_nothing_changes(
     assert result.stdout == ""
     engine.dispose_engines()
     assert _everything(url) == before
+
+
+# --- URLs, files and settings a user gets wrong: a code and one line, never exit 70 -----------
+
+
+@pytest.fixture
+def credex_at():
+    """credex in-process against any URL; engines are forgotten afterwards."""
+    from typer.testing import CliRunner
+
+    from credex.cli import app
+    from credex.db.engine import dispose_engines
+
+    def run(url: str, *args: str):
+        from tests.support import Outcome
+
+        dispose_engines()
+        result = CliRunner().invoke(app, ["--database-url", url, *args], catch_exceptions=False)
+        return Outcome(result.exit_code, result.stdout, result.stderr)
+
+    yield run
+    dispose_engines()
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("postgresql+asyncpg://credex:s3cr3t-pw@127.0.0.1/points", "unsupported database driver"),
+        ("postgresql+psycopg2://credex:s3cr3t-pw@127.0.0.1/points", "unsupported database driver"),
+        ("sqlite://somehost/points.db", "Invalid SQLite URL"),
+        ("sqlite+foo:///points.db", "unsupported database driver"),
+        ("http://example.com/points", "unsupported database"),
+        (":::", "not a database URL"),
+    ],
+)
+def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(tmp_path, url, words):
+    result = run_process("--database-url", url, "account", "show", "u1", "--json")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and words in error["message"], error
+    assert "s3cr3t-pw" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///shop\x00.db",
+        "postgresql://credex:s3cr3t-pw@127.0.0.1:5432/po\x00ints",
+        "sqlite:///\ud800.db",
+    ],
+)
+def test_a_database_url_holding_nul_or_a_surrogate_is_bad_usage(credex_at, url):
+    result = credex_at(url, "account", "show", "u1", "--json")
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and "printable" in error["message"], error
+    assert "s3cr3t-pw" not in result.stderr
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])  # delete: a file copied from elsewhere
+def test_a_read_only_sqlite_file_is_read_and_a_write_is_exit_69_changing_nothing(
+    tmp_path, credex_at, journal
+):
+    path = tmp_path / "shop.db"
+    assert credex_at(f"sqlite:///{path}", "award", "grant", "u1", "5", "--reason", "r").exit_code == 0
+    from credex.db.engine import dispose_engines
+
+    dispose_engines()
+    with sqlite3.connect(path) as db:
+        assert db.execute(f"PRAGMA journal_mode = {journal}").fetchone() == (journal,)
+    before = _everything(f"sqlite:///{path}")
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"  # what a read-only mount gives, even to root
+    shown = credex_at(read_only, "account", "show", "u1", "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert json.loads(shown.stdout)["balance"] == 5
+    refused = credex_at(read_only, "award", "grant", "u1", "5", "--reason", "r", "--json")
+    assert refused.exit_code == 69, refused.stderr
+    error = json.loads(refused.stderr)["error"]
+    assert error["code"] == "unavailable" and "readonly" in error["message"], error
+    assert "INSERT" not in error["message"] and refused.stderr.count("\n") == 1
+    assert _everything(f"sqlite:///{path}") == before
+
+
+def test_a_file_that_is_not_a_database_is_exit_69(tmp_path, credex_at):
+    path = tmp_path / "notes.db"
+    path.write_text("not a database\n" * 100)
+    result = credex_at(f"sqlite:///{path}", "account", "show", "u1")
+    assert result.exit_code == 69, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CREDEX_REVIEW_POINTS", "ten"),
+        ("CREDEX_REVIEW_POINTS", "-5"),
+        ("CREDEX_PURCHASE_RATE", "NaN"),
+        ("CREDEX_PURCHASE_RATE", "inf"),
+        ("CREDEX_EXPIRY_DAYS", "1e3"),
+        ("CREDEX_SQLITE_BUSY_TIMEOUT", "soon"),
+    ],
+)
+def test_a_setting_with_a_bad_value_is_bad_usage_naming_it(tmp_path, credex_at, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    path = tmp_path / "shop.db"
+    result = credex_at(f"sqlite:///{path}", "award", "review", "u1", "--review", "r1", "--json")
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and name in error["message"], error
+    assert not path.exists() or _everything(f"sqlite:///{path}")["account"] == []
+
+
+@pytest.mark.postgres
+def test_a_value_postgres_refuses_is_bad_input_without_the_sql(db_url, backend):
+    """Behind the input rules: should a value reach Postgres that it refuses (too long, NUL),
+    the error is bad input (exit 2) that names neither the SQL nor the values."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import DBAPIError
+
+    from credex.db import tables
+    from credex.db.engine import get_engine, translate_db_error
+    from credex.db.models import utcnow
+
+    if backend != "postgres":
+        pytest.skip("SQLite stores any length and NUL")
+    now = utcnow()
+    for user in ("x" * 129, "nul\x00byte"):
+        with pytest.raises(DBAPIError) as raised, get_engine(db_url).begin() as connection:
+            connection.execute(insert(tables.account).values(user_id=user, created_at=now, updated_at=now))
+        error = translate_db_error(raised.value)
+        assert error is not None and error.exit_code == 2 and error.code == "invalid_input"
+        assert "INSERT" not in error.message and user not in error.message

@@ -32,7 +32,35 @@ OperatorOption = Annotated[
         show_default=False,
     ),
 ]
-LimitOption = Annotated[int, typer.Option("--limit", min=1, help="Show at most N rows.")]
+
+
+def whole(minimum: int, maximum: int):
+    """A parser for whole-number options by the input rules (ASCII digits: no ``1_000``, no
+    full-width digits), within [minimum, maximum]; a bad value is a usage error (exit 2)."""
+
+    def parse(value: str | int) -> int:
+        from credex.points.rules import integer_problem
+
+        number = integer_problem(value, "N", minimum=minimum, maximum=maximum)
+        if isinstance(number, str):
+            raise typer.BadParameter(number)
+        return number
+
+    return parse
+
+
+LimitOption = Annotated[
+    int, typer.Option("--limit", parser=whole(1, 1_000_000), help="Show at most N rows (1 to 1000000).")
+]
+
+
+def finite(value: float | None) -> float | None:
+    """A callback for float options: click takes ``nan`` and ``inf`` for numbers, credex does not."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number of seconds")
+    return value
 
 
 @dataclass
@@ -63,7 +91,10 @@ def settings(ctx: typer.Context) -> Settings:
 
 
 def operator(ctx: typer.Context, given: str | None) -> str:
-    return given or settings(ctx).operator
+    """Who makes the change, checked like any identifier (it is written on every ledger entry)."""
+    from credex.points.rules import check_operator
+
+    return check_operator(given if given is not None else settings(ctx).operator)
 
 
 def points_session(ctx: typer.Context, *, write: bool = False):

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings
+from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings, whole
 from credex.errors import InvalidInput
 from credex.output import emit
 
@@ -62,6 +62,9 @@ class _Reporter:
         self.task = self.progress.add_task("granting", total=self.reader.size, rows=0, rate=0.0)
 
     def say(self, text: str) -> None:
+        from credex.errors import one_line
+
+        text = one_line(text)  # a row's text cannot break the line or forge another one
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
@@ -131,8 +134,7 @@ def bulk(
         int,
         typer.Option(
             "--batch-size",
-            min=1,
-            max=100_000,
+            parser=whole(1, 100_000),
             help="Rows per transaction (a killed run keeps whole batches).",
         ),
     ] = 5000,

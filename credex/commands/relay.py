@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, points_session, settings
+from credex.commands._common import JsonOption, LimitOption, finite, points_session, settings, whole
 from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
@@ -19,32 +19,56 @@ def run(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="One full pass, then exit (for cron).")] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=10_000, help="Messages claimed and published at once.")
+        int,
+        typer.Option("--batch-size", parser=whole(1, 10_000), help="Messages claimed and published at once."),
     ] = 1000,
     confirm_timeout: Annotated[
         float,
         typer.Option(
             "--confirm-timeout",
             min=0.1,
+            max=7 * 86400,
+            callback=finite,
             help="Seconds to wait for the warehouse before publishing again; doubles per attempt.",
         ),
     ] = 60.0,
     max_confirm_timeout: Annotated[
-        float, typer.Option("--max-confirm-timeout", min=0.1, help="The cap on that wait, in seconds.")
+        float,
+        typer.Option(
+            "--max-confirm-timeout",
+            min=0.1,
+            max=7 * 86400,
+            callback=finite,
+            help="The cap on that wait, in seconds.",
+        ),
     ] = 3600.0,
     max_attempts: Annotated[
-        int, typer.Option("--max-attempts", min=0, help="Publishes before a message is dead; 0: forever.")
+        int,
+        typer.Option(
+            "--max-attempts",
+            parser=whole(0, 2**31 - 1),
+            help="Publishes before a message is dead; 0: forever.",
+        ),
     ] = 0,
     lease: Annotated[
         float,
         typer.Option(
             "--lease",
             min=1.0,
+            max=86400,
+            callback=finite,
             help="SQLite: seconds a claim holds if this relay dies holding it (Postgres: a row lock).",
         ),
     ] = 60.0,
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", min=0.01, help="Seconds between looks for due messages.")
+        float,
+        typer.Option(
+            "--poll-interval",
+            min=0.01,
+            max=3600,
+            callback=finite,
+            help="Seconds between looks for due messages.",
+        ),
     ] = 0.5,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
     as_json: JsonOption = False,
@@ -113,10 +137,12 @@ def retry(
 ) -> None:
     """Make messages due now (a dead one comes back as pending with fresh attempts)."""
     from credex.errors import InvalidInput
+    from credex.points.rules import check_message_id
     from credex.relay.operators import retry_messages
 
     if bool(message_ids) == dead:
         raise InvalidInput("give message ids or --dead (one of the two)")
+    message_ids = [check_message_id(message_id) for message_id in message_ids or ()]
     with points_session(ctx, write=True) as session:
         result = retry_messages(session, message_ids or (), dead=dead)
     if as_json:

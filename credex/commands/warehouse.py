@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, settings, warehouse_session
+from credex.commands._common import JsonOption, LimitOption, finite, settings, warehouse_session, whole
 from credex.output import emit
 
 app = typer.Typer(help="The warehouse: shipment requests and waybills.", no_args_is_help=True)
@@ -28,12 +28,16 @@ def run(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="Handle the messages waiting, then exit.")] = False,
     prefetch: Annotated[
-        int, typer.Option("--prefetch", min=1, max=1000, help="Messages in hand at once.")
+        int, typer.Option("--prefetch", parser=whole(1, 1000), help="Messages in hand at once.")
     ] = 20,
     carrier_timeout: Annotated[
         float,
         typer.Option(
-            "--carrier-timeout", min=0.5, help="Seconds one waybill request may take, retries included."
+            "--carrier-timeout",
+            min=0.5,
+            max=3600,
+            callback=finite,
+            help="Seconds one waybill request may take, retries included.",
         ),
     ] = 15.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,

@@ -10,13 +10,13 @@ from contextlib import contextmanager
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, ProgrammingError
 from sqlmodel import Session, create_engine
 
 from credex.db import HEAD_REVISION
-from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, redact
+from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, one_line, printable, redact
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_S = 30.0  # CREDEX_SQLITE_BUSY_TIMEOUT overrides it
 POSTGRES_CONNECT_TIMEOUT_S = 5
 
 _engines: dict[str, Engine] = {}
@@ -25,17 +25,37 @@ _current: set[str] = set()  # URLs whose schema was checked in this process
 _lock = threading.Lock()
 
 
+# The drivers credex is built and tested with: the standard library's sqlite3 and psycopg 3.
+_DRIVERS = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
 def normalise_url(url: str):
-    """Parse a database URL; ``postgresql://`` means psycopg 3."""
+    """Parse a database URL; ``postgresql://`` means psycopg 3. Anything else is bad input."""
+    if not isinstance(url, str) or one_line(url) != url:  # NUL, controls, bidi, surrogates
+        raise InvalidInput(f"the database URL must be printable text: {printable(redact(str(url)), 80)}")
     try:
         parsed = make_url(url)
     except Exception:
-        raise InvalidInput(f"not a database URL: {redact(url)!r}") from None
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise InvalidInput(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
-    return parsed
+        raise InvalidInput(f"not a database URL: {printable(redact(url), 80)}") from None
+    try:
+        backend = parsed.get_backend_name()
+    except Exception:
+        backend = parsed.drivername
+    if backend not in ("sqlite", "postgresql", "postgres"):
+        raise InvalidInput(f"unsupported database {printable(backend)}: use sqlite or postgresql")
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise InvalidInput(
+            f"unsupported database driver {printable(parsed.drivername)}: "
+            "use sqlite:///PATH or postgresql://… (psycopg 3)"
+        )
+    return parsed.set(drivername=driver)
 
 
 def display_url(url: str) -> str:
@@ -46,14 +66,32 @@ def display_url(url: str) -> str:
         return redact(url)
 
 
-def _sqlite_setup(engine: Engine) -> None:
+def sqlite_busy_timeout() -> float:
+    """Seconds a SQLite writer waits for a lock held by another program: CREDEX_SQLITE_BUSY_TIMEOUT
+    (checked like every setting), else 30."""
+    import os
+
+    if "CREDEX_SQLITE_BUSY_TIMEOUT" not in os.environ:
+        return SQLITE_BUSY_TIMEOUT_S
+    from credex.config import get_settings
+
+    return get_settings().sqlite_busy_timeout
+
+
+def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
         # We issue BEGIN ourselves, so that writers can take the lock up front.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except Exception as error:  # sqlite3.OperationalError, without importing it for Postgres
+            # A read-only file (or directory) cannot switch to WAL: it is read as it is, and
+            # a write says it is read-only (exit 69).
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF not in _SQLITE_CANNOT_WRITE:
+                raise
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
@@ -73,15 +111,21 @@ def get_engine(url: str) -> Engine:
         engine = _engines.get(url)
         if engine is None:
             parsed = normalise_url(url)
-            if parsed.get_backend_name() == "sqlite":
-                engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-                _sqlite_setup(engine)
-            else:
-                engine = create_engine(
-                    parsed,
-                    connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
-                    hide_parameters=True,
-                )
+            try:
+                if parsed.get_backend_name() == "sqlite":
+                    busy_timeout = sqlite_busy_timeout()
+                    engine = create_engine(parsed, connect_args={"timeout": busy_timeout})
+                    _sqlite_setup(engine, busy_timeout)
+                else:
+                    engine = create_engine(
+                        parsed,
+                        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+                        hide_parameters=True,
+                    )
+            except (ArgumentError, ImportError) as error:  # a URL SQLAlchemy cannot use
+                raise InvalidInput(
+                    f"cannot use the database URL {display_url(url)}: {_first_line(error)}"
+                ) from None
             _engines[url] = engine
         return engine
 
@@ -114,6 +158,11 @@ def ensure_schema(url: str) -> Engine:
     try:
         revision = schema_revision(engine)
         if revision != HEAD_REVISION:
+            if revision is not None:
+                from credex.db.migrate import known_revisions, unknown_revision
+
+                if revision not in known_revisions():
+                    raise unknown_revision(display_url(url), revision)
             if engine.dialect.name == "sqlite":
                 upgrade(url)
             elif revision is None:
@@ -137,8 +186,7 @@ def upgrade(url: str) -> tuple[str | None, str]:
 
     engine = get_engine(url)
     try:
-        before = schema_revision(engine)
-        upgrade_to_head(engine)
+        before = upgrade_to_head(engine, display_url(url))
     except DBAPIError as error:
         raise unavailable(url, error) from None
     _current.add(url)
@@ -185,6 +233,10 @@ _PG_LOST_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 # SQLite: the primary result codes of a database that cannot be had now or at all.
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN = 5, 6, 14
 _SQLITE_UNAVAILABLE = frozenset({_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN})
+# SQLite: a file that cannot be used as it is (read-only, no permission, a full disk, an I/O
+# error, not a database at all): exit 69, but nothing a worker would wait out.
+_SQLITE_CANNOT_WRITE = frozenset({3, 8, 10, 13})  # PERM, READONLY, IOERR, FULL
+_SQLITE_UNUSABLE = _SQLITE_CANNOT_WRITE | {11, 26}  # CORRUPT, NOTADB
 
 
 def is_connection_error(error: BaseException) -> bool:
@@ -210,11 +262,29 @@ def unavailable(url: str, error: BaseException) -> Unavailable:
     return Unavailable(f"cannot use the database {display_url(url)}: {redact(detail)}")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return redact(text.splitlines()[0]) if text else type(error).__name__
+
+
 def translate_db_error(error: BaseException) -> CredexError | None:
-    """A known database failure as a user-facing error, or None."""
+    """A known database failure as a user-facing error, or None. Never the SQL or its values.
+
+    Values the input rules let through but a database refuses (a Postgres data exception,
+    class 22: too long, NUL, out of range; text that is not Unicode) are bad input, exit 2."""
     if isinstance(error, CredexError):
         return error
-    if isinstance(error, DBAPIError) and is_connection_error(error):
-        orig = getattr(error, "orig", error)
-        return Unavailable(f"cannot use the database: {redact(str(orig).strip().splitlines()[0])}")
+    if isinstance(error, UnicodeError):
+        return InvalidInput(f"a value is not valid Unicode text: {_first_line(error)}")
+    if not isinstance(error, DBAPIError):
+        return None
+    orig = getattr(error, "orig", None) or error
+    if is_connection_error(error):
+        return Unavailable(f"cannot use the database: {_first_line(orig)}")
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _SQLITE_UNUSABLE:
+        return Unavailable(f"cannot use the database: {_first_line(orig)}")
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(orig, psycopg.DataError):
+        return InvalidInput(f"the database refused a value: {_first_line(orig)}")
     return None

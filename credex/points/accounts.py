@@ -9,6 +9,7 @@ from credex.db import tables
 from credex.errors import UnknownUser
 from credex.points.awards import with_lifecycle
 from credex.points.lifecycle import expiring
+from credex.points.rules import check_user_id
 
 _account = tables.account
 _ledger = tables.ledger_entry
@@ -17,6 +18,7 @@ _ledger = tables.ledger_entry
 def get_account(session: Session, user_id: str) -> dict:
     """The balance (spendable), the pending points (waiting for their return window), the debt
     (refunds the balance could not cover) and when the balance's points expire."""
+    user_id = check_user_id(user_id)
     row = session.execute(select(_account).where(_account.c.user_id == user_id)).first()
     if row is None:
         raise UnknownUser(f"no account for user {user_id} (an account is created by its first award)")
@@ -35,6 +37,7 @@ def get_account(session: Session, user_id: str) -> dict:
 def history(session: Session, user_id: str, *, limit: int = 50) -> list[dict]:
     """Ledger entries, newest first. ``points`` is each entry's effect on the balance; entries
     that moved pending points or debt also carry ``pending`` and ``debt`` (negative: paid)."""
+    user_id = check_user_id(user_id)
     exists = session.execute(select(_account.c.user_id).where(_account.c.user_id == user_id)).first()
     if exists is None:
         raise UnknownUser(f"no account for user {user_id} (an account is created by its first award)")

@@ -14,7 +14,15 @@ from sqlmodel import Session
 from credex.db import tables
 from credex.db.models import EntryKind, utcnow
 from credex.errors import Conflict, InsufficientPoints, InvalidInput
-from credex.points.rules import INT64_MAX, parse_amount, parse_int, points_for, require_text
+from credex.points.rules import (
+    INT64_MAX,
+    check_reason,
+    check_ref,
+    check_user_id,
+    parse_amount,
+    parse_int,
+    points_for,
+)
 
 account_table = tables.account
 ledger_table = tables.ledger_entry
@@ -44,18 +52,7 @@ def with_lifecycle(result: dict, pending: int, debt: int) -> dict:
     return result
 
 
-def check_user_id(user_id: str) -> str:
-    user_id = require_text(user_id, "user id")
-    if len(user_id) > 128:
-        raise InvalidInput("user id is longer than 128 characters")
-    return user_id
-
-
-def check_ref(ref: str, what: str) -> str:
-    ref = require_text(ref, what)
-    if len(ref) > 255:
-        raise InvalidInput(f"{what} is longer than 255 characters")
-    return ref
+__all__ = ["check_ref", "check_user_id"]  # the input rules, imported from here by older callers
 
 
 def ensure_account(session: Session, user_id: str, now: datetime) -> None:
@@ -240,8 +237,14 @@ def award_purchase(
 ) -> dict:
     user_id = check_user_id(user_id)
     order_id = check_ref(order_id, "order id")
-    amount = parse_amount(amount)
+    amount = parse_amount(amount, "--amount")
     points = points_for(amount, rate)
+    if points <= 0:
+        # A purchase records the points it earns; one that earns none has nothing to record.
+        raise InvalidInput(
+            f"--amount {amount} earns no points at a purchase rate of {rate} (floor({amount} x {rate}) = 0): "
+            "nothing recorded"
+        )
     return record_award(
         session,
         user_id=user_id,
@@ -297,7 +300,7 @@ def award_grant(
     amount = parse_int(points, "points")
     if amount == 0:
         raise InvalidInput("points must not be zero")
-    reason = require_text(reason, "reason")
+    reason = check_reason(reason)
     ref = check_ref(ref, "ref") if ref is not None else f"grant-{uuid.uuid4()}"
     return record_award(
         session,

@@ -9,7 +9,7 @@ from sqlmodel import Session
 from credex.db import tables
 from credex.db.models import utcnow
 from credex.errors import Conflict, InvalidInput, UnknownSku
-from credex.points.rules import parse_int, require_text
+from credex.points.rules import check_name, check_sku, parse_int
 
 _item = tables.catalog_item
 
@@ -24,18 +24,11 @@ def item_json(row) -> dict:
     }
 
 
-def _check_sku(sku: str) -> str:
-    sku = require_text(sku, "sku")
-    if len(sku) > 64:
-        raise InvalidInput(f"sku is longer than 64 characters: {sku[:20]}…")
-    return sku
-
-
 def add_item(session: Session, sku: str, *, name: str, points: str | int, stock: str | int | None) -> dict:
-    sku = _check_sku(sku)
+    sku = check_sku(sku)
     values = {
         "sku": sku,
-        "name": require_text(name, "name"),
+        "name": check_name(name),
         "points": parse_int(points, "points", minimum=1),
         "stock": None if stock is None else parse_int(stock, "stock", minimum=0),
         "active": True,
@@ -66,9 +59,10 @@ def update_item(
     stock: str | int | None = None,
     active: bool | None = None,
 ) -> dict:
+    sku = check_sku(sku)
     changes: dict = {}
     if name is not None:
-        changes["name"] = require_text(name, "name")
+        changes["name"] = check_name(name)
     if points is not None:
         changes["points"] = parse_int(points, "points", minimum=1)
     if stock is not None:

@@ -241,7 +241,7 @@ def refund_order(
     user_id = check_user_id(user_id)
     order_id = check_ref(order_id, "order id")
     refund_id = check_ref(refund_id, "refund id")
-    refunded = parse_amount(amount) if amount is not None else None
+    refunded = parse_amount(amount, "--amount") if amount is not None else None
     detail = f"amount={refunded.normalize():f}" if refunded is not None else "amount=all"
 
     existing = find_entry(session, EntryKind.refund.value, refund_id)

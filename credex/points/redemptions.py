@@ -16,7 +16,7 @@ from credex.db.models import EntryKind, MessageState, RedemptionStatus, UTCDateT
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
 from credex.points.awards import account_table, check_user_id
 from credex.points.lifecycle import consume_lots
-from credex.points.rules import INT32_MAX, INT64_MAX, parse_int, require_text
+from credex.points.rules import INT32_MAX, INT64_MAX, check_address, check_request_id, check_sku, parse_int
 from credex.relay.topology import REDEMPTION_CREATED
 
 _item = tables.catalog_item
@@ -147,11 +147,11 @@ def redeem(
 ) -> dict:
     """Spend points on a gift. Idempotent on ``request_id``."""
     user_id = check_user_id(user_id)
-    sku = require_text(sku, "sku")
-    address = require_text(address, "address")
+    sku = check_sku(sku)
+    address = check_address(address)
     quantity = parse_int(quantity, "quantity", minimum=1, maximum=INT32_MAX)
     if request_id is not None:
-        request_id = require_text(request_id, "request id")
+        request_id = check_request_id(request_id)
         existing = session.execute(_BY_REQUEST, {"request_id": request_id}).first()
         if existing is not None:
             session.rollback()
@@ -290,6 +290,8 @@ def get_redemption(session: Session, redemption_id: str | int) -> dict:
 def list_redemptions(
     session: Session, *, user_id: str | None = None, status: str | None = None, limit: int = 50
 ) -> list[dict]:
+    if user_id is not None:
+        user_id = check_user_id(user_id, "--user")
     query = select(_redemption).order_by(_redemption.c.id.desc()).limit(limit)
     if user_id is not None:
         query = query.where(_redemption.c.user_id == user_id)

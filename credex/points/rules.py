@@ -1,49 +1,222 @@
-"""Checks on what a user types, shared by every command and by bulk files."""
+"""The input rules (cli.md "Input rules"), shared by every command and by bulk files, checked
+before any SQL runs and the same on SQLite and Postgres.
+
+- Numbers are ASCII: ``[+-]?[0-9]+`` for points, stock and quantities, ``[0-9]+(.[0-9]{1,2})?``
+  for amounts, within 64 bits and the range of the column that stores them.
+- Identifiers are non-empty printable text: no C0/C1 controls, DEL, NUL, line separators,
+  bidirectional overrides or lone surrogates; free text may also hold tabs and line breaks.
+- Lengths come from the columns themselves (``credex.db.tables``): one source of truth.
+
+Each check exists twice: ``*_problem()`` returns why a value is refused (None: fine), for bulk
+rows that are rejected one by one; the raising form gives InvalidInput (exit 2) naming the field.
+"""
 
 from __future__ import annotations
 
 import re
-from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal
 
-from credex.errors import InvalidInput
+from sqlalchemy import Column
+
+from credex.db import tables
+from credex.errors import InvalidInput, printable
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
-_INTEGER = re.compile(r"[+-]?\d+")
+_INT64_DIGITS = len(str(INT64_MAX))
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_AMOUNT = re.compile(r"[0-9]+(?:\.[0-9]{1,2})?")
+AMOUNT_MAX_DIGITS = 15  # before the point: what a purchase can cost, far below 64-bit points
+
+# C0 and C1 controls, DEL, the line and paragraph separators, the bidirectional embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069) and lone surrogates (not encodable).
+_BIDI = "\u202a-\u202e\u2066-\u2069"
+_NOT_IN_IDENTIFIER = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
+# Free text: the same, but tabs and line breaks (\t \n \r, U+2028, U+2029) are text.
+_NOT_IN_FREE_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
+# Forgiven around an identifier, around free text; anything else is kept as typed or refused.
+ID_SPACES, TEXT_SPACES = " ", " \t\r\n"
+FREE_TEXT_MAX = 4000  # for TEXT columns, which have no length of their own
+
+
+def column_length(column: Column) -> int:
+    """The most characters ``column`` holds: its declared length, or FREE_TEXT_MAX for TEXT."""
+    return getattr(column.type, "length", None) or FREE_TEXT_MAX
+
+
+# The fields a user types, each with the column that stores it.
+USER_ID_MAX = column_length(tables.account.c.user_id)
+SKU_MAX = column_length(tables.catalog_item.c.sku)
+REF_MAX = column_length(tables.ledger_entry.c.ref)  # order, review, refund, grant ref
+REQUEST_ID_MAX = column_length(tables.redemption.c.request_id)
+OPERATOR_MAX = min(column_length(tables.ledger_entry.c.operator), column_length(tables.redemption.c.operator))
+MESSAGE_ID_MAX = column_length(tables.outbox_message.c.id)
+NAME_MAX = column_length(tables.catalog_item.c.name)
+ADDRESS_MAX = column_length(tables.redemption.c.address)
+REASON_MAX = column_length(tables.ledger_entry.c.reason)
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def _forbidden(text: str, pattern: re.Pattern[str]) -> str | None:
+    found = pattern.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    if "\u202a" <= char <= "\u2069":
+        kind = "a bidirectional override"
+    elif char in "\u2028\u2029":
+        kind = "a line separator"
+    elif "\ud800" <= char <= "\udfff":
+        kind = "a lone surrogate (not Unicode text)"
+    else:
+        kind = "a control character"
+    return f"{kind} ({printable(char)}) at character {found.start() + 1}"
+
+
+def identifier_problem(value: object, what: str, longest: int) -> str | None:
+    """Why ``value`` is not an identifier of at most ``longest`` characters (None: it is)."""
+    if not isinstance(value, str):
+        return f"{what} must be text"
+    text = value.strip(ID_SPACES)
+    if not text:
+        return f"{what} must not be empty"
+    bad = _forbidden(text, _NOT_IN_IDENTIFIER)
+    if bad is not None:
+        return f"{what} must be printable text: it holds {bad}"
+    if len(text) > longest:
+        return f"{what} is longer than {longest} characters"
+    return None
+
+
+def free_text_problem(value: object, what: str, longest: int) -> str | None:
+    """Why ``value`` is not free text of at most ``longest`` characters (None: it is)."""
+    if not isinstance(value, str):
+        return f"{what} must be text"
+    text = value.strip(TEXT_SPACES)
+    if not text:
+        return f"{what} must not be empty"
+    bad = _forbidden(text, _NOT_IN_FREE_TEXT)
+    if bad is not None:
+        return f"{what} must not hold {bad}"
+    if len(text) > longest:
+        return f"{what} is longer than {longest} characters"
+    return None
+
+
+def identifier(value: object, what: str, longest: int) -> str:
+    """``value`` without surrounding spaces, or InvalidInput naming ``what``."""
+    problem = identifier_problem(value, what, longest)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return value.strip(ID_SPACES)  # type: ignore[union-attr]
+
+
+def free_text(value: object, what: str, longest: int) -> str:
+    """``value`` without surrounding whitespace, or InvalidInput naming ``what``."""
+    problem = free_text_problem(value, what, longest)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return value.strip(TEXT_SPACES)  # type: ignore[union-attr]
+
+
+def check_user_id(value: str, what: str = "user id") -> str:
+    return identifier(value, what, USER_ID_MAX)
+
+
+def check_sku(value: str, what: str = "sku") -> str:
+    return identifier(value, what, SKU_MAX)
+
+
+def check_ref(value: str, what: str = "ref") -> str:
+    return identifier(value, what, REF_MAX)
+
+
+def check_request_id(value: str, what: str = "request id") -> str:
+    return identifier(value, what, REQUEST_ID_MAX)
+
+
+def check_operator(value: str, what: str = "operator") -> str:
+    return identifier(value, what, OPERATOR_MAX)
+
+
+def check_message_id(value: str, what: str = "message id") -> str:
+    return identifier(value, what, MESSAGE_ID_MAX)
+
+
+def check_name(value: str, what: str = "name") -> str:
+    return free_text(value, what, NAME_MAX)
+
+
+def check_address(value: str, what: str = "address") -> str:
+    return free_text(value, what, ADDRESS_MAX)
+
+
+def check_reason(value: str, what: str = "reason") -> str:
+    return free_text(value, what, REASON_MAX)
+
+
+def require_text(value: str | None, what: str) -> str:
+    """Free text that must not be empty (of a TEXT column)."""
+    return free_text(value or "", what, FREE_TEXT_MAX)
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+def integer_problem(value: object, what: str, *, minimum: int | None = None, maximum: int = INT64_MAX):
+    """The integer ``value`` stands for, or a str saying why it is refused."""
+    if isinstance(value, bool):
+        return f"{what} must be a whole number, got {printable(value)}"
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip(ID_SPACES)
+        if not text:
+            return f"{what} must not be empty"
+        if not _INTEGER.fullmatch(text):
+            hint = " (ASCII digits only)" if any(c.isdigit() and not c.isascii() for c in text) else ""
+            return f"{what} must be a whole number, got {printable(value)}{hint}"
+        if len(text.lstrip("+-").lstrip("0")) > _INT64_DIGITS:
+            return f"{what} is too large: {printable(value)} is beyond {maximum}"
+        number = int(text)
+    elif value is None:
+        return f"{what} is missing"
+    else:
+        return f"{what} must be a whole number, got {printable(value)}"
+    if abs(number) > maximum:
+        return f"{what} is too large: {number} is beyond {maximum}"
+    if minimum is not None and number < minimum:
+        return f"{what} must be at least {minimum}, got {number}"
+    return number
 
 
 def parse_int(value: str | int, what: str, *, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
-    """An integer within 64 bits (and ``minimum``), or InvalidInput naming ``what``."""
-    if isinstance(value, bool):
-        raise InvalidInput(f"{what} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        number = value
-    else:
-        text = str(value).strip()
-        if not _INTEGER.fullmatch(text):
-            raise InvalidInput(f"{what} must be a whole number, got {value!r}")
-        number = int(text)
-    if abs(number) > maximum:
-        raise InvalidInput(f"{what} is too large: {value} is beyond {maximum}")
-    if minimum is not None and number < minimum:
-        if minimum == 1:
-            raise InvalidInput(f"{what} must be at least 1, got {number}")
-        raise InvalidInput(f"{what} must be at least {minimum}, got {number}")
+    """An integer within 64 bits (or ``maximum``) and ``minimum``, or InvalidInput naming ``what``."""
+    number = integer_problem(value, what, minimum=minimum, maximum=maximum)
+    if isinstance(number, str):
+        raise InvalidInput(number)
     return number
 
 
 def parse_amount(value: str | Decimal, what: str = "amount") -> Decimal:
-    """A positive, finite decimal amount of money."""
-    try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise InvalidInput(f"{what} must be a decimal number such as 129.90, got {value!r}") from None
-    if not amount.is_finite():
-        raise InvalidInput(f"{what} must be a finite number, got {value!r}")
+    """A positive amount of money: ASCII digits with at most two decimals (129.90)."""
+    text = value.strip(ID_SPACES) if isinstance(value, str) else None
+    if isinstance(value, Decimal) and value.is_finite():
+        text = f"{value:f}"
+    if text is None or not _AMOUNT.fullmatch(text):
+        raise InvalidInput(
+            f"{what} must be a decimal number such as 129.90 (ASCII digits, at most two decimals), "
+            f"got {printable(value)}"
+        )
+    if len(text.split(".")[0].lstrip("0")) > AMOUNT_MAX_DIGITS:
+        raise InvalidInput(
+            f"{what} is too large: {text} (at most {AMOUNT_MAX_DIGITS} digits before the point)"
+        )
+    amount = Decimal(text)
     if amount <= 0:
-        raise InvalidInput(f"{what} must be greater than 0, got {value}")
-    if amount.adjusted() > 15:
-        raise InvalidInput(f"{what} is too large: {value}")
+        raise InvalidInput(f"{what} must be greater than 0, got {text}")
     return amount
 
 
@@ -55,14 +228,7 @@ def points_for(amount: Decimal, rate: Decimal) -> int:
     return points
 
 
-def require_text(value: str | None, what: str) -> str:
-    text = (value or "").strip()
-    if not text:
-        raise InvalidInput(f"{what} must not be empty")
-    return text
-
-
-_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
+_DURATION = re.compile(r"([0-9]+)\s*(s|m|h|d|w)")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -72,8 +238,8 @@ def parse_duration(value: str, what: str = "duration"):
 
     text = str(value).strip().lower().replace(" ", "")
     parts = _DURATION.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        raise InvalidInput(f"{what} must look like 30d, 12h, 90m, 45s or 2w, got {value!r}")
+    if not text or "".join(n + u for n, u in parts) != text or len(text) > 40:
+        raise InvalidInput(f"{what} must look like 30d, 12h, 90m, 45s or 2w, got {printable(value)}")
     seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
     if seconds > 100 * 365 * 86400:
         raise InvalidInput(f"{what} is too long: {value}")
