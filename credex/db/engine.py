@@ -14,7 +14,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from sqlmodel import Session, create_engine
 
 from credex.db import HEAD_REVISION
-from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, redact
+from credex.errors import (
+    AppendOnly,
+    CredexError,
+    InvalidInput,
+    NotMigrated,
+    PermissionDenied,
+    Unavailable,
+    redact,
+)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_CONNECT_TIMEOUT_S = 5
@@ -210,10 +218,33 @@ def unavailable(url: str, error: BaseException) -> Unavailable:
     return Unavailable(f"cannot use the database {display_url(url)}: {redact(detail)}")
 
 
+# The append-only triggers of migration 0008: Postgres raises this SQLSTATE; SQLite's RAISE(ABORT)
+# in a trigger is SQLITE_CONSTRAINT_TRIGGER. Postgres's own "permission denied" is 42501.
+_PG_APPEND_ONLY, _PG_PERMISSION_DENIED = "CX001", "42501"
+_SQLITE_CONSTRAINT_TRIGGER = 1811
+
+
+def _refusal(error: BaseException) -> CredexError | None:
+    """The database refusing on principle (an append-only table, a role's missing privilege)."""
+    orig = getattr(error, "orig", None) or error
+    first_line = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    state = getattr(orig, "sqlstate", None)
+    if state == _PG_APPEND_ONLY or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CONSTRAINT_TRIGGER:
+        return AppendOnly(f"refused by the database: {redact(first_line)}")
+    if state == _PG_PERMISSION_DENIED:
+        return PermissionDenied(
+            f"refused by the database: {redact(first_line)} "
+            "(the role this command connects as lacks the privilege: see `credex db roles`)"
+        )
+    return None
+
+
 def translate_db_error(error: BaseException) -> CredexError | None:
     """A known database failure as a user-facing error, or None."""
     if isinstance(error, CredexError):
         return error
+    if isinstance(error, DBAPIError) and (refused := _refusal(error)) is not None:
+        return refused
     if isinstance(error, DBAPIError) and is_connection_error(error):
         orig = getattr(error, "orig", error)
         return Unavailable(f"cannot use the database: {redact(str(orig).strip().splitlines()[0])}")
