@@ -72,8 +72,8 @@ POINTS_CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "account.lots",  # the available lots hold the balance, the pending lots the pending points
-        "SELECT a.user_id AS id, a.balance AS expected_balance, a.pending AS expected_pending, "
-        "coalesce(l.available, 0) AS found_balance, coalesce(l.pending, 0) AS found_pending "
+        "SELECT a.user_id AS id, coalesce(l.available, 0) AS expected_balance, "
+        "coalesce(l.pending, 0) AS expected_pending, a.balance AS found_balance, a.pending AS found_pending "
         "FROM account a LEFT JOIN ("
         f"SELECT user_id, {_SUM.format(_IN_STATE.format('available'))} AS available, "
         f"{_SUM.format(_IN_STATE.format('pending'))} AS pending "
