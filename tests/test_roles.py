@@ -255,6 +255,9 @@ def test_each_process_runs_its_commands_with_its_own_role(pg, rabbit, tmp_path):
     ]
     ok(cli(support, "account", "history", "u1"))
     ok(cli(support, "redeem", "list", "--json"))
+    ok(cli(support, "award", "refund", "u2", "--order", "o-1", "--refund", "rf-1", "--amount", "10"))
+    ok(cli(support, "award", "settle"))
+    ok(cli(support, "award", "expire"))
 
     with running_sandbox() as sandbox:
         pipeline = Pipeline(pg, rabbit, sandbox, tmp_path)
@@ -270,6 +273,8 @@ def test_each_process_runs_its_commands_with_its_own_role(pg, rabbit, tmp_path):
             assert json.loads(run(relay, "relay", "run", "--once", "--json").stdout)["confirmed"] == 2
             run(relay, "relay", "status")
             run(relay, "relay", "retry", "--dead")
+            run(relay, "relay", "list", "--state", "confirmed")
+            run(relay, "relay", "purge", "--confirmed-before", "30d")
             run(warehouse, "warehouse", "list")
             tracked = json.loads(run(support, "track", str(ids[0]), "--json").stdout)
             assert tracked["status"] == "info_received"
