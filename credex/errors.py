@@ -82,6 +82,13 @@ class PermissionDenied(RuleViolation):
     code = "permission_denied"
 
 
+class QueueTypeMismatch(RuleViolation):
+    """A queue exists on the broker with another type than credex declares (a classic queue left
+    by an older version where credex wants a quorum queue): reconnecting cannot fix it."""
+
+    code = "queue_type_mismatch"
+
+
 class Unavailable(CredexError):
     """A service (database, broker, carrier API) could not be reached."""
 

@@ -180,7 +180,7 @@ class Worker(Generic[R]):
                 self.log.warning("%s; trying again", error.message)
                 continue
             self.report.reconnects += 1
-            self.log.info("reconnected to the broker")
+            self.log.info("reconnected to the broker: %s connected to %s", self, self.broker.where)
             return
 
     def pause(self, seconds: float) -> None:

@@ -8,12 +8,16 @@
 Muting keeps every connection open and passes what the client sends (the broker stores the
 messages), but swallows what comes back: publisher confirms that stop arriving, as a one-way
 network partition makes them. Connections opened later pass both ways.
+
+``cut()`` makes the service unreachable, as a host that went down: the connections open now are
+reset and new ones are closed as soon as they arrive, until ``restore()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 
 
@@ -25,6 +29,8 @@ class FaultyProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
         self._closed = False
+        self._down = threading.Event()
+        self.refused = 0  # connections closed on arrival while cut
         self.swallowed = 0  # bytes of answers that never reached the client
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
@@ -47,6 +53,23 @@ class FaultyProxy:
                 muted.set()
             return len(self._pairs)
 
+    def cut(self) -> int:
+        """The service is gone from now on: every open connection is reset, new ones are closed
+        on arrival. Returns how many connections were open."""
+        self._down.set()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, server, _muted in pairs:
+            for end in (client, server):
+                with contextlib.suppress(OSError):
+                    end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    end.close()
+        return len(pairs)
+
+    def restore(self) -> None:
+        """The service is reachable again (for connections opened from now on)."""
+        self._down.clear()
+
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(OSError):
@@ -64,6 +87,10 @@ class FaultyProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._down.is_set():
+                self.refused += 1
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=10)
                 server.settimeout(None)

@@ -236,3 +236,96 @@ def test_declaring_a_queue_again_with_another_type_is_refused(
         channel = connection.channel()
         channel.queue_declare(queue, durable=True, arguments=first)
         channel.queue_delete(queue)
+
+
+# --- credex on the cluster ----------------------------------------------------------------------
+
+
+class ClusterBroker:
+    """What tests.pipeline.Pipeline needs of a broker: the environment that points credex at the
+    cluster (every node's URL, first the one a worker should take) under a prefix of its own."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        from credex.relay.topology import Names
+
+        self.prefix = f"t{uuid.uuid4().hex[:10]}."
+        self.names = Names(self.prefix)
+        self.urls = cluster.urls
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.env_for(1)
+
+    def env_for(self, node: int) -> dict[str, str]:
+        """The URLs starting with ``node``'s, then the others in order."""
+        first = node - 1
+        ordered = self.urls[first:] + self.urls[:first]
+        return {"CREDEX_AMQP_URL": ",".join(ordered), "CREDEX_AMQP_PREFIX": self.prefix}
+
+
+def node_of(log: str, cluster: Cluster) -> list[int]:
+    """The nodes a worker's log says it connected to, in order."""
+    ports = {url.rsplit(":", 1)[1].split("/", 1)[0]: n for n, url in enumerate(cluster.urls, 1)}
+    found = []
+    for line in log.splitlines():
+        if " connected to " in line:
+            port = line.split(" connected to ", 1)[1].split(":", 2)[2].split("/", 1)[0]
+            found.append(ports[port])
+    return found
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_credex_ships_everything_once_while_the_node_leading_its_queue_is_killed(
+    cluster: Cluster, db_url: str, credex, tmp_path: Path
+) -> None:
+    from tests.pipeline import Pipeline, check_shipped_exactly_once
+    from tests.sandbox import running_sandbox
+
+    broker = ClusterBroker(cluster)
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10")
+    credex("award", "grant", "u1", "100000", "--reason", "opening", "--ref", "open-u1")
+
+    def redeem(count: int) -> None:
+        for i in range(count):
+            result = credex("redeem", "create", "u1", "MUG", "--address", f"{i} High St", "--json")
+            assert result.exit_code == 0, result.stderr
+
+    with running_sandbox() as sandbox:
+        pipeline = Pipeline(db_url, broker, sandbox, tmp_path)
+        try:
+            # Two relays and two warehouses, each starting on another node.
+            workers = [
+                pipeline.relay(env=broker.env_for(1)),
+                pipeline.relay(env=broker.env_for(2)),
+                pipeline.warehouse(env=broker.env_for(3)),
+                pipeline.warehouse(env=broker.env_for(2)),
+            ]
+            for worker in workers:
+                pipeline.wait_ready(worker)
+            assert [node_of(pipeline.log(w), cluster)[0] for w in workers] == [1, 2, 3, 2]
+            redeem(10)
+            pipeline.wait_all_confirmed(10, timeout=120)
+
+            # The node leading the warehouse queue dies (SIGKILL) while redemptions keep coming.
+            queue = broker.names.warehouse_queue
+            leader = wait_for(lambda: cluster.leader(queue), timeout=60, interval=0.5, what="a leader")
+            redeem(5)
+            cluster.check("kill", str(leader), timeout=60)
+            redeem(10)
+            pipeline.wait_all_confirmed(25, timeout=180)
+
+            # It comes back later; the work goes on.
+            cluster.check("start-node", str(leader))
+            redeem(5)
+            pipeline.wait_all_confirmed(30, timeout=180)
+
+            assert all(w.poll() is None for w in workers), "no worker needed a restart"
+            moved = [w for w in workers if node_of(pipeline.log(w), cluster)[0] == leader]
+            for worker in moved:  # those on the killed node went on through another one
+                nodes = node_of(pipeline.log(worker), cluster)
+                assert len(nodes) >= 2 and nodes[-1] != leader, pipeline.log(worker)
+            exits = [pipeline.stop(worker)[0] for worker in workers]
+            assert exits == [0, 0, 0, 0], [pipeline.log(w) for w in workers]
+            check_shipped_exactly_once(pipeline, 30)
+        finally:
+            pipeline.close()

@@ -14,7 +14,7 @@ from credex.amqp.confirms import Outgoing, PublisherConfirms
 from credex.amqp.connection import RPC_TIMEOUT_S, BrokerLost, Connection
 from credex.amqp.params import CONNECT_TIMEOUT_S, display_amqp_url
 from credex.amqp.topology import Topology, declare
-from credex.errors import Unavailable
+from credex.errors import QueueTypeMismatch, Unavailable
 
 
 @dataclass
@@ -46,8 +46,8 @@ class Broker:
 
     @property
     def where(self) -> str:
-        """The broker's URL as it may be shown (no password)."""
-        return display_amqp_url(self.url)
+        """The URL of the node connected to (or tried last) as it may be shown (no password)."""
+        return display_amqp_url(self._connection.url)
 
     # --- connecting ---------------------------------------------------------------------------
 
@@ -71,8 +71,11 @@ class Broker:
                 )
             )
         except BrokerLost as error:
+            refused = connection.refused
             connection.close()
-            raise Unavailable(f"cannot reach the broker {self.where}: {error}") from None
+            if refused is not None and refused.reply_code == 406 and "x-queue-type" in refused.reply_text:
+                raise queue_type_mismatch(refused.reply_text) from None
+            raise Unavailable(f"cannot reach the broker {display_amqp_url(self.url)}: {error}") from None
         self._confirms = confirms
 
     def close(self) -> None:
@@ -164,3 +167,15 @@ class Broker:
         if connection.lost:
             confirms.fail_in_flight(connection.lost)
         return confirms.take(message_ids, connection.lost or "not published")
+
+
+def queue_type_mismatch(reply_text: str) -> QueueTypeMismatch:
+    """The broker's 406 on declaring a queue of another type than the existing one, with the way
+    out (docs/cluster.md): RabbitMQ cannot change a queue's type, so the old queue must go."""
+    queue = reply_text.split("for queue '", 1)[-1].split("'", 1)[0] if "for queue '" in reply_text else "?"
+    return QueueTypeMismatch(
+        f"the queue {queue!r} exists on the broker with another type than credex declares "
+        f"(credex's queues are quorum queues; an older version declared classic ones): stop the "
+        f"workers, let the relay and the warehouse drain it, delete it (`rabbitmqctl delete_queue "
+        f"{queue}`) and start them again (broker: {reply_text})"
+    )

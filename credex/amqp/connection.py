@@ -18,7 +18,13 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from credex.amqp.params import CONNECT_TIMEOUT_S, connection_parameters, describe
+from credex.amqp.params import (
+    CONNECT_TIMEOUT_S,
+    connection_parameters,
+    describe,
+    display_amqp_url,
+    split_urls,
+)
 
 log = logging.getLogger("credex.amqp")
 
@@ -28,6 +34,16 @@ _WRITE_CHUNK = 256 * 1024  # corked frames leave in writes of at most this many 
 
 class BrokerLost(Exception):
     """The connection or the channel went away; a worker reconnects."""
+
+
+class BrokerRefused(Exception):
+    """The broker closed the channel refusing what was asked (``reply_code``, ``reply_text``):
+    asking again gets the same answer, so reconnecting would not help."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"{reply_code} {reply_text}")
+        self.reply_code = reply_code
+        self.reply_text = reply_text
 
 
 class _SelectConnection(pika.SelectConnection):
@@ -62,11 +78,18 @@ class _SelectConnection(pika.SelectConnection):
 
 class Connection:
     """A SelectConnection with one channel. Every failure, whenever pika reports it, is kept as
-    ``lost`` (the first reason wins) and ends any wait at once."""
+    ``lost`` (the first reason wins) and ends any wait at once.
+
+    ``url`` may name several nodes of a cluster, comma-separated: ``open()`` connects to the first
+    that answers, and after a loss starts with the node after the one that was lost, so a worker
+    moves to a surviving node instead of waiting for the dead one."""
 
     def __init__(self, url: str, *, name: str) -> None:
-        self.url = url
+        self.urls = split_urls(url)
+        self.url = self.urls[0]  # the node connected to (or tried last)
+        self._first = 0  # where the next open() starts
         self.name = name
+        self.refused: BrokerRefused | None = None  # the broker's 4xx closing the channel
         self.channel: Any = None
         self._connection: _SelectConnection | None = None
         self._lost: str | None = None
@@ -88,9 +111,25 @@ class Connection:
     # --- connecting ---------------------------------------------------------------------------
 
     def open(self, timeout: float = CONNECT_TIMEOUT_S) -> Any:
-        """Connect and open the channel; returns the channel. Raises BrokerLost (closing what was
-        opened) when the broker cannot be reached in ``timeout``."""
+        """Connect to the first node that answers (each given ``timeout``) and open the channel;
+        returns the channel. Raises BrokerLost (closing what was opened) when none answers."""
+        count = len(self.urls)
+        reasons = []
+        for step in range(count):
+            index = (self._first + step) % count
+            self.url = self.urls[index]
+            try:
+                channel = self._open_one(timeout)
+            except BrokerLost as error:
+                reasons.append(f"{display_amqp_url(self.url)}: {error}" if count > 1 else str(error))
+                continue
+            self._first = (index + 1) % count if count > 1 else 0  # after a loss: the next node
+            return channel
+        raise BrokerLost("; ".join(reasons) if count > 1 else reasons[0])
+
+    def _open_one(self, timeout: float) -> Any:
         self._lost = None
+        self.refused = None
         params = connection_parameters(self.url, name=self.name, timeout=timeout)
         opened: list = []
 
@@ -138,8 +177,10 @@ class Connection:
     def _on_channel_closed(self, _channel, reason) -> None:
         if isinstance(reason, pika.exceptions.ChannelClosedByClient):
             self.poke(force=True)
-        else:
-            self.lose(f"channel closed: {describe(reason)}")
+            return
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and 400 <= reason.reply_code < 500:
+            self.refused = BrokerRefused(reason.reply_code, reason.reply_text)
+        self.lose(f"channel closed: {describe(reason)}")
 
     # --- the I/O loop, turned while we wait ---------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Where the broker is: connection parameters from its URL, the URL as it may be shown (never with
-its password), and pika's own logging kept quiet."""
+"""Where the broker is: connection parameters from its URL, the URLs of a cluster's nodes (several,
+comma-separated), the URL as it may be shown (never with its password), and pika's own logging
+kept quiet."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from credex.errors import Unavailable, redact
 CONNECT_TIMEOUT_S = 10.0
 HEARTBEAT_S = 30
 BLOCKED_CONNECTION_TIMEOUT_S = 60
+
+
+def split_urls(url: str) -> list[str]:
+    """The nodes' URLs in the order given: ``CREDEX_AMQP_URL`` may name several nodes of one
+    cluster, comma-separated (a comma never appears unescaped in an AMQP URL)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise Unavailable("no broker URL: set CREDEX_AMQP_URL")
+    return urls
 
 
 def connection_parameters(url: str, *, name: str, timeout: float = CONNECT_TIMEOUT_S) -> pika.URLParameters:
@@ -31,7 +41,9 @@ def connection_parameters(url: str, *, name: str, timeout: float = CONNECT_TIMEO
 
 
 def display_amqp_url(url: str) -> str:
-    """The broker URL as it may be shown: never with its password."""
+    """The broker URL (or the comma-separated URLs) as it may be shown: never with a password."""
+    if "," in url:
+        return ",".join(display_amqp_url(part) for part in split_urls(url))
     try:
         params = pika.URLParameters(url)
     except Exception:

@@ -39,6 +39,6 @@ class Names:
             exchange=self.exchange,
             queues=(
                 Queue(self.warehouse_queue, (REDEMPTION_CREATED,), {"x-queue-type": "quorum"}),
-                Queue(self.confirmations_queue, (SHIPMENT_REQUESTED,)),
+                Queue(self.confirmations_queue, (SHIPMENT_REQUESTED,), {"x-queue-type": "quorum"}),
             ),
         )
