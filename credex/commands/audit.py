@@ -58,16 +58,25 @@ def _print_json(audit) -> int:
 
 
 def _print_table(audit) -> int:
+    """The first violations as a table, a count per check, and what was checked."""
     from collections import Counter
 
-    from credex.output import _console, print_record, print_rows
+    from credex.output import emit
 
     shown, per_check = [], Counter()
     for violation in audit.violations():
         per_check[violation.check] += 1
         if len(shown) < SHOWN:
             shown.append({k: _text(v) for k, v in violation.to_json().items()})
-    console = _console()
+    emit(
+        (shown, per_check), as_json=False, render=lambda console, _: _render(console, audit, shown, per_check)
+    )
+    return sum(per_check.values())
+
+
+def _render(console, audit, shown: list[dict], per_check) -> None:
+    from credex.output import print_record, print_rows
+
     found = sum(per_check.values())
     if found:
         print_rows(console, shown, title=f"{found} violation(s)")
@@ -79,7 +88,6 @@ def _print_table(audit) -> int:
     print_record(console, audit.checked, title="checked")
     if audit.skipped:
         console.print(f"skipped (their tables are not in this schema): {', '.join(audit.skipped)}")
-    return found
 
 
 def _text(value) -> str:
