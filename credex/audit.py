@@ -33,6 +33,10 @@ class Check(NamedTuple):
     name: str
     sql: str
     needs: tuple[str, ...] = ()  # tables it reads that an older schema may not have
+    sqlite: str | None = None  # the query on SQLite, where it must differ
+
+    def query(self, dialect: str) -> str:
+        return self.sqlite if dialect == "sqlite" and self.sqlite else self.sql
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,16 @@ _IN_STATE = "CASE WHEN state = '{0}' THEN remaining ELSE 0 END"
 _REDEMPTION_REF = "CAST(r.id AS VARCHAR(32))"  # a redemption's ledger entries carry its id as ref
 
 POINTS_CHECKS: tuple[Check, ...] = (
+    Check(
+        "ledger.append_only",  # the triggers of migration 0008 are there, and on
+        "SELECT 'ledger_entry' AS id, 'UPDATE and DELETE refused' AS expected, "
+        "'no enabled append-only trigger' AS found WHERE NOT EXISTS (SELECT 1 FROM pg_trigger "
+        "WHERE tgrelid = CAST('ledger_entry' AS regclass) AND tgname = 'ledger_entry_append_only' "
+        "AND tgenabled <> 'D')",
+        sqlite="SELECT 'ledger_entry' AS id, 'UPDATE and DELETE refused' AS expected, "
+        "'no append-only trigger' AS found WHERE (SELECT count(*) FROM sqlite_master WHERE type = 'trigger' "
+        "AND name IN ('ledger_entry_no_update', 'ledger_entry_no_delete')) < 2",
+    ),
     Check(
         "account.nonnegative",
         "SELECT user_id AS id, 0 AS expected_at_least, balance AS found_balance, pending AS found_pending, "
@@ -215,7 +229,8 @@ class Audit:
                 self.skipped.append(check.name)
                 continue
             self._ran += 1
-            for row in connection.execute(text(check.sql), execution_options=STREAM):
+            sql = check.query(connection.dialect.name)
+            for row in connection.execute(text(sql), execution_options=STREAM):
                 yield violation(check.name, row._mapping)
 
 

@@ -149,6 +149,14 @@ def test_a_ledger_entry_edited_with_the_trigger_disabled_is_found(shop, audit, d
         }
     ]
 
+    # A guard left off is reported too.
+    if backend == "postgres":
+        execute(db_url, "ALTER TABLE ledger_entry DISABLE TRIGGER ledger_entry_append_only")
+    else:
+        execute(db_url, "DROP TRIGGER ledger_entry_no_delete")
+    code, report = audit()
+    assert found(report) == {("account.ledger", "u2"), ("ledger.append_only", "ledger_entry")}
+
 
 @pytest.mark.breaks_invariants
 def test_a_balance_changed_by_hand_disagrees_with_its_ledger_and_its_lots(shop, audit, db_url):
