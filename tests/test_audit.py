@@ -349,3 +349,33 @@ def test_after_a_real_pipeline_run_to_a_separate_warehouse_everything_verifies(
     assert report["violations"] == []
     assert report["checked"]["redemptions"] == report["checked"]["redemptions_with_shipments"] == 4
     assert scalar(db_url, "SELECT count(*) FROM shipment_request") == 0  # all in the warehouse's own
+
+
+@pytest.mark.breaks_invariants
+def test_a_refund_recorded_twice_is_found(shop, audit, db_url, backend):
+    if backend == "sqlite":
+        pytest.skip("SQLite cannot drop the unique (kind, ref) that makes a second refund impossible")
+    execute(
+        db_url,
+        "ALTER TABLE ledger_entry DROP CONSTRAINT uq_ledger_entry_kind_ref",
+        "UPDATE redemption SET status = 'cancelled' WHERE id = :rid",
+        *(
+            "INSERT INTO ledger_entry (user_id, kind, ref, points, balance, operator, created_at, "
+            f"pending, debt) VALUES ('u2', 'redemption_refund', :ref, 10, {balance}, 'tester', now(), 0, 0)"
+            for balance in (100, 110)
+        ),
+        "UPDATE account SET balance = 110 WHERE user_id = 'u2'",
+        rid=shop[2],
+        ref=str(shop[2]),
+    )
+    code, report = audit()
+    assert code == 1
+    refunds = [v for v in report["violations"] if v["check"] == "redemption.refund_once"]
+    assert refunds == [
+        {
+            "check": "redemption.refund_once",
+            "ids": [shop[2]],
+            "expected": {"refunds": 1, "points": 10},
+            "found": {"status": "cancelled", "refunds": 2, "points": 20},
+        }
+    ]
