@@ -64,10 +64,10 @@ def roles(
     for url in urls:
         engine = ensure_schema(url)
         try:
-            with engine.begin() as connection:
+            with engine.connect() as connection:  # left without a commit, --print-sql changes nothing
                 statements = roles_sql(connection) if print_sql else refresh_roles(connection)
-                if print_sql:
-                    connection.rollback()
+                if not print_sql:
+                    connection.commit()
         except DBAPIError as error:
             if is_connection_error(error):
                 raise unavailable(url, error) from None
