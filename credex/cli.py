@@ -11,6 +11,7 @@ from typer.exceptions import TyperException
 
 from credex.commands import (
     account,
+    audit,
     award,
     catalog,
     db,
@@ -160,6 +161,7 @@ app.add_typer(relay.app, name="relay")
 app.add_typer(warehouse.app, name="warehouse")
 app.command("track")(track.track)
 app.add_typer(logistics.app, name="logistics")
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:

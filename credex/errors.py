@@ -70,6 +70,18 @@ class NotMigrated(RuleViolation):
     code = "not_migrated"
 
 
+class AppendOnly(RuleViolation):
+    """A ledger entry (or stock movement) cannot be changed or removed: a correction is a new entry."""
+
+    code = "append_only"
+
+
+class PermissionDenied(RuleViolation):
+    """The database role this process connects as may not do this (``credex db roles``)."""
+
+    code = "permission_denied"
+
+
 class QueueTypeMismatch(RuleViolation):
     """A queue exists on the broker with another type than credex declares (a classic queue left
     by an older version where credex wants a quorum queue): reconnecting cannot fix it."""

@@ -176,6 +176,7 @@ def check_invariants(
             "SELECT 'catalog_item', sku, NULL, NULL, name FROM catalog_item UNION ALL "
             "SELECT 'redemption', CAST(id AS VARCHAR(20)), operator, NULL, NULL FROM redemption",
         )
+        guards = _append_only_guards(connection)
     shipment_requests = []
     warehouse_url = warehouse_db_url or db_url
     with get_engine(warehouse_url).connect() as connection:
@@ -192,6 +193,8 @@ def check_invariants(
     _check_stock(bad, items, redemptions, book, stocks)
     _check_shipments(bad, redemptions, messages, shipment_requests, shipped)
     _check_input_rules(bad, accounts, entries, items, redemptions, texts)
+    for action in sorted({"UPDATE", "DELETE"} - guards):
+        bad("ledger.append_only", action, f"no trigger refuses {action} of ledger entries (migration 0008)")
     if violations:
         raise InvariantsBroken(violations)
     return {
@@ -212,6 +215,22 @@ def check_points_invariants(db_url: str) -> dict:
     """Every rule (``check_invariants``); the counts of redemptions and outbox messages."""
     totals = check_invariants(db_url)
     return {"redemptions": totals["redemptions"], "messages": totals["messages"]}
+
+
+def _append_only_guards(connection) -> set[str]:
+    """The statements a trigger refuses on ledger_entry: a migration that rebuilds the table (SQLite's
+    batch mode copies it) must put the append-only triggers back."""
+    if connection.dialect.name == "sqlite":
+        sql = "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ledger_entry'"
+    else:
+        sql = (
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+            "WHERE tgrelid = 'ledger_entry'::regclass AND NOT tgisinternal AND tgenabled <> 'D'"
+        )
+    found = " ".join(row[0].upper() for row in _rows(connection, sql))
+    return {
+        action for action in ("UPDATE", "DELETE") if f"BEFORE {action}" in found or f"OR {action}" in found
+    }
 
 
 def _has_table(connection, name: str) -> bool:

@@ -109,8 +109,8 @@ class Pipeline:
 
 
 def check_shipped_exactly_once(pipeline: Pipeline, redemptions: int) -> None:
-    """Every message confirmed; one shipment request and one waybill per redemption, and the
-    redemption shows the waybill its shipment request holds."""
+    """Every message confirmed; one shipment request and one waybill per redemption, the
+    redemption shows the waybill its shipment request holds, and `credex audit verify` agrees."""
     assert pipeline.scalar("SELECT count(*) FROM outbox_message WHERE state <> 'confirmed'") == 0
     assert pipeline.confirmed() == redemptions
     with get_engine(pipeline.db_url).connect() as connection:
@@ -128,6 +128,8 @@ def check_shipped_exactly_once(pipeline: Pipeline, redemptions: int) -> None:
         "the carrier issued more than one waybill for a redemption"
     )
     assert {parcel["tracking_number"] for parcel in parcels} == set(shipped.values())
+    verified = pipeline.run("audit", "verify", "--json")  # what an operator would run afterwards
+    assert verified.returncode == 0, f"audit verify: {verified.stdout}{verified.stderr}"
 
 
 def close_connections(needle: str) -> int:

@@ -14,7 +14,17 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, Programm
 from sqlmodel import Session, create_engine
 
 from credex.db import HEAD_REVISION
-from credex.errors import CredexError, InvalidInput, NotMigrated, Unavailable, one_line, printable, redact
+from credex.errors import (
+    AppendOnly,
+    CredexError,
+    InvalidInput,
+    NotMigrated,
+    PermissionDenied,
+    Unavailable,
+    one_line,
+    printable,
+    redact,
+)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0  # CREDEX_SQLITE_BUSY_TIMEOUT overrides it
 POSTGRES_CONNECT_TIMEOUT_S = 5
@@ -267,6 +277,27 @@ def _first_line(error: BaseException) -> str:
     return redact(text.splitlines()[0]) if text else type(error).__name__
 
 
+# The append-only triggers of migration 0008: Postgres raises this SQLSTATE; SQLite's RAISE(ABORT)
+# in a trigger is SQLITE_CONSTRAINT_TRIGGER. Postgres's own "permission denied" is 42501.
+_PG_APPEND_ONLY, _PG_PERMISSION_DENIED = "CX001", "42501"
+_SQLITE_CONSTRAINT_TRIGGER = 1811
+
+
+def _refusal(error: BaseException) -> CredexError | None:
+    """The database refusing on principle (an append-only table, a role's missing privilege)."""
+    orig = getattr(error, "orig", None) or error
+    first_line = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    state = getattr(orig, "sqlstate", None)
+    if state == _PG_APPEND_ONLY or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CONSTRAINT_TRIGGER:
+        return AppendOnly(f"refused by the database: {redact(first_line)}")
+    if state == _PG_PERMISSION_DENIED:
+        return PermissionDenied(
+            f"refused by the database: {redact(first_line)} "
+            "(the role this command connects as lacks the privilege: see `credex db roles`)"
+        )
+    return None
+
+
 def translate_db_error(error: BaseException) -> CredexError | None:
     """A known database failure as a user-facing error, or None. Never the SQL or its values.
 
@@ -279,6 +310,8 @@ def translate_db_error(error: BaseException) -> CredexError | None:
     if not isinstance(error, DBAPIError):
         return None
     orig = getattr(error, "orig", None) or error
+    if (refused := _refusal(error)) is not None:
+        return refused
     if is_connection_error(error):
         return Unavailable(f"cannot use the database: {_first_line(orig)}")
     code = getattr(orig, "sqlite_errorcode", None)

@@ -1,0 +1,98 @@
+"""credex audit: check that points, outbox and warehouse agree (read-only)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from credex.commands._common import JsonOption, settings
+
+app = typer.Typer(help="Check every rule of the points program across both databases.", no_args_is_help=True)
+
+SHOWN = 200  # violations listed in the table; --json lists every one
+
+
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    warehouse_database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--warehouse-database-url",
+            help="Warehouse database (default: CREDEX_WAREHOUSE_DATABASE_URL, else the points database).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read both databases in one snapshot each and report every broken rule: exit 0 when
+    everything holds, 1 otherwise. Changes nothing."""
+    from credex.audit import Audit
+
+    s = settings(ctx)
+    audit = Audit(s.database_url, warehouse_database_url or s.warehouse_database_url)
+    found = _print_json(audit) if as_json else _print_table(audit)
+    if found:
+        raise typer.Exit(1)
+
+
+def _print_json(audit) -> int:
+    """The report as one JSON document, written as the violations stream out."""
+    from credex.output import to_json
+
+    out, found = sys.stdout, 0
+    violations = audit.violations()
+    first = next(violations, None)  # errors (an unmigrated database) come before any output
+    out.write('{"violations": [')
+    if first is not None:
+        out.write(to_json(first.to_json()))
+        found = 1
+        for violation in violations:
+            out.write(", " + to_json(violation.to_json()))
+            found += 1
+    out.write(f'], "checked": {to_json(audit.checked)}, "skipped": {to_json(audit.skipped)}}}\n')
+    out.flush()
+    return found
+
+
+def _print_table(audit) -> int:
+    """The first violations as a table, a count per check, and what was checked."""
+    from collections import Counter
+
+    from credex.output import emit
+
+    shown, per_check = [], Counter()
+    for violation in audit.violations():
+        per_check[violation.check] += 1
+        if len(shown) < SHOWN:
+            shown.append({k: _text(v) for k, v in violation.to_json().items()})
+    emit(
+        (shown, per_check), as_json=False, render=lambda console, _: _render(console, audit, shown, per_check)
+    )
+    return sum(per_check.values())
+
+
+def _render(console, audit, shown: list[dict], per_check) -> None:
+    from credex.output import print_record, print_rows
+
+    found = sum(per_check.values())
+    if found:
+        print_rows(console, shown, title=f"{found} violation(s)")
+        if found > SHOWN:
+            console.print(f"… and {found - SHOWN} more: --json lists every one")
+        print_record(console, dict(per_check.most_common()), title="by check")
+    else:
+        console.print("every rule holds")
+    print_record(console, audit.checked, title="checked")
+    if audit.skipped:
+        console.print(f"skipped (their tables are not in this schema): {', '.join(audit.skipped)}")
+
+
+def _text(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "-" if value is None else str(value)

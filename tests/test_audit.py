@@ -1,0 +1,381 @@
+"""`credex audit verify`: a shop whose points, outbox and warehouse agree verifies (exit 0); every
+kind of damage planted by hand is reported with the ids it concerns (exit 1), across a points
+database and a separate warehouse database, on SQLite and on Postgres. It never writes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from credex.db.engine import get_engine
+from credex.relay.outbox import Confirmation, record_confirmations
+from credex.warehouse.shipments import RedemptionMessage, open_shipment_requests, save_waybills
+from tests.conftest import make_postgres_database
+from tests.invariants import check_invariants
+from tests.pipeline import Pipeline, check_shipped_exactly_once
+from tests.sandbox import running_sandbox
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def warehouse_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest):
+    """A warehouse database of its own, on the same kind of server as the points database."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'warehouse.db'}"
+        return
+    url, drop = make_postgres_database(request.getfixturevalue("postgres_template"))
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def audit(credex, warehouse_url):
+    def run(*extra: str) -> tuple[int, dict]:
+        done = credex("audit", "verify", "--json", "--warehouse-database-url", warehouse_url, *extra)
+        assert done.stderr == "", done.stderr
+        return done.exit_code, done.json()
+
+    return run
+
+
+def execute(url: str, *statements: str, **params) -> None:
+    with get_engine(url).begin() as connection:
+        for statement in statements:
+            connection.execute(sa.text(statement), params)
+
+
+def scalar(url: str, sql: str):
+    with get_engine(url).connect() as connection:
+        return connection.execute(sa.text(sql)).scalar()
+
+
+def ship_by_hand(points_url: str, warehouse_url: str, redemption_ids: list[int]) -> dict[int, str]:
+    """What the warehouse and the relay do for each redemption, through their own functions:
+    a shipment request with a waybill, then the confirmation recorded. Returns id -> express no."""
+    from credex.db.engine import session_for
+
+    with get_engine(points_url).connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT id, message_id, user_id, sku, quantity, address FROM redemption WHERE id IN :ids"
+            ).bindparams(sa.bindparam("ids", expanding=True)),
+            {"ids": redemption_ids},
+        ).all()
+    messages = [RedemptionMessage(r.message_id, r.id, r.user_id, r.sku, r.quantity, r.address) for r in rows]
+    with session_for(warehouse_url, write=True) as session:
+        requests, _ = open_shipment_requests(session, messages, now=NOW)
+        saved = save_waybills(
+            session, [(row.id, "sandbox", f"SB{rid:010d}") for rid, row in requests.items()], now=NOW
+        )
+        session.commit()
+    with session_for(points_url, write=True) as session:
+        confirmations = [Confirmation(m.message_id, "sandbox", f"SB{m.redemption_id:010d}") for m in messages]
+        record_confirmations(session, confirmations, now=NOW)
+        session.commit()
+    return {row.redemption_id: row.express_no for row in saved.values()}
+
+
+@pytest.fixture
+def shop(credex, db_url, warehouse_url):
+    """Two shoppers, a gift with stock, three redemptions: the first two shipped, the third pending."""
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5").exit_code == 0
+    for user in ("u1", "u2"):
+        assert (
+            credex("award", "grant", user, "100", "--reason", "welcome", "--ref", f"w-{user}").exit_code == 0
+        )
+    ids = [
+        credex("redeem", "create", user, "MUG", "--address", "1 High St", "--json").json()["redemption_id"]
+        for user in ("u1", "u1", "u2")
+    ]
+    ship_by_hand(db_url, warehouse_url, ids[:2])
+    check_invariants(db_url, warehouse_db_url=warehouse_url, stocks={"MUG": 5})
+    return ids
+
+
+def found(report: dict) -> set[tuple]:
+    return {(v["check"], *v["ids"]) for v in report["violations"]}
+
+
+def test_a_shop_whose_records_agree_verifies_and_nothing_is_written(shop, audit, db_url, warehouse_url):
+    before = [scalar(url, "SELECT count(*) FROM shipment_request") for url in (db_url, warehouse_url)]
+    code, report = audit()
+    assert code == 0 and report["violations"] == []
+    checked = report["checked"]
+    assert checked["redemptions"] == 3 and checked["shipment_requests"] == 2
+    assert checked["redemptions_with_shipments"] == 2 and checked["accounts"] == 2
+    assert checked["ledger_entries"] == 5 and checked["outbox_messages"] == 3
+    assert report["skipped"] == ["stock.movements"]  # no stock movements in this schema yet
+    assert [scalar(url, "SELECT count(*) FROM shipment_request") for url in (db_url, warehouse_url)] == before
+
+
+def test_the_table_without_json_says_every_rule_holds(shop, credex, warehouse_url):
+    done = credex("audit", "verify", "--warehouse-database-url", warehouse_url)
+    assert done.exit_code == 0, done.stderr
+    assert "every rule holds" in done.stdout and "redemptions" in done.stdout
+
+
+@pytest.mark.breaks_invariants
+def test_a_ledger_entry_edited_with_the_trigger_disabled_is_found(shop, audit, db_url, backend):
+    if backend == "postgres":
+        execute(
+            db_url,
+            "ALTER TABLE ledger_entry DISABLE TRIGGER ledger_entry_append_only",
+            "UPDATE ledger_entry SET points = points + 7 WHERE ref = 'w-u2'",
+            "ALTER TABLE ledger_entry ENABLE TRIGGER ledger_entry_append_only",
+        )
+    else:  # SQLite cannot disable a trigger: drop it and put it back
+        sql = scalar(db_url, "SELECT sql FROM sqlite_master WHERE name = 'ledger_entry_no_update'")
+        execute(
+            db_url,
+            "DROP TRIGGER ledger_entry_no_update",
+            "UPDATE ledger_entry SET points = points + 7 WHERE ref = 'w-u2'",
+            sql,
+        )
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [
+        {
+            "check": "account.ledger",
+            "ids": ["u2"],
+            "expected": {"balance": 97, "pending": 0, "debt": 0},
+            "found": {"balance": 90, "pending": 0, "debt": 0},
+        }
+    ]
+
+    # A guard left off is reported too.
+    if backend == "postgres":
+        execute(db_url, "ALTER TABLE ledger_entry DISABLE TRIGGER ledger_entry_append_only")
+    else:
+        execute(db_url, "DROP TRIGGER ledger_entry_no_delete")
+    code, report = audit()
+    assert found(report) == {("account.ledger", "u2"), ("ledger.append_only", "ledger_entry")}
+
+
+@pytest.mark.breaks_invariants
+def test_a_balance_changed_by_hand_disagrees_with_its_ledger_and_its_lots(shop, audit, db_url):
+    execute(db_url, "UPDATE account SET balance = balance + 5 WHERE user_id = 'u1'")
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("account.ledger", "u1"), ("account.lots", "u1")}
+
+
+@pytest.mark.breaks_invariants
+def test_a_lot_sum_off_is_found_on_the_account_and_the_lot(shop, audit, db_url):
+    lot = scalar(db_url, "SELECT id FROM point_lot WHERE user_id = 'u2'")
+    execute(db_url, "UPDATE point_lot SET remaining = remaining - 3 WHERE id = :lot", lot=lot)
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("account.lots", "u2"), ("lot.uses", lot)}
+    lots = next(v for v in report["violations"] if v["check"] == "account.lots")
+    assert lots["expected"] == {"balance": 87, "pending": 0}  # what the lots hold
+    assert lots["found"] == {"balance": 90, "pending": 0}  # what the account says
+
+
+@pytest.mark.breaks_invariants
+def test_a_pending_redemption_without_its_outbox_message_is_found(shop, audit, db_url):
+    pending = shop[2]
+    execute(db_url, "DELETE FROM outbox_message WHERE redemption_id = :rid", rid=pending)
+    # A shipped redemption's message may be gone: `relay purge` deletes confirmed ones.
+    execute(db_url, "DELETE FROM outbox_message WHERE redemption_id = :rid", rid=shop[0])
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [
+        {"check": "redemption.message", "ids": [pending], "expected": 1, "found": 0}
+    ]
+
+
+@pytest.mark.breaks_invariants
+def test_a_shipment_for_a_redemption_the_points_side_never_made_is_found(shop, audit, warehouse_url):
+    execute(
+        warehouse_url,
+        "INSERT INTO shipment_request (type, redemption_id, message_id, sku, quantity, address, carrier, "
+        "express_no, created_at, updated_at) VALUES (2, 0, 'made-up', 'MUG', 1, 'Nowhere', 'sandbox', "
+        "'SB-MADE-UP', :now, :now)",
+        now=NOW.replace(tzinfo=None),
+    )
+    shipment = scalar(warehouse_url, "SELECT id FROM shipment_request WHERE redemption_id = 0")
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("shipment.unknown_redemption", 0, shipment)}
+
+
+@pytest.mark.breaks_invariants
+def test_a_second_shipment_in_the_warehouse_database_is_found(shop, audit, warehouse_url):
+    # An older warehouse schema without the UNIQUE redemption id, where a replay shipped twice.
+    execute(
+        warehouse_url,
+        "CREATE TABLE shipment_copy AS SELECT * FROM shipment_request",
+        "DROP TABLE shipment_request",
+        "ALTER TABLE shipment_copy RENAME TO shipment_request",
+        "INSERT INTO shipment_request (id, type, redemption_id, message_id, sku, quantity, address, "
+        "carrier, express_no, created_at, updated_at) SELECT id + 100, type, redemption_id, message_id, "
+        "sku, quantity, address, carrier, 'SB-AGAIN', created_at, updated_at FROM shipment_request "
+        "WHERE redemption_id = :rid",
+        rid=shop[0],
+    )
+    first = scalar(warehouse_url, f"SELECT min(id) FROM shipment_request WHERE redemption_id = {shop[0]}")
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("shipment.once", shop[0]), ("shipment.express_no", shop[0], first)}
+    again = next(v for v in report["violations"] if v["check"] == "shipment.express_no")
+    assert again["expected"] == f"SB{shop[0]:010d}" and set(again["found"]) == {
+        f"SB{shop[0]:010d}",
+        "SB-AGAIN",
+    }
+
+
+@pytest.mark.breaks_invariants
+def test_a_confirmed_redemption_whose_shipment_is_missing_or_differs_is_found(shop, audit, warehouse_url):
+    execute(warehouse_url, "DELETE FROM shipment_request WHERE redemption_id = :rid", rid=shop[0])
+    execute(
+        warehouse_url,
+        "UPDATE shipment_request SET express_no = 'SB-OTHER' WHERE redemption_id = :rid",
+        rid=shop[1],
+    )
+    second = scalar(warehouse_url, "SELECT id FROM shipment_request")
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("shipment.confirmed", shop[0]), ("shipment.express_no", shop[1], second)}
+
+
+# The redemption lifecycle's stock movements (id, sku, kind, delta, stock_after, ref, operator, at):
+# the check runs wherever the table exists.
+STOCK_MOVEMENT = (
+    "CREATE TABLE stock_movement (id INTEGER PRIMARY KEY, sku VARCHAR(64) NOT NULL, "
+    "kind VARCHAR(16) NOT NULL, delta BIGINT NOT NULL, stock_after BIGINT NOT NULL, ref VARCHAR(255), "
+    "operator VARCHAR(128) NOT NULL, at TIMESTAMP NOT NULL)"
+)
+
+
+@pytest.mark.breaks_invariants
+def test_stock_off_its_movements_or_below_zero_is_found(shop, audit, db_url, backend):
+    execute(db_url, STOCK_MOVEMENT)
+    movements = [
+        (1, "set", 5, 5, None),
+        (2, "redeem", -1, 4, "1"),
+        (3, "redeem", -1, 3, "2"),
+        (4, "redeem", -1, 2, "3"),
+    ]
+    for number, kind, delta, after, ref in movements:
+        execute(
+            db_url,
+            "INSERT INTO stock_movement VALUES (:n, 'MUG', :kind, :delta, :after, :ref, 'tester', :at)",
+            n=number,
+            kind=kind,
+            delta=delta,
+            after=after,
+            ref=ref,
+            at=NOW.replace(tzinfo=None),
+        )
+    code, report = audit()
+    assert (code, report["violations"], report["skipped"]) == (0, [], [])
+
+    execute(db_url, "UPDATE catalog_item SET stock = stock + 2 WHERE sku = 'MUG'")
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [{"check": "stock.movements", "ids": ["MUG"], "expected": 2, "found": 4}]
+
+    if backend == "postgres":
+        execute(db_url, "ALTER TABLE catalog_item DROP CONSTRAINT ck_catalog_item_stock_nonnegative")
+        execute(db_url, "UPDATE catalog_item SET stock = -1 WHERE sku = 'MUG'")
+    else:
+        with get_engine(db_url).connect() as connection:
+            connection.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+            connection.exec_driver_sql("UPDATE catalog_item SET stock = -1 WHERE sku = 'MUG'")
+            connection.commit()
+            connection.exec_driver_sql("PRAGMA ignore_check_constraints = OFF")
+    code, report = audit()
+    assert found(report) == {("catalog.stock_nonnegative", "MUG"), ("stock.movements", "MUG")}
+
+
+@pytest.mark.breaks_invariants
+def test_a_cancelled_redemption_without_its_refund_and_a_refund_of_a_live_one_are_found(shop, audit, db_url):
+    execute(db_url, "UPDATE redemption SET status = 'cancelled' WHERE id = :rid", rid=shop[2])
+    execute(
+        db_url,
+        "INSERT INTO ledger_entry (user_id, kind, ref, points, balance, operator, created_at, pending, debt) "
+        "VALUES ('u1', 'redemption_refund', :ref, 10, 90, 'tester', :now, 0, 0)",
+        ref=str(shop[1]),
+        now=NOW.replace(tzinfo=None),
+    )
+    code, report = audit()
+    assert code == 1
+    refunds = {v["ids"][0]: v for v in report["violations"] if v["check"] == "redemption.refund_once"}
+    assert refunds[shop[2]]["expected"] == {"refunds": 1, "points": 10}
+    assert refunds[shop[2]]["found"] == {"status": "cancelled", "refunds": 0, "points": 0}
+    assert refunds[shop[1]]["expected"] == {"refunds": 0, "points": 0}
+    assert refunds[shop[1]]["found"] == {"status": "shipping", "refunds": 1, "points": 10}
+
+
+def test_an_unmigrated_or_missing_database_is_refused_and_left_alone(credex, db_url, tmp_path, backend):
+    missing = f"sqlite:///{tmp_path / 'nowhere.db'}"
+    assert credex("award", "grant", "u1", "5", "--reason", "r").exit_code == 0  # the points side exists
+    done = credex("audit", "verify", "--json", "--warehouse-database-url", missing)
+    assert done.exit_code == 1 and json.loads(done.stderr)["error"]["code"] == "not_migrated"
+    assert not (tmp_path / "nowhere.db").exists()
+    done = credex("audit", "verify", "--warehouse-database-url", "mysql://x@y/z")
+    assert done.exit_code == 2 and done.stderr.startswith("error: unsupported database")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_after_a_real_pipeline_run_to_a_separate_warehouse_everything_verifies(
+    credex, db_url, warehouse_url, rabbit, tmp_path
+):
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "9").exit_code == 0
+    assert credex("award", "grant", "u1", "1000", "--reason", "welcome", "--ref", "w-1").exit_code == 0
+    for n in range(4):
+        assert credex("redeem", "create", "u1", "MUG", "--address", f"{n} High St").exit_code == 0
+    with running_sandbox() as sandbox:
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path, warehouse_db_url=warehouse_url)
+        try:
+            assert pipeline.run("db", "upgrade").returncode == 0
+            relay, warehouse = pipeline.relay(), pipeline.warehouse()
+            pipeline.wait_all_confirmed(4)
+            assert pipeline.stop(relay)[0] == 0 and pipeline.stop(warehouse)[0] == 0
+            check_shipped_exactly_once(pipeline, 4)
+            done = pipeline.run("audit", "verify", "--json")
+        finally:
+            pipeline.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["violations"] == []
+    assert report["checked"]["redemptions"] == report["checked"]["redemptions_with_shipments"] == 4
+    assert scalar(db_url, "SELECT count(*) FROM shipment_request") == 0  # all in the warehouse's own
+
+
+@pytest.mark.breaks_invariants
+def test_a_refund_recorded_twice_is_found(shop, audit, db_url, backend):
+    if backend == "sqlite":
+        pytest.skip("SQLite cannot drop the unique (kind, ref) that makes a second refund impossible")
+    execute(
+        db_url,
+        "ALTER TABLE ledger_entry DROP CONSTRAINT uq_ledger_entry_kind_ref",
+        "UPDATE redemption SET status = 'cancelled' WHERE id = :rid",
+        *(
+            "INSERT INTO ledger_entry (user_id, kind, ref, points, balance, operator, created_at, "
+            f"pending, debt) VALUES ('u2', 'redemption_refund', :ref, 10, {balance}, 'tester', now(), 0, 0)"
+            for balance in (100, 110)
+        ),
+        "UPDATE account SET balance = 110 WHERE user_id = 'u2'",
+        rid=shop[2],
+        ref=str(shop[2]),
+    )
+    code, report = audit()
+    assert code == 1
+    refunds = [v for v in report["violations"] if v["check"] == "redemption.refund_once"]
+    assert refunds == [
+        {
+            "check": "redemption.refund_once",
+            "ids": [shop[2]],
+            "expected": {"refunds": 1, "points": 10},
+            "found": {"status": "cancelled", "refunds": 2, "points": 20},
+        }
+    ]
