@@ -562,3 +562,64 @@ def test_the_invariant_checker_notices_a_stored_value_that_breaks_the_input_rule
     found = str(broken.value)
     assert "redemption address" in found or "address" in found
     assert "redemption operator" in found
+
+
+# Every command that takes input, each value replaceable by arbitrary text.
+TEMPLATES = [
+    ("catalog", "add", "{CAP}", "--name", "{Cap}", "--points", "{3}", "--stock", "{4}"),
+    ("catalog", "update", "{MUG}", "--name", "{Mug}", "--points", "{10}", "--stock", "{5}"),
+    ("award", "purchase", "{u1}", "--order", "{o-2}", "--amount", "{12.50}"),
+    ("award", "review", "{u1}", "--review", "{rv-1}"),
+    ("award", "grant", "--reason", "{why}", "--ref", "{g-1}", "--", "{u1}", "{5}"),
+    ("award", "refund", "{u1}", "--order", "{o-1}", "--refund", "{rf-1}", "--amount", "{10}"),
+    ("account", "show", "--", "{u1}"),
+    ("account", "history", "--limit", "{3}", "--", "{u1}"),
+    (
+        "redeem",
+        "create",
+        "--address",
+        "{1 High St}",
+        "--quantity",
+        "{1}",
+        "--request-id",
+        "{rq-1}",
+        "--",
+        "{u1}",
+        "{MUG}",
+    ),
+    ("redeem", "show", "--", "{1}"),
+    ("redeem", "list", "--user", "{u1}", "--status", "{pending}", "--limit", "{5}"),
+    ("relay", "list", "--state", "{pending}", "--limit", "{5}"),
+    ("relay", "retry", "--", "{00000000-0000-0000-0000-000000000000}"),
+    ("relay", "purge", "--confirmed-before", "{30d}", "--dry-run"),
+    ("warehouse", "list", "--limit", "{5}"),
+    ("--operator", "{alice}", "award", "grant", "--reason", "{why}", "--", "{u1}", "{1}"),
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    template=st.sampled_from(TEMPLATES),
+    values=st.lists(st.none() | ANY_TEXT, min_size=9, max_size=9),
+)
+def test_no_command_answers_arbitrary_values_with_exit_70(shop, credex, template, values):
+    """Each {slot} keeps its ordinary value (None) or takes arbitrary text; the answer is a code of
+    the contract and one line (or one JSON document) on stderr, never exit 70."""
+    replacements = iter(values)
+    args = []
+    for word in template:
+        if word.startswith("{") and word.endswith("}"):
+            chosen = next(replacements)
+            args.append(word[1:-1] if chosen is None else chosen)
+        else:
+            args.append(word)
+    if "--" in args:
+        at = args.index("--")
+        args[at:at] = ["--json"]
+    else:
+        args.append("--json")
+    result = credex(*args)
+    assert result.exit_code in (0, 1, 2, 3, 69), (args, result.stderr)
+    if result.exit_code:
+        error = json.loads(result.stderr)["error"]
+        assert error["code"] != "internal" and "\n" not in error["message"], error
