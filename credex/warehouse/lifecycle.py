@@ -227,20 +227,26 @@ class ShippingDesk:
                 return self._failed(message.message_id, self._read(row.id), outcome)
             waybill, got = outcome
             row = self._read(row.id)
-            if (
-                S(row.status) is S.waybill
-                and row.express_no == waybill.express_no
-                and row.carrier == waybill.carrier
-            ):
+            if self._keeps(row, waybill):
                 handled = self._requested(message.message_id, row)
                 return Handled(handled.outcome, handled.answer, waybill=got)
             if S(row.status) in OPEN:
                 continue  # moved back meanwhile: save it again
-            # Cancelled (or failed) while we asked: the waybill in hand must not stay live.
+            # Cancelled or failed while we asked: the waybill in hand must not stay live.
             if not self._void_stray(row, waybill):
                 return Handled("carrier_unreachable")
-            continue
+            if S(row.status) is S.failed:
+                return self._failed(message.message_id, row, row.reason or "refused by the carrier")
         return Handled("deferred")
+
+    @staticmethod
+    def _keeps(row, waybill: Waybill) -> bool:
+        """Whether the row keeps this waybill as its live one."""
+        return (
+            S(row.status) is S.waybill
+            and row.express_no == waybill.express_no
+            and row.carrier == waybill.carrier
+        )
 
     def _get_waybill(self, row, recipient: str | None):
         """Ask the carrier for the row's waybill and save it. Returns (waybill, got) when a waybill
@@ -331,7 +337,14 @@ class ShippingDesk:
                 continue
             if isinstance(outcome, Handled):
                 return outcome
-            row = self._read(row.id)  # waybill (cancelled next round), or moved on
+            waybill, _ = outcome
+            row = self._read(row.id)  # keeping it: cancelled at the carrier next round
+            if (
+                not self._keeps(row, waybill)
+                and S(row.status) not in OPEN
+                and not self._void_stray(row, waybill)
+            ):
+                return Handled("carrier_unreachable")
         return Handled("deferred")
 
     def _cancel_waybill(self, message: CancelMessage, row) -> Handled:
