@@ -104,3 +104,40 @@ def _answer_every_cancel(rabbit, heard: dict, cancels: dict, shipped: dict) -> N
         return not waiting and not unshipped
 
     wait_for(settled, timeout=90, interval=0.1, what="every cancel answered and every create confirmed")
+
+
+def test_a_consumer_killed_while_asking_the_carrier_leaves_nothing_live_for_a_cancel(
+    db_url, rabbit, tmp_path
+):
+    """SIGKILL while waybills are being asked for (rows `requesting`, messages unacked): the next
+    consumer gets the messages again, and every cancelled redemption ends without a live waybill."""
+    with running_sandbox("--slow-share", "1", "--slow-seconds", "1.5") as sandbox:
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
+        try:
+            first = pipeline.warehouse()
+            pipeline.wait_ready(first)
+            creates = {rid: created_body(rid) for rid in (1, 2, 3)}
+            for body in creates.values():
+                send(rabbit, body)
+            wait_for(
+                lambda: sandbox.requests()["by_route"].get("POST /v1/shipments", 0) >= 3,
+                timeout=30,
+                what="the carrier asked for every waybill",
+            )
+            cancels = {rid: cancel_body(rid) for rid in creates}
+            for body in cancels.values():
+                send(rabbit, body)
+            pipeline.kill(first)
+            assert "requesting" in {row["status"] for row in rows(db_url).values()}  # killed mid-call
+
+            second = pipeline.warehouse()
+            heard: dict[str, list] = {}
+            _answer_every_cancel(rabbit, heard, {rid: (creates[rid], c) for rid, c in cancels.items()}, {})
+            assert pipeline.stop(second)[0] == 0
+        finally:
+            pipeline.close()
+        assert sandbox.live_waybills() == []
+        assert len(sandbox.shipments()) == 3  # asked again with the same keys: no second waybill
+    for rid, cancel in cancels.items():
+        assert {body["outcome"] for _, body in heard[cancel["message_id"]]} == {"cancelled"}, rid
+    assert {row["status"] for row in rows(db_url).values()} == {"cancelled"}
