@@ -251,24 +251,44 @@ class Warehouse(Worker[WarehouseReport]):
     # --- on a shipping thread ---------------------------------------------------------------------
 
     def _ship(self, messages: list[Message]) -> list[Handled]:
-        """Each message through the row state machine: the redemptions CARRIER_CALLS at a time,
-        the messages of one redemption in the order they came. Every change is committed before
-        this returns; a database failure fails the batch (its messages are handled again)."""
+        """Each message through the row state machine. The first create of each redemption that
+        has only creates in the batch (the common case) goes in bulk: two transactions for the
+        lot and the carrier asked CARRIER_CALLS at a time. The rest (cancels, repeats) go one at
+        a time, the redemptions CARRIER_CALLS at a time, the messages of one redemption in the
+        order they came. Every change is committed before this returns; a database failure
+        fails the batch (its messages are handled again)."""
         by_redemption: dict[int, list[int]] = {}
         for index, message in enumerate(messages):
             by_redemption.setdefault(message.redemption_id, []).append(index)
         handled: list[Handled | None] = [None] * len(messages)
+        bulk = [
+            indexes[0]
+            for indexes in by_redemption.values()
+            if all(isinstance(messages[i], RedemptionMessage) for i in indexes)
+        ]
+        if bulk:
+            done = self._desk.created_many([messages[i] for i in bulk], self._run_all)
+            for index, outcome in zip(bulk, done, strict=True):
+                handled[index] = outcome
 
         def one_redemption(indexes: list[int]) -> None:
             for index in indexes:
-                handled[index] = self._handle(messages[index])
+                if handled[index] is None:
+                    handled[index] = self._handle(messages[index])
 
-        futures = [self._carrier_pool.submit(one_redemption, indexes) for indexes in by_redemption.values()]
+        rest = [indexes for indexes in by_redemption.values() if any(handled[i] is None for i in indexes)]
+        futures = [self._carrier_pool.submit(one_redemption, indexes) for indexes in rest]
         # Each carrier call is bounded by the carrier client (--carrier-timeout, retries included).
         concurrent.futures.wait(futures)
         for future in futures:
             future.result()  # the first failure (the database went away) fails the batch
         return handled  # type: ignore[return-value]
+
+    def _run_all(self, calls: list[Callable[[], object]]) -> list[object]:
+        """Run the carrier calls CARRIER_CALLS at a time: each one's result, or what it raised."""
+        futures = [self._carrier_pool.submit(call) for call in calls]
+        concurrent.futures.wait(futures)
+        return [future.exception() or future.result() for future in futures]
 
     def _handle(self, message: Message) -> Handled:
         if isinstance(message, CancelMessage):

@@ -225,19 +225,140 @@ class ShippingDesk:
                 return outcome
             if isinstance(outcome, str):  # a final refusal, kept on the row as `failed`
                 return self._failed(message.message_id, self._read(row.id), outcome)
-            waybill, got = outcome
+            waybill, _ = outcome
             row = self._read(row.id)
-            if self._keeps(row, waybill):
-                handled = self._requested(message.message_id, row)
-                return Handled(handled.outcome, handled.answer, waybill=got)
-            if S(row.status) in OPEN:
-                continue  # moved back meanwhile: save it again
-            # Cancelled or failed while we asked: the waybill in hand must not stay live.
-            if not self._void_stray(row, waybill):
-                return Handled("carrier_unreachable")
-            if S(row.status) is S.failed:
-                return self._failed(message.message_id, row, row.reason or "refused by the carrier")
+            settled = self._settle(message, row, waybill)
+            if settled is not None:
+                return settled
         return Handled("deferred")
+
+    def _settle(self, message: RedemptionMessage, row, waybill: Waybill) -> Handled | None:
+        """The answer to a create whose waybill is in hand, the row as read after saving it; None
+        when the row is open again (save it again)."""
+        if self._keeps(row, waybill):
+            handled = self._requested(message.message_id, row)
+            return Handled(handled.outcome, handled.answer, waybill=True)
+        if S(row.status) in OPEN:
+            return None
+        # Cancelled or failed while we asked: the waybill in hand must not stay live.
+        if not self._void_stray(row, waybill):
+            return Handled("carrier_unreachable")
+        if S(row.status) is S.failed:
+            return self._failed(message.message_id, row, row.reason or "refused by the carrier")
+        if S(row.status) is S.cancelled:
+            return self._cancel_answer(message.message_id, row, "cancelled", row.reason or "cancelled")
+        return self._requested(message.message_id, row)  # it keeps another waybill: that one stands
+
+    # --- many redemption.created at once --------------------------------------------------------------
+
+    def created_many(self, messages: list[RedemptionMessage], run_all: Callable) -> list[Handled]:
+        """The common case in bulk, one message per redemption: the requests written and claimed in
+        one transaction, the carrier asked for all of them at once (``run_all(calls)`` runs the
+        calls and returns their results or exceptions, in order), the waybills saved in one more.
+        Whatever is not plain (a race lost, a duplicate number) goes through ``created`` one by
+        one. Returns one Handled per message."""
+        now = self.clock()
+
+        def open_and_claim(session):
+            created = shipments.open_requests(session, messages, now=now)
+            rows = shipments.requests_of(session, [m.redemption_id for m in messages])
+            claimable = [row.id for row in rows.values() if S(row.status) in (S.requested, S.failed)]
+            claimed = shipments.claim(session, claimable, now=now)
+            return created, rows, claimed
+
+        created, rows, claimed = self._write(open_and_claim)
+        handled: list[Handled | None] = [None] * len(messages)
+        asking: list[int] = []  # indexes of the messages whose row is being asked for
+        for index, message in enumerate(messages):
+            row = rows[message.redemption_id]
+            if row.id in claimed or S(row.status) is S.requesting:
+                asking.append(index)
+            elif S(row.status) in (S.waybill, S.cancelled):
+                handled[index] = self._created(message, row)  # answered from the row as it is
+        results = run_all(
+            [
+                lambda row=rows[messages[i].redemption_id], user=messages[i].user_id: self._ask(row, user)
+                for i in asking
+            ]
+        )
+
+        saves, reverts, failures = [], [], []
+        for index, result in zip(asking, results, strict=True):
+            row = rows[messages[index].redemption_id]
+            if isinstance(result, Waybill):
+                saves.append((index, row, result))
+            elif isinstance(result, CarrierError) and not result.final:
+                log.warning(
+                    "redemption %s: no waybill yet (%s); acked without answering, "
+                    "the relay will send it again",
+                    row.redemption_id,
+                    result.message,
+                )
+                reverts.append(row.id)
+                handled[index] = Handled("carrier_unreachable")
+            elif isinstance(result, CredexError) and not isinstance(result, Unavailable | CarrierError):
+                failures.append((index, row, _reason_of(result)))
+            elif isinstance(result, CarrierError):
+                log.warning(
+                    "redemption %s: the carrier refused the shipment: %s",
+                    row.redemption_id,
+                    _reason_of(result),
+                )
+                failures.append((index, row, _reason_of(result)))
+            else:
+                raise result  # the database or a bug: the batch fails and comes back
+
+        def record(session, with_saves: bool):
+            moved = {}
+            for row_id in reverts:
+                shipments.move(session, row_id, from_=(S.requesting,), to=S.requested, now=now)
+            for index, row, reason in failures:
+                moved[index] = shipments.move(
+                    session, row.id, from_=OPEN, to=S.failed, now=now, reason=reason
+                )
+            for index, row, waybill in saves if with_saves else ():
+                moved[index] = shipments.move(
+                    session,
+                    row.id,
+                    from_=OPEN,
+                    to=S.waybill,
+                    now=now,
+                    carrier=waybill.carrier,
+                    express_no=waybill.express_no,
+                    carrier_shipment_id=waybill.shipment_id,
+                    reason=None,
+                )
+            return moved
+
+        try:
+            moved = self._write(lambda session: record(session, True))
+        except IntegrityError:  # a number another request holds: each waybill settled on its own
+            moved = self._write(lambda session: record(session, False))
+        after = self._read_many([m.redemption_id for m in messages]) if moved else {}
+        for index, row, reason in failures:
+            if moved.get(index):
+                handled[index] = self._failed(messages[index].message_id, after[row.redemption_id], reason)
+        for index, row, waybill in saves:
+            if moved.get(index):
+                log.info(
+                    "redemption %s: waybill %s %s", row.redemption_id, waybill.carrier, waybill.express_no
+                )
+                handled[index] = self._settle(messages[index], after[row.redemption_id], waybill)
+        for index, message in enumerate(messages):
+            if handled[index] is None:  # a race lost, a duplicate number, a row in no plain state
+                handled[index] = self._created(
+                    message, self._read_many([message.redemption_id])[message.redemption_id]
+                )
+        return [
+            Handled(h.outcome, h.answer, h.created or rows[m.redemption_id].id in created, h.waybill)
+            for h, m in zip(handled, messages, strict=True)
+        ]
+
+    def _read_many(self, redemption_ids: list[int]) -> dict[int, object]:
+        with session_for(self.database_url) as session:
+            found = shipments.requests_of(session, redemption_ids)
+            session.rollback()
+        return found
 
     @staticmethod
     def _keeps(row, waybill: Waybill) -> bool:

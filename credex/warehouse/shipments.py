@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -131,6 +132,7 @@ def shipment_json(row) -> dict:
 _INSERT_IGNORING_REPEATS: dict[str, object] = {}  # dialect name -> INSERT … ON CONFLICT DO NOTHING
 _REQUEST_OF = select(shipment_table).where(_s.redemption_id == bindparam("rid"))
 _REQUEST_BY_ID = select(shipment_table).where(_s.id == bindparam("sid"))
+_REQUESTS_OF = select(shipment_table).where(_s.redemption_id.in_(bindparam("rids", expanding=True)))
 
 
 def _insert_ignoring_repeats(session: Session):
@@ -173,6 +175,59 @@ def open_request(session: Session, message: RedemptionMessage, *, now: datetime)
         },
     ).first()
     return request_of(session, message.redemption_id), created is not None
+
+
+def open_requests(session: Session, messages: Sequence[RedemptionMessage], *, now: datetime) -> set[int]:
+    """``open_request`` for many messages of different redemptions in one statement. Returns the
+    ids of the requests created now."""
+    created = session.execute(
+        _insert_ignoring_repeats(session),
+        [
+            {
+                "type": ShipmentType.redemption.value,
+                "redemption_id": m.redemption_id,
+                "message_id": m.message_id,
+                "sku": m.sku,
+                "quantity": m.quantity,
+                "address": m.address,
+                "status": ShipmentStatus.requested.value,
+                "idempotency_key": m.message_id,
+                "recipient": m.user_id,
+                "reason": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for m in messages
+        ],
+    ).all()
+    return {row.id for row in created}
+
+
+def requests_of(session: Session, redemption_ids: Sequence[int]) -> dict[int, object]:
+    """The requests of these redemptions, by redemption id."""
+    rows = session.execute(_REQUESTS_OF, {"rids": list(redemption_ids)})
+    return {row.redemption_id: row for row in rows}
+
+
+def claim(session: Session, shipment_ids: Sequence[int], *, now: datetime) -> set[int]:
+    """``requested``/``failed`` → ``requesting`` for many rows at once (a conditional update, as
+    ``move``); the caller commits. Returns the ids this call moved."""
+    if not shipment_ids:
+        return set()
+    moved = session.execute(
+        update(shipment_table)
+        .where(
+            _s.id.in_(list(shipment_ids)),
+            _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.failed.value]),
+        )
+        .values(
+            status=ShipmentStatus.requesting.value,
+            updated_at=now,
+            asked_at=func.coalesce(_s.asked_at, bindparam("first_asked", now, type_=_s.asked_at.type)),
+        )
+        .returning(_s.id)
+    )
+    return {row.id for row in moved}
 
 
 def write_tombstone(session: Session, message: CancelMessage, *, now: datetime) -> tuple[object, bool]:
