@@ -130,3 +130,52 @@ def test_the_shipment_migration_downgrades_and_upgrades_again(empty_url):  # noq
     assert db_upgrade(empty_url).exit_code == 0
     with get_engine(empty_url).connect() as connection:
         assert connection.execute(sa.text("SELECT count(*) FROM shipment_request")).scalar() == 2
+
+
+@pytest.mark.rabbitmq
+def test_a_waybill_from_before_the_upgrade_is_cancelled_at_the_carrier_under_its_old_key(
+    empty_url,  # noqa: F811
+    rabbit,
+    carrier_sandbox,
+):
+    # Before 0005 the warehouse asked with the key redemption-<id> and kept no shipment id.
+    parcel = carrier_sandbox.create_shipment("redemption-101", address="1 High St", sku="MUG")
+    migrate(empty_url, "0003")
+    with get_engine(empty_url).begin() as connection:
+        t = {"t": EARLIER.replace(tzinfo=None) if empty_url.startswith("sqlite") else EARLIER}
+        connection.execute(sa.text("INSERT INTO account VALUES ('u-1001', 0, 10, 10, :t, :t, 0, 0)"), t)
+        connection.execute(
+            sa.text("INSERT INTO catalog_item VALUES ('MUG', 'Mug', 10, NULL, true, :t, :t)"), t
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO redemption (id, user_id, sku, quantity, points, balance, address, status, "
+                "message_id, operator, created_at, updated_at) VALUES (101, 'u-1001', 'MUG', 1, 10, 0, "
+                "'1 High St', 'pending', '00000000-0000-4000-8000-000000000001', 'old-admin', :t, :t)"
+            ),
+            t,
+        )
+    fill_at_0003(empty_url, [parcel["tracking_number"]])
+    assert db_upgrade(empty_url).exit_code == 0
+
+    from tests.warehouse_messages import answers, cancel_body, rows, send
+
+    def warehouse_once():
+        result = CliRunner().invoke(
+            app,
+            ["--database-url", empty_url, "warehouse", "run", "--once", "--json"],
+            env={"CREDEX_LOGISTICS_URL": carrier_sandbox.url},
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    warehouse_once()  # declares the queues
+    assert rows(empty_url)[101]["carrier_shipment_id"] is None
+    send(rabbit, cancel_body(101))
+    assert warehouse_once()["cancelled"] == 1
+    ((kind, body, _),) = answers(rabbit)
+    assert (kind, body["outcome"]) == ("shipment.cancelled", "cancelled")
+    (after,) = carrier_sandbox.shipments()
+    assert after["status"] == "cancelled" and after["create_calls"] == 2  # asked again, same waybill
+    assert rows(empty_url)[101]["status"] == "cancelled"
