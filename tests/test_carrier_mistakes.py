@@ -11,7 +11,7 @@ import pytest
 
 from tests.sandbox import running_sandbox, stop_and_wait
 from tests.test_warehouse import declared  # noqa: F401 - the fixture every test here uses
-from tests.warehouse_messages import answers, created_body, rows, send
+from tests.warehouse_messages import answers, cancel_body, created_body, rows, send
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.usefixtures("declared")]
 
@@ -109,3 +109,32 @@ def test_a_number_handed_out_again_after_a_restart_is_refused_and_its_waybill_ca
     assert (stored[1]["status"], stored[1]["express_no"]) == ("waybill", "SIM0000000001")
     assert (stored[2]["status"], stored[2]["express_no"]) == ("failed", None)
     assert "SIM0000000001" in stored[2]["reason"]
+
+
+def test_a_cancel_the_carrier_cannot_place_is_refused_for_a_person_to_look_at(credex, db_url, rabbit):
+    # The carrier lost the shipment (a sandbox restarted keeps nothing): 404 on the cancel.
+    port = free_port()
+    with running_sandbox("--port", port) as sandbox:
+        send(rabbit, created_body(1))
+        run(credex, sandbox.env())
+        stop_and_wait(sandbox)
+    answers(rabbit)
+    with running_sandbox("--port", port) as sandbox:
+        send(rabbit, cancel_body(1))
+        report = run(credex, sandbox.env())
+        assert report["refused"] == 1
+        ((kind, body, _),) = answers(rabbit)
+        assert (kind, body["outcome"]) == ("shipment.cancelled", "refused")
+        assert "HTTP 404" in body["reason"] and rows(db_url)[1]["status"] == "waybill"
+
+
+def test_a_malformed_cancel_is_dropped_and_changes_nothing(credex, db_url, rabbit, carrier_sandbox):
+    send(rabbit, {"message_id": "m-1", "redemption_id": "1", "reason": "x"}, "redemption.cancelled")
+    send(rabbit, {"message_id": "has spaces", "redemption_id": 1, "reason": "x"}, "redemption.cancelled")
+    send(rabbit, {"message_id": "m-3", "redemption_id": 1}, "redemption.cancelled")
+    rabbit.publish("redemption.cancelled", cancel_body(1), type="redemption.shipped")  # an unknown type
+    rabbit.publish("redemption.cancelled", b"\xff not json", type="redemption.cancelled")
+    report = run(credex, carrier_sandbox.env())
+    assert (report["received"], report["rejected"], report["confirmed"]) == (5, 5, 0)
+    assert rows(db_url) == {} and answers(rabbit) == []
+    assert rabbit.count(rabbit.names.warehouse_queue) == 0
