@@ -62,6 +62,10 @@ def test_a_cancel_before_its_create_leaves_a_tombstone_and_the_create_is_answere
     assert body["message_id"] == cancel["message_id"] and body["redemption_id"] == 1
     tombstone = rows(db_url)[1]
     assert (tombstone["status"], tombstone["sku"], tombstone["express_no"]) == ("cancelled", None, None)
+    (listed,) = credex("warehouse", "list", "--json").json()
+    assert (listed["status"], listed["reason"], listed["sku"]) == ("cancelled", "wrong size", None)
+    table = credex("warehouse", "list")
+    assert table.exit_code == 0 and "cancelled" in table.stdout
 
     create = send(rabbit, created_body(1))
     send(rabbit, create)  # twice
