@@ -35,6 +35,9 @@ log = logging.getLogger("credex.warehouse")
 S = ShipmentStatus
 OPEN = (S.requested, S.requesting)  # a waybill may still be saved on the row
 ROUNDS = 8  # races lost in a row before a message is left for the relay's next attempt
+# What a message comes to, as the warehouse's report and metrics name it (`invalid`: malformed,
+# dropped by the consumer before it reaches the desk).
+OUTCOMES = ("requested", "cancelled", "refused", "failed", "carrier_unreachable", "deferred", "invalid")
 
 
 @dataclass(frozen=True)
