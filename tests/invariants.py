@@ -54,6 +54,21 @@ LEDGER_KINDS: dict[str, LedgerKind] = {
 }
 
 MESSAGE_STATES = ("pending", "sent", "confirmed", "dead")
+
+
+class ShipmentState(NamedTuple):
+    waybill: str  # "kept": the row holds its express number; "none": it holds none; "any"
+
+
+# The warehouse's row state machine (docs/redemptions.md). Whether a cancelled row's waybill is
+# void is the carrier's to say (tests ask the sandbox), not the database's.
+SHIPMENT_STATES: dict[str, ShipmentState] = {
+    "requested": ShipmentState(waybill="none"),
+    "requesting": ShipmentState(waybill="none"),
+    "waybill": ShipmentState(waybill="kept"),
+    "cancelled": ShipmentState(waybill="any"),  # a tombstone, or a waybill cancelled at the carrier
+    "failed": ShipmentState(waybill="none"),
+}
 REDEMPTION_CREATED = "redemption.created"
 
 
@@ -181,10 +196,18 @@ def check_invariants(
     warehouse_url = warehouse_db_url or db_url
     with get_engine(warehouse_url).connect() as connection:
         if _has_table(connection, "shipment_request"):
+            from sqlalchemy import inspect
+
+            columns = {c["name"] for c in inspect(connection).get_columns("shipment_request")}
+            lifecycle = (
+                "status, idempotency_key"
+                if "status" in columns
+                else "'waybill' AS status, message_id AS idempotency_key"  # before migration 0005
+            )
             shipment_requests = _rows(
                 connection,
-                "SELECT id, type, redemption_id, message_id, sku, quantity, address, carrier, express_no "
-                "FROM shipment_request",
+                "SELECT id, type, redemption_id, message_id, sku, quantity, address, carrier, express_no, "
+                f"{lifecycle} FROM shipment_request",
             )
 
     _check_ledger_and_accounts(bad, accounts, entries)
@@ -533,24 +556,44 @@ def _set_before(history: list[StockSet], redemption_id: int) -> int | None:
     return found
 
 
+def _check_shipment_row(bad, request) -> None:
+    where = f"shipment request {request.id} (redemption {request.redemption_id}, {request.status})"
+    state = SHIPMENT_STATES.get(request.status)
+    if state is None:
+        bad("shipment.status", request.id, f"{where}: unknown status: add it to SHIPMENT_STATES")
+        return
+    if state.waybill == "kept" and (request.express_no is None or request.carrier is None):
+        bad("shipment.waybill_kept", request.id, f"{where}: no express number")
+    if state.waybill == "none" and request.express_no is not None:
+        bad("shipment.waybill_kept", request.id, f"{where}: holds express number {request.express_no}")
+    tombstone = request.sku is None
+    if tombstone and request.status != "cancelled":
+        bad("shipment.tombstone", request.id, f"{where}: no sku, quantity or address, yet not cancelled")
+    if tombstone and request.express_no is not None:
+        bad("shipment.tombstone", request.id, f"{where}: a tombstone with a waybill")
+    if not tombstone and (request.quantity is None or request.address is None or not request.idempotency_key):
+        bad("shipment.complete", request.id, f"{where}: a request without quantity, address or carrier key")
+
+
 def _check_shipments(bad, redemptions, messages, shipment_requests, shipped: bool) -> None:
     by_id = {r.id: r for r in redemptions}
     per_redemption: dict[int, list] = defaultdict(list)
-    express: dict[str, list] = defaultdict(list)
+    express: dict[tuple, list] = defaultdict(list)
     for request in shipment_requests:
         per_redemption[request.redemption_id].append(request)
         if request.express_no is not None:
-            express[request.express_no].append(request.id)
+            express[request.carrier, request.express_no].append(request.id)
+        _check_shipment_row(bad, request)
     for redemption_id, requests in per_redemption.items():
         if len(requests) > 1:
             bad("shipment.once", redemption_id, f"{len(requests)} shipment requests")
-    for number, ids in express.items():
+    for (carrier, number), ids in express.items():
         if len(ids) > 1:
-            bad("waybill.once", ids, f"express number {number} on several shipment requests")
+            bad("waybill.once", ids, f"express number {carrier} {number} on several shipment requests")
     for redemption_id, (request, *_) in per_redemption.items():
         r = by_id.get(redemption_id)
-        if r is None or request.type != 2:
-            continue  # a purchase, or a message a test made up: nothing to compare with
+        if r is None or request.type != 2 or request.sku is None:
+            continue  # a purchase, a tombstone, or a message a test made up: nothing to compare with
         found = (request.message_id, request.sku, request.quantity, request.address)
         if found != (r.message_id, r.sku, r.quantity, r.address):
             bad("shipment.matches", (redemption_id, request.id), f"the request says {found}")

@@ -66,7 +66,7 @@ def test_a_message_delivered_three_times_makes_one_shipment_and_one_waybill(
         2,
     )
     (parcel,) = carrier_sandbox.shipments()
-    assert parcel["idempotency_key"] == "redemption-7"
+    assert parcel["idempotency_key"] == message["message_id"]  # never a bare redemption number
     assert parcel["tracking_number"] == shipment["express_no"]
 
     confirmations = rabbit.take(rabbit.names.confirmations_queue)

@@ -133,7 +133,7 @@ def test_a_confirmation_that_cannot_be_published_is_sent_again_with_the_next_del
     assert report["received"] >= 3 and report["shipments_created"] == 1 and report["waybills"] == 1
     check_shipped_exactly_once(pipeline, 1)
     (parcel,) = pipeline.sandbox.shipments()
-    assert parcel["idempotency_key"] == f"redemption-{redemption['redemption_id']}"
+    assert parcel["idempotency_key"] == redemption["message_id"]  # the message's UUID
 
 
 # --- a queue deleted under its consumer -----------------------------------------------------------

@@ -22,6 +22,7 @@ class Delivery:
     tag: int
     properties: spec.BasicProperties
     body: bytes
+    routing_key: str = ""
 
 
 class Broker:
@@ -111,7 +112,7 @@ class Broker:
     # --- consuming ----------------------------------------------------------------------------
 
     def _on_message(self, _channel, method, properties, body) -> None:
-        self._deliveries.append(Delivery(method.delivery_tag, properties, body))
+        self._deliveries.append(Delivery(method.delivery_tag, properties, body, method.routing_key))
         self._connection.poke()
 
     @property

@@ -19,6 +19,7 @@ LIST_COLUMNS = [
     "quantity",
     "carrier",
     "express_no",
+    "status",
     "created_at",
 ]
 
@@ -68,7 +69,8 @@ def run(
 
 @app.command("list")
 def list_(ctx: typer.Context, limit: LimitOption = 50, as_json: JsonOption = False) -> None:
-    """Shipment requests, newest first."""
+    """Shipment requests, newest first, with their status (requested, requesting, waybill,
+    cancelled, failed) and why a carrier said no."""
     from credex.warehouse.shipments import list_shipments
 
     with warehouse_session(ctx) as session:

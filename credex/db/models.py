@@ -86,6 +86,17 @@ class MessageState(StrEnum):
     dead = "dead"
 
 
+class ShipmentStatus(StrEnum):
+    """A shipment request's row state machine (docs/redemptions.md), changed only by conditional
+    updates."""
+
+    requested = "requested"  # written; no waybill yet (a carrier call may have been made: asked_at)
+    requesting = "requesting"  # a consumer is asking the carrier for the waybill right now
+    waybill = "waybill"  # the carrier issued a waybill, kept on the row
+    cancelled = "cancelled"  # no parcel will leave: never asked, or the waybill voided at the carrier
+    failed = "failed"  # the carrier refused the shipment for good (shipment.failed)
+
+
 class ShipmentType(int, Enum):
     purchase = 1
     redemption = 2
@@ -247,21 +258,39 @@ class OutboxMessage(SQLModel, table=True):
 
 
 class ShipmentRequest(SQLModel, table=True):
-    """The warehouse's side. The UNIQUE redemption id turns a replayed message into a look-up."""
+    """The warehouse's side. The UNIQUE redemption id turns a replayed message into a look-up; the
+    UNIQUE (carrier, express number) refuses a waybill number a carrier hands out twice.
+
+    A tombstone is a ``cancelled`` row written by a cancel that came before its redemption's
+    create: it has no sku, quantity, address or key, and makes the create answer "cancelled"."""
 
     __tablename__ = "shipment_request"
+    __table_args__ = (
+        UniqueConstraint("carrier", "express_no", name="uq_shipment_request_carrier_express_no"),
+    )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     type: int = Field(default=ShipmentType.redemption.value, sa_column=Column(Integer(), nullable=False))
     redemption_id: int = Field(sa_column=Column(BigInteger(), nullable=False, unique=True))
-    message_id: str = Field(sa_column=Column(String(36), nullable=False))
-    sku: str = Field(sa_column=Column(String(64), nullable=False))
-    quantity: int = Field(sa_column=Column(Integer(), nullable=False))
-    address: str = Field(sa_column=Column(Text(), nullable=False))
+    message_id: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
+    sku: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    quantity: int | None = Field(default=None, sa_column=Column(Integer(), nullable=True))
+    address: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
     carrier: str | None = Field(default=None, sa_column=Column(String(64)))
     express_no: str | None = Field(default=None, sa_column=Column(String(64)))
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
+    status: str = Field(
+        default=ShipmentStatus.requested.value,
+        sa_column=Column(String(16), nullable=False, server_default=ShipmentStatus.requested.value),
+    )
+    # The carrier's Idempotency-Key: the redemption message's id (rows older than migration 0005
+    # keep the key they were asked with, ``redemption-<id>``).
+    idempotency_key: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    recipient: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))  # the user id
+    carrier_shipment_id: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    asked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))  # first carrier call
+    reason: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
 
 
 metadata = SQLModel.metadata

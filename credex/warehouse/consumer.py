@@ -1,14 +1,16 @@
 """The warehouse consumer: for each redemption message, a shipment request (created once), a
-waybill from the carrier (asked with the redemption as idempotency key), a confirmation published
-with publisher confirms, and only then the ack.
+waybill from the carrier (asked with the redemption message's id as idempotency key), an answer
+published with publisher confirms, and only then the ack. A ``redemption.cancelled`` cancels the
+request (and its waybill at the carrier) on the same row; credex/warehouse/lifecycle.py says how.
 
-When the carrier cannot issue a waybill, the message is acked without a confirmation: the relay
-publishes it again when its confirmation is overdue, and the same shipment request is completed
-then. A consumer killed at any point loses nothing: unacked messages come back, and everything
-done for them is found again.
+When the carrier cannot be reached, the message is acked without an answer: the relay publishes
+it again when its answer is overdue, and the same shipment request is taken up again then. A
+consumer killed at any point loses nothing: unacked messages come back, and everything done for
+them is found again on the row.
 
 Messages are handled in batches, two in hand at once: while one batch's shipment requests are
-written and its waybills asked for (on a thread of its own), the batch before it is confirmed and
+written and its waybills asked for (on a thread of its own, the redemptions CARRIER_CALLS at a
+time, each redemption's messages in the order they came), the batch before it is answered and
 acked on this thread, which alone talks to the broker. Batches are finished in the order they were
 taken, so an ack never settles a message whose work is not done.
 """
@@ -23,20 +25,20 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
-from credex.db.engine import ensure_schema, session_for
-from credex.db.models import utcnow
+from credex.db.engine import ensure_schema
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
-from credex.relay.topology import SHIPMENT_REQUESTED, Names
+from credex.relay.topology import Names
+from credex.warehouse.lifecycle import Handled, ShippingDesk
 from credex.warehouse.shipments import (
+    ANSWER_KEYS,
+    CancelMessage,
     RedemptionMessage,
-    confirmation_body,
     new_message_id,
-    open_shipment_requests,
-    parse_redemption_message,
-    save_waybills,
+    parse_message,
 )
 from credex.worker import Worker
 
@@ -51,31 +53,28 @@ class WarehouseReport:
     received: int = 0
     shipments_created: int = 0
     waybills: int = 0  # obtained from the carrier by this run
-    confirmed: int = 0  # confirmations the broker accepted
-    without_waybill: int = 0  # acked unconfirmed: the carrier could not issue a waybill yet
+    confirmed: int = 0  # answers the broker accepted (shipment.requested, .cancelled, .failed)
+    without_waybill: int = 0  # acked unanswered: the carrier could not be reached
     rejected: int = 0  # malformed messages dropped
     reconnects: int = 0
+    # What the messages came to (outcomes; `requested` and `carrier_unreachable` are the two above)
+    cancelled: int = 0
+    refused: int = 0  # a cancel too late: the parcel is with the carrier
+    failed: int = 0  # the carrier refused the shipment for good
+    deferred: int = 0  # a cancel while another consumer was asking the carrier: it comes again
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-@dataclass
-class _Shipped:
-    """What a batch's shipping thread did: the requests by redemption id, with their waybills
-    where the carrier gave one."""
-
-    requests: dict[int, object]
-    created: int = 0
-    waybills: int = 0
-    without_waybill: int = 0
+Message = RedemptionMessage | CancelMessage
 
 
 @dataclass
 class _Batch:
     deliveries: list[Delivery]  # the well-formed ones, acked when the batch is done
-    messages: list[RedemptionMessage]
-    shipped: Future = field(repr=False)
+    messages: list[Message]
+    shipped: Future = field(repr=False)  # -> list[Handled], one per message
 
 
 def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
@@ -104,6 +103,7 @@ class Warehouse(Worker[WarehouseReport]):
         once: bool = False,
         carrier_timeout: float = 15.0,
         poll_interval: float = 1.0,
+        requesting_lease: float | None = None,
     ) -> None:
         super().__init__(broker, report or WarehouseReport(), log=log, once=once)
         self.database_url = database_url
@@ -111,6 +111,10 @@ class Warehouse(Worker[WarehouseReport]):
         self.carrier_timeout = carrier_timeout
         self.poll_interval = poll_interval
         self._carrier = None
+        self._desk: ShippingDesk | None = None
+        # A `requesting` row older than this was left by a consumer that died (a carrier call takes
+        # at most carrier_timeout, retries included).
+        self.requesting_lease = requesting_lease if requesting_lease is not None else 4 * carrier_timeout + 30
         self._carrier_pool: ThreadPoolExecutor | None = None
         self._shipping: ThreadPoolExecutor | None = None
         self._in_hand: deque[_Batch] = deque()
@@ -129,6 +133,9 @@ class Warehouse(Worker[WarehouseReport]):
                 f"the {self._carrier.provider} provider cannot issue waybills: the warehouse needs "
                 "CREDEX_LOGISTICS_PROVIDER=generic and a carrier that speaks the generic contract"
             )
+        self._desk = ShippingDesk(
+            self.database_url, self._carrier, requesting_lease=timedelta(seconds=self.requesting_lease)
+        )
         self._carrier_pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
         self._shipping = ThreadPoolExecutor(max_workers=BATCHES_IN_HAND, thread_name_prefix="shipping")
 
@@ -193,11 +200,12 @@ class Warehouse(Worker[WarehouseReport]):
         self.report.received += len(fresh)
         deliveries, messages = [], []
         for delivery in again + fresh:
+            kind = delivery.properties.type or delivery.routing_key
             try:
-                messages.append(parse_redemption_message(delivery.body))
+                messages.append(parse_message(kind, delivery.body))
             except CredexError as error:
                 message_id = delivery.properties.message_id
-                log.error("dropped a malformed redemption message %s: %s", message_id, error.message)
+                log.error("dropped a malformed message %s (%s): %s", message_id, kind, error.message)
                 self.broker.reject(delivery.tag)
                 self.report.rejected += 1
                 continue
@@ -216,15 +224,19 @@ class Warehouse(Worker[WarehouseReport]):
             self.broker.wait(self.poll_interval, until=batch.shipped.done)
         self._in_hand.popleft()
         try:
-            shipped = batch.shipped.result()
+            handled = batch.shipped.result()
         except BaseException:
             self._again = batch.deliveries + self._again
             raise
         report = self.report
-        report.shipments_created += shipped.created
-        report.waybills += shipped.waybills
-        report.without_waybill += shipped.without_waybill
-        self._confirm(shipped.requests, batch.messages)
+        for outcome in handled:
+            report.shipments_created += outcome.created
+            report.waybills += outcome.waybill
+            if outcome.outcome == "carrier_unreachable":
+                report.without_waybill += 1
+            elif outcome.outcome in ("cancelled", "refused", "failed", "deferred"):
+                setattr(report, outcome.outcome, getattr(report, outcome.outcome) + 1)
+        self._answer(handled)
         self._ack(batch.deliveries)
 
     def _ack(self, deliveries: list[Delivery]) -> None:
@@ -238,87 +250,72 @@ class Warehouse(Worker[WarehouseReport]):
 
     # --- on a shipping thread ---------------------------------------------------------------------
 
-    def _ship(self, messages: list[RedemptionMessage]) -> _Shipped:
-        """Shipment requests with their waybills where the carrier gave one."""
-        with session_for(self.database_url, write=True) as session:
-            requests, created = open_shipment_requests(session, messages, now=utcnow())
-            session.commit()
-        shipped = _Shipped(requests, created)
-        missing = {m.redemption_id: m for m in messages if requests[m.redemption_id].express_no is None}
-        asked = {
-            redemption_id: self._carrier_pool.submit(self._ask_carrier, message)
-            for redemption_id, message in missing.items()
-        }
-        if asked:
-            # Each call is bounded by the carrier client (--carrier-timeout, retries included);
-            # they run CARRIER_CALLS at a time, and the last round gets a few seconds more.
-            rounds = -(-len(asked) // CARRIER_CALLS)
-            concurrent.futures.wait(asked.values(), timeout=rounds * self.carrier_timeout + 5)
-        waybills = []
-        for redemption_id, future in asked.items():
-            waybill = self._waybill(future, redemption_id)
-            if waybill is None:
-                shipped.without_waybill += 1
-            else:
-                waybills.append((requests[redemption_id].id, waybill.carrier, waybill.express_no))
-        if waybills:
-            with session_for(self.database_url, write=True) as session:
-                saved = save_waybills(session, waybills, now=utcnow())
-                session.commit()
-            for row in saved.values():
-                requests[row.redemption_id] = row
-                log.info("redemption %s: waybill %s %s", row.redemption_id, row.carrier, row.express_no)
-            shipped.waybills = len(waybills)
-        return shipped
+    def _ship(self, messages: list[Message]) -> list[Handled]:
+        """Each message through the row state machine. The first create of each redemption that
+        has only creates in the batch (the common case) goes in bulk: two transactions for the
+        lot and the carrier asked CARRIER_CALLS at a time. The rest (cancels, repeats) go one at
+        a time, the redemptions CARRIER_CALLS at a time, the messages of one redemption in the
+        order they came. Every change is committed before this returns; a database failure
+        fails the batch (its messages are handled again)."""
+        by_redemption: dict[int, list[int]] = {}
+        for index, message in enumerate(messages):
+            by_redemption.setdefault(message.redemption_id, []).append(index)
+        handled: list[Handled | None] = [None] * len(messages)
+        bulk = [
+            indexes[0]
+            for indexes in by_redemption.values()
+            if all(isinstance(messages[i], RedemptionMessage) for i in indexes)
+        ]
+        if bulk:
+            done = self._desk.created_many([messages[i] for i in bulk], self._run_all)
+            for index, outcome in zip(bulk, done, strict=True):
+                handled[index] = outcome
 
-    def _ask_carrier(self, message: RedemptionMessage):
-        key = f"redemption-{message.redemption_id}"
-        return self._carrier.create_shipment(
-            idempotency_key=key,
-            order_ref=key,
-            recipient={"name": message.user_id, "phone": "", "address": message.address},
-            items=[{"sku": message.sku, "quantity": message.quantity}],
-        )
+        def one_redemption(indexes: list[int]) -> None:
+            for index in indexes:
+                if handled[index] is None:
+                    handled[index] = self._handle(messages[index])
 
-    def _waybill(self, future: Future, redemption_id: int):
-        """The carrier's answer, or None (logged) when it gave no waybill this time."""
-        if not future.done():
-            future.cancel()
-            reason = "the carrier did not answer in time"
-        else:
-            try:
-                return future.result()
-            except CredexError as error:
-                reason = error.message
-        log.warning(
-            "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
-            redemption_id,
-            reason,
-        )
-        return None
+        rest = [indexes for indexes in by_redemption.values() if any(handled[i] is None for i in indexes)]
+        futures = [self._carrier_pool.submit(one_redemption, indexes) for indexes in rest]
+        # Each carrier call is bounded by the carrier client (--carrier-timeout, retries included).
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()  # the first failure (the database went away) fails the batch
+        return handled  # type: ignore[return-value]
+
+    def _run_all(self, calls: list[Callable[[], object]]) -> list[object]:
+        """Run the carrier calls CARRIER_CALLS at a time: each one's result, or what it raised."""
+        futures = [self._carrier_pool.submit(call) for call in calls]
+        concurrent.futures.wait(futures)
+        return [future.exception() or future.result() for future in futures]
+
+    def _handle(self, message: Message) -> Handled:
+        if isinstance(message, CancelMessage):
+            return self._desk.cancelled(message)
+        return self._desk.created(message)
 
     # --- back on the broker's thread ------------------------------------------------------------
 
-    def _confirm(self, requests: dict[int, object], messages: list[RedemptionMessage]) -> None:
-        """Publish a confirmation for every message whose request has its waybill."""
-        now = utcnow()
-        confirmations = [
+    def _answer(self, handled: list[Handled]) -> None:
+        """Publish the answers (shipment.requested, .cancelled, .failed) with publisher confirms."""
+        answers = [
             Outgoing(
                 message_id=new_message_id(),
-                routing_key=SHIPMENT_REQUESTED,
-                body=confirmation_body(requests[m.redemption_id], message_id=m.message_id, now=now),
-                type=SHIPMENT_REQUESTED,
-                correlation_id=m.message_id,
+                routing_key=ANSWER_KEYS[h.answer.kind],
+                body=h.answer.body,
+                type=ANSWER_KEYS[h.answer.kind],
+                correlation_id=h.answer.correlation_id,
             )
-            for m in messages
-            if requests[m.redemption_id].express_no is not None
+            for h in handled
+            if h.answer is not None
         ]
-        if not confirmations:
+        if not answers:
             return
-        outcomes = self.broker.publish(confirmations)
+        outcomes = self.broker.publish(answers)
         for message_id, failure in outcomes.items():
             if failure is None:
                 self.report.confirmed += 1
-            else:  # the relay publishes the redemption again and we confirm then
-                log.warning("confirmation %s not published: %s", message_id, failure)
+            else:  # the relay publishes its message again and we answer then
+                log.warning("answer %s not published: %s", message_id, failure)
         self.broker.raise_if_lost()  # unacked: the messages come back

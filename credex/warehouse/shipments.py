@@ -1,5 +1,7 @@
-"""The warehouse's shipment requests. The UNIQUE redemption id turns a message delivered twice
-into a look-up of the first request, so no redemption is ever shipped twice."""
+"""The warehouse's shipment requests: the messages that move them, the statements that read and
+change them, and the answers the warehouse publishes. The UNIQUE redemption id turns a message
+delivered twice into a look-up of the first request, so no redemption is ever shipped twice; the
+row's status changes only by conditional updates (credex/warehouse/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlmodel import Session
 
 from credex.db import tables
-from credex.db.models import ShipmentType
+from credex.db.models import ShipmentStatus, ShipmentType
 from credex.errors import InvalidInput
+from credex.logistics.model import is_token
 from credex.points.rules import INT32_MAX, INT64_MAX
+from credex.relay.topology import (
+    REDEMPTION_CANCELLED,
+    REDEMPTION_CREATED,
+    SHIPMENT_CANCELLED,
+    SHIPMENT_FAILED,
+    SHIPMENT_REQUESTED,
+)
 
 shipment_table = tables.shipment_request
 _s = shipment_table.c
@@ -33,8 +43,16 @@ class RedemptionMessage:
     address: str
 
 
-def parse_redemption_message(body: bytes) -> RedemptionMessage:
-    """The message, or InvalidInput saying what is wrong with it."""
+@dataclass(frozen=True)
+class CancelMessage:
+    """A redemption.cancelled body (messaging.md)."""
+
+    message_id: str
+    redemption_id: int
+    reason: str
+
+
+def _fields(body: bytes):
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -42,9 +60,9 @@ def parse_redemption_message(body: bytes) -> RedemptionMessage:
     if not isinstance(data, dict):
         raise InvalidInput("the body is not a JSON object")
 
-    def text(name: str, limit: int) -> str:
+    def text(name: str, limit: int, *, empty: bool = False) -> str:
         value = data.get(name)
-        if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        if not isinstance(value, str) or (not empty and not value.strip()) or len(value) > limit:
             raise InvalidInput(f"{name} is missing or not a short text")
         return value
 
@@ -54,14 +72,46 @@ def parse_redemption_message(body: bytes) -> RedemptionMessage:
             raise InvalidInput(f"{name} is missing or not a positive integer")
         return value
 
+    def message_id() -> str:
+        # It is the carrier's idempotency key: it travels in a header.
+        value = text("message_id", 36)
+        if not is_token(value):
+            raise InvalidInput("message_id is not printable ASCII without spaces")
+        return value
+
+    return text, number, message_id
+
+
+def parse_redemption_message(body: bytes) -> RedemptionMessage:
+    """The message, or InvalidInput saying what is wrong with it."""
+    text, number, message_id = _fields(body)
     return RedemptionMessage(
-        message_id=text("message_id", 36),
+        message_id=message_id(),
         redemption_id=number("redemption_id", INT64_MAX),
         user_id=text("user_id", 128),
         sku=text("sku", 64),
         quantity=number("quantity", INT32_MAX),
         address=text("address", 10_000),
     )
+
+
+def parse_cancel_message(body: bytes) -> CancelMessage:
+    """The message, or InvalidInput saying what is wrong with it."""
+    text, number, message_id = _fields(body)
+    return CancelMessage(
+        message_id=message_id(),
+        redemption_id=number("redemption_id", INT64_MAX),
+        reason=text("reason", 10_000, empty=True),
+    )
+
+
+def parse_message(kind: str, body: bytes) -> RedemptionMessage | CancelMessage:
+    """A message of the warehouse queue by its type (the AMQP ``type``, else its routing key)."""
+    if kind == REDEMPTION_CREATED:
+        return parse_redemption_message(body)
+    if kind == REDEMPTION_CANCELLED:
+        return parse_cancel_message(body)
+    raise InvalidInput(f"a message of unknown type {kind!r}")
 
 
 def shipment_json(row) -> dict:
@@ -73,25 +123,21 @@ def shipment_json(row) -> dict:
         "quantity": row.quantity,
         "carrier": row.carrier,
         "express_no": row.express_no,
+        "status": row.status,
+        "reason": row.reason,
         "created_at": row.created_at,
     }
 
 
 _INSERT_IGNORING_REPEATS: dict[str, object] = {}  # dialect name -> INSERT … ON CONFLICT DO NOTHING
+_REQUEST_OF = select(shipment_table).where(_s.redemption_id == bindparam("rid"))
+_REQUEST_BY_ID = select(shipment_table).where(_s.id == bindparam("sid"))
 _REQUESTS_OF = select(shipment_table).where(_s.redemption_id.in_(bindparam("rids", expanding=True)))
-_SAVE_WAYBILL = (
-    update(shipment_table)
-    .where(_s.id == bindparam("sid"), _s.express_no.is_(None))
-    .values(
-        carrier=bindparam("new_carrier"), express_no=bindparam("new_express_no"), updated_at=bindparam("now")
-    )
-)
-_REQUESTS_BY_ID = select(shipment_table).where(_s.id.in_(bindparam("sids", expanding=True)))
 
 
 def _insert_ignoring_repeats(session: Session):
     """INSERT … ON CONFLICT (redemption_id) DO NOTHING RETURNING id in the session's dialect, built
-    once per dialect: one executemany for a batch, its compiled form cached."""
+    once per dialect, its compiled form cached."""
     name = session.bind.dialect.name
     statement = _INSERT_IGNORING_REPEATS.get(name)
     if statement is None:
@@ -107,16 +153,33 @@ def _insert_ignoring_repeats(session: Session):
     return statement
 
 
-def open_shipment_requests(
-    session: Session, messages: Sequence[RedemptionMessage], *, now: datetime
-) -> tuple[dict[int, object], int]:
-    """The shipment request of each message's redemption, created where it does not exist yet,
-    in one transaction that the caller commits. Returns (redemption id -> row, how many created).
-    A redemption seen before, here or by another consumer at the same moment, gets its first
-    request back: the UNIQUE redemption id decides."""
-    first: dict[int, RedemptionMessage] = {}
-    for message in messages:
-        first.setdefault(message.redemption_id, message)
+def open_request(session: Session, message: RedemptionMessage, *, now: datetime) -> tuple[object, bool]:
+    """The shipment request of the message's redemption, created ``requested`` where there is none
+    yet (its carrier key: the message's id). The caller commits. Returns (row, created). A
+    redemption seen before, here or by another consumer at the same moment, gets its first request
+    back: the UNIQUE redemption id decides."""
+    created = session.execute(
+        _insert_ignoring_repeats(session),
+        {
+            "type": ShipmentType.redemption.value,
+            "redemption_id": message.redemption_id,
+            "message_id": message.message_id,
+            "sku": message.sku,
+            "quantity": message.quantity,
+            "address": message.address,
+            "status": ShipmentStatus.requested.value,
+            "idempotency_key": message.message_id,
+            "recipient": message.user_id,
+            "created_at": now,
+            "updated_at": now,
+        },
+    ).first()
+    return request_of(session, message.redemption_id), created is not None
+
+
+def open_requests(session: Session, messages: Sequence[RedemptionMessage], *, now: datetime) -> set[int]:
+    """``open_request`` for many messages of different redemptions in one statement. Returns the
+    ids of the requests created now."""
     created = session.execute(
         _insert_ignoring_repeats(session),
         [
@@ -127,30 +190,107 @@ def open_shipment_requests(
                 "sku": m.sku,
                 "quantity": m.quantity,
                 "address": m.address,
+                "status": ShipmentStatus.requested.value,
+                "idempotency_key": m.message_id,
+                "recipient": m.user_id,
+                "reason": None,
                 "created_at": now,
                 "updated_at": now,
             }
-            for m in first.values()
+            for m in messages
         ],
     ).all()
-    rows = session.execute(_REQUESTS_OF, {"rids": list(first)}).all()
-    return {row.redemption_id: row for row in rows}, len(created)
+    return {row.id for row in created}
 
 
-def save_waybills(
-    session: Session, waybills: Sequence[tuple[int, str, str]], *, now: datetime
-) -> dict[int, object]:
-    """Keep each carrier's waybill, (shipment id, carrier, express number), on its request; the
-    first one saved wins. The caller commits. Returns shipment id -> the row as saved."""
-    session.execute(
-        _SAVE_WAYBILL,
-        [
-            {"sid": sid, "new_carrier": carrier, "new_express_no": express_no, "now": now}
-            for sid, carrier, express_no in waybills
-        ],
+def requests_of(session: Session, redemption_ids: Sequence[int]) -> dict[int, object]:
+    """The requests of these redemptions, by redemption id."""
+    rows = session.execute(_REQUESTS_OF, {"rids": list(redemption_ids)})
+    return {row.redemption_id: row for row in rows}
+
+
+def claim(session: Session, shipment_ids: Sequence[int], *, now: datetime) -> set[int]:
+    """``requested``/``failed`` → ``requesting`` for many rows at once (a conditional update, as
+    ``move``); the caller commits. Returns the ids this call moved."""
+    if not shipment_ids:
+        return set()
+    moved = session.execute(
+        update(shipment_table)
+        .where(
+            _s.id.in_(list(shipment_ids)),
+            _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.failed.value]),
+        )
+        .values(
+            status=ShipmentStatus.requesting.value,
+            updated_at=now,
+            asked_at=func.coalesce(_s.asked_at, bindparam("first_asked", now, type_=_s.asked_at.type)),
+        )
+        .returning(_s.id)
     )
-    ids = [sid for sid, _, _ in waybills]
-    return {row.id: row for row in session.execute(_REQUESTS_BY_ID, {"sids": ids})}
+    return {row.id for row in moved}
+
+
+def write_tombstone(session: Session, message: CancelMessage, *, now: datetime) -> tuple[object, bool]:
+    """A ``cancelled`` row for a redemption the warehouse has not seen yet, so that its create, if
+    it ever comes, is answered "cancelled". The caller commits. Returns (row, written): an
+    existing row is returned as it is."""
+    written = session.execute(
+        _insert_ignoring_repeats(session),
+        {
+            "type": ShipmentType.redemption.value,
+            "redemption_id": message.redemption_id,
+            "status": ShipmentStatus.cancelled.value,
+            "reason": message.reason,
+            "created_at": now,
+            "updated_at": now,
+        },
+    ).first()
+    return request_of(session, message.redemption_id), written is not None
+
+
+def request_of(session: Session, redemption_id: int):
+    return session.execute(_REQUEST_OF, {"rid": redemption_id}).first()
+
+
+def request_by_id(session: Session, shipment_id: int):
+    return session.execute(_REQUEST_BY_ID, {"sid": shipment_id}).first()
+
+
+def move(
+    session: Session,
+    shipment_id: int,
+    *,
+    from_: tuple[ShipmentStatus, ...],
+    to: ShipmentStatus,
+    now: datetime,
+    seen_at: datetime | None = None,
+    **values: object,
+) -> bool:
+    """The one way a status changes: ``from_`` → ``to`` only while the row is still in one of
+    ``from_`` (and, with ``seen_at``, not touched since it was read). The caller commits. Whether
+    this call moved it: False means another consumer got there first; read the row again."""
+    statement = update(shipment_table).where(
+        _s.id == shipment_id, _s.status.in_([status.value for status in from_])
+    )
+    if seen_at is not None:
+        statement = statement.where(_s.updated_at == seen_at)
+    changes = {"status": to.value, "updated_at": now, **values}
+    if "asked_at" in changes:  # the first call to the carrier is the one kept
+        changes["asked_at"] = func.coalesce(
+            _s.asked_at, bindparam("first_asked", changes["asked_at"], type_=_s.asked_at.type)
+        )
+    return session.execute(statement.values(**changes)).rowcount == 1
+
+
+def note_reason(
+    session: Session, shipment_id: int, status: ShipmentStatus, reason: str, *, now: datetime
+) -> None:
+    """Keep why the carrier said no (a cancel refused) on a row that stays as it is."""
+    session.execute(
+        update(shipment_table)
+        .where(_s.id == shipment_id, _s.status == status.value)
+        .values(reason=reason, updated_at=now)
+    )
 
 
 def confirmation_body(row, *, message_id: str, now: datetime) -> bytes:
@@ -167,6 +307,38 @@ def confirmation_body(row, *, message_id: str, now: datetime) -> bytes:
         },
         ensure_ascii=False,
     ).encode()
+
+
+def answer_cancelled_body(
+    redemption_id: int, *, message_id: str, outcome: str, reason: str, now: datetime
+) -> bytes:
+    """The shipment.cancelled body (messaging.md): ``message_id`` is the message it answers."""
+    return json.dumps(
+        {
+            "message_id": message_id,
+            "redemption_id": redemption_id,
+            "outcome": outcome,
+            "reason": reason,
+            "created_at": now.isoformat(),
+        },
+        ensure_ascii=False,
+    ).encode()
+
+
+def answer_failed_body(redemption_id: int, *, message_id: str, reason: str, now: datetime) -> bytes:
+    """The shipment.failed body (messaging.md): ``message_id`` is the redemption message."""
+    return json.dumps(
+        {
+            "message_id": message_id,
+            "redemption_id": redemption_id,
+            "reason": reason,
+            "created_at": now.isoformat(),
+        },
+        ensure_ascii=False,
+    ).encode()
+
+
+ANSWER_KEYS = {"requested": SHIPMENT_REQUESTED, "cancelled": SHIPMENT_CANCELLED, "failed": SHIPMENT_FAILED}
 
 
 def new_message_id() -> str:
