@@ -12,8 +12,9 @@ import pytest
 import sqlalchemy as sa
 
 from credex.db.engine import get_engine
+from credex.db.models import ShipmentStatus
 from credex.relay.outbox import Confirmation, record_confirmations
-from credex.warehouse.shipments import RedemptionMessage, open_shipment_requests, save_waybills
+from credex.warehouse.shipments import RedemptionMessage, move, open_requests, requests_of
 from tests.conftest import make_postgres_database
 from tests.invariants import check_invariants
 from tests.pipeline import Pipeline, check_shipped_exactly_once
@@ -70,11 +71,20 @@ def ship_by_hand(points_url: str, warehouse_url: str, redemption_ids: list[int])
         ).all()
     messages = [RedemptionMessage(r.message_id, r.id, r.user_id, r.sku, r.quantity, r.address) for r in rows]
     with session_for(warehouse_url, write=True) as session:
-        requests, _ = open_shipment_requests(session, messages, now=NOW)
-        saved = save_waybills(
-            session, [(row.id, "sandbox", f"SB{rid:010d}") for rid, row in requests.items()], now=NOW
-        )
+        open_requests(session, messages, now=NOW)
+        requests = requests_of(session, [m.redemption_id for m in messages])
+        for rid, row in requests.items():
+            assert move(
+                session,
+                row.id,
+                from_=(ShipmentStatus.requested,),
+                to=ShipmentStatus.waybill,
+                now=NOW,
+                carrier="sandbox",
+                express_no=f"SB{rid:010d}",
+            )
         session.commit()
+        saved = requests_of(session, [m.redemption_id for m in messages])
     with session_for(points_url, write=True) as session:
         confirmations = [Confirmation(m.message_id, "sandbox", f"SB{m.redemption_id:010d}") for m in messages]
         record_confirmations(session, confirmations, now=NOW)
