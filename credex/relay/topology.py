@@ -10,7 +10,11 @@ if TYPE_CHECKING:
     from credex.amqp.topology import Topology
 
 REDEMPTION_CREATED = "redemption.created"
+REDEMPTION_CANCELLED = "redemption.cancelled"
 SHIPMENT_REQUESTED = "shipment.requested"
+SHIPMENT_CANCELLED = "shipment.cancelled"
+SHIPMENT_FAILED = "shipment.failed"
+ANSWERS = (SHIPMENT_REQUESTED, SHIPMENT_CANCELLED, SHIPMENT_FAILED)  # the warehouse's, to the relay
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,11 @@ class Names:
         return Topology(
             exchange=self.exchange,
             queues=(
-                Queue(self.warehouse_queue, (REDEMPTION_CREATED,), {"x-queue-type": "quorum"}),
-                Queue(self.confirmations_queue, (SHIPMENT_REQUESTED,)),
+                Queue(
+                    self.warehouse_queue,
+                    (REDEMPTION_CREATED, REDEMPTION_CANCELLED),
+                    {"x-queue-type": "quorum"},
+                ),
+                Queue(self.confirmations_queue, ANSWERS),
             ),
         )
