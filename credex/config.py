@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     logistics_total_timeout: float = Field(default=30.0, gt=0)
     logistics_connect_timeout: float = Field(default=5.0, gt=0)
     logistics_read_timeout: float = Field(default=10.0, gt=0)
+    # How often `track sync` may ask the carrier about one express number (kuaidi100 locks a
+    # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
+    track_min_interval: str = "30m"
 
 
 def get_settings(**overrides: object) -> Settings:
