@@ -307,12 +307,15 @@ _ST = RedemptionStatus
 # The waybill is copied while the redemption may still ship (a cancel on its way too); it moves to
 # shipping only from pending (or exception: the carrier took it after all). A late confirmation
 # for a cancelled, delivered or returned redemption changes nothing.
-_WAYBILL = (
+_WAYBILL = (  # executemany takes no IN lists
     update(_redemption)
     .where(
         _redemption.c.id == bindparam("rid"),
-        _redemption.c.status.in_(
-            (_ST.pending.value, _ST.exception.value, _ST.cancelling.value, _ST.shipping.value)
+        or_(
+            *(
+                _redemption.c.status == status.value
+                for status in (_ST.pending, _ST.exception, _ST.cancelling, _ST.shipping)
+            )
         ),
     )
     .values(carrier=bindparam("carrier"), express_no=bindparam("express_no"), updated_at=bindparam("now"))
