@@ -333,3 +333,40 @@ def test_the_record_functions_change_nothing_on_a_repeat(db_url, credex, shop):
         assert (changed, put_off, failed) == (expected, [], (0, []))
     assert (balance(credex), stock(credex)) == (100, 5)
     assert rows(db_url, "SELECT count(*) FROM ledger_entry WHERE kind = 'redemption_refund'")[0][0] == 1
+
+
+def test_a_message_a_relay_claimed_and_gave_up_is_never_taken_for_an_untouched_one(db_url, credex, shop):
+    """A relay that claimed a batch, may have published it, and died or failed before recording
+    (its lease cleared, or on Postgres its row locks gone with it) leaves the claim it committed
+    first: the cancel takes the long path."""
+    from credex.db.engine import ensure_schema
+    from credex.relay.claims import claim_strategy
+    from credex.relay.outbox import RedeliveryPolicy
+
+    created, untouched = shop(), shop()
+    with get_engine(db_url).begin() as connection:  # the second one is not due yet
+        connection.execute(
+            text("UPDATE outbox_message SET next_attempt_at = :later WHERE id = :id"),
+            {"later": utcnow() + timedelta(hours=1), "id": untouched["message_id"]},
+        )
+    claims = claim_strategy(
+        ensure_schema(db_url).dialect, db_url, RedeliveryPolicy(), relay_id="relay-that-dies", lease=60
+    )
+    claim = claims.claim(10, now=utcnow())
+    assert [m.id for m in claim.messages] == [created["message_id"]]
+    claims.release(claim)  # as after a failure, or a crash: nothing recorded
+
+    done = credex("redeem", "cancel", created["redemption_id"], "--reason", "r", "--wait", "0.2", "--json")
+    assert done.exit_code == 0 and (done.json()["status"], done.json()["cancel"]) == (
+        "cancelling",
+        "requested",
+    )
+    other = credex("redeem", "cancel", untouched["redemption_id"], "--reason", "r", "--json").json()
+    assert (other["status"], other["cancel"]) == ("cancelled", "withdrawn")
+    listed = credex("redeem", "list", "--status", "cancelling", "--json").json()
+    assert [r["redemption_id"] for r in listed] == [created["redemption_id"]]
+    assert [r["status"] for r in credex("redeem", "list", "--status", "cancelled", "--json").json()] == [
+        "cancelled"
+    ]
+    unknown = credex("redeem", "list", "--status", "lost")
+    assert unknown.exit_code == 2 and "exception" in unknown.stderr
