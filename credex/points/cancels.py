@@ -47,7 +47,7 @@ _item = tables.catalog_item
 _movement = tables.stock_movement
 
 REASON_MAX = 1000
-WITHDRAWN = "withdrawn: the redemption was cancelled before the message was handed to the broker"
+WITHDRAWN = "withdrawn: its redemption was cancelled before it was published"
 
 
 def add_event(

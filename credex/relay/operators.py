@@ -29,6 +29,7 @@ def message_json(row) -> dict:
     return {
         "message_id": row.id,
         "redemption_id": row.redemption_id,
+        "routing_key": row.routing_key,
         "state": row.state,
         "attempts": row.attempts,
         "next_attempt_at": row.next_attempt_at,
