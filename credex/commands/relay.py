@@ -11,7 +11,15 @@ from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
 
-LIST_COLUMNS = ["message_id", "redemption_id", "routing_key", "state", "attempts", "next_attempt_at", "last_error"]
+LIST_COLUMNS = [
+    "message_id",
+    "redemption_id",
+    "routing_key",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+]
 
 
 @app.command("run")

@@ -181,13 +181,14 @@ def sync(
     """(cron) Ask the carrier about redemptions on their way, each at most once per
     CREDEX_TRACK_MIN_INTERVAL (default 30m): delivered ones become `delivered`, returned ones
     `returned` and refunded. Safe to run beside itself and the workers."""
+    from credex.db.engine import ensure_schema
     from credex.logistics import carrier_client
     from credex.points.deliveries import sync_deliveries
 
     interval = _min_interval(ctx)
     who = operator(ctx, operator_)
-    with points_session(ctx):  # the schema checked (or created) before the carrier is set up
-        pass
+    # Unreachable or not migrated: said before the carrier is set up.
+    ensure_schema(settings(ctx).database_url)
     with carrier_client(settings(ctx)) as client:
         report = sync_deliveries(
             settings(ctx).database_url, client, limit=limit, interval=interval, operator=who
