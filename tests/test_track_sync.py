@@ -126,3 +126,36 @@ def test_two_syncs_at_once_never_ask_the_carrier_twice_about_one_number(db_url, 
         reports.append(json.loads(out))
     assert sum(r["checked"] for r in reports) == len(parcels) == trackings(sandbox)
     assert sum(r["delivered"] for r in reports) == len(parcels)
+
+
+def test_two_syncs_racing_to_refund_the_same_returns_refund_each_once(db_url, credex, ship, sandbox):
+    """With no minimum interval both runs may ask about every parcel and both try to refund it:
+    the conditional move to `returned` lets one of them, the ledger's unique ref stands behind it."""
+    parcels = [ship() for _ in range(4)]
+    for parcel in parcels:
+        sandbox.refuse(parcel["parcel"]["shipment_id"])
+    sandbox.advance(10 * 60)
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url, CREDEX_LOGISTICS_URL=sandbox.url, CREDEX_TRACK_MIN_INTERVAL="0s"
+    )
+    runs = [
+        subprocess.Popen(
+            credex_command("track", "sync", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = []
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        reports.append(json.loads(out))
+    assert sum(r["returned"] for r in reports) == len(parcels)
+    history = credex("account", "history", "u1", "--json").json()
+    refunds = sorted(e["ref"] for e in history if e["kind"] == "redemption_refund")
+    assert refunds == sorted(str(p["redemption_id"]) for p in parcels)
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 1000
+    assert credex("catalog", "list", "--json").json()[0]["stock"] == 20

@@ -426,6 +426,20 @@ _OPEN = (_PENDING, _SENT)
 _WITHDRAWN = MessageState.cancelled.value
 
 
+def _lock_redemptions(session: Session, message_ids: list[str]) -> None:
+    """Lock the answered messages' redemptions up front, in id order (Postgres): a refund then
+    locks an account, as `redeem cancel` and `track sync` do after the one redemption they lock,
+    so a batch of answers never waits on them in a cycle."""
+    for start in range(0, len(message_ids), CHUNK):
+        rids = select(_o.redemption_id).where(_o.id.in_(message_ids[start : start + CHUNK]))
+        session.execute(
+            select(_redemption.c.id)
+            .where(_redemption.c.id.in_(rids))
+            .order_by(_redemption.c.id)
+            .with_for_update()
+        ).all()
+
+
 def _hold(session: Session, message_id: str):
     """The message's row, locked (Postgres: None when a relay holds it right now; the caller
     tells that from an unknown id with ``_exists``)."""
@@ -462,6 +476,8 @@ def record_cancel_answers(
     message ids put off because a relay holds one of the rows right now)."""
     from credex.points.cancels import add_event, refund_redemption
 
+    answers = list(answers)
+    _lock_redemptions(session, [a.message_id for a in answers])
     changed, put_off = 0, []
     seen: set[str] = set()
     for answer in answers:
