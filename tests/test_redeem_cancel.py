@@ -370,3 +370,18 @@ def test_a_message_a_relay_claimed_and_gave_up_is_never_taken_for_an_untouched_o
     ]
     unknown = credex("redeem", "list", "--status", "lost")
     assert unknown.exit_code == 2 and "exception" in unknown.stderr
+
+
+def test_a_late_waybill_for_a_withdrawn_message_changes_nothing_and_is_not_put_off(db_url, credex, shop):
+    from credex.relay.outbox import Confirmation, record_confirmations
+
+    created = shop()
+    assert credex("redeem", "cancel", created["redemption_id"], "--reason", "r").exit_code == 0
+    with session_for(db_url, write=True) as session:
+        done = record_confirmations(
+            session, [Confirmation(created["message_id"], "sandbox", "SIM9")], now=utcnow()
+        )
+        session.commit()
+    assert done == (0, [])
+    shown = credex("redeem", "show", created["redemption_id"], "--json").json()
+    assert (shown["status"], shown["express_no"], shown["message_state"]) == ("cancelled", None, "cancelled")

@@ -32,6 +32,8 @@ _SENT = MessageState.sent.value
 _CONFIRMED = MessageState.confirmed.value
 _DEAD = MessageState.dead.value
 _UNCONFIRMED = (_PENDING, _SENT)
+# Nothing more to record on these: confirmed, or withdrawn (its redemption was cancelled).
+_SETTLED = (_CONFIRMED, MessageState.cancelled.value)
 REPUBLISHED = "not confirmed by its due time: published again"
 CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
 
@@ -334,7 +336,7 @@ _CONFIRM = (
     .where(
         _o.id.in_(
             select(_o.id)
-            .where(_IDS_MATCH, _o.state != _CONFIRMED)
+            .where(_IDS_MATCH, _o.state.not_in(_SETTLED))
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
@@ -347,15 +349,15 @@ _CONFIRM = (
     )
     .returning(_o.id, _o.redemption_id)
 )
-_STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state != _CONFIRMED)
+_STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state.not_in(_SETTLED))
 
 
 def record_confirmations(
     session: Session, confirmations: Iterable[Confirmation], *, now: datetime
 ) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
-    (the caller commits). A confirmation for a message already confirmed changes nothing (also a
-    dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
+    (the caller commits). A confirmation for a message already confirmed or withdrawn changes
+    nothing (a dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
     message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
     later rather than waited for, which could be waiting on ourselves."""
     first: dict[str, Confirmation] = {}
@@ -458,7 +460,7 @@ def _confirm_one(session: Session, message_id: str, now: datetime) -> bool:
     return (
         session.execute(
             update(outbox_table)
-            .where(_o.id == message_id, _o.state != _CONFIRMED)
+            .where(_o.id == message_id, _o.state.not_in(_SETTLED))
             .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
         ).rowcount
         == 1

@@ -316,7 +316,7 @@ class Relay(Worker[RelayReport]):
             if confirmation is None:
                 self.report.malformed_confirmations += 1
                 log.error(
-                    "dropped a malformed or unknown answer (type %s, message id %s)",
+                    "dropped a malformed confirmation (type %s, message id %s): unknown type or bad body",
                     delivery.properties.type,
                     delivery.properties.message_id,
                 )
