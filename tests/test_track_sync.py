@@ -159,3 +159,13 @@ def test_two_syncs_racing_to_refund_the_same_returns_refund_each_once(db_url, cr
     assert refunds == sorted(str(p["redemption_id"]) for p in parcels)
     assert credex("account", "show", "u1", "--json").json()["balance"] == 1000
     assert credex("catalog", "list", "--json").json()[0]["stock"] == 20
+
+
+def test_a_carrier_that_cannot_be_reached_exits_69_and_one_not_configured_exits_2(credex, ship):
+    shipped = ship()
+    down = {"CREDEX_LOGISTICS_URL": "http://127.0.0.1:9", "CREDEX_LOGISTICS_TOTAL_TIMEOUT": "1"}
+    done = credex("track", "sync", "--json", env=down)
+    assert done.exit_code == 69 and json.loads(done.stderr)["error"]["code"] == "unavailable"
+    assert credex("redeem", "show", shipped["redemption_id"], "--json").json()["status"] == "shipping"
+    unset = credex("track", "sync")
+    assert unset.exit_code == 2 and unset.stderr.startswith("error: ") and unset.stderr.count("\n") == 1
