@@ -243,6 +243,8 @@ def test_a_published_redemption_is_cancelled_when_the_warehouse_answers_and_only
         "cancel",
     ]
     assert (balance(credex), stock(credex)) == (100, 5)
+    refund = credex("account", "history", "u1", "--json").json()[0]
+    assert (refund["kind"], refund["points"], refund["operator"]) == ("redemption_refund", 30, "tester")
     states = dict(rows(db_url, "SELECT routing_key, state FROM outbox_message"))
     assert states == {"redemption.created": "cancelled", "redemption.cancelled": "confirmed"}
     assert rabbit.count(rabbit.names.confirmations_queue) == 0
