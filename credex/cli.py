@@ -159,7 +159,7 @@ app.add_typer(account.app, name="account")
 app.add_typer(redeem.app, name="redeem")
 app.add_typer(relay.app, name="relay")
 app.add_typer(warehouse.app, name="warehouse")
-app.command("track")(track.track)
+app.add_typer(track.app, name="track")
 app.add_typer(logistics.app, name="logistics")
 app.add_typer(audit.app, name="audit")
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     logistics_read_timeout: float = Field(default=10.0, gt=0)
     # Seconds a SQLite writer waits for another program's lock before giving up (exit 69).
     sqlite_busy_timeout: float = Field(default=30.0, ge=0, le=24 * 3600)
+    # How often `track sync` may ask the carrier about one express number (kuaidi100 locks a
+    # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
+    track_min_interval: str = "30m"
 
 
 def get_settings(**overrides: object) -> Settings:

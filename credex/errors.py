@@ -66,6 +66,12 @@ class Conflict(RuleViolation):
     code = "conflict"
 
 
+class NotCancellable(RuleViolation):
+    """A redemption already delivered or returned: there is nothing left to cancel."""
+
+    code = "not_cancellable"
+
+
 class NotMigrated(RuleViolation):
     code = "not_migrated"
 

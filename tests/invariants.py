@@ -27,19 +27,26 @@ from credex.db.engine import get_engine
 
 class RedemptionState(NamedTuple):
     holds_stock: bool  # the gift's stock stays taken (False: a cancel or a return gave it back)
-    confirmed: bool  # the warehouse confirmed it: a waybill, a confirmed (or purged) message
+    # The warehouse confirmed it: a waybill, a confirmed (or purged) message. None: either way
+    # (a cancel may come before or after the waybill).
+    confirmed: bool | None
+    refunded: bool = False  # exactly one redemption_refund of exactly its points
 
 
 REDEMPTION_STATES: dict[str, RedemptionState] = {
     "pending": RedemptionState(holds_stock=True, confirmed=False),
     "shipping": RedemptionState(holds_stock=True, confirmed=True),
-    # issue 9 adds: cancelling, cancelled (holds_stock=False), delivered, returned (False), exception
+    "cancelling": RedemptionState(holds_stock=True, confirmed=None),
+    "cancelled": RedemptionState(holds_stock=False, confirmed=None, refunded=True),
+    "delivered": RedemptionState(holds_stock=True, confirmed=True),
+    "returned": RedemptionState(holds_stock=False, confirmed=True, refunded=True),
+    "exception": RedemptionState(holds_stock=True, confirmed=False),
 }
 
 
 class LedgerKind(NamedTuple):
     earned: bool = False  # counts in account.earned: its gross points (balance + pending - debt)
-    redeemed: bool = False  # counts in account.redeemed: minus its points
+    redeemed: bool = False  # counts in account.redeemed: minus its gross points
     makes_lot: bool = False  # a positive entry of this kind is a lot of its own
 
 
@@ -51,9 +58,12 @@ LEDGER_KINDS: dict[str, LedgerKind] = {
     "settle": LedgerKind(),
     "expiry": LedgerKind(),
     "redemption": LedgerKind(redeemed=True),
+    # A cancelled or returned redemption's points back (debt paid first): redeemed goes down by all of them.
+    "redemption_refund": LedgerKind(redeemed=True),
 }
+REFUND_KIND = "redemption_refund"
 
-MESSAGE_STATES = ("pending", "sent", "confirmed", "dead")
+MESSAGE_STATES = ("pending", "sent", "confirmed", "dead", "cancelled")
 
 
 class ShipmentState(NamedTuple):
@@ -70,6 +80,9 @@ SHIPMENT_STATES: dict[str, ShipmentState] = {
     "failed": ShipmentState(waybill="none"),
 }
 REDEMPTION_CREATED = "redemption.created"
+REDEMPTION_CANCELLED = "redemption.cancelled"
+ROUTING_KEYS = (REDEMPTION_CREATED, REDEMPTION_CANCELLED)
+STOCK_KINDS = ("set", "redeem", "cancel", "return")
 
 
 # --- the stock a test set ------------------------------------------------------------------------
@@ -192,6 +205,11 @@ def check_invariants(
             "SELECT 'redemption', CAST(id AS VARCHAR(20)), operator, NULL, NULL FROM redemption",
         )
         guards = _append_only_guards(connection)
+        movements = (
+            _rows(connection, "SELECT id, sku, kind, delta, stock_after, ref FROM stock_movement ORDER BY id")
+            if _has_table(connection, "stock_movement")
+            else None
+        )
     shipment_requests = []
     warehouse_url = warehouse_db_url or db_url
     with get_engine(warehouse_url).connect() as connection:
@@ -213,7 +231,10 @@ def check_invariants(
     _check_ledger_and_accounts(bad, accounts, entries)
     _check_lots(bad, accounts, entries, lots, uses, legacy_upto)
     _check_redemptions(bad, redemptions, entries, messages, items)
+    _check_refunds(bad, redemptions, entries, messages)
     _check_stock(bad, items, redemptions, book, stocks)
+    if movements is not None:
+        _check_movements(bad, items, redemptions, movements)
     _check_shipments(bad, redemptions, messages, shipment_requests, shipped)
     _check_input_rules(bad, accounts, entries, items, redemptions, texts)
     for action in sorted({"UPDATE", "DELETE"} - guards):
@@ -284,7 +305,7 @@ def _check_ledger_and_accounts(bad, accounts, entries) -> None:
         if kind.earned:
             total[3] += entry.points + entry.pending - entry.debt
         if kind.redeemed:
-            total[4] -= entry.points
+            total[4] -= entry.points + entry.pending - entry.debt
         if entry.balance != total[0]:
             bad(
                 "ledger.running_balance",
@@ -330,7 +351,10 @@ def _check_lots(bad, accounts, entries, lots, uses, legacy_upto: int) -> None:
     used_by_lot: dict[int, list] = defaultdict(list)
     used_by_entry: dict[int, int] = defaultdict(int)
     for use in uses:
-        if use.points <= 0:
+        put_back = use.entry_id in by_entry and by_entry[use.entry_id].kind == REFUND_KIND
+        if put_back and use.points >= 0:
+            bad("lot_use.put_back", (use.lot_id, use.entry_id), f"a refund took {use.points} points out")
+        elif not put_back and use.points <= 0:
             bad("lot_use.positive", (use.lot_id, use.entry_id), f"{use.points} points")
         used_by_lot[use.lot_id].append(use)
         used_by_entry[use.entry_id] += use.points
@@ -354,16 +378,7 @@ def _check_lots(bad, accounts, entries, lots, uses, legacy_upto: int) -> None:
             bad("lot.state", lot.id, f"{where}: {lot.remaining} left in a finished lot")
         elif lot.state not in ("available", "pending", "used", "expired"):
             bad("lot.state", lot.id, f"{where}: unknown state")
-        expiries = [
-            u for u in used_by_lot[lot.id] if u.entry_id in by_entry and by_entry[u.entry_id].kind == "expiry"
-        ]
-        if lot.state == "expired":
-            if len(expiries) != 1:
-                bad("lot.expired_once", lot.id, f"{where}: {len(expiries)} expiry entries")
-            elif expiries[0].entry_id != max(u.entry_id for u in used_by_lot[lot.id]):
-                bad("lot.expired_last", lot.id, f"{where}: points taken after it expired")
-        elif expiries:
-            bad("lot.expired_once", lot.id, f"{where}: expiry entries on a lot that did not expire")
+        _check_expiries(bad, lot, where, sorted(used_by_lot[lot.id], key=lambda u: u.entry_id), by_entry)
         if lot.entry_id is not None:
             made_by_entry[lot.entry_id] += lot.points
             entry = by_entry.get(lot.entry_id)
@@ -411,6 +426,120 @@ def _check_lots(bad, accounts, entries, lots, uses, legacy_upto: int) -> None:
             bad("refund.at_most_earned", purchase.ref, f"refunds took back {taken} of the {earned} it earned")
 
 
+def _check_expiries(bad, lot, where: str, uses, by_entry) -> None:
+    """A lot expires once, as its last use; points a refund puts back into an expired lot lapse
+    again at the next expiry (one more expiry entry, after the put-back)."""
+    kinds = [by_entry[u.entry_id].kind if u.entry_id in by_entry else None for u in uses]
+    expiries = [u for u, kind in zip(uses, kinds, strict=True) if kind == "expiry"]
+    lapsed_open = False  # an expiry with no put-back after it yet
+    for kind in kinds:
+        if kind == "expiry":
+            if lapsed_open:
+                bad("lot.expired_once", lot.id, f"{where}: expired twice with nothing put back between")
+            lapsed_open = True
+        elif kind == REFUND_KIND:
+            lapsed_open = False
+        elif lapsed_open:
+            bad("lot.expired_last", lot.id, f"{where}: points taken after it expired")
+    if lot.state == "expired":
+        if not expiries:
+            bad("lot.expired_once", lot.id, f"{where}: {len(expiries)} expiry entries")
+        elif kinds[-1] != "expiry":
+            bad("lot.expired_last", lot.id, f"{where}: points taken or put back after it expired")
+    elif lapsed_open:
+        bad("lot.expired_once", lot.id, f"{where}: expiry entries on a lot that did not expire")
+
+
+def _check_refunds(bad, redemptions, entries, messages) -> None:
+    """A cancelled or returned redemption has exactly one redemption_refund, of exactly its points,
+    to its shopper; nothing else is refunded; and no refunded redemption may still ship: its
+    redemption.created message is not on its way, and a waybill it had was cancelled by the
+    warehouse (a confirmed redemption.cancelled) unless the parcel came back."""
+    by_id = {r.id: r for r in redemptions}
+    refunds: dict[str, list] = defaultdict(list)
+    for entry in entries:
+        if entry.kind == REFUND_KIND:
+            refunds[entry.ref].append(entry)
+    per_redemption: dict[int, list] = defaultdict(list)
+    for message in messages:
+        per_redemption[message.redemption_id].append(message)
+    for ref in refunds:
+        r = by_id.get(int(ref)) if ref.isdigit() else None
+        if r is None:
+            bad("refund.redemption", ref, "a redemption_refund of no redemption")
+            continue
+        if not REDEMPTION_STATES.get(r.status, RedemptionState(True, None)).refunded:
+            bad("refund.status", r.id, f"redemption {r.id} is {r.status} and was refunded")
+    for r in redemptions:
+        state = REDEMPTION_STATES.get(r.status)
+        if state is None or not state.refunded:
+            continue
+        found = refunds.get(str(r.id), [])
+        if len(found) != 1:
+            bad("refund.once", r.id, f"{r.status} redemption {r.id}: {len(found)} refunds")
+            continue
+        entry = found[0]
+        gross = entry.points + entry.pending - entry.debt
+        if entry.user_id != r.user_id or gross != r.points or entry.pending != 0 or entry.debt > 0:
+            bad(
+                "refund.points",
+                (r.id, entry.id),
+                f"redemption {r.id}: {r.points} points of {r.user_id}, refund of {gross} to {entry.user_id}",
+            )
+        own = per_redemption.get(r.id, [])
+        created = [m for m in own if m.routing_key == REDEMPTION_CREATED]
+        if any(m.state in ("pending", "sent") for m in created):
+            bad("refund.still_shipping", r.id, f"refunded redemption {r.id}: its message may still ship it")
+        cancel_confirmed = any(m.routing_key == REDEMPTION_CANCELLED and m.state == "confirmed" for m in own)
+        if r.status == "cancelled" and r.express_no is not None and not cancel_confirmed:
+            bad(
+                "refund.live_waybill",
+                r.id,
+                f"cancelled redemption {r.id} has waybill {r.express_no}, no cancel the warehouse confirmed",
+            )
+
+
+def _check_movements(bad, items, redemptions, movements) -> None:
+    """A gift's stock is the sum of its movements (unlimited counts as 0); each movement says the
+    stock it left; a redemption takes stock once and gets it back at most once, and only when
+    it was refunded."""
+    by_sku: dict[str, list] = defaultdict(list)
+    for m in movements:
+        by_sku[m.sku].append(m)
+        if m.kind not in STOCK_KINDS:
+            bad("stock_movement.kind", m.id, f"unknown kind {m.kind!r}")
+    for item in items:
+        running = 0
+        for m in by_sku.get(item.sku, []):
+            running += m.delta
+            if m.stock_after is not None and m.stock_after != running:
+                bad(
+                    "stock_movement.after",
+                    m.id,
+                    f"{item.sku}: says {m.stock_after} left, the sum is {running}",
+                )
+        if (item.stock or 0) != running:
+            bad("stock.movements", item.sku, f"stock {item.stock}, its movements add up to {running}")
+    by_id = {r.id: r for r in redemptions}
+    per_ref: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for m in movements:
+        if m.kind != "set":
+            per_ref[m.ref][m.kind].append(m)
+    for ref, kinds in per_ref.items():
+        r = by_id.get(int(ref)) if ref and ref.isdigit() else None
+        if r is None:
+            bad("stock_movement.redemption", ref, "a movement of no redemption")
+            continue
+        took, back = kinds.get("redeem", []), kinds.get("cancel", []) + kinds.get("return", [])
+        if len(took) > 1 or len(back) > 1 or (back and not took):
+            bad("stock_movement.once", r.id, f"{len(took)} takes, {len(back)} gives back")
+        if any(m.delta != -r.quantity for m in took) or any(m.delta != r.quantity for m in back):
+            bad("stock_movement.quantity", r.id, f"moved other than its quantity {r.quantity}")
+        holds = REDEMPTION_STATES.get(r.status, RedemptionState(True, None)).holds_stock
+        if back and holds:
+            bad("stock_movement.back", r.id, f"{r.status} redemption {r.id} gave its stock back")
+
+
 def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
     ledger = {(e.kind, e.ref): e for e in entries}
     created_messages: dict[int, list] = defaultdict(list)
@@ -419,6 +548,10 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
             bad("message.state", message.id, f"unknown state {message.state!r}")
         if message.routing_key == REDEMPTION_CREATED:
             created_messages[message.redemption_id].append(message)
+        elif message.routing_key == REDEMPTION_CANCELLED:
+            _check_cancel_body(bad, message)
+        else:
+            bad("message.routing_key", message.id, f"unknown routing key {message.routing_key!r}")
     ids = {r.id for r in redemptions}
     for redemption_id in sorted(set(created_messages) - ids, key=str):
         bad("message.redemption", redemption_id, "a redemption.created message without its redemption")
@@ -432,7 +565,7 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
                 r.id,
                 f"{where}: unknown status {r.status!r}: add it to REDEMPTION_STATES",
             )
-            state = RedemptionState(holds_stock=True, confirmed=False)
+            state = RedemptionState(holds_stock=True, confirmed=None)
         if r.request_id is not None:
             if r.request_id in request_ids:
                 bad(
@@ -456,7 +589,7 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
             bad("redemption.one_message", r.id, f"{where}: {len(found)} redemption.created messages")
         if not found:
             # `relay purge` deletes confirmed messages: only a confirmed redemption may lack its own.
-            if not (state.confirmed and r.express_no):
+            if not (state.confirmed is not False and r.express_no):
                 bad("redemption.one_message", r.id, f"{where}: no outbox message")
             continue
         message = found[0]
@@ -469,10 +602,30 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
                 f"{where}: written at {r.created_at}, its message at {message.created_at}",
             )
         _check_body(bad, r, message, where)
-        if message.state == "confirmed" and not (state.confirmed and r.express_no):
+        if (
+            message.state == "confirmed"
+            and state.confirmed is not None
+            and not (state.confirmed and r.express_no)
+        ):
             bad("redemption.confirmed", r.id, f"{where}: message confirmed, status {r.status}, no waybill")
+        if message.state == "cancelled" and r.status != "cancelled":
+            bad("redemption.withdrawn", r.id, f"{where}: message withdrawn, status {r.status}")
+        if message.state == "dead" and r.status == "shipping":
+            bad("redemption.dead", r.id, f"{where}: shipping with a dead message")
         if message.state != "confirmed" and state.confirmed:
             bad("redemption.confirmed", r.id, f"{where}: {r.status} but its message is {message.state}")
+
+
+def _check_cancel_body(bad, message) -> None:
+    try:
+        body = json.loads(message.body)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or (body.get("message_id"), body.get("redemption_id")) != (
+        message.id,
+        message.redemption_id,
+    ):
+        bad("message.body", message.id, f"redemption.cancelled body {message.body!r}")
 
 
 def _check_body(bad, r, message, where: str) -> None:
@@ -605,7 +758,7 @@ def _check_shipments(bad, redemptions, messages, shipment_requests, shipped: boo
             )
     if shipped:
         for r in redemptions:
-            if REDEMPTION_STATES.get(r.status, RedemptionState(True, False)).confirmed:
+            if REDEMPTION_STATES.get(r.status, RedemptionState(True, False)).confirmed is True:
                 requests = per_redemption.get(r.id, [])
                 if len(requests) != 1 or requests[0].express_no is None:
                     bad(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, points_session
+from credex.commands._common import JsonOption, OperatorOption, operator, points_session
 from credex.output import emit
 
 app = typer.Typer(help="Keep the gift catalog.", no_args_is_help=True)
@@ -28,13 +28,16 @@ def add(
     name: Annotated[str, typer.Option("--name", help="What the shopper sees.")],
     points: Annotated[str, typer.Option("--points", help="Points one unit costs.")],
     stock: Annotated[str | None, typer.Option("--stock", help="Units in stock (default: unlimited).")] = None,
+    operator_: OperatorOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add a gift to the catalog."""
     from credex.points.catalog import add_item
 
     with points_session(ctx, write=True) as session:
-        item = add_item(session, sku, name=name, points=points, stock=stock)
+        item = add_item(
+            session, sku, name=name, points=points, stock=stock, operator=operator(ctx, operator_)
+        )
     emit(item, as_json=as_json, render=_render_item)
 
 
@@ -48,13 +51,22 @@ def update(
     active: Annotated[
         bool | None, typer.Option("--active/--inactive", help="Offer the gift or withdraw it.")
     ] = None,
+    operator_: OperatorOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Change a gift's name, cost, stock or availability."""
     from credex.points.catalog import update_item
 
     with points_session(ctx, write=True) as session:
-        item = update_item(session, sku, name=name, points=points, stock=stock, active=active)
+        item = update_item(
+            session,
+            sku,
+            name=name,
+            points=points,
+            stock=stock,
+            active=active,
+            operator=operator(ctx, operator_),
+        )
     emit(item, as_json=as_json, render=_render_item)
 
 

@@ -15,12 +15,17 @@ COLUMNS = ["redemption_id", "created_at", "user_id", "sku", "quantity", "points"
 
 
 def _render(console, redemption: dict) -> None:
-    from credex.output import print_record
+    from credex.output import print_record, print_rows
 
     title = f"redemption {redemption['redemption_id']}"
     if redemption.get("duplicate"):
         title += " (already recorded: nothing changed)"
-    print_record(console, redemption, title=title)
+    events = redemption.get("events")
+    print_record(console, {k: v for k, v in redemption.items() if k != "events"}, title=title)
+    if events:
+        print_rows(
+            console, events, columns=["at", "status", "source", "detail"], title="events (newest first)"
+        )
 
 
 @app.command("create")
@@ -67,11 +72,48 @@ def show(
     emit(result, as_json=as_json, render=_render)
 
 
+@app.command("cancel")
+def cancel(
+    ctx: typer.Context,
+    redemption_id: Annotated[str, typer.Argument(help="The redemption's id.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (shown in its events and sent to the warehouse).")
+    ],
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            "--wait", min=0, help="Wait up to SECONDS for the warehouse's answer.", show_default=False
+        ),
+    ] = None,
+    operator_: OperatorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask for the gift not to ship: points and stock come back once it is cancelled.
+
+    A redemption whose message never left is cancelled at once; otherwise it is `cancelling`
+    until the warehouse answers (--wait to wait for that answer)."""
+    from credex.commands._common import settings
+    from credex.points.cancels import cancel_redemption, wait_for_outcome
+
+    with points_session(ctx, write=True) as session:
+        result = cancel_redemption(session, redemption_id, reason=reason, operator=operator(ctx, operator_))
+    if wait and result["status"] == "cancelling":
+        shown = wait_for_outcome(settings(ctx).database_url, result["redemption_id"], seconds=wait)
+        result = shown | {"duplicate": result["duplicate"], "cancel": result["cancel"]}
+    emit(result, as_json=as_json, render=_render)
+
+
 @app.command("list")
 def list_(
     ctx: typer.Context,
     user: Annotated[str | None, typer.Option("--user", help="Only this shopper's.")] = None,
-    status: Annotated[str | None, typer.Option("--status", help="pending or shipping.")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            help="pending, shipping, cancelling, cancelled, delivered, returned or exception.",
+        ),
+    ] = None,
     limit: LimitOption = 50,
     as_json: JsonOption = False,
 ) -> None:
@@ -80,8 +122,9 @@ def list_(
     from credex.errors import InvalidInput
     from credex.points.redemptions import list_redemptions
 
-    if status is not None and status not in {s.value for s in RedemptionStatus}:
-        raise InvalidInput(f"unknown status {status!r}: use pending or shipping")
+    statuses = [s.value for s in RedemptionStatus]
+    if status is not None and status not in statuses:
+        raise InvalidInput(f"unknown status {status!r}: use {', '.join(statuses)}")
     with points_session(ctx) as session:
         rows = list_redemptions(session, user_id=user, status=status, limit=limit)
     emit(rows, as_json=as_json, columns=COLUMNS, title="redemptions")

@@ -11,7 +11,15 @@ from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
 
-LIST_COLUMNS = ["message_id", "redemption_id", "state", "attempts", "next_attempt_at", "last_error"]
+LIST_COLUMNS = [
+    "message_id",
+    "redemption_id",
+    "routing_key",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+]
 
 
 @app.command("run")
@@ -91,7 +99,12 @@ def run(
         max_attempts=max_attempts,
     )
     options = RelayOptions(
-        batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
+        batch_size=batch_size,
+        lease=lease,
+        poll_interval=poll_interval,
+        once=once,
+        policy=policy,
+        operator=s.operator,  # on the refunds the warehouse's cancel answers bring
     )
     relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
     report = run_until_signalled(relay, as_json=as_json)

@@ -1,13 +1,40 @@
-"""credex track: where is my gift? Asks the carrier about a redemption's parcel or an express number."""
+"""credex track: where is my gift? Asks the carrier about a redemption's parcel or an express
+number; `track sync` (cron) records the delivery status of every redemption on its way."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-from credex.commands._common import JsonOption, points_session, settings
+from credex.commands._common import (
+    JsonOption,
+    LimitOption,
+    OperatorOption,
+    operator,
+    points_session,
+    settings,
+)
 from credex.output import emit
+
+
+class _TrackGroup(TyperGroup):
+    """`track REDEMPTION_ID` and `track --express-no NO` stay as they were: anything that is not a
+    subcommand (``sync``) goes to the parcel look-up."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["parcel", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_TrackGroup,
+    help="Where is a gift? `credex track REDEMPTION_ID`, `credex track --express-no NO`, "
+    "or `credex track sync` to record the delivery status of every redemption on its way.",
+    no_args_is_help=False,
+)
 
 STATUS_STYLES = {
     "delivered": "bold green",
@@ -32,6 +59,10 @@ def _render(console, result: dict) -> None:
     if result.get("redemption_id") is not None:
         header.append(f"  (redemption {result['redemption_id']})")
     console.print(header)
+    if result.get("stored"):
+        when = result["checked_at"].isoformat(timespec="seconds")
+        console.print(f"  (as the carrier said at {when}; --fresh asks again)")
+        return
     points = result["checkpoints"]
     if not points:
         console.print("  (no checkpoints yet)")
@@ -51,6 +82,7 @@ def _render(console, result: dict) -> None:
         console.print(line)
 
 
+@app.command("parcel", hidden=True)
 def track(
     ctx: typer.Context,
     redemption_id: Annotated[
@@ -81,11 +113,17 @@ def track(
             show_default=False,
         ),
     ] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option("--fresh", help="Ask the carrier even when the stored answer is fresh."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Where is a gift? The carrier's status and checkpoints, newest first.
 
-    Give a REDEMPTION_ID, or --express-no NO [--carrier CODE].
+    Give a REDEMPTION_ID, or --express-no NO [--carrier CODE]. A redemption checked within
+    CREDEX_TRACK_MIN_INTERVAL is answered from the stored status (the carrier may lock a number
+    asked about too often), unless --fresh.
     """
     from credex.errors import InvalidInput
     from credex.logistics import carrier_client
@@ -104,8 +142,15 @@ def track(
     if redemption_id is not None:
         if carrier is not None:
             raise InvalidInput("--carrier goes with --express-no: a redemption knows its carrier")
+        from credex.points.deliveries import stored_tracking
+
+        interval = _min_interval(ctx)
         with points_session(ctx) as session:
             parcel = parcel_of_redemption(session, redemption_id)
+            stored = None if fresh else stored_tracking(session, parcel.redemption_id, interval=interval)
+        if stored is not None:
+            emit(stored, as_json=as_json, render=_render)
+            return
     else:
         parcel = Parcel(
             express_no=check_express_no(express_no),
@@ -113,4 +158,39 @@ def track(
         )
     with carrier_client(settings(ctx)) as client:
         result = track_parcel(client, parcel, phone=phone)
+    if parcel.redemption_id is not None:
+        from credex.points.deliveries import store_tracking
+
+        store_tracking(settings(ctx).database_url, parcel.redemption_id, result["status"])
     emit(result, as_json=as_json, render=_render)
+
+
+def _min_interval(ctx: typer.Context):
+    from credex.points.rules import parse_duration
+
+    return parse_duration(settings(ctx).track_min_interval, "CREDEX_TRACK_MIN_INTERVAL")
+
+
+@app.command("sync")
+def sync(
+    ctx: typer.Context,
+    limit: LimitOption = 500,
+    operator_: OperatorOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """(cron) Ask the carrier about redemptions on their way, each at most once per
+    CREDEX_TRACK_MIN_INTERVAL (default 30m): delivered ones become `delivered`, returned ones
+    `returned` and refunded. Safe to run beside itself and the workers."""
+    from credex.db.engine import ensure_schema
+    from credex.logistics import carrier_client
+    from credex.points.deliveries import sync_deliveries
+
+    interval = _min_interval(ctx)
+    who = operator(ctx, operator_)
+    # Unreachable or not migrated: said before the carrier is set up.
+    ensure_schema(settings(ctx).database_url)
+    with carrier_client(settings(ctx)) as client:
+        report = sync_deliveries(
+            settings(ctx).database_url, client, limit=limit, interval=interval, operator=who
+        )
+    emit(report.to_json(), as_json=as_json)

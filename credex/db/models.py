@@ -65,6 +65,7 @@ class EntryKind(StrEnum):
     refund = "refund"  # a refunded order's points taken back
     settle = "settle"  # pending points made available
     expiry = "expiry"  # what was left of an award, written off
+    redemption_refund = "redemption_refund"  # a cancelled or returned redemption's points back (ref: its id)
 
 
 class LotState(StrEnum):
@@ -75,8 +76,37 @@ class LotState(StrEnum):
 
 
 class RedemptionStatus(StrEnum):
-    pending = "pending"
-    shipping = "shipping"
+    """docs/redemptions.md: who moves a redemption from each status, and where to."""
+
+    pending = "pending"  # its redemption.created message is on its way; no waybill yet
+    shipping = "shipping"  # the carrier issued a waybill
+    cancelling = "cancelling"  # a redemption.cancelled message is on its way to the warehouse
+    cancelled = "cancelled"  # final: no parcel leaves; points and stock are back
+    delivered = "delivered"  # final: the carrier says delivered
+    returned = "returned"  # final: back with the sender; points and stock are back
+    exception = "exception"  # the carrier refused the shipment for good (shipment.failed)
+
+
+# A cancel is refused from these (not_cancellable), and is a repeat from those.
+FINAL_DELIVERIES = (RedemptionStatus.delivered.value, RedemptionStatus.returned.value)
+CANCEL_UNDERWAY = (RedemptionStatus.cancelling.value, RedemptionStatus.cancelled.value)
+
+
+class EventSource(StrEnum):
+    """Who changed a redemption's status (redemption_event.source)."""
+
+    create = "create"
+    relay = "relay"
+    warehouse = "warehouse"
+    cancel = "cancel"
+    sync = "sync"
+
+
+class StockKind(StrEnum):
+    set = "set"  # catalog add/update set the stock (delta: new - old; unlimited counts as 0)
+    redeem = "redeem"  # a redemption took it
+    cancel = "cancel"  # a cancelled redemption gave it back
+    ret = "return"  # a returned parcel gave it back
 
 
 class MessageState(StrEnum):
@@ -84,6 +114,7 @@ class MessageState(StrEnum):
     sent = "sent"
     confirmed = "confirmed"
     dead = "dead"
+    cancelled = "cancelled"  # withdrawn: its redemption was cancelled, it will never be published again
 
 
 class ShipmentStatus(StrEnum):
@@ -182,10 +213,12 @@ class PointLot(SQLModel, table=True):
 
 
 class LotUse(SQLModel, table=True):
-    """Points taken out of a lot by one ledger entry: spent, clawed back, paid to debt or expired."""
+    """Points taken out of a lot by one ledger entry: spent, clawed back, paid to debt or expired;
+    or put back into it (negative) by a redemption_refund."""
 
     __tablename__ = "lot_use"
-    __table_args__ = (CheckConstraint("points > 0", name="ck_lot_use_points_positive"),)
+    # Negative: points put back into the lot by a redemption_refund (migration 0004).
+    __table_args__ = (CheckConstraint("points <> 0", name="ck_lot_use_points_nonzero"),)
 
     lot_id: int = Field(sa_column=Column(BigInteger(), ForeignKey("point_lot.id"), primary_key=True))
     entry_id: int = Field(sa_column=Column(BigInteger(), ForeignKey("ledger_entry.id"), primary_key=True))
@@ -229,6 +262,44 @@ class Redemption(SQLModel, table=True):
     operator: str = Field(sa_column=Column(String(128), nullable=False))
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
+    # The carrier's last normalised status, and when track sync (or track) last asked: the claim
+    # that keeps concurrent syncs from asking twice within CREDEX_TRACK_MIN_INTERVAL.
+    delivery_status: str | None = Field(default=None, sa_column=Column(String(32)))
+    delivery_checked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+
+
+class RedemptionEvent(SQLModel, table=True):
+    """One change of a redemption's status: who made it (``source``) and why (``detail``)."""
+
+    __tablename__ = "redemption_event"
+    __table_args__ = (Index("ix_redemption_event_redemption_id_id", "redemption_id", "id"),)
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    redemption_id: int = Field(sa_column=Column(BigId, ForeignKey("redemption.id"), nullable=False))
+    at: datetime = Field(sa_column=_ts())
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    source: str = Field(sa_column=Column(String(16), nullable=False))
+    detail: str | None = Field(default=None, sa_column=Column(Text()))
+
+
+class StockMovement(SQLModel, table=True):
+    """One change of a gift's stock, with who made it: a gift's stock is the sum of its deltas
+    (unlimited counting as 0)."""
+
+    __tablename__ = "stock_movement"
+    __table_args__ = (
+        Index("ix_stock_movement_sku_id", "sku", "id"),
+        Index("ix_stock_movement_ref", "ref"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    sku: str = Field(sa_column=Column(String(64), ForeignKey("catalog_item.sku"), nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    delta: int = Field(sa_column=_points())
+    stock_after: int | None = Field(default=None, sa_column=_points(nullable=True))  # None: unlimited
+    ref: str | None = Field(default=None, sa_column=Column(String(255)))  # the redemption id
+    operator: str = Field(sa_column=Column(String(128), nullable=False))
+    at: datetime = Field(sa_column=_ts())
 
 
 class OutboxMessage(SQLModel, table=True):
@@ -241,8 +312,10 @@ class OutboxMessage(SQLModel, table=True):
     __table_args__ = (Index("ix_outbox_message_due", "next_attempt_at", "id"),)
 
     id: str = Field(sa_column=Column(String(36), primary_key=True))  # a UUID, the AMQP message_id
+    # A redemption's messages: its redemption.created (one, a partial unique index of migration
+    # 0004) and its redemption.cancelled ones.
     redemption_id: int | None = Field(
-        default=None, sa_column=Column(BigId, ForeignKey("redemption.id"), unique=True)
+        default=None, sa_column=Column(BigId, ForeignKey("redemption.id"), index=True)
     )
     routing_key: str = Field(sa_column=Column(String(255), nullable=False))
     body: str = Field(sa_column=Column(Text(), nullable=False))
@@ -251,6 +324,9 @@ class OutboxMessage(SQLModel, table=True):
     next_attempt_at: datetime = Field(sa_column=_ts())
     claimed_by: str | None = Field(default=None, sa_column=Column(String(64)))
     claimed_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # When a relay first committed a claim on it, before any publish; never cleared. A message
+    # without it was never handed to the broker: `redeem cancel` may withdraw it on the spot.
+    first_claimed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     last_error: str | None = Field(default=None, sa_column=Column(Text()))
     sent_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     confirmed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

@@ -14,5 +14,7 @@ catalog_item = models.CatalogItem.__table__
 redemption = models.Redemption.__table__
 outbox_message = models.OutboxMessage.__table__
 shipment_request = models.ShipmentRequest.__table__
+redemption_event = models.RedemptionEvent.__table__
+stock_movement = models.StockMovement.__table__
 
 metadata = models.metadata

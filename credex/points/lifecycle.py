@@ -430,6 +430,15 @@ def settle_pending(session: Session, *, operator: str, now: datetime | None = No
     return report
 
 
+def _expiry_ref(session: Session, lot_id: int) -> str:
+    """``lot-ID``; a lot that lapses again (a refunded redemption put points back into it after it
+    expired) gets ``lot-ID.N``, N its put-backs so far."""
+    put_backs = session.execute(
+        select(func.count()).where(use_table.c.lot_id == lot_id, use_table.c.points < 0)
+    ).scalar_one()
+    return f"lot-{lot_id}" if not put_backs else f"lot-{lot_id}.{put_backs}"
+
+
 def expire_lapsed(session: Session, *, operator: str, now: datetime | None = None) -> dict:
     """Write off what is left of every award past its expiry date: one ``expiry`` entry per
     lot. Idempotent; safe beside redemptions and other runs."""
@@ -452,7 +461,7 @@ def expire_lapsed(session: Session, *, operator: str, now: datetime | None = Non
                 session,
                 user_id=user_id,
                 kind=EntryKind.expiry.value,
-                ref=f"lot-{row.id}",
+                ref=_expiry_ref(session, row.id),
                 points=-row.remaining,
                 balance=balance,
                 detail=None,

@@ -12,7 +12,15 @@ from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
-from credex.db.models import EntryKind, MessageState, RedemptionStatus, UTCDateTime, utcnow
+from credex.db.models import (
+    EntryKind,
+    EventSource,
+    MessageState,
+    RedemptionStatus,
+    StockKind,
+    UTCDateTime,
+    utcnow,
+)
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
 from credex.points.awards import account_table, check_user_id
 from credex.points.lifecycle import consume_lots
@@ -23,6 +31,8 @@ _item = tables.catalog_item
 _redemption = tables.redemption
 _ledger = tables.ledger_entry
 _outbox = tables.outbox_message
+_event = tables.redemption_event
+_movement = tables.stock_movement
 
 
 def redemption_json(row, *, message_state: str | None = None, duplicate: bool | None = None) -> dict:
@@ -38,6 +48,8 @@ def redemption_json(row, *, message_state: str | None = None, duplicate: bool | 
         "message_id": row.message_id,
         "express_no": row.express_no,
         "carrier": row.carrier,
+        "delivery_status": row.delivery_status,
+        "delivery_checked_at": row.delivery_checked_at,
         "created_at": row.created_at,
     }
     if message_state is not None:
@@ -109,7 +121,12 @@ _TAKE_STOCK = DriverStatement(
     update(_item)
     .where(_item.c.sku == bindparam("gift"), _item.c.stock >= bindparam("wanted"))
     .values(stock=_item.c.stock - bindparam("wanted"), updated_at=bindparam("moment", type_=UTCDateTime()))
+    .returning(_item.c.stock)
 )
+_INSERT_MOVEMENT = DriverStatement(
+    insert(_movement), columns=("sku", "kind", "delta", "stock_after", "ref", "operator", "at")
+)
+_INSERT_EVENT = DriverStatement(insert(_event), columns=("redemption_id", "at", "status", "source", "detail"))
 _REDEMPTION_COLUMNS = (
     "request_id", "user_id", "sku", "quantity", "points", "balance", "address", "status", "message_id",
     "operator", "created_at", "updated_at",
@@ -180,9 +197,12 @@ def redeem(
             if current is None:
                 raise UnknownUser(f"no account for user {user_id}")
             raise InsufficientPoints(f"{user_id} has {current} points; {quantity} x {sku} costs {cost}")
+        stock_left = None
         if stock is not None:
-            taken = _TAKE_STOCK.execute(cursor, {"gift": sku, "wanted": quantity, "moment": now})
-            if taken.rowcount != 1:
+            stock_left = first_value(
+                _TAKE_STOCK.execute(cursor, {"gift": sku, "wanted": quantity, "moment": now})
+            )
+            if stock_left is None:
                 session.rollback()
                 raise OutOfStock(f"gift {sku} has fewer than {quantity} in stock")
 
@@ -225,6 +245,29 @@ def redeem(
             )
         )
         consume_lots(session, user_id, cost, entry_id, cursor=cursor)  # oldest points first: fewer expire
+        if stock_left is not None:
+            _INSERT_MOVEMENT.execute(
+                cursor,
+                {
+                    "sku": sku,
+                    "kind": StockKind.redeem.value,
+                    "delta": -quantity,
+                    "stock_after": stock_left,
+                    "ref": str(redemption_id),
+                    "operator": operator,
+                    "at": now,
+                },
+            )
+        _INSERT_EVENT.execute(
+            cursor,
+            {
+                "redemption_id": redemption_id,
+                "at": now,
+                "status": RedemptionStatus.pending.value,
+                "source": EventSource.create.value,
+                "detail": None,
+            },
+        )
         _INSERT_MESSAGE.execute(
             cursor,
             {
@@ -269,6 +312,8 @@ def redeem(
         "message_id": message_id,
         "express_no": None,
         "carrier": None,
+        "delivery_status": None,
+        "delivery_checked_at": None,
         "duplicate": False,
         "created_at": now,
     }
@@ -284,7 +329,9 @@ def get_redemption(session: Session, redemption_id: str | int) -> dict:
     ).first()
     if row is None:
         raise UnknownRedemption(f"no redemption {redemption_id}")
-    return redemption_json(row, message_state=row.message_state)
+    from credex.points.cancels import events_of
+
+    return redemption_json(row, message_state=row.message_state) | {"events": events_of(session, number)}
 
 
 def list_redemptions(

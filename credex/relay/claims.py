@@ -3,13 +3,16 @@ once never publish the same due message in one round, and how it lets go. Two wa
 from the database's dialect (``claim_strategy``):
 
 - ``LeaseClaims`` (SQLite: one writer at a time, so no transaction may stay open while the batch is
-  published): the claim is written on the rows (``claimed_by``, ``claimed_until``) and committed;
-  the record clears it. A relay that dies leaves its lease behind until it runs out.
+  published): the claim is written on the rows (``claimed_by``, ``claimed_until``, and the first
+  time ``first_claimed_at``) and committed; the record clears the lease. A relay that dies
+  leaves its lease behind until it runs out.
 - ``LockClaims`` (Postgres): the claim is the row locks of the batch's own transaction
   (``FOR UPDATE SKIP LOCKED``), held while the batch is published and ended by the commit that
-  records it. Nothing is written to claim, and a relay that dies releases the locks with its
-  connection. Other writers of those rows pass them by rather than wait (``outbox``'s statements
-  say ``SKIP LOCKED``).
+  records it. A relay that dies releases the locks with its connection. Only a message's first
+  claim is written (``first_claimed_at``, committed before the lock is taken), so that a message
+  the broker may have is never taken for one no relay ever held (`redeem cancel`). Other
+  writers of those rows pass them by rather than wait (``outbox``'s statements say
+  ``SKIP LOCKED``).
 
 Every method runs on one of the relay's database threads (``writers`` of them).
 """
@@ -33,6 +36,7 @@ from credex.relay.outbox import (
     bury_exhausted,
     claim_due_messages,
     lock_due_messages,
+    mark_fresh_messages,
     outbox_table,
     record_publish_outcomes,
     release_lease,
@@ -132,6 +136,11 @@ class LockClaims(ClaimStrategy):
         session.execute(_RELAXED)
 
     def claim(self, limit: int, *, now: datetime) -> Claim:
+        # First a claim committed on the messages never claimed before (durably: not relaxed), so
+        # that a message at the broker always carries one, even after this relay crashes.
+        with session_for(self.database_url, write=True) as marking:
+            if mark_fresh_messages(marking, limit=limit, now=now):
+                marking.commit()
         session = open_session(self.database_url, write=True)
         try:
             buried = self._bury(session, now)

@@ -21,6 +21,7 @@ _PENDING = MessageState.pending.value
 _SENT = MessageState.sent.value
 _CONFIRMED = MessageState.confirmed.value
 _DEAD = MessageState.dead.value
+_WITHDRAWN = MessageState.cancelled.value
 CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
 
 
@@ -28,6 +29,7 @@ def message_json(row) -> dict:
     return {
         "message_id": row.id,
         "redemption_id": row.redemption_id,
+        "routing_key": row.routing_key,
         "state": row.state,
         "attempts": row.attempts,
         "next_attempt_at": row.next_attempt_at,
@@ -76,11 +78,14 @@ def retry_messages(
     if unknown:
         session.rollback()
         raise UnknownMessage(f"no outbox message {', '.join(unknown)}")
-    retried = sorted(m for m, s in states.items() if s != _CONFIRMED)
+    retried = sorted(m for m, s in states.items() if s not in (_CONFIRMED, _WITHDRAWN))
+    revived = [m for m in retried if states[m] == _DEAD]
+    for start in range(0, len(revived), CHUNK):
+        _back_to_pending(session, revived[start : start + CHUNK], now)
     for start in range(0, len(retried), CHUNK):
         session.execute(
             update(outbox_table)
-            .where(o.id.in_(retried[start : start + CHUNK]), o.state != _CONFIRMED)
+            .where(o.id.in_(retried[start : start + CHUNK]), o.state.not_in((_CONFIRMED, _WITHDRAWN)))
             .values(
                 attempts=case((o.state == _DEAD, 0), else_=o.attempts),
                 state=case((o.state == _DEAD, _PENDING), else_=o.state),
@@ -88,7 +93,44 @@ def retry_messages(
             )
         )
     session.commit()
+    # A withdrawn message (its redemption cancelled) is never sent again: neither retried nor confirmed.
     return {"retried": retried, "already_confirmed": sorted(m for m, s in states.items() if s == _CONFIRMED)}
+
+
+def _back_to_pending(session: Session, message_ids: list[str], now: datetime) -> None:
+    """The redemptions whose redemption.created came back from dead leave ``exception``: the
+    warehouse gets the message again (the carrier's refusal fixed, it asks again)."""
+    from credex.db.models import EventSource, RedemptionStatus
+    from credex.points.cancels import add_event
+
+    r = tables.redemption.c
+    o = outbox_table.c
+    moved = (
+        session.execute(
+            update(tables.redemption)
+            .where(
+                r.status == RedemptionStatus.exception.value,
+                r.id.in_(
+                    select(o.redemption_id).where(
+                        o.id.in_(message_ids), o.routing_key == "redemption.created"
+                    )
+                ),
+            )
+            .values(status=RedemptionStatus.pending.value, updated_at=now)
+            .returning(r.id)
+        )
+        .scalars()
+        .all()
+    )
+    for redemption_id in moved:
+        add_event(
+            session,
+            redemption_id,
+            status=RedemptionStatus.pending.value,
+            source=EventSource.relay,
+            detail="relay retry: its message is due again",
+            now=now,
+        )
 
 
 def purge_confirmed(session: Session, *, older_than: timedelta, dry_run: bool = False) -> dict:

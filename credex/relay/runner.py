@@ -31,8 +31,18 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
 from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
-from credex.relay.outbox import Confirmation, PublishTally, RedeliveryPolicy, record_confirmations
-from credex.relay.topology import REDEMPTION_CREATED, Names
+from credex.relay.outbox import (
+    CANCEL_OUTCOMES,
+    CancelAnswer,
+    Confirmation,
+    FailedAnswer,
+    PublishTally,
+    RedeliveryPolicy,
+    record_cancel_answers,
+    record_confirmations,
+    record_failures,
+)
+from credex.relay.topology import SHIPMENT_CANCELLED, SHIPMENT_FAILED, SHIPMENT_REQUESTED, Names
 from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
@@ -47,6 +57,7 @@ class RelayOptions:
     poll_interval: float = 0.5  # how often an idle relay looks for due messages
     once: bool = False
     policy: RedeliveryPolicy = field(default_factory=RedeliveryPolicy)
+    operator: str = "relay"  # recorded on the refunds the warehouse's cancel answers bring
 
 
 @dataclass
@@ -236,7 +247,7 @@ class Relay(Worker[RelayReport]):
                 if claim.messages:
                     self.broker.send(
                         [
-                            Outgoing(m.id, m.routing_key, m.body.encode(), REDEMPTION_CREATED)
+                            Outgoing(m.id, m.routing_key, m.body.encode(), m.routing_key)
                             for m in claim.messages
                         ]
                     )
@@ -299,12 +310,16 @@ class Relay(Worker[RelayReport]):
         self._put_off = []
         if not deliveries:
             return 0
-        confirmations: dict[int, Confirmation] = {}
+        confirmations: dict[int, Confirmation | CancelAnswer | FailedAnswer] = {}
         for delivery in deliveries:
-            confirmation = parse_confirmation(delivery.properties, delivery.body)
+            confirmation = parse_answer(delivery.properties, delivery.body)
             if confirmation is None:
                 self.report.malformed_confirmations += 1
-                log.error("dropped a malformed confirmation (message id %s)", delivery.properties.message_id)
+                log.error(
+                    "dropped a malformed confirmation (type %s, message id %s): unknown type or bad body",
+                    delivery.properties.type,
+                    delivery.properties.message_id,
+                )
                 self.broker.ack(delivery.tag)
             else:
                 confirmations[delivery.tag] = confirmation
@@ -333,10 +348,27 @@ class Relay(Worker[RelayReport]):
             log.info("recorded %d confirmation(s) from the warehouse", confirmed)
         return len(deliveries) - len(self._put_off)
 
-    def _record_confirmations(self, confirmations: list[Confirmation]) -> tuple[int, set[str]]:
+    def _record_confirmations(self, answers: list) -> tuple[int, set[str]]:
+        """One transaction for the batch: waybills, cancel answers, final refusals."""
+        now = self.clock()
+        shipped = [a for a in answers if isinstance(a, Confirmation)]
+        cancels = [a for a in answers if isinstance(a, CancelAnswer)]
+        failures = [a for a in answers if isinstance(a, FailedAnswer)]
         with session_for(self.database_url, write=True) as session:
-            self.claims.relax_commit(session)
-            confirmed, put_off = record_confirmations(session, confirmations, now=self.clock())
+            confirmed, put_off = 0, []
+            if shipped and not (cancels or failures):
+                # A lost confirmation comes again; a refund must not be lost.
+                self.claims.relax_commit(session)
+            if shipped:
+                confirmed, put_off = record_confirmations(session, shipped, now=now)
+            if failures:
+                changed, held = record_failures(session, failures, now=now)
+                confirmed, put_off = confirmed + changed, put_off + held
+            if cancels:
+                changed, held = record_cancel_answers(
+                    session, cancels, now=now, operator=self.options.operator
+                )
+                confirmed, put_off = confirmed + changed, put_off + held
             session.commit()
         return confirmed, set(put_off)
 
@@ -355,6 +387,33 @@ class Relay(Worker[RelayReport]):
 def _quietly(work: Callable, *args) -> None:
     with contextlib.suppress(Exception):  # cleaning up after a failure: the failure is what counts
         work(*args)
+
+
+def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | FailedAnswer | None:
+    """One of the warehouse's answers by its ``type`` (messaging.md; none: shipment.requested, as
+    the first warehouses sent it), or None for an unknown type or a malformed body."""
+    kind = properties.type or SHIPMENT_REQUESTED
+    if kind == SHIPMENT_REQUESTED:
+        return parse_confirmation(properties, body)
+    if kind not in (SHIPMENT_CANCELLED, SHIPMENT_FAILED):
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    message_id = properties.correlation_id or data.get("message_id")
+    if not isinstance(message_id, str) or not message_id:
+        return None
+    reason = data.get("reason")
+    reason = reason if isinstance(reason, str) and reason else None
+    if kind == SHIPMENT_FAILED:
+        return FailedAnswer(message_id, reason or "the carrier refused the shipment")
+    outcome = data.get("outcome")
+    if outcome not in CANCEL_OUTCOMES:
+        return None
+    return CancelAnswer(message_id, outcome, reason)
 
 
 def parse_confirmation(properties, body: bytes) -> Confirmation | None:

@@ -14,6 +14,7 @@ REDEMPTION_CANCELLED = "redemption.cancelled"
 SHIPMENT_REQUESTED = "shipment.requested"
 SHIPMENT_CANCELLED = "shipment.cancelled"
 SHIPMENT_FAILED = "shipment.failed"
+ANSWERS = (SHIPMENT_REQUESTED, SHIPMENT_CANCELLED, SHIPMENT_FAILED)  # the warehouse's, to the relay
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,6 @@ class Names:
                     (REDEMPTION_CREATED, REDEMPTION_CANCELLED),
                     {"x-queue-type": "quorum"},
                 ),
-                Queue(
-                    self.confirmations_queue,
-                    (SHIPMENT_REQUESTED, SHIPMENT_CANCELLED, SHIPMENT_FAILED),
-                    {"x-queue-type": "quorum"},
-                ),
+                Queue(self.confirmations_queue, ANSWERS, {"x-queue-type": "quorum"}),
             ),
         )

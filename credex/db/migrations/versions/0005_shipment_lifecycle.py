@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 
 revision = '0005_shipment_lifecycle'
-down_revision = '0003'
+down_revision = '0004_redemption_lifecycle'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,186 @@
+"""Delivery status: `track sync` asks the carrier about redemptions on their way and records
+what it says (delivered, returned and refunded), and `track REDEMPTION_ID` answers from that
+record while it is fresh.
+
+A redemption is asked about at most once per ``CREDEX_TRACK_MIN_INTERVAL`` (kuaidi100 locks a
+number queried more often): the claim *is* the conditional update of ``delivery_checked_at``,
+committed before the carrier is asked, so concurrent runs never ask twice for one number within
+the interval. Each redemption's record is a short transaction of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlmodel import Session
+
+from credex.db import tables
+from credex.db.engine import session_for
+from credex.db.models import EventSource, RedemptionStatus, utcnow
+from credex.errors import CarrierRejected, Unavailable, UnknownParcel
+from credex.logistics.model import CarrierClient
+
+_r = tables.redemption
+_ST = RedemptionStatus
+# Asked about: on its way, or with a cancel on its way and a waybill (the parcel may still come back).
+ON_THE_WAY = (_ST.shipping.value, _ST.cancelling.value)
+
+
+@dataclass
+class SyncReport:
+    checked: int = 0  # asked the carrier
+    delivered: int = 0
+    returned: int = 0  # and refunded
+    unchanged: int = 0
+    skipped: int = 0  # checked by another run within the interval
+    failed: int = 0  # the carrier refused to answer about it (unknown number, a final error)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _not_checked_since(cutoff: datetime):
+    return or_(_r.c.delivery_checked_at.is_(None), _r.c.delivery_checked_at <= cutoff)
+
+
+def due_for_check(session: Session, *, limit: int, now: datetime, interval: timedelta) -> list:
+    """Redemptions on their way not checked within ``interval``, the longest unchecked first."""
+    return session.execute(
+        select(_r.c.id, _r.c.express_no, _r.c.carrier)
+        .where(_r.c.status.in_(ON_THE_WAY), _r.c.express_no.is_not(None), _not_checked_since(now - interval))
+        .order_by(_r.c.delivery_checked_at.is_not(None), _r.c.delivery_checked_at, _r.c.id)
+        .limit(limit)
+    ).all()
+
+
+def claim_check(session: Session, redemption_id: int, *, now: datetime, interval: timedelta) -> bool:
+    """Take the right to ask about this redemption now (the caller commits before asking)."""
+    return (
+        session.execute(
+            update(_r)
+            .where(
+                _r.c.id == redemption_id,
+                _r.c.status.in_(ON_THE_WAY),
+                _r.c.express_no.is_not(None),
+                _not_checked_since(now - interval),
+            )
+            .values(delivery_checked_at=now)
+        ).rowcount
+        == 1
+    )
+
+
+def record_delivery(
+    session: Session, redemption_id: int, status: str, *, operator: str, now: datetime
+) -> str:
+    """Record the carrier's ``status`` (the caller commits); ``delivered`` or ``returned`` move the
+    redemption (a return refunds it, once). Returns what happened: delivered, returned or
+    unchanged."""
+    from credex.points.cancels import add_event, refund_redemption
+
+    session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status))
+    if status == "delivered":
+        moved = session.execute(
+            update(_r)
+            .where(_r.c.id == redemption_id, _r.c.status == _ST.shipping.value)
+            .values(status=_ST.delivered.value, updated_at=now)
+        ).rowcount
+        if moved:
+            add_event(
+                session,
+                redemption_id,
+                status=_ST.delivered.value,
+                source=EventSource.sync,
+                detail="the carrier says delivered",
+                now=now,
+            )
+            return "delivered"
+    elif status == "returned":
+        refund = refund_redemption(
+            session,
+            redemption_id,
+            from_statuses=ON_THE_WAY,
+            to_status=_ST.returned,
+            source=EventSource.sync,
+            detail="the carrier says returned to the sender",
+            operator=operator,
+            now=now,
+        )
+        if refund is not None:
+            return "returned"
+    return "unchanged"
+
+
+def sync_deliveries(
+    database_url: str,
+    client: CarrierClient,
+    *,
+    limit: int,
+    interval: timedelta,
+    operator: str,
+) -> SyncReport:
+    """`track sync`: ask the carrier about up to ``limit`` redemptions due for a check. A carrier
+    that cannot be reached ends the run (Unavailable, exit 69); the numbers claimed so far wait
+    for the next interval, as kuaidi100 wants."""
+    report = SyncReport()
+    now = utcnow()
+    with session_for(database_url) as session:
+        due = due_for_check(session, limit=limit, now=now, interval=interval)
+    for row in due:
+        now = utcnow()
+        with session_for(database_url, write=True) as session:
+            claimed = claim_check(session, row.id, now=now, interval=interval)
+            session.commit()
+        if not claimed:
+            report.skipped += 1
+            continue
+        try:
+            tracking = client.track(row.express_no, carrier=row.carrier)
+        except (UnknownParcel, CarrierRejected):
+            report.failed += 1
+            continue
+        except Unavailable:
+            raise
+        report.checked += 1
+        with session_for(database_url, write=True) as session:
+            outcome = record_delivery(session, row.id, tracking.status, operator=operator, now=utcnow())
+            session.commit()
+        setattr(report, outcome, getattr(report, outcome) + 1)
+    return report
+
+
+def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta) -> dict | None:
+    """`track REDEMPTION_ID` without --fresh: the stored answer while it is younger than
+    ``interval`` (None: ask the carrier)."""
+    row = session.execute(
+        select(_r.c.id, _r.c.express_no, _r.c.carrier, _r.c.delivery_status, _r.c.delivery_checked_at).where(
+            _r.c.id == redemption_id
+        )
+    ).first()
+    if row is None or row.delivery_status is None or row.delivery_checked_at is None:
+        return None
+    if utcnow() - row.delivery_checked_at >= interval:
+        return None
+    return {
+        "redemption_id": row.id,
+        "express_no": row.express_no,
+        "carrier": row.carrier,
+        "status": row.delivery_status,
+        "checkpoints": [],
+        "stored": True,
+        "checked_at": row.delivery_checked_at,
+    }
+
+
+def store_tracking(database_url: str, redemption_id: int, status: str) -> None:
+    """What `track` just heard from the carrier, kept as the stored answer (the status only moves
+    with `track sync`)."""
+    with session_for(database_url, write=True) as session:
+        session.execute(
+            update(_r)
+            .where(_r.c.id == redemption_id)
+            .values(delivery_status=status, delivery_checked_at=utcnow())
+        )
+        session.commit()

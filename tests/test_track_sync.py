@@ -1,0 +1,171 @@
+"""`track sync` against the sandbox carrier: delivered parcels make their redemptions
+`delivered`, returned ones `returned` and refunded once; no express number is asked about twice
+within CREDEX_TRACK_MIN_INTERVAL, even by two runs at once; `track REDEMPTION_ID` answers from the
+stored status while it is fresh. On SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from credex.db.engine import session_for
+from credex.db.models import utcnow
+from credex.relay.outbox import Confirmation, record_confirmations
+from tests.sandbox import running_sandbox
+from tests.support import credex_command, subprocess_env
+
+TRACKINGS = "GET /v1/trackings"
+
+
+@pytest.fixture
+def sandbox():
+    with running_sandbox() as running:
+        yield running
+
+
+@pytest.fixture
+def ship(db_url, credex, sandbox):
+    """Redemptions the warehouse shipped: a sandbox parcel each, its waybill recorded by the relay."""
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "20").exit_code == 0
+    assert credex("award", "grant", "u1", "1000", "--reason", "opening", "--ref", "open-u1").exit_code == 0
+
+    def ship_one() -> dict:
+        created = credex("redeem", "create", "u1", "MUG", "--address", "1 High St", "--json").json()
+        parcel = sandbox.create_shipment(created["message_id"], address="1 High St", sku="MUG")
+        with session_for(db_url, write=True) as session:
+            record_confirmations(
+                session,
+                [Confirmation(created["message_id"], "sandbox", parcel["tracking_number"])],
+                now=utcnow(),
+            )
+            session.commit()
+        return created | {"parcel": parcel}
+
+    return ship_one
+
+
+def trackings(sandbox) -> int:
+    return sandbox.requests()["by_route"].get(TRACKINGS, 0)
+
+
+def test_sync_records_delivered_and_returned_and_refunds_a_return_once(credex, ship, sandbox):
+    env = {"CREDEX_LOGISTICS_URL": sandbox.url}
+    delivered, returned = ship(), ship()
+    sandbox.refuse(returned["parcel"]["shipment_id"])
+    sandbox.advance(10 * 60)  # both at the end of their road
+    on_its_way = ship()
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 970
+
+    done = credex("track", "sync", "--json", env=env)
+    assert done.exit_code == 0, done.stderr
+    assert done.json() == {
+        "checked": 3,
+        "delivered": 1,
+        "returned": 1,
+        "unchanged": 1,
+        "skipped": 0,
+        "failed": 0,
+    }
+    shown = {r["redemption_id"]: r for r in (delivered, returned, on_its_way)}
+    for rid in shown:
+        shown[rid] = credex("redeem", "show", rid, "--json").json()
+    assert [shown[r["redemption_id"]]["status"] for r in (delivered, returned, on_its_way)] == [
+        "delivered",
+        "returned",
+        "shipping",
+    ]
+    assert shown[on_its_way["redemption_id"]]["delivery_status"] == "info_received"
+    assert shown[returned["redemption_id"]]["events"][0]["source"] == "sync"
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 980  # the return's 10 back
+    assert credex("catalog", "list", "--json").json()[0]["stock"] == 18
+    assert trackings(sandbox) == 3
+
+    # Within the interval nothing is asked again, by sync or by track.
+    again = credex("track", "sync", "--json", env=env).json()
+    assert again["checked"] == 0 and trackings(sandbox) == 3
+    stored = credex("track", on_its_way["redemption_id"], "--json", env=env)
+    assert stored.exit_code == 0 and stored.json()["stored"] is True and trackings(sandbox) == 3
+    assert stored.json()["status"] == "info_received"
+    fresh = credex("track", on_its_way["redemption_id"], "--fresh", "--json", env=env)
+    assert fresh.exit_code == 0 and "stored" not in fresh.json() and trackings(sandbox) == 4
+    # A delivered redemption cannot be cancelled; the returned one was refunded once.
+    refused = credex("redeem", "cancel", delivered["redemption_id"], "--reason", "late")
+    assert refused.exit_code == 1
+    history = credex("account", "history", "u1", "--json").json()
+    assert [e["ref"] for e in history if e["kind"] == "redemption_refund"] == [str(returned["redemption_id"])]
+
+    # With no minimum interval, the parcels still on their way are asked about again.
+    sandbox.advance(10 * 60)
+    env["CREDEX_TRACK_MIN_INTERVAL"] = "0s"
+    last = credex("track", "sync", "--json", env=env).json()
+    assert (last["checked"], last["delivered"]) == (1, 1)
+    bad = credex("track", "sync", "--json", env=env | {"CREDEX_TRACK_MIN_INTERVAL": "soon"})
+    assert bad.exit_code == 2 and "CREDEX_TRACK_MIN_INTERVAL" in bad.stderr
+
+
+def test_two_syncs_at_once_never_ask_the_carrier_twice_about_one_number(db_url, ship, sandbox):
+    parcels = [ship() for _ in range(6)]
+    sandbox.advance(10 * 60)
+    env = subprocess_env(CREDEX_DATABASE_URL=db_url, CREDEX_LOGISTICS_URL=sandbox.url)
+    runs = [
+        subprocess.Popen(
+            credex_command("track", "sync", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = []
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        reports.append(json.loads(out))
+    assert sum(r["checked"] for r in reports) == len(parcels) == trackings(sandbox)
+    assert sum(r["delivered"] for r in reports) == len(parcels)
+
+
+def test_two_syncs_racing_to_refund_the_same_returns_refund_each_once(db_url, credex, ship, sandbox):
+    """With no minimum interval both runs may ask about every parcel and both try to refund it:
+    the conditional move to `returned` lets one of them, the ledger's unique ref stands behind it."""
+    parcels = [ship() for _ in range(4)]
+    for parcel in parcels:
+        sandbox.refuse(parcel["parcel"]["shipment_id"])
+    sandbox.advance(10 * 60)
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url, CREDEX_LOGISTICS_URL=sandbox.url, CREDEX_TRACK_MIN_INTERVAL="0s"
+    )
+    runs = [
+        subprocess.Popen(
+            credex_command("track", "sync", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = []
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        reports.append(json.loads(out))
+    assert sum(r["returned"] for r in reports) == len(parcels)
+    history = credex("account", "history", "u1", "--json").json()
+    refunds = sorted(e["ref"] for e in history if e["kind"] == "redemption_refund")
+    assert refunds == sorted(str(p["redemption_id"]) for p in parcels)
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 1000
+    assert credex("catalog", "list", "--json").json()[0]["stock"] == 20
+
+
+def test_a_carrier_that_cannot_be_reached_exits_69_and_one_not_configured_exits_2(credex, ship):
+    shipped = ship()
+    down = {"CREDEX_LOGISTICS_URL": "http://127.0.0.1:9", "CREDEX_LOGISTICS_TOTAL_TIMEOUT": "1"}
+    done = credex("track", "sync", "--json", env=down)
+    assert done.exit_code == 69 and json.loads(done.stderr)["error"]["code"] == "unavailable"
+    assert credex("redeem", "show", shipped["redemption_id"], "--json").json()["status"] == "shipping"
+    unset = credex("track", "sync")
+    assert unset.exit_code == 2 and unset.stderr.startswith("error: ") and unset.stderr.count("\n") == 1
