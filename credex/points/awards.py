@@ -11,9 +11,16 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from credex.db import tables
 from credex.db.models import EntryKind, utcnow
 from credex.errors import Conflict, InsufficientPoints, InvalidInput
+from credex.points.lifecycle import (
+    account_table,
+    add_lot,
+    consume_lots,
+    credit_account,
+    find_entry,
+    ledger_table,
+)
 from credex.points.rules import (
     INT64_MAX,
     check_reason,
@@ -23,9 +30,6 @@ from credex.points.rules import (
     parse_int,
     points_for,
 )
-
-account_table = tables.account
-ledger_table = tables.ledger_entry
 
 
 def entry_json(row, *, duplicate: bool = False) -> dict:
@@ -67,12 +71,6 @@ def ensure_account(session: Session, user_id: str, now: datetime) -> None:
         .on_conflict_do_nothing(index_elements=["user_id"])
     )
     session.execute(stmt)
-
-
-def find_entry(session: Session, kind: str, ref: str):
-    return session.execute(
-        select(ledger_table).where(ledger_table.c.kind == kind, ledger_table.c.ref == ref)
-    ).first()
 
 
 def _repeat_or_conflict(existing, *, user_id: str, detail: str | None, what: str) -> dict:
@@ -119,7 +117,6 @@ def apply_award(
     they become available) and pay the account's debt first; negative points are taken from the
     balance, oldest lots first. Refused (InsufficientPoints, InvalidInput) before anything is
     written, except the account ``ensure_account`` may have created: the caller rolls back."""
-    from credex.points.lifecycle import add_lot, consume_lots, credit_account
 
     ensure_account(session, user_id, now)
     pending = debt = 0

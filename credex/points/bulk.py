@@ -27,9 +27,8 @@ from sqlmodel import Session
 
 from credex.db.models import EntryKind, LotState, utcnow
 from credex.errors import CredexError, Unavailable
-from credex.points.awards import ledger_table
 from credex.points.bulk_files import Grant, Rejected, UnreadableFile
-from credex.points.lifecycle import lot_table
+from credex.points.lifecycle import ledger_table, lot_table
 from credex.points.rules import INT64_MAX
 
 BATCH_SIZE = 5000

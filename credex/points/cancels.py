@@ -34,9 +34,9 @@ from credex.db.models import (
     utcnow,
 )
 from credex.errors import InvalidInput, NotCancellable, UnknownRedemption
-from credex.points.awards import account_table, ledger_table
 from credex.points.catalog import record_movement
-from credex.points.lifecycle import lock_account, lot_table, use_table
+from credex.points.lifecycle import account_table, ledger_table, lock_account, lot_table, use_table
+from credex.points.redemptions import add_event, get_redemption
 from credex.points.rules import parse_int, require_text
 from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
 
@@ -48,33 +48,6 @@ _movement = tables.stock_movement
 
 REASON_MAX = 1000
 WITHDRAWN = "withdrawn: its redemption was cancelled before it was published"
-
-
-def add_event(
-    session: Session,
-    redemption_id: int,
-    *,
-    status: str,
-    source: EventSource,
-    detail: str | None,
-    now: datetime,
-) -> None:
-    session.execute(
-        insert(_event).values(
-            redemption_id=redemption_id, at=now, status=status, source=source.value, detail=detail
-        )
-    )
-
-
-def events_of(session: Session, redemption_id: int) -> list[dict]:
-    """The redemption's changes of status, newest first."""
-    e = _event.c
-    rows = session.execute(
-        select(e.at, e.status, e.source, e.detail)
-        .where(e.redemption_id == redemption_id)
-        .order_by(e.id.desc())
-    )
-    return [{"at": row.at, "status": row.status, "source": row.source, "detail": row.detail} for row in rows]
 
 
 @dataclass(frozen=True)
@@ -263,7 +236,6 @@ def cancel_redemption(session: Session, redemption_id: str | int, *, reason: str
     message that may be at the broker always carries one; on Postgres the message's row lock is
     taken too (a row a relay holds right now is passed by, and the long path taken). Long path:
     ``cancelling`` and a redemption.cancelled message for the relay to deliver."""
-    from credex.points.redemptions import get_redemption
 
     number = parse_int(redemption_id, "redemption id", minimum=1)
     reason = check_reason(reason)
@@ -355,7 +327,6 @@ def _withdraw(session: Session, message_id: str, now: datetime) -> bool:
 def wait_for_outcome(database_url: str, redemption_id: int, *, seconds: float) -> dict:
     """Poll the redemption until it leaves ``cancelling`` or ``seconds`` have passed."""
     from credex.db.engine import session_for
-    from credex.points.redemptions import get_redemption
 
     deadline = time.monotonic() + seconds
     while True:

@@ -78,7 +78,8 @@ def record_delivery(
     """Record the carrier's ``status`` (the caller commits); ``delivered`` or ``returned`` move the
     redemption (a return refunds it, once). Returns what happened: delivered, returned or
     unchanged."""
-    from credex.points.cancels import add_event, refund_redemption
+    from credex.points.cancels import refund_redemption
+    from credex.points.redemptions import add_event
 
     session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status))
     if status == "delivered":

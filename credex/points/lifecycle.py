@@ -22,11 +22,20 @@ from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
 from credex.db.models import EntryKind, LotState, utcnow
 from credex.errors import Conflict, InvalidInput, UnknownOrder
-from credex.points.awards import account_table, check_ref, check_user_id, find_entry, ledger_table
-from credex.points.rules import INT64_MAX, parse_amount, points_for
+from credex.points.rules import INT64_MAX, check_ref, check_user_id, parse_amount, points_for
 
+account_table = tables.account
+ledger_table = tables.ledger_entry
 lot_table = tables.point_lot
 use_table = tables.lot_use
+
+
+def find_entry(session: Session, kind: str, ref: str):
+    """The ledger entry of ``kind`` with ``ref`` (unique together), or None."""
+    return session.execute(
+        select(ledger_table).where(ledger_table.c.kind == kind, ledger_table.c.ref == ref)
+    ).first()
+
 
 _AVAILABLE = LotState.available.value
 _PENDING = LotState.pending.value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -22,9 +23,16 @@ from credex.db.models import (
     utcnow,
 )
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
-from credex.points.awards import account_table, check_user_id
-from credex.points.lifecycle import consume_lots
-from credex.points.rules import INT32_MAX, INT64_MAX, check_address, check_request_id, check_sku, parse_int
+from credex.points.lifecycle import account_table, consume_lots
+from credex.points.rules import (
+    INT32_MAX,
+    INT64_MAX,
+    check_address,
+    check_request_id,
+    check_sku,
+    check_user_id,
+    parse_int,
+)
 from credex.relay.topology import REDEMPTION_CREATED
 
 _item = tables.catalog_item
@@ -319,6 +327,33 @@ def redeem(
     }
 
 
+def add_event(
+    session: Session,
+    redemption_id: int,
+    *,
+    status: str,
+    source: EventSource,
+    detail: str | None,
+    now: datetime,
+) -> None:
+    session.execute(
+        insert(_event).values(
+            redemption_id=redemption_id, at=now, status=status, source=source.value, detail=detail
+        )
+    )
+
+
+def events_of(session: Session, redemption_id: int) -> list[dict]:
+    """The redemption's changes of status, newest first."""
+    e = _event.c
+    rows = session.execute(
+        select(e.at, e.status, e.source, e.detail)
+        .where(e.redemption_id == redemption_id)
+        .order_by(e.id.desc())
+    )
+    return [{"at": row.at, "status": row.status, "source": row.source, "detail": row.detail} for row in rows]
+
+
 def get_redemption(session: Session, redemption_id: str | int) -> dict:
     """One redemption, with the state of its outbox message."""
     number = parse_int(redemption_id, "redemption id", minimum=1)
@@ -329,8 +364,6 @@ def get_redemption(session: Session, redemption_id: str | int) -> dict:
     ).first()
     if row is None:
         raise UnknownRedemption(f"no redemption {redemption_id}")
-    from credex.points.cancels import events_of
-
     return redemption_json(row, message_state=row.message_state) | {"events": events_of(session, number)}
 
 

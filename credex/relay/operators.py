@@ -101,7 +101,7 @@ def _back_to_pending(session: Session, message_ids: list[str], now: datetime) ->
     """The redemptions whose redemption.created came back from dead leave ``exception``: the
     warehouse gets the message again (the carrier's refusal fixed, it asks again)."""
     from credex.db.models import EventSource, RedemptionStatus
-    from credex.points.cancels import add_event
+    from credex.points.redemptions import add_event
 
     r = tables.redemption.c
     o = outbox_table.c

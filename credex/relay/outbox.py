@@ -476,7 +476,8 @@ def record_cancel_answers(
     warehouse's answer covers them). "refused": ``cancelling`` → ``shipping``, the reason in its
     event. A repeated or late answer changes nothing. Returns (answers that changed something,
     message ids put off because a relay holds one of the rows right now)."""
-    from credex.points.cancels import add_event, refund_redemption
+    from credex.points.cancels import refund_redemption
+    from credex.points.redemptions import add_event
 
     answers = list(answers)
     _lock_redemptions(session, [a.message_id for a in answers])
@@ -555,7 +556,7 @@ def record_failures(
     ``dead`` with the reason as its last error, and its redemption (pending or shipping) moves to
     ``exception`` until `relay retry` sends it again or `redeem cancel` refunds it. A repeated or
     late answer (the message confirmed, dead or withdrawn already) changes nothing."""
-    from credex.points.cancels import add_event
+    from credex.points.redemptions import add_event
 
     changed, put_off = 0, []
     seen: set[str] = set()
