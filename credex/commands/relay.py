@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, points_session, settings
+from credex.commands._common import (
+    JsonOption,
+    LimitOption,
+    LogFormat,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    points_session,
+    serve_metrics,
+    settings,
+)
 from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
@@ -44,8 +54,17 @@ def run(
         ),
     ] = 60.0,
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", min=0.01, help="Seconds between looks for due messages.")
-    ] = 0.5,
+        float,
+        typer.Option(
+            "--poll-interval",
+            min=0.01,
+            help="Seconds between looks for due messages when nothing wakes the relay (the safety net: "
+            "a commit wakes it at once, see README).",
+        ),
+    ] = 5.0,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = LogFormat.text,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -59,7 +78,7 @@ def run(
     from credex.worker import run_until_signalled
 
     s = settings(ctx)
-    log_to_stderr(verbose)
+    log_to_stderr(verbose, format=log_format.value)
     quiet_pika()
     policy = RedeliveryPolicy(
         confirm_timeout=confirm_timeout,
@@ -70,7 +89,12 @@ def run(
         batch_size=batch_size, lease=lease, poll_interval=poll_interval, once=once, policy=policy
     )
     relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
-    report = run_until_signalled(relay, as_json=as_json)
+    server = serve_metrics(relay.metrics.registry, metrics_port, metrics_host)
+    try:
+        report = run_until_signalled(relay, as_json=as_json)
+    finally:
+        if server is not None:
+            server.close()
     emit(report.to_json(), as_json=as_json, title="relay")
 
 

@@ -7,6 +7,10 @@ at any moment: the next one, or another one running beside it, carries on.
 Two threads: this one drives the broker (publishing, confirms, deliveries, heartbeats) and the
 relay's database thread runs every database step in order, so that a batch is claimed and the one
 before it recorded while another is being published.
+
+An idle relay waits for whichever comes first: a wake-up from the database (``wakeups``: a
+message became due), a confirmation from the warehouse, the next due time it knows of (a message
+waiting to be published again), or the poll interval, the safety net for a wake-up lost.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -30,21 +35,30 @@ from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
+from credex.metrics import RelayMetrics, new_registry
 from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
 from credex.relay.outbox import Confirmation, PublishTally, RedeliveryPolicy, record_confirmations
 from credex.relay.topology import REDEMPTION_CREATED, Names
+from credex.relay.wakeups import Wakeups, outbox_wakeups
 from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
 
 PIPELINE_DEPTH = 3  # batches claimed or published at once, besides those being recorded
+# Polling is the safety net behind the wake-ups: a wake-up lost costs at most this.
+DEFAULT_POLL_INTERVAL = 5.0
+# Seconds before looking again when a due message was found held by another relay (or a
+# confirmation put off for a message held right now): it is free again in a moment.
+HELD_WAIT = 0.25
+PUT_OFF_WAIT = 0.01
 
 
 @dataclass(frozen=True)
 class RelayOptions:
     batch_size: int = 1000
     lease: float = 60.0  # SQLite: how long a claim holds if the relay dies with it
-    poll_interval: float = 0.5  # how often an idle relay looks for due messages
+    poll_interval: float = DEFAULT_POLL_INTERVAL  # how often an idle relay looks with no wake-up
+    wakeups: bool = True  # listen for due messages (Postgres NOTIFY, SQLite's data version)
     once: bool = False
     policy: RedeliveryPolicy = field(default_factory=RedeliveryPolicy)
 
@@ -113,15 +127,19 @@ class Relay(Worker[RelayReport]):
         report: RelayReport | None = None,
         relay_id: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         super().__init__(broker, report or RelayReport(), log=log, once=options.once)
         self.database_url = database_url
         self.options = options
         self.clock = clock
         self.id = relay_id or new_relay_id()
+        self.metrics = metrics or RelayMetrics(new_registry())
         self.claims: ClaimStrategy | None = None  # picked from the database in prepare()
         self._db: ThreadPoolExecutor | None = None
         self._put_off: list[Delivery] = []  # confirmations of messages held locked: next turn
+        self._wakeups: Wakeups | None = None
+        self._due = threading.Event()  # a wake-up came: claim before waiting again
 
     def __str__(self) -> str:
         return f"relay {self.id}"
@@ -138,6 +156,22 @@ class Relay(Worker[RelayReport]):
             lease=self.options.lease,
         )
         self._db = ThreadPoolExecutor(max_workers=self.claims.writers, thread_name_prefix="relay-db")
+        self.metrics.watch_outbox(self._outbox_status)
+        if not self.once and self.options.wakeups:
+            self._wakeups = outbox_wakeups(engine.dialect.name, self.database_url, self._woken)
+            self._wakeups.start()
+
+    def _woken(self) -> None:
+        """From the wake-ups' thread: a message may be due now."""
+        self._due.set()
+        self.broker.wake()
+
+    def _outbox_status(self) -> dict:
+        """At scrape time, on the metrics server's thread."""
+        from credex.relay.operators import outbox_status
+
+        with session_for(self.database_url) as session:
+            return outbox_status(session)
 
     def connected(self) -> None:
         log.info(
@@ -157,13 +191,29 @@ class Relay(Worker[RelayReport]):
     def turn(self) -> None:
         self.broker.raise_if_lost()
         self._take_confirmations()
+        self._due.clear()  # a wake-up from now on means another look
         published = self._publish_due()
         self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
         if published < self.options.batch_size and not self.stopping:
-            self.broker.wait(
-                self.options.poll_interval,
-                until=lambda: self.stopping or self.broker.buffered >= self.options.batch_size,
-            )
+            self.broker.wait(self._idle_wait(), until=self._work_waiting)
+
+    def _work_waiting(self) -> bool:
+        return self.stopping or self._due.is_set() or self.broker.buffered > 0
+
+    def _idle_wait(self) -> float:
+        """How long an idle relay may wait with nothing coming: until the next due time it knows
+        of, never longer than the poll interval."""
+        if self._put_off:
+            return PUT_OFF_WAIT
+        if self._work_waiting():
+            return 0.0
+        due_in = self._await(self._in_db(self._seconds_to_next_due))
+        if due_in is None:
+            return self.options.poll_interval
+        return min(self.options.poll_interval, due_in if due_in > 0 else HELD_WAIT)
+
+    def _seconds_to_next_due(self) -> float | None:
+        return self.claims.seconds_to_next_due(now=self.clock())
 
     def finish(self) -> None:
         try:
@@ -175,6 +225,8 @@ class Relay(Worker[RelayReport]):
         self._put_off = []
 
     def cleanup(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.stop()
         if self._db is not None:
             self._db.shutdown(wait=True)
 
@@ -215,7 +267,10 @@ class Relay(Worker[RelayReport]):
             raise
         if claimed_total:
             log.info(
-                "published %d of %d due message(s)", self.report.published - published_before, claimed_total
+                "published %d of %d due message(s)",
+                self.report.published - published_before,
+                claimed_total,
+                extra={"relay_id": self.id},
             )
         return claimed_total
 
@@ -232,6 +287,7 @@ class Relay(Worker[RelayReport]):
                 claim = self._await(pipeline.claiming[0])
                 pipeline.claiming.popleft()
                 self.report.dead += claim.buried
+                self.metrics.dead.inc(claim.buried)
                 more = more and len(claim.messages) == size and not self.stopping and not self.broker.lost
                 if claim.messages:
                     self.broker.send(
@@ -278,6 +334,10 @@ class Relay(Worker[RelayReport]):
         """On a database thread: what the broker said of a published batch (its claim ends)."""
         tally = self.claims.record(held, outcomes, now=self.clock())
         if tally.failed:
+            for message in held.messages:
+                reason = outcomes.get(message.id, "not published")
+                if reason is not None:
+                    self.metrics.publish_failures.labels(failure_kind(reason)).inc()
             reasons = sorted({reason for reason in outcomes.values() if reason})
             log.warning(
                 "%d of %d messages not published: %s", tally.failed, len(held.messages), "; ".join(reasons)
@@ -288,6 +348,8 @@ class Relay(Worker[RelayReport]):
         self.report.published += tally.sent
         self.report.failed += tally.failed
         self.report.dead += tally.dead
+        self.metrics.published.inc(tally.sent)
+        self.metrics.dead.inc(tally.dead)
 
     # --- confirmations ------------------------------------------------------------------------
 
@@ -328,16 +390,23 @@ class Relay(Worker[RelayReport]):
         elif done:
             self.broker.ack(max(done), multiple=True)
         self.report.confirmed += confirmed
+        self.metrics.confirmed.inc(confirmed)
         self.report.repeated_confirmations += len(confirmations) - confirmed - len(self._put_off)
         if confirmed:
-            log.info("recorded %d confirmation(s) from the warehouse", confirmed)
+            log.info("recorded %d confirmation(s) from the warehouse", confirmed, extra={"relay_id": self.id})
         return len(deliveries) - len(self._put_off)
 
     def _record_confirmations(self, confirmations: list[Confirmation]) -> tuple[int, set[str]]:
+        written: list[datetime] = []  # when each message confirmed now was written
         with session_for(self.database_url, write=True) as session:
             self.claims.relax_commit(session)
-            confirmed, put_off = record_confirmations(session, confirmations, now=self.clock())
+            confirmed, put_off = record_confirmations(
+                session, confirmations, now=self.clock(), created=written
+            )
             session.commit()
+        recorded = utcnow()
+        for created_at in written:
+            self.metrics.confirm_seconds.observe(max(0.0, (recorded - created_at).total_seconds()))
         return confirmed, set(put_off)
 
     def _drain_confirmations(self, *, expected: int) -> None:
@@ -350,6 +419,17 @@ class Relay(Worker[RelayReport]):
             if not taken:
                 return
             left -= taken
+
+
+def failure_kind(reason: str) -> str:
+    """A failed publish's reason (``PublisherConfirms``, ``Connection``) as a metric label."""
+    if reason.startswith("unroutable"):
+        return "unroutable"
+    if reason.startswith("nacked"):
+        return "nacked"
+    if reason.startswith("no publisher confirm"):
+        return "timeout"
+    return "connection_lost"
 
 
 def _quietly(work: Callable, *args) -> None:

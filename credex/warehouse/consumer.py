@@ -19,6 +19,7 @@ import concurrent.futures
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for
 from credex.db.models import utcnow
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
+from credex.metrics import WarehouseMetrics, new_registry
 from credex.relay.topology import SHIPMENT_REQUESTED, Names
 from credex.warehouse.shipments import (
     RedemptionMessage,
@@ -104,8 +106,10 @@ class Warehouse(Worker[WarehouseReport]):
         once: bool = False,
         carrier_timeout: float = 15.0,
         poll_interval: float = 1.0,
+        metrics: WarehouseMetrics | None = None,
     ) -> None:
         super().__init__(broker, report or WarehouseReport(), log=log, once=once)
+        self.metrics = metrics or WarehouseMetrics(new_registry())
         self.database_url = database_url
         self.carrier_factory = carrier_factory
         self.carrier_timeout = carrier_timeout
@@ -197,9 +201,15 @@ class Warehouse(Worker[WarehouseReport]):
                 messages.append(parse_redemption_message(delivery.body))
             except CredexError as error:
                 message_id = delivery.properties.message_id
-                log.error("dropped a malformed redemption message %s: %s", message_id, error.message)
+                log.error(
+                    "dropped a malformed redemption message %s: %s",
+                    message_id,
+                    error.message,
+                    extra={"message_id": message_id},
+                )
                 self.broker.reject(delivery.tag)
                 self.report.rejected += 1
+                self.metrics.messages.labels("rejected").inc()
                 continue
             deliveries.append(delivery)
         if messages:
@@ -224,6 +234,7 @@ class Warehouse(Worker[WarehouseReport]):
         report.shipments_created += shipped.created
         report.waybills += shipped.waybills
         report.without_waybill += shipped.without_waybill
+        self.metrics.messages.labels("without_waybill").inc(shipped.without_waybill)
         self._confirm(shipped.requests, batch.messages)
         self._ack(batch.deliveries)
 
@@ -267,33 +278,46 @@ class Warehouse(Worker[WarehouseReport]):
                 session.commit()
             for row in saved.values():
                 requests[row.redemption_id] = row
-                log.info("redemption %s: waybill %s %s", row.redemption_id, row.carrier, row.express_no)
+                log.info(
+                    "redemption %s: waybill %s %s",
+                    row.redemption_id,
+                    row.carrier,
+                    row.express_no,
+                    extra={"redemption_id": row.redemption_id, "express_no": row.express_no},
+                )
             shipped.waybills = len(waybills)
         return shipped
 
     def _ask_carrier(self, message: RedemptionMessage):
         key = f"redemption-{message.redemption_id}"
-        return self._carrier.create_shipment(
-            idempotency_key=key,
-            order_ref=key,
-            recipient={"name": message.user_id, "phone": "", "address": message.address},
-            items=[{"sku": message.sku, "quantity": message.quantity}],
-        )
+        started = time.perf_counter()
+        try:
+            return self._carrier.create_shipment(
+                idempotency_key=key,
+                order_ref=key,
+                recipient={"name": message.user_id, "phone": "", "address": message.address},
+                items=[{"sku": message.sku, "quantity": message.quantity}],
+            )
+        finally:
+            self.metrics.carrier_seconds.labels("create_shipment").observe(time.perf_counter() - started)
 
     def _waybill(self, future: Future, redemption_id: int):
         """The carrier's answer, or None (logged) when it gave no waybill this time."""
         if not future.done():
             future.cancel()
             reason = "the carrier did not answer in time"
+            self.metrics.carrier_errors.labels("timeout").inc()
         else:
             try:
                 return future.result()
             except CredexError as error:
                 reason = error.message
+                self.metrics.carrier_errors.labels(carrier_error_kind(error)).inc()
         log.warning(
             "redemption %s: no waybill yet (%s); acked without confirming, the relay will send it again",
             redemption_id,
             reason,
+            extra={"redemption_id": redemption_id},
         )
         return None
 
@@ -319,6 +343,15 @@ class Warehouse(Worker[WarehouseReport]):
         for message_id, failure in outcomes.items():
             if failure is None:
                 self.report.confirmed += 1
+                self.metrics.messages.labels("confirmed").inc()
             else:  # the relay publishes the redemption again and we confirm then
-                log.warning("confirmation %s not published: %s", message_id, failure)
+                self.metrics.messages.labels("confirmation_failed").inc()
+                log.warning(
+                    "confirmation %s not published: %s", message_id, failure, extra={"message_id": message_id}
+                )
         self.broker.raise_if_lost()  # unacked: the messages come back
+
+
+def carrier_error_kind(error: CredexError) -> str:
+    """A carrier's failure as a metric label: worth retrying (unavailable) or final (rejected)."""
+    return "unavailable" if isinstance(error, Unavailable) else "rejected"
