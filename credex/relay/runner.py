@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
 from credex.relay.outbox import Confirmation, PublishTally, RedeliveryPolicy, record_confirmations
 from credex.relay.topology import REDEMPTION_CREATED, Names
 from credex.relay.wakeups import Wakeups, outbox_wakeups
+from credex.retry import Backoff
 from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
@@ -140,6 +142,9 @@ class Relay(Worker[RelayReport]):
         self._put_off: list[Delivery] = []  # confirmations of messages held locked: next turn
         self._wakeups: Wakeups | None = None
         self._due = threading.Event()  # a wake-up came: claim before waiting again
+        self._more = False  # the last pass claimed a full batch: claim again at once
+        self._next_look = 0.0  # monotonic time of the next claim without a wake-up (0: now)
+        self._known_due: float | None = None  # the earliest due time known (monotonic)
 
     def __str__(self) -> str:
         return f"relay {self.id}"
@@ -191,26 +196,53 @@ class Relay(Worker[RelayReport]):
     def turn(self) -> None:
         self.broker.raise_if_lost()
         self._take_confirmations()
-        self._due.clear()  # a wake-up from now on means another look
-        published = self._publish_due()
-        self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
-        if published < self.options.batch_size and not self.stopping:
-            self.broker.wait(self._idle_wait(), until=self._work_waiting)
+        if self._time_to_claim():
+            self._due.clear()  # a wake-up from now on means another look
+            published = self._publish_due()
+            self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
+            self._more = published >= self.options.batch_size
+            if not self._more:
+                self._plan_next_look()
+        if not self._more and not self.stopping:
+            wait = max(0.0, self._next_look - time.monotonic())
+            self.broker.wait(min(wait, PUT_OFF_WAIT) if self._put_off else wait, until=self._work_waiting)
 
     def _work_waiting(self) -> bool:
-        return self.stopping or self._due.is_set() or self.broker.buffered > 0
+        return self.stopping or self._due.is_set() or self.broker.buffered > 0 or self._time_to_claim()
 
-    def _idle_wait(self) -> float:
-        """How long an idle relay may wait with nothing coming: until the next due time it knows
-        of, never longer than the poll interval."""
-        if self._put_off:
-            return PUT_OFF_WAIT
-        if self._work_waiting():
-            return 0.0
-        due_in = self._await(self._in_db(self._seconds_to_next_due))
-        if due_in is None:
-            return self.options.poll_interval
-        return min(self.options.poll_interval, due_in if due_in > 0 else HELD_WAIT)
+    def _time_to_claim(self) -> bool:
+        """A wake-up came, a full batch says there are more, or the look planned is due (a
+        confirmation alone is recorded without claiming)."""
+        return self._due.is_set() or self._more or time.monotonic() >= self._next_look
+
+    def _plan_next_look(self) -> None:
+        """After a pass that emptied what was due: the next look without a wake-up is at the next
+        due time known, never later than the poll interval. The database is asked for it only when
+        what this relay knows ran out (its own publishes tell it the rest, see ``_remember_due``)."""
+        now = time.monotonic()
+        if self._known_due is None or self._known_due <= now:
+            due_in = self._await(self._in_db(self._seconds_to_next_due))
+            # <= 0: due now but held by another relay (or just became due): look again shortly.
+            self._known_due = None if due_in is None else now + (due_in if due_in > 0 else HELD_WAIT)
+        poll = now + self.options.poll_interval
+        self._next_look = poll if self._known_due is None else min(poll, self._known_due)
+
+    def _remember_due(self, held: Claim, outcomes: dict[str, str | None]) -> None:
+        """The earliest time the messages just published (or failed) can be due again: no later
+        than this, the relay looks."""
+        if not held.messages:
+            return
+        attempt = min(m.attempts for m in held.messages) + 1
+        policy = self.options.policy  # its waits without their stretch: the earliest they can end
+        wait = Backoff(policy.confirm_timeout, max(policy.confirm_timeout, policy.max_confirm_timeout)).step(
+            attempt
+        )
+        if any(outcome is not None for outcome in outcomes.values()):
+            wait = min(wait, Backoff(min(1.0, policy.confirm_timeout), policy.confirm_timeout).step(attempt))
+        due = time.monotonic() + wait
+        if self._known_due is None or due < self._known_due:
+            self._known_due = due
+        self._next_look = min(self._next_look, due)
 
     def _seconds_to_next_due(self) -> float | None:
         return self.claims.seconds_to_next_due(now=self.clock())
@@ -302,6 +334,7 @@ class Relay(Worker[RelayReport]):
             while pipeline.in_flight and (len(pipeline.in_flight) >= PIPELINE_DEPTH or not pipeline.claiming):
                 oldest = pipeline.in_flight.popleft()
                 outcomes = self.broker.collect([m.id for m in oldest.messages])
+                self._remember_due(oldest, outcomes)
                 pipeline.recording.append(self._in_db(self._record, oldest, outcomes))
             if self.broker.buffered >= size:
                 self._take_confirmations()
