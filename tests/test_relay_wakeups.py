@@ -8,8 +8,10 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import bindparam, text
 
 from credex.db.engine import get_engine
+from credex.db.models import UTCDateTime
 from credex.relay.wakeups import APPLICATION_NAME, PostgresListener, SqliteDataVersion
 from tests.pipeline import Pipeline, check_shipped_exactly_once
 from tests.sandbox import running_sandbox
@@ -115,23 +117,39 @@ class Wakes:
         self.event.set()
 
 
-def test_sqlite_a_commit_from_another_connection_wakes_and_idle_does_not(tmp_path):
-    import sqlite3
+def test_sqlite_a_commit_of_a_due_message_wakes_and_other_commits_do_not(tmp_path):
+    from datetime import timedelta
 
-    path = tmp_path / "watched.db"
-    writer = sqlite3.connect(path, isolation_level=None)
-    writer.execute("PRAGMA journal_mode = WAL")
-    writer.execute("CREATE TABLE t (x)")
+    from credex.db.engine import ensure_schema
+    from credex.db.models import utcnow
+
+    url = f"sqlite:///{tmp_path / 'watched.db'}"
+    engine = ensure_schema(url)
+    insert = text(
+        "INSERT INTO outbox_message (id, routing_key, body, state, attempts, next_attempt_at, created_at) "
+        "VALUES (:id, 'redemption.created', '{}', 'pending', 0, :due, :due)"
+    ).bindparams(bindparam("due", type_=UTCDateTime()))
     wakes = Wakes()
-    watcher = SqliteDataVersion(wakes, f"sqlite:///{path}")
+    watcher = SqliteDataVersion(wakes, url)
     watcher.start()
     try:
         assert not wakes.event.wait(0.2), "woken while nothing committed"
-        writer.execute("INSERT INTO t VALUES (1)")
-        assert wakes.event.wait(5), "no wake-up after a commit"
+        with engine.begin() as connection:  # not due yet: the relay knows when to look (or polls)
+            connection.execute(insert, {"id": "later", "due": utcnow() + timedelta(minutes=5)})
+        with engine.begin() as connection:  # not the outbox: the warehouse, a confirmation…
+            connection.execute(text("UPDATE catalog_item SET name = name"))
+            connection.execute(
+                text(
+                    "INSERT INTO catalog_item (sku, name, points, active, created_at, updated_at) "
+                    "VALUES ('MUG', 'Mug', 1, 1, '2026-01-01', '2026-01-01')"
+                )
+            )
+        assert not wakes.event.wait(0.2), "woken by a commit with nothing due"
+        with engine.begin() as connection:
+            connection.execute(insert, {"id": "now", "due": utcnow()})
+        assert wakes.event.wait(5), "no wake-up after a due message was committed"
     finally:
         watcher.stop()
-        writer.close()
 
 
 def test_postgres_the_listener_comes_back_after_its_connection_is_cut_and_wakes_once(db_url):
