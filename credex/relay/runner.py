@@ -198,7 +198,11 @@ class Relay(Worker[RelayReport]):
         self._take_confirmations()
         if self._time_to_claim():
             self._due.clear()  # a wake-up from now on means another look
-            published = self._publish_due()
+            try:
+                published = self._publish_due()
+            except BaseException:
+                self._next_look = 0.0  # what it was about is due again: claim on the next turn
+                raise
             self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
             self._more = published >= self.options.batch_size
             if not self._more:
@@ -255,6 +259,7 @@ class Relay(Worker[RelayReport]):
 
     def broker_lost(self) -> None:
         self._put_off = []
+        self._next_look = 0.0  # claim as soon as the broker is back
 
     def cleanup(self) -> None:
         if self._wakeups is not None:
