@@ -107,8 +107,8 @@ class Workers:
                 raise RuntimeError(f"the workers did not start: see {logs}")
             time.sleep(0.02)
 
-    def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(self.processes[name].pid) for name in ("relay", "warehouse")}
+    def cpu(self, names: tuple[str, ...] = ("relay", "warehouse")) -> dict[str, float]:
+        return {name: cpu_seconds(self.processes[name].pid) for name in names}
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -199,7 +199,7 @@ def steady_writer(url: str, user: str, rate: float, seconds: float, start, resul
     results.put(written)
 
 
-def under_load(url: str, users: list[str], rate: float, seconds: float, drain: float) -> dict:
+def under_load(workers: Workers, users: list[str], rate: float, seconds: float, drain: float) -> dict:
     import multiprocessing as mp
 
     from sqlalchemy import text
@@ -207,6 +207,7 @@ def under_load(url: str, users: list[str], rate: float, seconds: float, drain: f
     from credex.db.engine import get_engine
     from credex.db.models import UTCDateTime
 
+    url = workers.url
     context = mp.get_context("spawn")
     start = context.Barrier(len(users) + 1)
     results = context.Queue()
@@ -218,6 +219,7 @@ def under_load(url: str, users: list[str], rate: float, seconds: float, drain: f
         process.start()
     start.wait(timeout=300)
     began = time.monotonic()
+    cpu_before = workers.cpu(("relay", "warehouse", "sandbox"))
     written: list[tuple[int, float]] = []
     for _ in writers:
         written += results.get(timeout=seconds + 600)
@@ -233,6 +235,7 @@ def under_load(url: str, users: list[str], rate: float, seconds: float, drain: f
         if left == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    cpu_after = workers.cpu(("relay", "warehouse", "sandbox"))
     parse = UTCDateTime().process_result_value
     with engine.connect() as connection:
         rows = dict(
@@ -249,6 +252,9 @@ def under_load(url: str, users: list[str], rate: float, seconds: float, drain: f
         "rate": len(written) / wrote_for,
         "left": left,
         "not_shipping": len(written) - len(latencies),
+        "cpu_us": {
+            name: (cpu_after[name] - cpu_before[name]) * 1e6 / max(1, len(written)) for name in cpu_after
+        },
         **percentiles(latencies),
     }
 
@@ -271,12 +277,13 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         figures["one"] = percentiles(one_at_a_time(url, args.one, random.Random(args.seed)))
         print(f"{backend}: one at a time, commit -> shipping: {show(figures['one'])}", flush=True)
         if args.seconds > 0 and backend in args.load_on:
-            load = under_load(url, users, args.rate, args.seconds, args.drain)
+            load = under_load(workers, users, args.rate, args.seconds, args.drain)
             figures["load"] = load
             print(
                 f"{backend}: {load['written']} written at {load['rate']:.0f}/s for {args.seconds:.0f} s, "
                 f"commit -> confirmation recorded: {show(load)}; left unconfirmed after the drain: "
-                f"{load['left']}, not shipping: {load['not_shipping']}",
+                f"{load['left']}, not shipping: {load['not_shipping']}; CPU per redemption: "
+                + ", ".join(f"{name} {us:,.0f} us" for name, us in load["cpu_us"].items()),
                 flush=True,
             )
         return figures
