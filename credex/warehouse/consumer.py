@@ -7,9 +7,9 @@ publishes it again when its confirmation is overdue, and the same shipment reque
 then. A consumer killed at any point loses nothing: unacked messages come back, and everything
 done for them is found again.
 
-Messages are handled in batches, two in hand at once: while one batch's shipment requests are
-written and its waybills asked for (on a thread of its own), the batch before it is confirmed and
-acked on this thread, which alone talks to the broker. Batches are finished in the order they were
+Messages are handled in batches, a few in hand at once (``BATCHES_IN_HAND``): while batches'
+shipment requests are written and their waybills asked for (each on a thread of its own), the
+oldest one is confirmed and acked on this thread, which alone talks to the broker. Batches are finished in the order they were
 taken, so an ack never settles a message whose work is not done.
 """
 
@@ -45,7 +45,10 @@ from credex.worker import Worker
 log = logging.getLogger("credex.warehouse")
 
 CARRIER_CALLS = 4  # waybills asked for at once
-BATCHES_IN_HAND = 2  # one being shipped while the one before it is confirmed
+# Batches shipped at once, finished in the order they were taken. Under a steady trickle batches
+# are small and each waits on its commits and the carrier: four overlap those waits (two made a
+# queue at 200 redemptions/s on Postgres).
+BATCHES_IN_HAND = 4
 
 
 @dataclass
