@@ -9,8 +9,8 @@ done for them is found again.
 
 Messages are handled in batches, a few in hand at once (``BATCHES_IN_HAND``): while batches'
 shipment requests are written and their waybills asked for (each on a thread of its own), the
-oldest one is confirmed and acked on this thread, which alone talks to the broker. Batches are finished in the order they were
-taken, so an ack never settles a message whose work is not done.
+oldest one is confirmed and acked on this thread, which alone talks to the broker. Batches are
+finished in the order they were taken, so an ack never settles a message whose work is not done.
 """
 
 from __future__ import annotations
