@@ -278,7 +278,7 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
 
     def start_workers() -> None:
         for name, command in (
-            ("relay", ["relay", "run", "--poll-interval", "0.05"]),
+            ("relay", ["relay", "run"]),  # default options: woken by commits
             ("warehouse", ["warehouse", "run"]),
         ):
             with open(logs[name], "w") as log:

@@ -27,6 +27,10 @@ prometheus_client.disable_created_metrics()  # a `_created` twin of every counte
 # Seconds. From milliseconds (a woken relay) to minutes (a carrier that makes us publish again).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 CARRIER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
+# The labels each counter shows from the start (at 0).
+PUBLISH_FAILURES = ("unroutable", "nacked", "timeout", "connection_lost")
+WAREHOUSE_OUTCOMES = ("confirmed", "without_waybill", "confirmation_failed", "rejected")
+CARRIER_ERRORS = ("unavailable", "rejected", "timeout")
 
 
 def new_registry() -> CollectorRegistry:
@@ -53,6 +57,8 @@ class RelayMetrics:
         self.confirmed = Counter(
             "credex_relay_confirmed", "Messages the warehouse answered, recorded.", registry=registry
         )
+        for reason in PUBLISH_FAILURES:  # shown at 0 from the start: a rate needs a first sample
+            self.publish_failures.labels(reason)
         self.dead = Counter(
             "credex_relay_dead", "Messages given up (--max-attempts, or refused for good).", registry=registry
         )
@@ -90,6 +96,10 @@ class WarehouseMetrics:
             ["kind"],
             registry=registry,
         )
+        for outcome in WAREHOUSE_OUTCOMES:
+            self.messages.labels(outcome)
+        for kind in CARRIER_ERRORS:
+            self.carrier_errors.labels(kind)
 
 
 class _OutboxCollector:
@@ -123,13 +133,27 @@ class _OutboxCollector:
         )
 
 
-def serve(registry: CollectorRegistry, *, port: int, host: str = "127.0.0.1") -> str:
-    """Serve ``/metrics`` on a daemon thread; returns the URL. A taken port is bad usage (exit 2)."""
+class MetricsServer:
+    """``/metrics`` served on a daemon thread by the client library's HTTP server."""
+
+    def __init__(self, server, host: str) -> None:
+        self._server = server
+        shown = f"[{host}]" if ":" in host else host
+        self.port: int = server.server_address[1]
+        self.url = f"http://{shown}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(registry: CollectorRegistry, *, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``/metrics`` on a daemon thread (port 0: any free one, see ``.url``). A port that
+    cannot be had is bad usage (exit 2)."""
     from credex.errors import InvalidInput
 
     try:
-        prometheus_client.start_http_server(port, addr=host, registry=registry)
+        server, _thread = prometheus_client.start_http_server(port, addr=host, registry=registry)
     except OSError as error:
         raise InvalidInput(f"cannot serve metrics on {host}:{port}: {error.strerror or error}") from None
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/metrics"
+    return MetricsServer(server, host)

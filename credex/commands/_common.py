@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -109,3 +110,52 @@ def warehouse_session(ctx: typer.Context, *, write: bool = False):
 
     s = settings(ctx)
     return session_for(s.warehouse_database_url or s.database_url, write=write)
+
+
+# --- the long-running workers (relay run, warehouse run): cli.md "Watching the workers" -------
+
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="CREDEX_METRICS_PORT",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port, logged).",
+        show_default=False,
+    ),
+]
+MetricsHostOption = Annotated[
+    str,
+    typer.Option(
+        "--metrics-host", envvar="CREDEX_METRICS_HOST", help="The address the metrics are served on."
+    ),
+]
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        envvar="CREDEX_LOG_FORMAT",
+        help="Log lines on stderr: readable text, or one JSON object per line.",
+    ),
+]
+
+
+def serve_metrics(registry, port: int | None, host: str):
+    """Serve ``registry`` when a port is given, saying where in the log; the server, or None."""
+    if port is None:
+        return None
+    import logging
+
+    from credex.metrics import serve
+
+    server = serve(registry, port=port, host=host)
+    logging.getLogger("credex.metrics").info("serving metrics at %s", server.url, extra={"url": server.url})
+    return server

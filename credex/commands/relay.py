@@ -6,7 +6,19 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, finite, points_session, settings, whole
+from credex.commands._common import (
+    JsonOption,
+    LimitOption,
+    LogFormat,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    finite,
+    points_session,
+    serve_metrics,
+    settings,
+    whole,
+)
 from credex.output import emit
 
 app = typer.Typer(help="The relay: outbox to RabbitMQ, until the warehouse confirms.", no_args_is_help=True)
@@ -75,9 +87,13 @@ def run(
             min=0.01,
             max=3600,
             callback=finite,
-            help="Seconds between looks for due messages.",
+            help="Seconds between looks for due messages when nothing wakes the relay (the safety net: "
+            "a commit wakes it at once, see README).",
         ),
-    ] = 0.5,
+    ] = 5.0,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = LogFormat.text,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -91,7 +107,7 @@ def run(
     from credex.worker import run_until_signalled
 
     s = settings(ctx)
-    log_to_stderr(verbose)
+    log_to_stderr(verbose, format=log_format.value)
     quiet_pika()
     policy = RedeliveryPolicy(
         confirm_timeout=confirm_timeout,
@@ -107,7 +123,12 @@ def run(
         operator=s.operator,  # on the refunds the warehouse's cancel answers bring
     )
     relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
-    report = run_until_signalled(relay, as_json=as_json)
+    server = serve_metrics(relay.metrics.registry, metrics_port, metrics_host)
+    try:
+        report = run_until_signalled(relay, as_json=as_json)
+    finally:
+        if server is not None:
+            server.close()
     emit(report.to_json(), as_json=as_json, title="relay")
 
 

@@ -6,7 +6,19 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, LimitOption, finite, settings, warehouse_session, whole
+from credex.commands._common import (
+    JsonOption,
+    LimitOption,
+    LogFormat,
+    LogFormatOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    finite,
+    serve_metrics,
+    settings,
+    warehouse_session,
+    whole,
+)
 from credex.output import emit
 
 app = typer.Typer(help="The warehouse: shipment requests and waybills.", no_args_is_help=True)
@@ -41,6 +53,9 @@ def run(
             help="Seconds one waybill request may take, retries included.",
         ),
     ] = 15.0,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = LogFormat.text,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -54,7 +69,7 @@ def run(
     from credex.worker import run_until_signalled
 
     s = settings(ctx)
-    log_to_stderr(verbose)
+    log_to_stderr(verbose, format=log_format.value)
     quiet_pika()
     warehouse = Warehouse(
         s.warehouse_database_url or s.database_url,
@@ -63,7 +78,12 @@ def run(
         once=once,
         carrier_timeout=carrier_timeout,
     )
-    report = run_until_signalled(warehouse, as_json=as_json)
+    server = serve_metrics(warehouse.metrics.registry, metrics_port, metrics_host)
+    try:
+        report = run_until_signalled(warehouse, as_json=as_json)
+    finally:
+        if server is not None:
+            server.close()
     emit(report.to_json(), as_json=as_json, title="warehouse")
 
 

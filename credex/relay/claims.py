@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import text, true
+from sqlalchemy import func, select, text, true
 from sqlalchemy.engine import Dialect
 from sqlmodel import Session
 
@@ -43,6 +43,11 @@ from credex.relay.outbox import (
 )
 
 _RELAXED = text("SET LOCAL synchronous_commit TO OFF")
+# The earliest due time of an unconfirmed message, off the front of the partial index
+# ix_outbox_message_due (its WHERE written out, as the claim's is).
+_NEXT_DUE = select(func.min(outbox_table.c.next_attempt_at)).where(
+    text("outbox_message.state IN ('pending', 'sent')")
+)
 
 
 @dataclass
@@ -77,6 +82,13 @@ class ClaimStrategy(ABC):
     def release(self, claim: Claim) -> None:
         """Give the claim up unrecorded (after a failure): its messages are due for every relay
         again as they were."""
+
+    def seconds_to_next_due(self, *, now: datetime) -> float | None:
+        """How long until the next unconfirmed message is due (<= 0: one is due now but held by
+        another relay, or became due since the last claim); None when none is waiting."""
+        with session_for(self.database_url) as session:
+            due = session.execute(_NEXT_DUE).scalar()
+        return None if due is None else (due - now).total_seconds()
 
     def relax_commit(self, session: Session) -> None:  # noqa: B027 - nothing to do by default
         """Let the transaction's commit answer before its record is flushed to disk, where the

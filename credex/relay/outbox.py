@@ -347,19 +347,24 @@ _CONFIRM = (
         claimed_by=None,
         claimed_until=None,
     )
-    .returning(_o.id, _o.redemption_id)
+    .returning(_o.id, _o.redemption_id, _o.created_at)
 )
 _STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state.not_in(_SETTLED))
 
 
 def record_confirmations(
-    session: Session, confirmations: Iterable[Confirmation], *, now: datetime
+    session: Session,
+    confirmations: Iterable[Confirmation],
+    *,
+    now: datetime,
+    created: list[datetime] | None = None,
 ) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed or withdrawn changes
     nothing (a dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
     message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
-    later rather than waited for, which could be waiting on ourselves."""
+    later rather than waited for, which could be waiting on ourselves. ``created`` gets the time
+    each message confirmed now was written (the relay's confirm-latency histogram)."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
@@ -368,6 +373,8 @@ def record_confirmations(
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         rows = session.execute(_CONFIRM, {"ids": chunk, "now": now}).all()
+        if created is not None:
+            created.extend(row.created_at for row in rows)
         ships = [
             {
                 "rid": row.redemption_id,

@@ -7,6 +7,10 @@ at any moment: the next one, or another one running beside it, carries on.
 Two threads: this one drives the broker (publishing, confirms, deliveries, heartbeats) and the
 relay's database thread runs every database step in order, so that a batch is claimed and the one
 before it recorded while another is being published.
+
+An idle relay waits for whichever comes first: a wake-up from the database (``wakeups``: a
+message became due), a confirmation from the warehouse, the next due time it knows of (a message
+waiting to be published again), or the poll interval, the safety net for a wake-up lost.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +36,7 @@ from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
+from credex.metrics import RelayMetrics, new_registry
 from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
 from credex.relay.outbox import (
     CANCEL_OUTCOMES,
@@ -42,19 +49,33 @@ from credex.relay.outbox import (
     record_confirmations,
     record_failures,
 )
-from credex.relay.topology import SHIPMENT_CANCELLED, SHIPMENT_FAILED, SHIPMENT_REQUESTED, Names
+from credex.relay.topology import (
+    SHIPMENT_CANCELLED,
+    SHIPMENT_FAILED,
+    SHIPMENT_REQUESTED,
+    Names,
+)
+from credex.relay.wakeups import Wakeups, outbox_wakeups
+from credex.retry import Backoff
 from credex.worker import Worker
 
 log = logging.getLogger("credex.relay")
 
 PIPELINE_DEPTH = 3  # batches claimed or published at once, besides those being recorded
+# Polling is the safety net behind the wake-ups: a wake-up lost costs at most this.
+DEFAULT_POLL_INTERVAL = 5.0
+# Seconds before looking again when a due message was found held by another relay (or a
+# confirmation put off for a message held right now): it is free again in a moment.
+HELD_WAIT = 0.25
+PUT_OFF_WAIT = 0.01
 
 
 @dataclass(frozen=True)
 class RelayOptions:
     batch_size: int = 1000
     lease: float = 60.0  # SQLite: how long a claim holds if the relay dies with it
-    poll_interval: float = 0.5  # how often an idle relay looks for due messages
+    poll_interval: float = DEFAULT_POLL_INTERVAL  # how often an idle relay looks with no wake-up
+    wakeups: bool = True  # listen for due messages (Postgres NOTIFY, SQLite's data version)
     once: bool = False
     policy: RedeliveryPolicy = field(default_factory=RedeliveryPolicy)
     operator: str = "relay"  # recorded on the refunds the warehouse's cancel answers bring
@@ -124,15 +145,22 @@ class Relay(Worker[RelayReport]):
         report: RelayReport | None = None,
         relay_id: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         super().__init__(broker, report or RelayReport(), log=log, once=options.once)
         self.database_url = database_url
         self.options = options
         self.clock = clock
         self.id = relay_id or new_relay_id()
+        self.metrics = metrics or RelayMetrics(new_registry())
         self.claims: ClaimStrategy | None = None  # picked from the database in prepare()
         self._db: ThreadPoolExecutor | None = None
         self._put_off: list[Delivery] = []  # confirmations of messages held locked: next turn
+        self._wakeups: Wakeups | None = None
+        self._due = threading.Event()  # a wake-up came: claim before waiting again
+        self._more = False  # the last pass claimed a full batch: claim again at once
+        self._next_look = 0.0  # monotonic time of the next claim without a wake-up (0: now)
+        self._known_due: float | None = None  # the earliest due time known (monotonic)
 
     def __str__(self) -> str:
         return f"relay {self.id}"
@@ -149,6 +177,22 @@ class Relay(Worker[RelayReport]):
             lease=self.options.lease,
         )
         self._db = ThreadPoolExecutor(max_workers=self.claims.writers, thread_name_prefix="relay-db")
+        self.metrics.watch_outbox(self._outbox_status)
+        if not self.once and self.options.wakeups:
+            self._wakeups = outbox_wakeups(engine.dialect.name, self.database_url, self._woken)
+            self._wakeups.start()
+
+    def _woken(self) -> None:
+        """From the wake-ups' thread: a message may be due now."""
+        self._due.set()
+        self.broker.wake()
+
+    def _outbox_status(self) -> dict:
+        """At scrape time, on the metrics server's thread."""
+        from credex.relay.operators import outbox_status
+
+        with session_for(self.database_url) as session:
+            return outbox_status(session)
 
     def connected(self) -> None:
         log.info(
@@ -168,13 +212,60 @@ class Relay(Worker[RelayReport]):
     def turn(self) -> None:
         self.broker.raise_if_lost()
         self._take_confirmations()
-        published = self._publish_due()
-        self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
-        if published < self.options.batch_size and not self.stopping:
-            self.broker.wait(
-                self.options.poll_interval,
-                until=lambda: self.stopping or self.broker.buffered >= self.options.batch_size,
-            )
+        if self._time_to_claim():
+            self._due.clear()  # a wake-up from now on means another look
+            try:
+                published = self._publish_due()
+            except BaseException:
+                self._next_look = 0.0  # what it was about is due again: claim on the next turn
+                raise
+            self.broker.raise_if_lost()  # what was in flight is recorded as failed; reconnect now
+            self._more = published >= self.options.batch_size
+            if not self._more:
+                self._plan_next_look()
+        if not self._more and not self.stopping:
+            wait = max(0.0, self._next_look - time.monotonic())
+            self.broker.wait(min(wait, PUT_OFF_WAIT) if self._put_off else wait, until=self._work_waiting)
+
+    def _work_waiting(self) -> bool:
+        return self.stopping or self._due.is_set() or self.broker.buffered > 0 or self._time_to_claim()
+
+    def _time_to_claim(self) -> bool:
+        """A wake-up came, a full batch says there are more, or the look planned is due (a
+        confirmation alone is recorded without claiming)."""
+        return self._due.is_set() or self._more or time.monotonic() >= self._next_look
+
+    def _plan_next_look(self) -> None:
+        """After a pass that emptied what was due: the next look without a wake-up is at the next
+        due time known, never later than the poll interval. The database is asked for it only when
+        what this relay knows ran out (its own publishes tell it the rest, see ``_remember_due``)."""
+        now = time.monotonic()
+        if self._known_due is None or self._known_due <= now:
+            due_in = self._await(self._in_db(self._seconds_to_next_due))
+            # <= 0: due now but held by another relay (or just became due): look again shortly.
+            self._known_due = None if due_in is None else now + (due_in if due_in > 0 else HELD_WAIT)
+        poll = now + self.options.poll_interval
+        self._next_look = poll if self._known_due is None else min(poll, self._known_due)
+
+    def _remember_due(self, held: Claim, outcomes: dict[str, str | None]) -> None:
+        """The earliest time the messages just published (or failed) can be due again: no later
+        than this, the relay looks."""
+        if not held.messages:
+            return
+        attempt = min(m.attempts for m in held.messages) + 1
+        policy = self.options.policy  # its waits without their stretch: the earliest they can end
+        wait = Backoff(policy.confirm_timeout, max(policy.confirm_timeout, policy.max_confirm_timeout)).step(
+            attempt
+        )
+        if any(outcome is not None for outcome in outcomes.values()):
+            wait = min(wait, Backoff(min(1.0, policy.confirm_timeout), policy.confirm_timeout).step(attempt))
+        due = time.monotonic() + wait
+        if self._known_due is None or due < self._known_due:
+            self._known_due = due
+        self._next_look = min(self._next_look, due)
+
+    def _seconds_to_next_due(self) -> float | None:
+        return self.claims.seconds_to_next_due(now=self.clock())
 
     def finish(self) -> None:
         try:
@@ -184,8 +275,11 @@ class Relay(Worker[RelayReport]):
 
     def broker_lost(self) -> None:
         self._put_off = []
+        self._next_look = 0.0  # claim as soon as the broker is back
 
     def cleanup(self) -> None:
+        if self._wakeups is not None:
+            self._wakeups.stop()
         if self._db is not None:
             self._db.shutdown(wait=True)
 
@@ -226,7 +320,10 @@ class Relay(Worker[RelayReport]):
             raise
         if claimed_total:
             log.info(
-                "published %d of %d due message(s)", self.report.published - published_before, claimed_total
+                "published %d of %d due message(s)",
+                self.report.published - published_before,
+                claimed_total,
+                extra={"relay_id": self.id},
             )
         return claimed_total
 
@@ -243,6 +340,7 @@ class Relay(Worker[RelayReport]):
                 claim = self._await(pipeline.claiming[0])
                 pipeline.claiming.popleft()
                 self.report.dead += claim.buried
+                self.metrics.dead.inc(claim.buried)
                 more = more and len(claim.messages) == size and not self.stopping and not self.broker.lost
                 if claim.messages:
                     self.broker.send(
@@ -257,6 +355,7 @@ class Relay(Worker[RelayReport]):
             while pipeline.in_flight and (len(pipeline.in_flight) >= PIPELINE_DEPTH or not pipeline.claiming):
                 oldest = pipeline.in_flight.popleft()
                 outcomes = self.broker.collect([m.id for m in oldest.messages])
+                self._remember_due(oldest, outcomes)
                 pipeline.recording.append(self._in_db(self._record, oldest, outcomes))
             if self.broker.buffered >= size:
                 self._take_confirmations()
@@ -289,6 +388,10 @@ class Relay(Worker[RelayReport]):
         """On a database thread: what the broker said of a published batch (its claim ends)."""
         tally = self.claims.record(held, outcomes, now=self.clock())
         if tally.failed:
+            for message in held.messages:
+                reason = outcomes.get(message.id, "not published")
+                if reason is not None:
+                    self.metrics.publish_failures.labels(failure_kind(reason)).inc()
             reasons = sorted({reason for reason in outcomes.values() if reason})
             log.warning(
                 "%d of %d messages not published: %s", tally.failed, len(held.messages), "; ".join(reasons)
@@ -299,6 +402,8 @@ class Relay(Worker[RelayReport]):
         self.report.published += tally.sent
         self.report.failed += tally.failed
         self.report.dead += tally.dead
+        self.metrics.published.inc(tally.sent)
+        self.metrics.dead.inc(tally.dead)
 
     # --- confirmations ------------------------------------------------------------------------
 
@@ -343,9 +448,10 @@ class Relay(Worker[RelayReport]):
         elif done:
             self.broker.ack(max(done), multiple=True)
         self.report.confirmed += confirmed
+        self.metrics.confirmed.inc(confirmed)
         self.report.repeated_confirmations += len(confirmations) - confirmed - len(self._put_off)
         if confirmed:
-            log.info("recorded %d confirmation(s) from the warehouse", confirmed)
+            log.info("recorded %d confirmation(s) from the warehouse", confirmed, extra={"relay_id": self.id})
         return len(deliveries) - len(self._put_off)
 
     def _record_confirmations(self, answers: list) -> tuple[int, set[str]]:
@@ -354,22 +460,28 @@ class Relay(Worker[RelayReport]):
         shipped = [a for a in answers if isinstance(a, Confirmation)]
         cancels = [a for a in answers if isinstance(a, CancelAnswer)]
         failures = [a for a in answers if isinstance(a, FailedAnswer)]
+        written: list[datetime] = []  # when each message confirmed now was written
+        dead = 0
         with session_for(self.database_url, write=True) as session:
             confirmed, put_off = 0, []
             if shipped and not (cancels or failures):
                 # A lost confirmation comes again; a refund must not be lost.
                 self.claims.relax_commit(session)
             if shipped:
-                confirmed, put_off = record_confirmations(session, shipped, now=now)
+                confirmed, put_off = record_confirmations(session, shipped, now=now, created=written)
             if failures:
-                changed, held = record_failures(session, failures, now=now)
-                confirmed, put_off = confirmed + changed, put_off + held
+                dead, held = record_failures(session, failures, now=now)
+                confirmed, put_off = confirmed + dead, put_off + held
             if cancels:
                 changed, held = record_cancel_answers(
                     session, cancels, now=now, operator=self.options.operator
                 )
                 confirmed, put_off = confirmed + changed, put_off + held
             session.commit()
+        recorded = utcnow()
+        for created_at in written:
+            self.metrics.confirm_seconds.observe(max(0.0, (recorded - created_at).total_seconds()))
+        self.metrics.dead.inc(dead)  # the carrier refused these for good (shipment.failed)
         return confirmed, set(put_off)
 
     def _drain_confirmations(self, *, expected: int) -> None:
@@ -382,6 +494,17 @@ class Relay(Worker[RelayReport]):
             if not taken:
                 return
             left -= taken
+
+
+def failure_kind(reason: str) -> str:
+    """A failed publish's reason (``PublisherConfirms``, ``Connection``) as a metric label."""
+    if reason.startswith("unroutable"):
+        return "unroutable"
+    if reason.startswith("nacked"):
+        return "nacked"
+    if reason.startswith("no publisher confirm"):
+        return "timeout"
+    return "connection_lost"
 
 
 def _quietly(work: Callable, *args) -> None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 
 revision = '0008_append_only'
-down_revision = '0005_shipment_lifecycle'
+down_revision = '0006_outbox_notify'
 branch_labels = None
 depends_on = None
 
