@@ -119,7 +119,13 @@ class ShippingDesk:
         except IntegrityError:
             return "duplicate"
         if moved:
-            log.info("redemption %s: waybill %s %s", row.redemption_id, waybill.carrier, waybill.express_no)
+            log.info(
+                "redemption %s: waybill %s %s",
+                row.redemption_id,
+                waybill.carrier,
+                waybill.express_no,
+                extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
+            )
         return "saved" if moved else "lost"
 
     def _holder_of(self, waybill: Waybill) -> int | None:
@@ -160,6 +166,7 @@ class ShippingDesk:
                     waybill.carrier,
                     waybill.express_no,
                     error.message,
+                    extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
                 )
                 return False
             log.error(
@@ -167,6 +174,7 @@ class ShippingDesk:
                 row.redemption_id,
                 waybill.express_no,
                 error.message,
+                extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
             )
             return True
         if not result.cancelled:
@@ -176,6 +184,7 @@ class ShippingDesk:
                 waybill.carrier,
                 waybill.express_no,
                 result.detail,
+                extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
             )
         return True
 
@@ -296,6 +305,7 @@ class ShippingDesk:
                     "the relay will send it again",
                     row.redemption_id,
                     result.message,
+                    extra={"redemption_id": row.redemption_id},
                 )
                 reverts.append(row.id)
                 handled[index] = Handled("carrier_unreachable")
@@ -306,6 +316,7 @@ class ShippingDesk:
                     "redemption %s: the carrier refused the shipment: %s",
                     row.redemption_id,
                     _reason_of(result),
+                    extra={"redemption_id": row.redemption_id},
                 )
                 failures.append((index, row, _reason_of(result)))
             else:
@@ -344,7 +355,11 @@ class ShippingDesk:
         for index, row, waybill in saves:
             if moved.get(index):
                 log.info(
-                    "redemption %s: waybill %s %s", row.redemption_id, waybill.carrier, waybill.express_no
+                    "redemption %s: waybill %s %s",
+                    row.redemption_id,
+                    waybill.carrier,
+                    waybill.express_no,
+                    extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
                 )
                 handled[index] = self._settle(messages[index], after[row.redemption_id], waybill)
         for index, message in enumerate(messages):
@@ -385,11 +400,17 @@ class ShippingDesk:
                     "the relay will send it again",
                     row.redemption_id,
                     error.message,
+                    extra={"redemption_id": row.redemption_id},
                 )
                 self._move(row, S.requested, (S.requesting,))
                 return Handled("carrier_unreachable")
             reason = _reason_of(error)
-            log.warning("redemption %s: the carrier refused the shipment: %s", row.redemption_id, reason)
+            log.warning(
+                "redemption %s: the carrier refused the shipment: %s",
+                row.redemption_id,
+                reason,
+                extra={"redemption_id": row.redemption_id},
+            )
             if self._move(row, S.failed, (S.requesting, S.requested), reason=reason):
                 return reason
             return Handled("deferred")  # moved on meanwhile: the relay's next attempt finds out
@@ -413,7 +434,12 @@ class ShippingDesk:
             f"the carrier issued {waybill.carrier} {waybill.express_no}, an express number shipment "
             f"request {holder} already holds"
         )
-        log.error("redemption %s: %s; cancelling that waybill", row.redemption_id, reason)
+        log.error(
+            "redemption %s: %s; cancelling that waybill",
+            row.redemption_id,
+            reason,
+            extra={"redemption_id": row.redemption_id},
+        )
         if not self._void_stray(row, waybill):
             self._move(row, S.requested, (S.requesting,))
             return Handled("carrier_unreachable")
@@ -427,7 +453,11 @@ class ShippingDesk:
         now = self.clock()
         row, written = self._write(lambda session: shipments.write_tombstone(session, message, now=now))
         if written:
-            log.info("redemption %s: cancelled before its shipment was asked for", message.redemption_id)
+            log.info(
+                "redemption %s: cancelled before its shipment was asked for",
+                message.redemption_id,
+                extra={"redemption_id": message.redemption_id},
+            )
             return self._cancel_answer(message.message_id, row, "cancelled", message.reason)
         for _ in range(ROUNDS):
             status = S(row.status)
@@ -493,6 +523,7 @@ class ShippingDesk:
                     row.redemption_id,
                     row.express_no,
                     error.message,
+                    extra={"redemption_id": row.redemption_id, "express_no": row.express_no},
                 )
                 return Handled("carrier_unreachable")
             reason = f"the carrier would not cancel waybill {row.express_no}: {_reason_of(error)}"
@@ -506,5 +537,10 @@ class ShippingDesk:
             return self._cancel_answer(message.message_id, row, "refused", reason)
         if not self._move(row, S.cancelled, (S.waybill,), reason=message.reason):
             row = self._read(row.id)  # another consumer cancelled it too: the same waybill
-        log.info("redemption %s: waybill %s cancelled at the carrier", row.redemption_id, row.express_no)
+        log.info(
+            "redemption %s: waybill %s cancelled at the carrier",
+            row.redemption_id,
+            row.express_no,
+            extra={"redemption_id": row.redemption_id, "express_no": row.express_no},
+        )
         return self._cancel_answer(message.message_id, row, "cancelled", message.reason)
