@@ -7,9 +7,9 @@
   waybill and before it saved it (the sandbox answers some requests slowly), a shopper in the
   middle of its redemption. The kills go on while redemptions keep arriving; afterwards every
   redemption ships exactly once and every rule holds.
-- The writers: ``redeem create``, ``award bulk``, ``award expire`` and ``award settle`` SIGKILLed
-  inside a transaction (on Postgres: while they wait for a row lock the test holds; on SQLite: at
-  a random moment), then run again to the end.
+- The writers: ``redeem create``, ``redeem cancel``, ``award bulk``, ``award expire`` and
+  ``award settle`` SIGKILLed inside a transaction (on Postgres: while they wait for a row lock the
+  test holds; on SQLite: at a random moment), then run again to the end.
 - Races: the same ``--request-id``, order, grant ref or refund id from several processes at once.
 
 Every random choice comes from the ``rng`` fixture: a failure prints its CREDEX_TEST_SEED.
@@ -309,6 +309,34 @@ def test_a_redemption_killed_inside_its_transaction_leaves_nothing_and_its_reque
     assert count(db_url, "SELECT count(*) FROM redemption") == 1
     assert credex("account", "show", "u1", "--json").json()["balance"] == 100 - 2 * PRICE
     assert credex("catalog", "list", "--json").json()[0]["stock"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_a_cancel_killed_inside_its_refund_and_run_again_refunds_once(
+    db_url, backend, credex, rng, catalog_book
+):
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", PRICE, "--stock", 5)
+    credex("award", "grant", "u1", 100, "--reason", "opening", "--ref", "open-u1")
+    made = credex("redeem", "create", "u1", "MUG", "--quantity", "2", "--address", "1 High St", "--json")
+    redemption_id = made.json()["redemption_id"]
+    # Never published: the cancel withdraws the message and refunds in one transaction (the
+    # shopper's account row locked for the refund: on Postgres the test holds it meanwhile).
+    command = ["redeem", "cancel", str(redemption_id), "--reason", "changed mind"]
+    kill_inside_a_transaction(db_url, backend, command, "u1", rng)
+    check_invariants(db_url, book=catalog_book)
+    if backend == "postgres":  # killed before its commit, for sure: nothing of it is left
+        shown = credex("redeem", "show", redemption_id, "--json").json()
+        assert shown["status"] == "pending"
+        assert credex("account", "show", "u1", "--json").json()["balance"] == 100 - 2 * PRICE
+    env = subprocess_env(CREDEX_DATABASE_URL=db_url)
+    first = run_process(*command, "--json", env=env)
+    again = run_process(*command, "--json", env=env)
+    assert first.exit_code == again.exit_code == 0, first.stderr + again.stderr
+    assert again.json()["status"] == "cancelled" and again.json()["duplicate"] is True
+    assert count(db_url, "SELECT count(*) FROM ledger_entry WHERE kind = 'redemption_refund'") == 1
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 100
+    assert credex("catalog", "list", "--json").json()[0]["stock"] == 5
+    assert count(db_url, "SELECT count(*) FROM outbox_message WHERE state = 'cancelled'") == 1
 
 
 @pytest.mark.timeout(300)
