@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlmodel import Session
 
-from credex.db.models import EntryKind, LotState, utcnow
+from credex.db.models import EntryKind, LotState, lot_state_is, utcnow
 from credex.errors import CredexError, Unavailable
 from credex.points.awards import ledger_table
 from credex.points.bulk_files import Grant, Rejected, UnreadableFile
@@ -281,7 +281,7 @@ def _lots_of(session: Session, users: list[str]) -> dict[str, list[_Lot]]:
     queues: dict[str, list[_Lot]] = {user: [] for user in users}
     rows = session.execute(
         select(lot.user_id, lot.id, lot.remaining, lot.available_at)
-        .where(lot.user_id.in_(users), lot.state == _AVAILABLE)
+        .where(lot.user_id.in_(users), lot_state_is(_AVAILABLE))
         .order_by(lot.user_id, lot.available_at, lot.id)
     )
     for row in rows:
