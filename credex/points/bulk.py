@@ -289,17 +289,15 @@ def _lots_of(session: Session, users: list[str]) -> dict[str, list[_Lot]]:
     return queues
 
 
-# SQLite's settings for a bulk run's connection. Both only change where SQLite keeps pages
-# while it works, never what a commit writes or when it reaches the disk (journal_mode WAL and
-# synchronous NORMAL stay as the engine set them):
-# - cache_size: 64 MiB of page cache instead of the default 2 MiB. A batch inserts into the ledger's
-#   and the lots' indexes at every shopper's place in them; with the default cache those pages
-#   are evicted and read back from the file for every batch, and a long run grows slower than
-#   its size. The cache is per connection and released
-#   with it; the command's peak memory stays under 200 MiB.
-# - temp_store MEMORY: the sorts and temporary b-trees of a batch's statements in memory rather
-#   than in temporary files; they hold nothing that is committed.
-BULK_PRAGMAS = ("cache_size = -65536", "temp_store = MEMORY")
+# SQLite's settings for a bulk run's connection, set in each batch's transaction (where SQLite
+# allows cache_size to change; temp_store, for one, it refuses). cache_size only changes where
+# SQLite keeps pages while it works, never what a commit writes or when it reaches the disk:
+# journal_mode WAL and synchronous NORMAL stay as the engine set them. 64 MiB instead of the
+# default 2 MiB: a batch inserts into the ledger's and the lots' indexes at every shopper's place
+# in them; with the default cache those pages are evicted and read back from the file for every
+# batch, and a long run grows slower than its size. The cache is per connection and released
+# with it; the command's peak memory stays under 200 MiB.
+BULK_PRAGMAS = ("cache_size = -65536",)
 
 
 class _Sqlite:
