@@ -2,4 +2,4 @@
 
 # The newest migration; a test checks it against Alembic's head. Kept here so that a command
 # can check the schema without importing Alembic.
-HEAD_REVISION = "0008_append_only"
+HEAD_REVISION = "0009_cheaper_lots"

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
-from credex.db.models import EntryKind, LotState, utcnow
+from credex.db.models import EntryKind, LotState, lot_state_is, utcnow
 from credex.errors import Conflict, InvalidInput, UnknownOrder
 from credex.points.rules import INT64_MAX, check_ref, check_user_id, parse_amount, points_for
 
@@ -133,7 +133,7 @@ def _take_oldest_lot():
     lot = lot_table.c
     oldest = (
         select(lot.id)
-        .where(lot.user_id == bindparam("owner"), lot.state == _AVAILABLE)
+        .where(lot.user_id == bindparam("owner"), lot_state_is(_AVAILABLE))
         .order_by(lot.available_at, lot.id)
         .limit(1)
         .scalar_subquery()
@@ -169,7 +169,7 @@ def consume_lots(
     running = func.sum(lot.remaining).over(order_by=(lot.available_at, lot.id)).label("running")
     candidates = (
         select(lot.id, lot.remaining, lot.available_at, running)
-        .where(lot.user_id == user_id, lot.state == _AVAILABLE)
+        .where(lot.user_id == user_id, lot_state_is(_AVAILABLE))
         .subquery()
     )
     rows = session.execute(
@@ -381,7 +381,7 @@ def settle_pending(session: Session, *, operator: str, now: datetime | None = No
     one ``settle`` entry per lot. Idempotent; safe beside redemptions and other runs."""
     now = now or utcnow()
     lot = lot_table.c
-    due = (lot.state == _PENDING, lot.available_at <= now)
+    due = (lot_state_is(_PENDING), lot.available_at <= now)
     report = {"as_of": now, "accounts": 0, "lots": 0, "points": 0, "debt_paid": 0}
     for user_id in _due_accounts(session, due):
         account = lock_account(session, user_id)
@@ -453,7 +453,7 @@ def expire_lapsed(session: Session, *, operator: str, now: datetime | None = Non
     lot. Idempotent; safe beside redemptions and other runs."""
     now = now or utcnow()
     lot = lot_table.c
-    due = (lot.state == _AVAILABLE, lot.expires_at <= now)
+    due = (lot_state_is(_AVAILABLE), lot.expires_at <= now)
     report = {"as_of": now, "accounts": 0, "lots": 0, "points": 0}
     for user_id in _due_accounts(session, due):
         account = lock_account(session, user_id)
@@ -503,7 +503,7 @@ def expiring(session: Session, user_id: str) -> list[dict]:
     lot = lot_table.c
     rows = session.execute(
         select(lot.remaining, lot.expires_at)
-        .where(lot.user_id == user_id, lot.state == _AVAILABLE, lot.expires_at.is_not(None))
+        .where(lot.user_id == user_id, lot_state_is(_AVAILABLE), lot.expires_at.is_not(None))
         .order_by(lot.expires_at)
     )
     days: dict = {}
