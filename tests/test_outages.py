@@ -10,6 +10,7 @@ clients: 57P01 and refused connections, stale connections in the pools), for OUT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -189,9 +190,11 @@ def broker_to_ourselves():
 @pytest.mark.broker_restart
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_the_workers_ride_out_the_broker_killed_and_started_again(
+def test_the_workers_ride_out_the_broker_stopped_then_killed_and_started_again(
     db_url, credex, shop, broker_to_ourselves, tmp_path
 ) -> None:
+    """Both in one turn with the broker to ourselves (every other broker test waits meanwhile):
+    `rabbitmqctl stop_app` / `start_app`, then the broker's service killed and started again."""
     from tests.conftest import Rabbit
 
     prefix = f"t{tmp_path.name[-8:]}{int(time.time() * 1000) % 100000}."
@@ -204,6 +207,21 @@ def test_the_workers_ride_out_the_broker_killed_and_started_again(
             warehouse = pipeline.warehouse()
             shop(5)
             pipeline.wait_all_confirmed(5)
+            stopped = False
+            try:
+                rabbitmqctl("stop_app")
+                stopped = True
+                shop(5)  # shoppers go on while the broker is away: the outbox keeps their messages
+                time.sleep(3)  # the outage itself, short: the other tests wait for the broker
+            finally:
+                rabbitmqctl("start_app")
+                rabbitmqctl("await_startup")
+            assert stopped
+            pipeline.wait_all_confirmed(10, timeout=180)
+            for worker in (relay, warehouse):
+                log = pipeline.log(worker)
+                assert "cannot reach the broker" in log and "reconnected to the broker" in log, log
+
             pid = int(rabbitmqctl("-q", "eval", "list_to_integer(os:getpid()).").strip())
             restarted = False
             try:
@@ -222,13 +240,31 @@ def test_the_workers_ride_out_the_broker_killed_and_started_again(
                 start_the_broker_again()
                 restarted = True
             assert restarted
-            pipeline.wait_all_confirmed(10, timeout=240)
+            pipeline.wait_all_confirmed(15, timeout=240)
             assert relay.poll() is None and warehouse.poll() is None, "no worker needed a restart"
-            exits = [pipeline.stop(relay)[0], pipeline.stop(warehouse)[0]]
-            assert exits == [0, 0], [pipeline.log(relay), pipeline.log(warehouse)]
-            for worker in (relay, warehouse):
-                log = pipeline.log(worker)
-                assert "cannot reach the broker" in log and "reconnected to the broker" in log, log
-            check_shipped_exactly_once(pipeline, 10)
+            (relay_exit, relay_out), (warehouse_exit, warehouse_out) = (
+                pipeline.stop(relay),
+                pipeline.stop(warehouse),
+            )
+            assert (relay_exit, warehouse_exit) == (0, 0), [pipeline.log(relay), pipeline.log(warehouse)]
+            for out in (relay_out, warehouse_out):
+                assert json.loads(out)["reconnects"] >= 2  # once per outage
+            check_shipped_exactly_once(pipeline, 15)
         finally:
             pipeline.close()
+            delete_names(broker_to_ourselves, rabbit.names)
+
+
+def delete_names(url: str, names) -> None:
+    """The test's exchange and queues off the shared broker (best effort: names are unique)."""
+    import contextlib
+
+    import pika
+
+    with contextlib.suppress(Exception):
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        for queue in (names.warehouse_queue, names.confirmations_queue):
+            channel.queue_delete(queue)
+        channel.exchange_delete(names.exchange)
+        connection.close()

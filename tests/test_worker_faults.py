@@ -1,6 +1,6 @@
 """The relay and the warehouse against a broker that misbehaves for real: confirmations that are
 not JSON objects, a confirmation the broker refuses, a queue deleted under its consumer,
-publisher confirms that stop arriving, a second SIGTERM, and a full broker restart.
+publisher confirms that stop arriving, a second SIGTERM, and a full broker restart (tests/test_outages.py).
 
 Each ends with every redemption shipped exactly once and every rule of domain.md holding (the
 ``db_url`` teardown check, plus ``check_shipped_exactly_once`` where a warehouse ran)."""
@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from tests.invariants import check_invariants
 from tests.netfaults import FaultyProxy
 from tests.pipeline import Pipeline, check_shipped_exactly_once
 from tests.sandbox import running_sandbox
@@ -174,6 +173,9 @@ def test_a_worker_whose_queue_is_deleted_under_it_reconnects_and_everything_ship
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+# Postgres: its claims are row locks, released while the publish waits; SQLite's lease path for a
+# publish whose confirm never came is the crash test's "relay_after_publish" kill.
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_published_again(
     credex, shop, rabbit, pipeline
 ):
@@ -254,81 +256,3 @@ def test_a_second_sigterm_leaves_at_once_and_the_message_comes_back_to_the_next_
         finally:
             pipeline.close()
         check_shipped_exactly_once(pipeline, 1)
-
-
-# --- the broker restarts ----------------------------------------------------------------------------
-
-
-def rabbitmqctl(*args: str, timeout: float = 120) -> None:
-    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
-
-
-@pytest.fixture
-def broker_to_ourselves():
-    """The shared broker, with no other test of this run using it (they wait on the lock)."""
-    from tests.conftest import broker_lock, check_broker
-
-    with broker_lock(exclusive=True):
-        yield check_broker()
-
-
-@pytest.mark.broker_restart
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # one outage per run is enough
-def test_the_relay_and_the_warehouse_ride_out_a_broker_restart(
-    db_url, credex, shop, broker_to_ourselves, tmp_path, monkeypatch
-):
-    from tests.conftest import Rabbit
-
-    prefix = f"t{tmp_path.name[-8:]}{int(time.time() * 1000) % 100000}."
-    rabbit = Rabbit(broker_to_ourselves, prefix)
-    rabbit.close()  # the test only needs its names and URL; the restart would cut its connection
-    with running_sandbox() as sandbox:
-        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
-        try:
-            relay = pipeline.relay("--confirm-timeout", "2", "--max-confirm-timeout", "4")
-            warehouse = pipeline.warehouse()
-            shop(5)
-            pipeline.wait_all_confirmed(5)
-            stopped = False
-            try:
-                rabbitmqctl("stop_app")
-                stopped = True
-                shop(5)  # shoppers go on while the broker is away: the outbox keeps their messages
-                time.sleep(3)  # a short outage: other engineers' tests share this broker
-            finally:
-                rabbitmqctl("start_app")
-                rabbitmqctl("await_startup")
-            assert stopped
-            pipeline.wait_all_confirmed(10, timeout=180)
-            (relay_exit, relay_out), (warehouse_exit, warehouse_out) = (
-                pipeline.stop(relay),
-                pipeline.stop(warehouse),
-            )
-            assert (relay_exit, warehouse_exit) == (0, 0)
-            for process, out in ((relay, relay_out), (warehouse, warehouse_out)):
-                log = pipeline.log(process)
-                assert json.loads(out)["reconnects"] >= 1, log
-                # The reconnect loop went round: at least one attempt found the broker away.
-                assert "cannot reach the broker" in log and "reconnected to the broker" in log, log
-        finally:
-            pipeline.close()
-            _delete_names(broker_to_ourselves, rabbit.names)
-        check_shipped_exactly_once(pipeline, 10)
-    check_invariants(db_url)
-
-
-def _delete_names(url: str, names) -> None:
-    import contextlib
-
-    import pika
-
-    with contextlib.suppress(Exception):
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-        channel = connection.channel()
-        for queue in (names.warehouse_queue, names.confirmations_queue):
-            channel.queue_delete(queue)
-        channel.exchange_delete(names.exchange)
-        connection.close()
