@@ -88,8 +88,13 @@ def test_sync_records_delivered_and_returned_and_refunds_a_return_once(credex, s
     stored = credex("track", on_its_way["redemption_id"], "--json", env=env)
     assert stored.exit_code == 0 and stored.json()["stored"] is True and trackings(sandbox) == 3
     assert stored.json()["status"] == "info_received"
+    # The stored answer says where the parcel is, as the carrier did (its checkpoints too).
+    assert [c["status"] for c in stored.json()["checkpoints"]] == ["info_received"]
     fresh = credex("track", on_its_way["redemption_id"], "--fresh", "--json", env=env)
     assert fresh.exit_code == 0 and "stored" not in fresh.json() and trackings(sandbox) == 4
+    assert fresh.json()["checkpoints"] == stored.json()["checkpoints"]
+    by_hand = credex("track", on_its_way["redemption_id"], "--json", env=env)  # kept from --fresh
+    assert by_hand.json()["stored"] is True and by_hand.json()["checkpoints"] == fresh.json()["checkpoints"]
     # A delivered redemption cannot be cancelled; the returned one was refunded once.
     refused = credex("redeem", "cancel", delivered["redemption_id"], "--reason", "late")
     assert refused.exit_code == 1

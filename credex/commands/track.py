@@ -161,7 +161,9 @@ def track(
     if parcel.redemption_id is not None:
         from credex.points.deliveries import store_tracking
 
-        store_tracking(settings(ctx).database_url, parcel.redemption_id, result["status"])
+        store_tracking(
+            settings(ctx).database_url, parcel.redemption_id, result["status"], result["checkpoints"]
+        )
     emit(result, as_json=as_json, render=_render)
 
 

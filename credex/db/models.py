@@ -289,6 +289,8 @@ class Redemption(SQLModel, table=True):
     # that keeps concurrent syncs from asking twice within CREDEX_TRACK_MIN_INTERVAL.
     delivery_status: str | None = Field(default=None, sa_column=Column(String(32)))
     delivery_checked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
+    # The carrier's checkpoints with that status (JSON, newest first), for `track` while fresh.
+    delivery_checkpoints: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
 
 
 class RedemptionEvent(SQLModel, table=True):

@@ -10,6 +10,7 @@ the interval. Each redemption's record is a short transaction of its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -73,7 +74,13 @@ def claim_check(session: Session, redemption_id: int, *, now: datetime, interval
 
 
 def record_delivery(
-    session: Session, redemption_id: int, status: str, *, operator: str, now: datetime
+    session: Session,
+    redemption_id: int,
+    status: str,
+    *,
+    operator: str,
+    now: datetime,
+    checkpoints: list[dict] | None = None,
 ) -> str:
     """Record the carrier's ``status`` (the caller commits); ``delivered`` or ``returned`` move the
     redemption (a return refunds it, once). Returns what happened: delivered, returned or
@@ -81,7 +88,8 @@ def record_delivery(
     from credex.points.cancels import refund_redemption
     from credex.points.redemptions import add_event
 
-    session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status))
+    kept = {} if checkpoints is None else {"delivery_checkpoints": json.dumps(checkpoints)}
+    session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status, **kept))
     if status == "delivered":
         moved = session.execute(
             update(_r)
@@ -146,7 +154,14 @@ def sync_deliveries(
             raise
         report.checked += 1
         with session_for(database_url, write=True) as session:
-            outcome = record_delivery(session, row.id, tracking.status, operator=operator, now=utcnow())
+            outcome = record_delivery(
+                session,
+                row.id,
+                tracking.status,
+                operator=operator,
+                now=utcnow(),
+                checkpoints=[point.to_json() for point in tracking.checkpoints],
+            )
             session.commit()
         setattr(report, outcome, getattr(report, outcome) + 1)
     return report
@@ -156,9 +171,14 @@ def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta
     """`track REDEMPTION_ID` without --fresh: the stored answer while it is younger than
     ``interval`` (None: ask the carrier)."""
     row = session.execute(
-        select(_r.c.id, _r.c.express_no, _r.c.carrier, _r.c.delivery_status, _r.c.delivery_checked_at).where(
-            _r.c.id == redemption_id
-        )
+        select(
+            _r.c.id,
+            _r.c.express_no,
+            _r.c.carrier,
+            _r.c.delivery_status,
+            _r.c.delivery_checked_at,
+            _r.c.delivery_checkpoints,
+        ).where(_r.c.id == redemption_id)
     ).first()
     if row is None or row.delivery_status is None or row.delivery_checked_at is None:
         return None
@@ -169,19 +189,23 @@ def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta
         "express_no": row.express_no,
         "carrier": row.carrier,
         "status": row.delivery_status,
-        "checkpoints": [],
+        "checkpoints": json.loads(row.delivery_checkpoints) if row.delivery_checkpoints else [],
         "stored": True,
         "checked_at": row.delivery_checked_at,
     }
 
 
-def store_tracking(database_url: str, redemption_id: int, status: str) -> None:
-    """What `track` just heard from the carrier, kept as the stored answer (the status only moves
-    with `track sync`)."""
+def store_tracking(database_url: str, redemption_id: int, status: str, checkpoints: list[dict]) -> None:
+    """What `track` just heard from the carrier (status and checkpoints), kept as the stored
+    answer (the redemption's own status only moves with `track sync`)."""
     with session_for(database_url, write=True) as session:
         session.execute(
             update(_r)
             .where(_r.c.id == redemption_id)
-            .values(delivery_status=status, delivery_checked_at=utcnow())
+            .values(
+                delivery_status=status,
+                delivery_checked_at=utcnow(),
+                delivery_checkpoints=json.dumps(checkpoints),
+            )
         )
         session.commit()
