@@ -153,12 +153,13 @@ def test_two_syncs_racing_to_refund_the_same_returns_refund_each_once(db_url, cr
         )
         for _ in range(2)
     ]
-    reports = []
+    reports, logs = [], []
     for run in runs:
         out, err = run.communicate(timeout=120)
+        logs.append(err)
         assert run.returncode == 0, err
         reports.append(json.loads(out))
-    assert sum(r["returned"] for r in reports) == len(parcels)
+    assert sum(r["returned"] for r in reports) == len(parcels), (reports, logs)
     history = credex("account", "history", "u1", "--json").json()
     refunds = sorted(e["ref"] for e in history if e["kind"] == "redemption_refund")
     assert refunds == sorted(str(p["redemption_id"]) for p in parcels)
