@@ -474,6 +474,22 @@ def _confirm_one(session: Session, message_id: str, now: datetime) -> bool:
     )
 
 
+def _held_once(session: Session, answers: Iterable, put_off: list[str]):
+    """Each answer once (repeats in the batch skipped) with its outbox row, locked. An answer
+    whose row a relay holds right now goes to ``put_off``; one for an unknown message is dropped."""
+    seen: set[str] = set()
+    for answer in answers:
+        if answer.message_id in seen:
+            continue
+        seen.add(answer.message_id)
+        message = _hold(session, answer.message_id)
+        if message is None:
+            if _exists(session, answer.message_id):
+                put_off.append(answer.message_id)
+            continue
+        yield answer, message
+
+
 def record_cancel_answers(
     session: Session, answers: Iterable[CancelAnswer], *, now: datetime, operator: str
 ) -> tuple[int, list[str]]:
@@ -489,16 +505,7 @@ def record_cancel_answers(
     answers = list(answers)
     _lock_redemptions(session, [a.message_id for a in answers])
     changed, put_off = 0, []
-    seen: set[str] = set()
-    for answer in answers:
-        if answer.message_id in seen:
-            continue
-        seen.add(answer.message_id)
-        message = _hold(session, answer.message_id)
-        if message is None:
-            if _exists(session, answer.message_id):
-                put_off.append(answer.message_id)
-            continue
+    for answer, message in _held_once(session, answers, put_off):
         rid = message.redemption_id
         if rid is None:
             continue
@@ -566,16 +573,7 @@ def record_failures(
     from credex.points.redemptions import add_event
 
     changed, put_off = 0, []
-    seen: set[str] = set()
-    for answer in answers:
-        if answer.message_id in seen:
-            continue
-        seen.add(answer.message_id)
-        message = _hold(session, answer.message_id)
-        if message is None:
-            if _exists(session, answer.message_id):
-                put_off.append(answer.message_id)
-            continue
+    for answer, message in _held_once(session, answers, put_off):
         if message.routing_key != REDEMPTION_CREATED or message.state not in _OPEN:
             continue
         session.execute(
