@@ -98,7 +98,8 @@ def sandbox(
     with Ctrl-C.
     """
     from credex.errors import InvalidInput
-    from credex.logistics.sandbox import FAULTS, NUMBERINGS, SandboxOptions, serve
+    from credex.logistics.sandbox import FAULTS, NUMBERINGS, SandboxOptions
+    from credex.logistics.sandbox_http import serve
 
     script = tuple(fault.strip() for fault in faults.split(",") if fault.strip())
     unknown = [fault for fault in script if fault not in FAULTS]
