@@ -1,4 +1,8 @@
-"""The database: created on first use, migrated by `db upgrade`, and failures that say what to do."""
+"""The database: created on first use, migrated by `db upgrade`, and failures that say what to do.
+
+(Over 400 lines on purpose: every way a database can be missing, old, locked or unreachable,
+side by side, sharing their fixtures.)
+"""
 
 import json
 import sqlite3

@@ -2,6 +2,9 @@
 value with exit 2, one line naming the field (JSON `invalid_input` under --json) and writes
 nothing, the same on SQLite and Postgres; whatever text is thrown at the parsers, commands and
 bulk files, the answer is a clean refusal or a value that reads back as it was given, never exit 70.
+
+(Over 400 lines on purpose: one table of refusals for every command, the one place to look when a
+rule changes, beside the generated inputs that run the same commands.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The generic carrier client over httpx.MockTransport: the contract, status mapping, retry rules,
-the bound on total time, error mapping, and the API key kept out of every message."""
+the bound on total time, error mapping, and the API key kept out of every message.
+
+(Over 400 lines on purpose: the contract in logistics.md is one table of requests and answers,
+and its tests follow it in order; they share one fake transport.)
+"""
 
 from __future__ import annotations
 

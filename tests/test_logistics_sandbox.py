@@ -1,6 +1,9 @@
 """The sandbox carrier as a real process on a free port: the generic contract, idempotency,
 time-based progression, cancels, refused parcels, numbers never handed out twice, injected faults
-(retryable and final), and a clean stop."""
+(retryable and final), and a clean stop.
+
+(Over 400 lines on purpose: one real sandbox process per module serves every test here.)
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,11 @@ points, debt, earned and redeemed, the lots, the expiring points, the stock and 
 be what the model says, and every rule of domain.md must hold.
 
 On SQLite and on Postgres; the number of examples comes from the hypothesis profile
-(conftest.py: more on CI)."""
+(conftest.py: more on CI).
+
+(Over 400 lines on purpose: the model and the state machine that drives the real program beside it
+are one thing; apart, a rule could change on one side only.)
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@
 - Races: the same ``--request-id``, order, grant ref or refund id from several processes at once.
 
 Every random choice comes from the ``rng`` fixture: a failure prints its CREDEX_TEST_SEED.
+
+(Over 400 lines on purpose: the kills share one pipeline harness, and their windows are easier to
+compare side by side.)
 """
 
 from __future__ import annotations
