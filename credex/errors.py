@@ -76,6 +76,13 @@ class NotMigrated(RuleViolation):
     code = "not_migrated"
 
 
+class SchemaMismatch(RuleViolation):
+    """The database says it is at credex's revision, but a table or column it needs is missing
+    (renamed or dropped by hand): nothing credex can repair by retrying."""
+
+    code = "schema_mismatch"
+
+
 class AppendOnly(RuleViolation):
     """A ledger entry (or stock movement) cannot be changed or removed: a correction is a new entry."""
 

@@ -365,3 +365,15 @@ def test_a_refund_recorded_twice_is_found(shop, audit, db_url, backend):
             "found": {"status": "cancelled", "refunds": 2, "points": 20},
         }
     ]
+
+
+@pytest.mark.breaks_invariants
+def test_a_database_failing_halfway_leaves_stdout_empty_and_says_why(shop, credex, db_url, warehouse_url):
+    # Violations are found on the points side first; then the warehouse's table is gone.
+    execute(db_url, "UPDATE account SET balance = balance + 5 WHERE user_id = 'u1'")
+    execute(warehouse_url, "ALTER TABLE shipment_request RENAME TO shipment_request_gone")
+    done = credex("audit", "verify", "--json", "--warehouse-database-url", warehouse_url)
+    assert done.exit_code == 1, done.stderr
+    assert done.stdout == ""  # never half a document a script would try to read
+    error = json.loads(done.stderr)["error"]
+    assert error["code"] == "schema_mismatch" and "shipment_request" in error["message"]

@@ -157,6 +157,31 @@ ORDINARY_COMMANDS = [
 ]
 
 
+@pytest.mark.breaks_invariants
+@pytest.mark.parametrize("command", ORDINARY_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_table_renamed_by_hand_is_a_schema_mismatch_not_an_internal_error(db_url, credex, command):
+    from sqlalchemy import text
+
+    from credex.db.engine import dispose_engines, get_engine
+
+    credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5")
+    credex("award", "grant", "u1", "100", "--reason", "opening", "--ref", "open-u1")
+    tables = {
+        "catalog": "catalog_item",
+        "relay": "outbox_message",
+        "redeem": "redemption",
+        "settle": "point_lot",
+    }
+    table = tables.get(command[1] if command[1] == "settle" else command[0], "account")
+    with get_engine(db_url).begin() as connection:
+        connection.execute(text(f"ALTER TABLE {table} RENAME TO {table}_gone"))
+    dispose_engines()
+    done = credex(*command, "--json")
+    assert done.exit_code == 1, done.stderr
+    error = json.loads(done.stderr)["error"]
+    assert error["code"] == "schema_mismatch" and table in error["message"], error
+
+
 @pytest.mark.parametrize("command", ORDINARY_COMMANDS, ids=lambda c: " ".join(c[:2]))
 def test_a_database_at_an_unknown_revision_is_refused_by_every_command_and_left_alone(
     db_url, credex, shop_at_unknown_revision, command

@@ -12,6 +12,7 @@ from credex.commands._common import JsonOption, settings
 app = typer.Typer(help="Check every rule of the points program across both databases.", no_args_is_help=True)
 
 SHOWN = 200  # violations listed in the table; --json lists every one
+SPOOLED_BYTES = 8 << 20  # a --json report larger than this waits on disk, not in memory
 
 
 @app.command("verify")
@@ -39,21 +40,24 @@ def verify(
 
 
 def _print_json(audit) -> int:
-    """The report as one JSON document, written as the violations stream out."""
+    """The report as one JSON document. The violations stream into a spooled file (memory stays
+    flat however many there are) and reach stdout only once the audit has finished: a database
+    that fails halfway leaves stdout empty and the error on stderr, never half a document."""
+    import shutil
+    import tempfile
+
     from credex.output import to_json
 
-    out, found = sys.stdout, 0
-    violations = audit.violations()
-    first = next(violations, None)  # errors (an unmigrated database) come before any output
-    out.write('{"violations": [')
-    if first is not None:
-        out.write(to_json(first.to_json()))
-        found = 1
-        for violation in violations:
-            out.write(", " + to_json(violation.to_json()))
+    found = 0
+    with tempfile.SpooledTemporaryFile(max_size=SPOOLED_BYTES, mode="w+", encoding="utf-8") as spool:
+        spool.write('{"violations": [')
+        for violation in audit.violations():
+            spool.write((", " if found else "") + to_json(violation.to_json()))
             found += 1
-    out.write(f'], "checked": {to_json(audit.checked)}, "skipped": {to_json(audit.skipped)}}}\n')
-    out.flush()
+        spool.write(f'], "checked": {to_json(audit.checked)}, "skipped": {to_json(audit.skipped)}}}\n')
+        spool.seek(0)
+        shutil.copyfileobj(spool, sys.stdout)
+    sys.stdout.flush()
     return found
 
 

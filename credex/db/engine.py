@@ -20,6 +20,7 @@ from credex.errors import (
     InvalidInput,
     NotMigrated,
     PermissionDenied,
+    SchemaMismatch,
     Unavailable,
     one_line,
     printable,
@@ -281,6 +282,11 @@ def _first_line(error: BaseException) -> str:
 # in a trigger is SQLITE_CONSTRAINT_TRIGGER. Postgres's own "permission denied" is 42501.
 _PG_APPEND_ONLY, _PG_PERMISSION_DENIED = "CX001", "42501"
 _SQLITE_CONSTRAINT_TRIGGER = 1811
+# A table or column the schema's revision promises is missing. SQLite gives only its generic
+# SQLITE_ERROR code for this, so its message's fixed prefix is what tells it apart.
+_PG_UNDEFINED = frozenset({"42P01", "42703"})  # undefined_table, undefined_column
+_SQLITE_ERROR = 1
+_SQLITE_UNDEFINED = ("no such table:", "no such column:")
 
 
 def _refusal(error: BaseException) -> CredexError | None:
@@ -290,6 +296,14 @@ def _refusal(error: BaseException) -> CredexError | None:
     state = getattr(orig, "sqlstate", None)
     if state == _PG_APPEND_ONLY or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CONSTRAINT_TRIGGER:
         return AppendOnly(f"refused by the database: {redact(first_line)}")
+    if state in _PG_UNDEFINED or (
+        getattr(orig, "sqlite_errorcode", None) == _SQLITE_ERROR
+        and (first_line.startswith(_SQLITE_UNDEFINED) or " has no column named " in first_line)
+    ):
+        return SchemaMismatch(
+            f"the database's schema is not the one its revision names ({redact(first_line)}): "
+            "a table or column was renamed or dropped by hand; restore it"
+        )
     if state == _PG_PERMISSION_DENIED:
         return PermissionDenied(
             f"refused by the database: {redact(first_line)} "
