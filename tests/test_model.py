@@ -83,6 +83,18 @@ class Gift:
 
 
 @dataclass
+class Redemption:
+    id: int
+    user: str
+    sku: str
+    quantity: int
+    cost: int
+    takes: list[tuple[Lot, int]]  # the points it took out of each lot, oldest first
+    took_stock: bool
+    status: str = "pending"
+
+
+@dataclass
 class Model:
     accounts: dict[str, Account] = field(default_factory=dict)
     lots: list[Lot] = field(default_factory=list)
@@ -91,6 +103,7 @@ class Model:
     orders: dict[str, tuple[str, int]] = field(default_factory=dict)  # order -> (user, points earned)
     clawed: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # order -> taken back
     requests: dict[str, tuple] = field(default_factory=dict)  # redemption request id -> content
+    redemptions: list[Redemption] = field(default_factory=list)
     messages: int = 0
 
     def account(self, user: str) -> Account:
@@ -100,17 +113,42 @@ class Model:
         lots = [lot for lot in self.lots if lot.user == user and lot.state == "available"]
         return sorted(lots, key=lambda lot: (lot.available_at, lot.seq))
 
-    def take(self, user: str, points: int) -> None:
-        """Oldest points first."""
+    def take(self, user: str, points: int) -> list[tuple[Lot, int]]:
+        """Oldest points first; what was taken from each lot."""
+        takes = []
         for lot in self.spendable(user):
             if points == 0:
-                return
+                break
             taken = min(lot.remaining, points)
             lot.remaining -= taken
             points -= taken
+            takes.append((lot, taken))
             if lot.remaining == 0:
                 lot.state = "used"
         assert points == 0, "the model spent points its lots do not hold"
+        return takes
+
+    def cancel(self, redemption: Redemption) -> None:
+        """A redemption never handed to the broker, cancelled: its message withdrawn, its points
+        back (debt first, as with any award; the rest into the lots they came from, whose
+        expiry stands: an expired one lapses again at the next expiry run) and its stock back."""
+        account = self.account(redemption.user)
+        paid = min(account.debt, redemption.cost)
+        account.debt -= paid
+        account.balance += redemption.cost - paid
+        account.redeemed -= redemption.cost
+        skip = paid  # the oldest points paid the debt: they would have expired first
+        for lot, taken in redemption.takes:
+            skipped = min(skip, taken)
+            skip -= skipped
+            if taken - skipped:
+                lot.remaining += taken - skipped
+                lot.state = "pending" if lot.state == "pending" else "available"
+        gift = self.gifts.get(redemption.sku)
+        if redemption.took_stock and gift is not None and gift.stock is not None:
+            gift.stock += redemption.quantity
+        self.messages -= 1
+        redemption.status = "cancelled"
 
     def award(
         self, user: str, points: int, now: datetime, *, pending: bool, order: str | None = None
@@ -426,10 +464,31 @@ class PointsProgram(RuleBasedStateMachine):
             self.model.requests[request] = content
             account.balance -= cost
             account.redeemed += cost
-            self.model.take(user, cost)
+            takes = self.model.take(user, cost)
+            self.model.redemptions.append(
+                Redemption(answer["redemption_id"], user, sku, quantity, cost, takes, gift.stock is not None)
+            )
             if gift.stock is not None:
                 gift.stock -= quantity
             self.model.messages += 1
+
+    @rule(pick=st.integers(0, 50), known=st.booleans())
+    def cancel(self, pick: int, known: bool) -> None:
+        """No relay runs here: every redemption is still pending, so a cancel takes the short
+        path (withdrawn and refunded at once); a second cancel is a repeat."""
+        redemptions = self.model.redemptions
+        if not known or not redemptions:
+            number = 1 + max((r.id for r in redemptions), default=0) + pick
+            self.expect(self.credex("redeem", "cancel", number, "--reason", "model"), 1, "unknown_redemption")
+            return
+        redemption = redemptions[pick % len(redemptions)]
+        answer = self.expect(self.credex("redeem", "cancel", redemption.id, "--reason", "model"), 0)
+        assert answer["status"] == "cancelled", answer
+        if redemption.status == "cancelled":
+            assert answer["duplicate"] is True
+            return
+        assert (answer["duplicate"], answer["cancel"]) == (False, "withdrawn"), answer
+        self.model.cancel(redemption)
 
     @rule(sku=st.sampled_from(SKUS), price=st.integers(5, 80), stock=st.none() | st.integers(0, 5))
     def stock_the_catalog(self, sku: str, price: int, stock: int | None) -> None:
@@ -596,22 +655,37 @@ EDGES = [
     ("bad_input", {"command": BAD_INPUT[0]}),
 ]
 
+# A cancel's rarest edges: the opening splurge on caps (its points from the first order and a
+# grant) cancelled while debt is left and after those lots' expiry: debt first, the rest back
+# into the lots it came from, which lapse again at the next expiry run; a repeat; an unknown id.
+CANCEL_EDGES = [
+    ("open_the_shop", {"amount": "80.00", "returnable": False, "later": "50.00"}),
+    ("refund_the_first_order", {"amount": None, "refund": 1}),  # 80 spent: all of it is debt
+    ("time_passes", {"days": 61, "hours": 0, "cron": True}),  # the pending 50 pays part of it
+    ("cancel", {"pick": 0, "known": True}),
+    ("cancel", {"pick": 0, "known": True}),
+    ("cancel", {"pick": 7, "known": False}),
+    ("time_passes", {"days": 1, "hours": 0, "cron": True}),
+]
 
-def test_the_model_walks_the_rarest_edges_on_sqlite(sqlite_template, tmp_path):
+
+@pytest.mark.parametrize("edges", [EDGES, CANCEL_EDGES], ids=["lifecycle", "cancel"])
+def test_the_model_walks_the_rarest_edges_on_sqlite(sqlite_template, tmp_path, edges):
     from credex.db.engine import dispose_engines
 
     path = tmp_path / "edges.db"
     shutil.copy(sqlite_template, path)
     PointsProgram.make_database = staticmethod(lambda: (f"sqlite:///{path}", dispose_engines))
-    walk(PointsProgram(), EDGES)
+    walk(PointsProgram(), edges)
 
 
 @pytest.mark.postgres
-def test_the_model_walks_the_rarest_edges_on_postgres(postgres_template):
+@pytest.mark.parametrize("edges", [EDGES, CANCEL_EDGES], ids=["lifecycle", "cancel"])
+def test_the_model_walks_the_rarest_edges_on_postgres(postgres_template, edges):
     from tests.conftest import make_postgres_database
 
     PointsProgram.make_database = staticmethod(lambda: make_postgres_database(postgres_template))
-    walk(PointsProgram(), EDGES)
+    walk(PointsProgram(), edges)
 
 
 def test_a_purchase_too_small_to_earn_a_point_is_answered_and_changes_nothing(db_url, credex):
