@@ -169,7 +169,7 @@ class LedgerEntry(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("kind", "ref", name="uq_ledger_entry_kind_ref"),
         Index("ix_ledger_entry_user_id_id", "user_id", "id"),
-        # Partial, WHERE source_id IS NOT NULL (migration 0009): grants and purchases have none.
+        # Partial, WHERE source_id IS NOT NULL (migration 0011): grants and purchases have none.
         Index("ix_ledger_entry_source_id", "source_id"),
     )
 

@@ -20,9 +20,8 @@ Each index now holds only the lots its queries read:
   account's expiring points. Read whole, it is the expirable lots only, in account order, which
   is what the accounts' DISTINCT wants.
 
-A used or expired lot leaves them all. ix_ledger_entry_source_id keeps only the entries that have
-a source (refunds, settles, expiries: WHERE source_id IS NOT NULL, which `source_id = x` implies):
-grants and purchases, most of the ledger, have none. lot_use gets an index on entry_id: a refund reads the lots
+A used or expired lot leaves them all. (ix_ledger_entry_source_id was meant to become partial
+here too; it is done in 0011_partial_source_index.) lot_use gets an index on entry_id: a refund reads the lots
 its redemption took from, which scanned every use. Rows are not touched.
 """
 
@@ -40,7 +39,6 @@ depends_on = None
 AVAILABLE = sa.text("state = 'available'")
 PENDING = sa.text("state = 'pending'")
 EXPIRABLE = sa.text("state = 'available' AND expires_at IS NOT NULL")
-HAS_SOURCE = sa.text("source_id IS NOT NULL")
 
 OLD = (
     ("ix_point_lot_user_id_state_available_at", ["user_id", "state", "available_at", "id"]),
