@@ -47,15 +47,19 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
     return elapsed
 
 
-def prepare(database: Path) -> None:
+def prepare(database: Path, tree: Path) -> None:
+    """One database per side, made by that side's own credex: an older credex cannot open a
+    database migrated past its own head revision."""
     env = {**os.environ, "CREDEX_DATABASE_URL": f"sqlite:///{database}", "CREDEX_OPERATOR": "bench"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(tree)
     for args in (
         ["catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5"],
         ["award", "grant", "u-1", "100", "--reason", "bench"],
         ["redeem", "create", "u-1", "MUG", "--address", "1 Bench Road"],
     ):
-        subprocess.run([sys.executable, "-m", "credex", *args], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "credex", *args], env=env, cwd=database.parent, check=True, capture_output=True
+        )
 
 
 def main() -> None:
@@ -71,9 +75,10 @@ def main() -> None:
         check=True,
     )
     try:
-        database = work / "credex.db"
-        prepare(database)
         sides = {"current": ROOT, "baseline": baseline}
+        databases = {side: work / f"{side}.db" for side in sides}
+        for side, tree in sides.items():
+            prepare(databases[side], tree)
         times: dict[tuple[str, str], list[float]] = {}
         bare: list[float] = []
         for _ in range(args.runs):
@@ -82,13 +87,13 @@ def main() -> None:
                     env = {
                         **os.environ,
                         "PYTHONPATH": str(tree),
-                        "CREDEX_DATABASE_URL": f"sqlite:///{database}",
+                        "CREDEX_DATABASE_URL": f"sqlite:///{databases[side]}",
                     }
                     env = {k: v for k, v in env.items() if k not in ("COLUMNS",)}
                     times.setdefault((name, side), []).append(
                         timed([sys.executable, "-m", "credex", *argv], env, work)
                     )
-            bare.append(timed([sys.executable, "-c", BARE, str(database)], dict(os.environ), work))
+            bare.append(timed([sys.executable, "-c", BARE, str(databases["current"])], dict(os.environ), work))
         print(f"median of {args.runs} runs, seconds (baseline: {args.baseline_ref})")
         print(f"{'command':<16}{'current':>10}{'baseline':>10}{'ratio':>8}")
         for name in COMMANDS:
