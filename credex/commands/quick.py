@@ -22,7 +22,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from credex.db import HEAD_REVISION
-from credex.output import emit
 
 # The number of arguments of each command answered here.
 COMMANDS = {("account", "show"): 1, ("redeem", "show"): 1, ("relay", "status"): 0}
@@ -315,6 +314,8 @@ def render_redemption(console, redemption: dict) -> None:
 
 
 def _print(command: tuple[str, str], result: dict, as_json: bool) -> int:
+    from credex.output import emit
+
     try:
         if command == ("account", "show"):
             emit(result, as_json=as_json, render=render_account)
