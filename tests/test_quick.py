@@ -187,11 +187,20 @@ GROUP_MODULES = {
 }
 
 
-def test_help_and_other_commands_build_only_the_group_they_name(tmp_path):
-    code, stdout, _, loaded = run(QUICK, "--help")
+@pytest.mark.parametrize(
+    ("flag", "columns"), [("--help", "80"), ("-h", "200"), ("--help", "79"), ("-h", "50")]
+)
+def test_help_is_typers_own_and_builds_no_group(flag, columns):
+    env = subprocess_env(COLUMNS=columns)
+    code, stdout, stderr, loaded = run(QUICK, flag, env=env)
+    assert (code, stdout, stderr) == run(FULL, flag, env=env)[:3]
     assert code == 0 and "relay      The relay: outbox to RabbitMQ" in stdout
     assert GROUP_MODULES.isdisjoint(loaded)
-    assert heavy(loaded) == ["typer"]
+    # Wrapped at 78 from 80 columns on: the stored text; narrower, Typer wraps it.
+    assert heavy(loaded) == ([] if int(columns) >= 80 else ["typer"])
+
+
+def test_other_commands_build_only_the_group_they_name(tmp_path):
     url = f"sqlite:///{tmp_path / 'credex.db'}"
     code, _, _, loaded = run(QUICK, "--database-url", url, "account", "history", "u-1", "--json")
     assert code == 1  # no such account yet: the full path, its group only

@@ -1,5 +1,6 @@
 """The read-only look-ups answered without Typer, SQLAlchemy, Alembic or the settings: `account
-show`, `redeem show` and `relay status`, on a database already at the head revision.
+show`, `redeem show` and `relay status`, on a database already at the head revision; and
+`credex --help`.
 
 A command line of exactly that shape (global ``--database-url``/``--operator``, the command, its
 one id, ``--json``) is read here with the driver alone: the standard library's sqlite3 for
@@ -49,11 +50,41 @@ MESSAGE_STATES = ("pending", "sent", "confirmed", "dead", "cancelled")  # credex
 _PLAIN_ID = re.compile(r"[!-~]{1,64}")
 _PLAIN_NUMBER = re.compile(r"[0-9]{1,18}")
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+# `credex --help` as Typer prints it on a terminal (or pipe) of 80 columns or more, where click
+# wraps help text at 78: importing Typer alone takes longer than the whole answer may. A test
+# compares it with the Typer root's own help; narrower terminals get Typer's.
+ROOT_HELP = """\
+Usage: credex [OPTIONS] COMMAND [ARGS]...
+
+  Administer the points program: awards, redemptions, the relay and tracking.
+
+Options:
+  --database-url <str>  Points database (default: CREDEX_DATABASE_URL, else
+                        sqlite:///credex.db).
+  --operator <str>      Who makes changes (default: CREDEX_OPERATOR, else the
+                        login name).
+  --version             Print the version and exit.
+  -h, --help            Show this message and exit.
+
+Commands:
+  db         Create and migrate the database schema.
+  catalog    Keep the gift catalog.
+  award      Award points (each award is idempotent on its reference).
+  account    Look at a shopper's points.
+  redeem     Redeem points for gifts and look redemptions up.
+  relay      The relay: outbox to RabbitMQ, until the warehouse confirms.
+  warehouse  The warehouse: shipment requests and waybills.
+  track      Where is a gift? `credex track REDEMPTION_ID`, `credex track...
+  logistics  The carrier side: a local sandbox carrier.
+  audit      Check every rule of the points program across both databases.
+"""
 
 
 def answer(args: list[str]) -> int | None:
     """Answer the command line ``args`` and return its exit code, or None (nothing printed) when
     the full path must answer it."""
+    if args in (["--help"], ["-h"]):
+        return _root_help()
     try:
         parsed = _parse(args)
         if parsed is None:
@@ -332,6 +363,20 @@ def _print(command: tuple[str, str], result: dict, as_json: bool) -> int:
         from credex.errors import redact
 
         return _report(as_json, "internal", redact(f"internal error ({type(error).__name__}): {error}"), 70)
+    return 0
+
+
+def _root_help() -> int | None:
+    import shutil
+
+    if shutil.get_terminal_size().columns < 80:
+        return None
+    try:
+        sys.stdout.write(ROOT_HELP)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

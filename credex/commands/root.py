@@ -1,7 +1,7 @@
 """The root of the command line: global options, the command groups (each imported and built
 the first time argv names it), and the one place that turns errors into exit codes and a line
-on stderr. ``credex.cli`` is the entry point; the read-only look-ups it can answer on its own
-(``credex.commands.quick``) never import this module."""
+on stderr. ``credex.cli`` is the entry point: the read-only look-ups that
+``credex.commands.quick`` answers never import this module."""
 
 from __future__ import annotations
 
