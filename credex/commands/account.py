@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from credex.commands._common import JsonOption, LimitOption, points_session
+from credex.commands.quick import render_account
 from credex.output import emit
 
 app = typer.Typer(help="Look at a shopper's points.", no_args_is_help=True)
@@ -25,16 +26,6 @@ HISTORY_COLUMNS = [
 ]
 
 
-def _render_account(console, account: dict) -> None:
-    from credex.output import print_record
-
-    shown = dict(account)
-    shown["expiring"] = (
-        ", ".join(f"{e['points']} on {e['on'].isoformat()}" for e in account["expiring"]) or "-"
-    )
-    print_record(console, shown, title=f"account {account['user_id']}")
-
-
 @app.command("show")
 def show(
     ctx: typer.Context,
@@ -46,7 +37,7 @@ def show(
 
     with points_session(ctx) as session:
         account = get_account(session, user_id)
-    emit(account, as_json=as_json, render=_render_account)
+    emit(account, as_json=as_json, render=render_account)
 
 
 @app.command("history")

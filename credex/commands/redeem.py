@@ -7,25 +7,12 @@ from typing import Annotated
 import typer
 
 from credex.commands._common import JsonOption, LimitOption, OperatorOption, operator, points_session
+from credex.commands.quick import render_redemption as _render
 from credex.output import emit
 
 app = typer.Typer(help="Redeem points for gifts and look redemptions up.", no_args_is_help=True)
 
 COLUMNS = ["redemption_id", "created_at", "user_id", "sku", "quantity", "points", "status", "express_no"]
-
-
-def _render(console, redemption: dict) -> None:
-    from credex.output import print_record, print_rows
-
-    title = f"redemption {redemption['redemption_id']}"
-    if redemption.get("duplicate"):
-        title += " (already recorded: nothing changed)"
-    events = redemption.get("events")
-    print_record(console, {k: v for k, v in redemption.items() if k != "events"}, title=title)
-    if events:
-        print_rows(
-            console, events, columns=["at", "status", "source", "detail"], title="events (newest first)"
-        )
 
 
 @app.command("create")
