@@ -1,5 +1,23 @@
 """Engines and sessions: SQLite pragmas and write locks, Postgres through psycopg 3,
-and the check that the schema is current."""
+and the check that the schema is current.
+
+Who commits, everywhere in credex:
+
+- A service ends its own transaction. A service is a function a command, a worker or a script
+  calls with a session to make one change a user sees: the awards, ``redeem``,
+  ``cancel_redemption``, the catalog's add and update, ``refund_order``, ``sync_deliveries``, the
+  relay's operators, and the cron jobs (``settle_pending``, ``expire_lapsed``: one transaction per
+  account). It commits what it wrote, or rolls back, before it returns or raises a
+  ``CredexError``, so one session can serve many calls (a script redeeming in a loop).
+- Everything a service calls with its session works inside that transaction and never commits
+  or rolls back: lifecycle's helpers, the outbox's and the shipments' functions, and
+  ``credex.db.driver``'s statements on the session's cursor.
+- ``session_for`` and ``open_session`` never commit. What is left uncommitted when the session
+  closes is rolled back; ``session_for`` also rolls back on a database error before raising it.
+- A worker that holds a session of its own commits in the call that ends the work it began: a
+  relay's claim is committed with its record (``credex.relay.claims``), the warehouse's steps
+  one by one.
+"""
 
 from __future__ import annotations
 
@@ -206,7 +224,7 @@ def upgrade(url: str) -> tuple[str | None, str]:
 
 @contextmanager
 def session_for(url: str, *, write: bool = False) -> Iterator[Session]:
-    """A session whose transaction is committed by the caller; database failures
+    """A session for a service to commit (see the module's docstring); database failures
     that mean "cannot reach it" become :class:`Unavailable`."""
     session = Session(bind=_bind(url, write), expire_on_commit=False)
     try:

@@ -212,6 +212,7 @@ def record_award(
         # The same reference committed by someone else in the meantime: a repeat after all.
         session.rollback()
         existing = find_entry(session, kind.value, ref)
+        session.rollback()  # the read ends here too: a service leaves no transaction open
         if existing is None:
             raise
         return _repeat_or_conflict(existing, user_id=user_id, detail=detail, what=what)

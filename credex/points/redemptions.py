@@ -305,6 +305,7 @@ def redeem(
         if request_id is None:
             raise
         existing = session.execute(_BY_REQUEST, {"request_id": request_id}).first()
+        session.rollback()  # the read ends here too: a service leaves no transaction open
         if existing is None:
             raise
         return _repeat_or_conflict(existing, user_id=user_id, sku=sku, quantity=quantity, address=address)
