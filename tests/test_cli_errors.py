@@ -39,3 +39,13 @@ def test_after_a_double_dash_json_is_an_argument_not_the_flag(tmp_path):
     result = run_process("--database-url", f"sqlite:///{tmp_path / 'x.db'}", "award", "grant", "--", "--json")
     assert result.exit_code == 2
     assert result.stderr.startswith("Usage:")
+
+
+def test_a_double_dash_given_as_an_option_value_does_not_hide_json(tmp_path):
+    # `--reason --`: the reason is "--"; the --json after it is still the flag, so the usage
+    # error (the points are missing) comes as JSON.
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    result = run_process("--database-url", url, "award", "grant", "u1", "--reason", "--", "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and "Missing argument 'points'" in error["message"]

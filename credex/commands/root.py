@@ -115,7 +115,7 @@ class CredexGroup(TyperGroup):
         except UsageError as error:
             if not standalone_mode:
                 raise
-            if "--json" not in _options(args):
+            if "--json" not in _options(args, error.ctx, self):
                 error.show()
                 sys.exit(error.exit_code)
             code = "invalid_input" if isinstance(error, BadParameter) else "usage"
@@ -164,9 +164,29 @@ class CredexGroup(TyperGroup):
             ctx.exit(INTERNAL_ERROR_EXIT)
 
 
-def _options(args: list[str]) -> list[str]:
-    """The command line up to ``--`` (after it, ``--json`` would be an argument)."""
-    return args[: args.index("--")] if "--" in args else args
+def _options(args: list[str], ctx, root) -> list[str]:
+    """The words of the command line that are options or arguments before the ``--`` that ends
+    the options (after it, ``--json`` would be an argument). The value of an option that takes
+    one is skipped, whatever it looks like: in ``--reason -- --json`` the ``--`` is the reason."""
+    commands = [root]
+    while ctx is not None:
+        commands.append(ctx.command)
+        ctx = ctx.parent
+    takes_value = {
+        name
+        for command in commands
+        for param in command.params
+        if param.param_type_name == "option" and not param.is_flag and not param.count
+        for name in param.opts
+    }
+    found, words = [], iter(args)
+    for word in words:
+        if word == "--":
+            break
+        found.append(word)
+        if word in takes_value:
+            next(words, None)
+    return found
 
 
 def _report(ctx: typer.Context, code: str, message: str) -> None:
