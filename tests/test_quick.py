@@ -137,6 +137,22 @@ def test_what_the_quick_path_does_not_answer_is_answered_as_before(shop, db_url,
     assert quick[0] != 70
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("where", ["closed port", "no such database"])
+def test_a_postgres_that_cannot_be_reached_is_exit_69_as_before_after_one_attempt(db_url, where):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url).set(password="s3cr3t-pw")
+    url = url.set(port=1) if where == "closed port" else url.set(database="credex_no_such_database")
+    url = url.render_as_string(hide_password=False)
+    for args in (("account", "show", "u-1", "--json"), ("relay", "status")):
+        quick = run(QUICK, "--database-url", url, *args)
+        full = run(FULL, "--database-url", url, *args)
+        assert quick[:3] == full[:3]
+        assert quick[0] == 69 and "s3cr3t-pw" not in quick[1] + quick[2]
+        assert "typer" not in packages(quick[3])  # said by the quick path, not the full one
+
+
 def test_a_setting_with_a_bad_value_is_refused_as_before(tmp_path):
     url = f"sqlite:///{tmp_path / 'credex.db'}"
     env = subprocess_env(CREDEX_REVIEW_POINTS="ten")

@@ -11,7 +11,9 @@ unusual falls back to the full path, which then answers as it always did (same o
 errors, same exit code): an option or argument of another shape, an id the input rules might
 refuse or reshape, a setting the settings check might refuse, a URL of another form, a missing
 file, a database not at the head revision (SQLite is migrated there), a lock, an unknown id, any
-database error. ``answer`` returns None in those cases, having printed nothing.
+database error. ``answer`` returns None in those cases, having printed nothing. A Postgres server
+that cannot be reached or refuses the connection is the exception: the full path would only try
+again (and wait as long), so it is exit 69 here, in the full path's words.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from credex.db import HEAD_REVISION
+from credex.errors import CredexError, redact
 
 # The number of arguments of each command answered here.
 COMMANDS = {("account", "show"): 1, ("redeem", "show"): 1, ("relay", "status"): 0}
@@ -98,6 +101,8 @@ def answer(args: list[str]) -> int | None:
             return None
     except KeyboardInterrupt:
         return _interrupted(args)
+    except CredexError as error:  # what the full path would say after trying the same
+        return _report(as_json, error.code, redact(error.message), error.exit_code)
     except Exception:  # whatever it was, the full path meets it again and says it properly
         return None
     return _print(command, result, as_json)
@@ -166,7 +171,7 @@ def _read(url: str, command: tuple[str, str], arguments: list[str]):
         return _read_sqlite(path, command, arguments)
     for scheme in _POSTGRES_SCHEMES:
         if url.startswith(scheme):
-            return _read_postgres("postgresql://" + url[len(scheme) :], command, arguments)
+            return _read_postgres(url, "postgresql://" + url[len(scheme) :], command, arguments)
     return None
 
 
@@ -189,10 +194,18 @@ def _read_sqlite(path: str, command, arguments):
         connection.close()
 
 
-def _read_postgres(conninfo: str, command, arguments):
+def _read_postgres(url: str, conninfo: str, command, arguments):
     import psycopg
 
-    connection = psycopg.connect(conninfo, connect_timeout=POSTGRES_CONNECT_TIMEOUT_S)
+    try:
+        connection = psycopg.connect(conninfo, connect_timeout=POSTGRES_CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as error:
+        # The server cannot be reached or refuses: the full path would try again, wait as long
+        # and exit 69. Said here as it says it, after the same check of the URL.
+        from credex.db.engine import get_engine, unavailable
+
+        get_engine(url)  # a URL the full path refuses (exit 2) is refused the same way
+        raise unavailable(url, error) from None
     try:
 
         def fetch(sql: str, params: tuple) -> list[tuple]:
@@ -360,8 +373,6 @@ def _print(command: tuple[str, str], result: dict, as_json: bool) -> int:
     except KeyboardInterrupt:
         return _report(as_json, "interrupted", "interrupted", 130)
     except Exception as error:  # a bug, said in one line as the full path says it
-        from credex.errors import redact
-
         return _report(as_json, "internal", redact(f"internal error ({type(error).__name__}): {error}"), 70)
     return 0
 
