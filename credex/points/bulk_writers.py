@@ -112,9 +112,7 @@ class BatchWriter:
             ),
             (self._list(users),),
         ).fetchall()
-        return {
-            user: Account(balance, pending, debt, earned) for user, balance, pending, debt, earned in rows
-        }
+        return {row[0]: Account._make(row[1:]) for row in rows}
 
     def used_refs(self, refs: list[str]) -> dict[str, tuple[str, str, int]]:
         """ref -> (user id, detail, entry id) of the grants already recorded with ``refs``."""

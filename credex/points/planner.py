@@ -113,6 +113,11 @@ class Plan:
     created: list[str] = field(default_factory=list)  # accounts the plan creates, in order
 
 
+# A bulk run plans hundreds of thousands of these: built straight from a tuple, without the
+# keyword handling of the NamedTuple constructors (a third of the planner's time).
+_new = tuple.__new__
+
+
 # --- the rules ---------------------------------------------------------------------------------
 
 
@@ -231,6 +236,7 @@ class Planner:
         self.queues = None if lots is None else {user: queue_of(rows) for user, rows in lots.items()}
         self.now = now
         self.plan = Plan()
+        self._dates: dict[tuple[int, int], tuple[datetime, datetime | None]] = {}
 
     def account(self, user_id: str) -> Account:
         """The account as the plan has it so far."""
@@ -269,35 +275,44 @@ class Planner:
                 return Refusal(f"{user_id}'s earned points would exceed {INT64_MAX}", False)
             balance += to_balance
             plan.entries.append(
-                Entry(user_id, kind, ref, to_balance, to_pending, -paid, balance, detail, reason)
+                _new(Entry, (user_id, kind, ref, to_balance, to_pending, -paid, balance, detail, reason))
             )
             self._add_lot(user_id, entry, points, paid, pending_days, expiry_days)
-            plan.accounts[user_id] = Account(balance, pending + to_pending, debt - paid, earned + points)
+            plan.accounts[user_id] = _new(
+                Account, (balance, pending + to_pending, debt - paid, earned + points)
+            )
         else:
             if (balance if judged is None else judged) < -points:
                 shown = balance if judged is None else judged
                 return Refusal(f"{user_id} has {shown} points; taking {-points} would go below zero", True)
             balance += points
-            plan.entries.append(Entry(user_id, kind, ref, points, 0, 0, balance, detail, reason))
+            plan.entries.append(_new(Entry, (user_id, kind, ref, points, 0, 0, balance, detail, reason)))
             if self.queues is not None:
                 self._take(user_id, -points, entry)
-            plan.accounts[user_id] = Account(balance, pending, debt, earned + points)
+            plan.accounts[user_id] = _new(Account, (balance, pending, debt, earned + points))
         if account is None:  # the account is created by its first award
             plan.created.append(user_id)
         return entry
 
     def _add_lot(self, user_id: str, entry: int, points: int, paid: int, pending_days: int, expiry_days: int):
-        plan, now = self.plan, self.now
+        plan = self.plan
         number = len(plan.lots)
-        available_at = now + timedelta(days=pending_days) if pending_days > 0 else now
-        expires_at = available_at + timedelta(days=expiry_days) if expiry_days > 0 else None
+        dates = self._dates.get((pending_days, expiry_days))
+        if dates is None:  # the same for every lot of a bulk run: worked out once
+            now = self.now
+            available_at = now + timedelta(days=pending_days) if pending_days > 0 else now
+            expires_at = available_at + timedelta(days=expiry_days) if expiry_days > 0 else None
+            dates = self._dates[pending_days, expiry_days] = (available_at, expires_at)
+        available_at, expires_at = dates
         remaining = points - paid
         state = PENDING if pending_days > 0 else (AVAILABLE if remaining else USED)
-        plan.lots.append(NewLot(entry, user_id, points, remaining, state, available_at, expires_at))
+        plan.lots.append(_new(NewLot, (entry, user_id, points, remaining, state, available_at, expires_at)))
         if paid:
-            plan.uses.append(LotUse(number, entry, paid, True))
-        queue = self.queues.get(user_id) if self.queues is not None else None
-        if state == AVAILABLE and queue is not None:
+            plan.uses.append(_new(LotUse, (number, entry, paid, True)))
+        if state is not AVAILABLE or self.queues is None:
+            return
+        queue = self.queues.get(user_id)
+        if queue is not None:
             lot = _Queued(available_at, NEW_LOT_IDS + number, number, remaining)
             if not queue or not lot < queue[-1]:
                 queue.append(lot)
