@@ -4,8 +4,9 @@ paths, ending exactly as if each row had been granted one by one in file order.
 Each batch is one transaction: read and check the rows first (no lock held), then lock the
 accounts the batch touches (sorted user ids; on SQLite the write session's BEGIN IMMEDIATE),
 read their balances, debt and lots and the refs already used, work out every row's outcome in
-memory in file order (duplicate, rejected, or the entry, lot and lot uses it writes), write it
-all with executemany (SQLite) or COPY and set-based statements (Postgres), and commit. A run
+file order with the planner that ``award grant`` uses on one row (duplicate, rejected, or the
+entry, lot and lot uses it writes), store the plan (``bulk_writers``: executemany on SQLite,
+COPY on Postgres), and commit. A run
 killed half way has committed whole batches only: their rows are duplicates next time, and the
 corrections it refused are judged again where they stand in the file (``Replay``).
 """
