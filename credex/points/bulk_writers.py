@@ -91,6 +91,11 @@ class BatchWriter:
         )
         return self.cursor.rowcount
 
+    def _update(self, table: str, key: str, columns: Sequence[str], rows: list[tuple]) -> None:
+        """Set ``columns`` of the rows whose ``key`` each tuple ends with."""
+        settings = ", ".join(f"{column} = ?" for column in columns)
+        self.cursor.executemany(self._sql(f"UPDATE {table} SET {settings} WHERE {key} = ?"), rows)
+
     # --- the same on both -------------------------------------------------------------------
 
     def _sql(self, text: str) -> str:
@@ -203,20 +208,16 @@ class BatchWriter:
                 ),
             )
         if plan.stored_lots:
-            self.cursor.executemany(
-                self._sql("UPDATE point_lot SET remaining = ?, state = ? WHERE id = ?"),
+            self._update(
+                "point_lot",
+                "id",
+                ("remaining", "state"),
                 [(left, AVAILABLE if left else USED, lot) for lot, left in plan.stored_lots.items()],
             )
         created_now = set(plan.created)
         changed = [(*accounts[u], stamp, u) for u in accounts if u not in created_now]
         if changed:
-            self.cursor.executemany(
-                self._sql(
-                    "UPDATE account SET balance = ?, pending = ?, debt = ?, earned = ?, updated_at = ? "
-                    "WHERE user_id = ?"
-                ),
-                changed,
-            )
+            self._update("account", "user_id", (*Account._fields, "updated_at"), changed)
         return entry_ids[0] if entry_ids else None
 
 
@@ -287,6 +288,19 @@ class PostgresWriter(BatchWriter):
             f"ON CONFLICT ({key}) DO NOTHING"
         )
         return self.cursor.rowcount
+
+    _TYPES = {"id": "bigint", "user_id": "text", "state": "text", "updated_at": "timestamptz"}  # else bigint
+
+    def _update(self, table: str, key: str, columns: Sequence[str], rows: list[tuple]) -> None:
+        # One statement over a column of values each (arrays), not a round trip per row.
+        names = (*columns, key)
+        arrays = ", ".join(f"%s::{self._TYPES.get(name, 'bigint')}[]" for name in names)
+        settings = ", ".join(f"{column} = v.{column}" for column in columns)
+        self.cursor.execute(
+            f"UPDATE {table} AS t SET {settings} FROM unnest({arrays}) AS v({', '.join(names)}) "
+            f"WHERE t.{key} = v.{key}",
+            [list(values) for values in zip(*rows, strict=True)],
+        )
 
 
 def writer_for(session: Session) -> BatchWriter:
