@@ -11,10 +11,10 @@ from sqlalchemy import text
 
 from credex.db.engine import dispose_engines, get_engine, session_for
 from credex.errors import CredexError
-from credex.points import bulk as bulk_service
 from credex.points.awards import award_grant
 from credex.points.bulk import grant_bulk
 from credex.points.bulk_files import Grant, open_grants
+from credex.points.bulk_writers import BatchWriter
 from credex.points.lifecycle import refund_order
 from tests.test_lifecycle_invariants import check_lifecycle_invariants
 
@@ -102,7 +102,7 @@ def test_a_file_in_batches_ends_as_its_rows_granted_one_by_one(db_url, tmp_path,
 
 def test_a_batch_that_fails_half_written_leaves_nothing_of_itself(db_url, monkeypatch):
     rows = [Grant(n + 2, f"u{n % 3}", 10, f"a-{n}", None, []) for n in range(10)]
-    backend = bulk_service._Postgres if db_url.startswith("postgresql") else bulk_service._Sqlite
+    backend = BatchWriter
     real_write = backend.write
     calls = []
 

@@ -7,22 +7,14 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from credex.db.models import EntryKind, utcnow
 from credex.errors import Conflict, InsufficientPoints, InvalidInput
-from credex.points.lifecycle import (
-    account_table,
-    add_lot,
-    consume_lots,
-    credit_account,
-    find_entry,
-    ledger_table,
-)
+from credex.points.lots import account_table, find_entry, locked_account, oldest_lots, write_plan
+from credex.points.planner import Planner, Refusal
 from credex.points.rules import (
-    INT64_MAX,
     check_reason,
     check_ref,
     check_user_id,
@@ -82,21 +74,6 @@ def _repeat_or_conflict(existing, *, user_id: str, detail: str | None, what: str
     )
 
 
-def change_balance(session: Session, user_id: str, points: int, now: datetime, **counters: int) -> int | None:
-    """Add ``points`` (negative: take) in one conditional statement; the new balance, or None
-    when the balance would go below zero (or beyond 64 bits). Never read-then-write."""
-    stmt = update(account_table).where(account_table.c.user_id == user_id)
-    if points < 0:
-        stmt = stmt.where(account_table.c.balance >= -points)
-    else:
-        stmt = stmt.where(account_table.c.balance <= INT64_MAX - points)
-    values = {"balance": account_table.c.balance + points, "updated_at": now}
-    for column, delta in counters.items():
-        values[column] = account_table.c[column] + delta
-    row = session.execute(stmt.values(**values).returning(account_table.c.balance)).first()
-    return None if row is None else row.balance
-
-
 def apply_award(
     session: Session,
     *,
@@ -113,65 +90,41 @@ def apply_award(
 ) -> dict:
     """Apply one award inside the caller's transaction (nothing is committed); the award JSON.
 
-    Positive points become a lot (pending for ``pending_days``, expiring ``expiry_days`` after
-    they become available) and pay the account's debt first; negative points are taken from the
-    balance, oldest lots first. Refused (InsufficientPoints, InvalidInput) before anything is
-    written, except the account ``ensure_account`` may have created: the caller rolls back."""
+    The planner's rules, as ``award bulk`` runs them on a batch: positive points become a lot
+    (pending for ``pending_days``, expiring ``expiry_days`` after they become available) and pay
+    the account's debt first; negative points are taken from the balance, oldest lots first.
+    Refused (InsufficientPoints, InvalidInput) before anything is written, except the account
+    ``ensure_account`` may have created: the caller rolls back."""
 
     ensure_account(session, user_id, now)
-    pending = debt = 0
-    if points > 0:
-        credit = credit_account(session, user_id, points, pending=pending_days > 0, now=now)
-        balance, pending, debt, to_balance = credit.balance, credit.pending, credit.debt, credit.points
-    else:
-        balance = change_balance(session, user_id, points, now, earned=points)
-        if balance is None:
-            current = session.execute(
-                select(account_table.c.balance).where(account_table.c.user_id == user_id)
-            ).scalar_one()
-            raise InsufficientPoints(f"{user_id} has {current} points; taking {-points} would go below zero")
-        to_balance = points
-    entry_id = session.execute(
-        insert(ledger_table)
-        .values(
-            user_id=user_id,
-            kind=kind.value,
-            ref=ref,
-            points=to_balance,
-            pending=pending,
-            debt=debt,
-            balance=balance,
-            detail=detail,
-            operator=operator,
-            reason=reason,
-            created_at=now,
-        )
-        .returning(ledger_table.c.id)
-    ).scalar_one()
-    if points > 0:
-        add_lot(
-            session,
-            user_id=user_id,
-            entry_id=entry_id,
-            points=points,
-            paid=-debt,
-            pending_days=pending_days,
-            expiry_days=expiry_days,
-            now=now,
-        )
-    else:
-        consume_lots(session, user_id, -points, entry_id)
+    account = locked_account(session, user_id)
+    lots = {user_id: oldest_lots(session, user_id, -points)} if points < 0 else {}
+    planner = Planner({user_id: account}, lots, now=now)
+    outcome = planner.award(
+        user_id,
+        points,
+        kind=kind.value,
+        ref=ref,
+        detail=detail,
+        reason=reason,
+        pending_days=pending_days,
+        expiry_days=expiry_days,
+    )
+    if isinstance(outcome, Refusal):
+        raise (InsufficientPoints if outcome.insufficient else InvalidInput)(outcome.message)
+    (entry_id,) = write_plan(session, planner.plan, operator=operator, now=now)
+    entry = planner.plan.entries[outcome]
     result = {
         "entry_id": entry_id,
         "user_id": user_id,
         "kind": kind.value,
         "ref": ref,
-        "points": to_balance,
-        "balance": balance,
+        "points": entry.points,
+        "balance": entry.balance,
         "duplicate": False,
         "created_at": now,
     }
-    return with_lifecycle(result, pending, debt)
+    return with_lifecycle(result, entry.pending, entry.debt)
 
 
 def record_award(

@@ -34,8 +34,9 @@ from credex.db.models import (
     utcnow,
 )
 from credex.errors import InvalidInput, NotCancellable, UnknownRedemption
+from credex.points import planner
 from credex.points.catalog import record_movement
-from credex.points.lifecycle import account_table, ledger_table, lock_account, lot_table, use_table
+from credex.points.lots import account_table, ledger_table, lock_account, lot_table, use_table
 from credex.points.redemptions import add_event, get_redemption
 from credex.points.rules import parse_int, require_text
 from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
@@ -92,7 +93,7 @@ def refund_redemption(
 
     # Points: debt first, as with any award; the rest into the lots they came from.
     account = lock_account(session, user_id)
-    paid = min(account.debt, points)
+    paid = planner.debt_paid(account.debt, points)
     back = points - paid
     balance = account.balance + back
     a = account_table.c
@@ -138,21 +139,16 @@ def _put_back_into_lots(session: Session, spent_id: int, refund_id: int, *, skip
         .where(use.entry_id == spent_id)
         .order_by(lot.available_at, lot.id)
     ).all()
-    for row in taken:
-        skipped = min(skip, row.points)
-        skip -= skipped
-        back = row.points - skipped
-        if not back:
-            continue
+    for lot_id, back in planner.put_back([(row.lot_id, row.points) for row in taken], skip=skip):
         session.execute(
             update(lot_table)
-            .where(lot.id == row.lot_id)
+            .where(lot.id == lot_id)
             .values(
                 remaining=lot.remaining + back,
                 state=case((lot.state == LotState.pending.value, lot.state), else_=LotState.available.value),
             )
         )
-        session.execute(insert(use_table).values(lot_id=row.lot_id, entry_id=refund_id, points=-back))
+        session.execute(insert(use_table).values(lot_id=lot_id, entry_id=refund_id, points=-back))
 
 
 def _stock_back(

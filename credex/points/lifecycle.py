@@ -1,197 +1,36 @@
 """The points lifecycle: every award's points are a lot, spent oldest first; purchase points may
 wait out a return window (pending); a refund takes back what its order earned, and what the
 balance cannot cover becomes debt, paid out of later points before they reach the balance;
-points past their expiry date are written off.
-
-Every change to an account's lots happens in a transaction that has locked the account row
-first (``UPDATE account`` or ``SELECT … FOR UPDATE``; on SQLite the write session's BEGIN
-IMMEDIATE), so lots never need locks of their own and the cron jobs can run beside redemptions.
+points past their expiry date are written off. The rules are ``planner.py``'s; the locks and
+lots on the database ``lots.py``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from credex.db import tables
-from credex.db.driver import DriverCursor, DriverStatement, first_value
 from credex.db.models import EntryKind, LotState, lot_state_is, utcnow
-from credex.errors import Conflict, InvalidInput, UnknownOrder
-from credex.points.rules import INT64_MAX, check_ref, check_user_id, parse_amount, points_for
-
-account_table = tables.account
-ledger_table = tables.ledger_entry
-lot_table = tables.point_lot
-use_table = tables.lot_use
-
-
-def find_entry(session: Session, kind: str, ref: str):
-    """The ledger entry of ``kind`` with ``ref`` (unique together), or None."""
-    return session.execute(
-        select(ledger_table).where(ledger_table.c.kind == kind, ledger_table.c.ref == ref)
-    ).first()
-
+from credex.errors import Conflict, UnknownOrder
+from credex.points import planner
+from credex.points.lots import (  # noqa: F401 - account_table and consume_lots: redemptions import them from here
+    account_table,
+    consume_lots,
+    find_entry,
+    ledger_table,
+    lock_account,
+    lot_table,
+    take_from_lot,
+    use_table,
+)
+from credex.points.rules import check_ref, check_user_id, parse_amount, points_for
 
 _AVAILABLE = LotState.available.value
 _PENDING = LotState.pending.value
-_USED = LotState.used.value
-
-
-# --- lots ---------------------------------------------------------------------------------------
-
-
-def lock_account(session: Session, user_id: str):
-    """The account's counters, its row locked until the transaction ends (None: no account)."""
-    a = account_table.c
-    return session.execute(
-        select(a.balance, a.pending, a.debt, a.earned).where(a.user_id == user_id).with_for_update()
-    ).first()
-
-
-@dataclass(frozen=True)
-class Credit:
-    """What an award did to the account: the ledger entry's three effects and the new balance."""
-
-    points: int  # to the balance
-    pending: int  # to the pending points
-    debt: int  # to the debt (negative: paid)
-    balance: int
-
-
-def credit_account(session: Session, user_id: str, points: int, *, pending: bool, now: datetime) -> Credit:
-    """Add an award's ``points`` (> 0): pending ones wait, available ones pay the debt first."""
-    row = lock_account(session, user_id)
-    paid = 0 if pending else min(row.debt, points)
-    to_balance = 0 if pending else points - paid
-    to_pending = points if pending else 0
-    if row.balance + to_balance > INT64_MAX or row.pending + to_pending > INT64_MAX:
-        raise InvalidInput(f"{user_id}'s balance would exceed {INT64_MAX} points")
-    if row.earned + points > INT64_MAX:
-        raise InvalidInput(f"{user_id}'s earned points would exceed {INT64_MAX}")
-    a = account_table.c
-    session.execute(
-        update(account_table)
-        .where(a.user_id == user_id)
-        .values(
-            balance=a.balance + to_balance,
-            pending=a.pending + to_pending,
-            debt=a.debt - paid,
-            earned=a.earned + points,
-            updated_at=now,
-        )
-    )
-    return Credit(points=to_balance, pending=to_pending, debt=-paid, balance=row.balance + to_balance)
-
-
-def add_lot(
-    session: Session,
-    *,
-    user_id: str,
-    entry_id: int,
-    points: int,
-    paid: int,
-    pending_days: int,
-    expiry_days: int,
-    now: datetime,
-) -> int:
-    """The lot of one award; ``paid`` of it went to debt. Pending when ``pending_days`` > 0;
-    it expires ``expiry_days`` after it becomes available (never when 0)."""
-    available_at = now + timedelta(days=pending_days) if pending_days > 0 else now
-    expires_at = available_at + timedelta(days=expiry_days) if expiry_days > 0 else None
-    remaining = points - paid
-    state = _PENDING if pending_days > 0 else (_AVAILABLE if remaining > 0 else _USED)
-    lot_id = session.execute(
-        insert(lot_table)
-        .values(
-            user_id=user_id,
-            entry_id=entry_id,
-            points=points,
-            remaining=remaining,
-            state=state,
-            available_at=available_at,
-            expires_at=expires_at,
-            created_at=now,
-        )
-        .returning(lot_table.c.id)
-    ).scalar_one()
-    if paid:
-        session.execute(insert(use_table).values(lot_id=lot_id, entry_id=entry_id, points=paid))
-    return lot_id
-
-
-def _take_from_lot(take):
-    lot = lot_table.c
-    return {"remaining": lot.remaining - take, "state": case((lot.remaining == take, _USED), else_=lot.state)}
-
-
-def _take_oldest_lot():
-    lot = lot_table.c
-    oldest = (
-        select(lot.id)
-        .where(lot.user_id == bindparam("owner"), lot_state_is(_AVAILABLE))
-        .order_by(lot.available_at, lot.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    take = bindparam("take")
-    return (
-        update(lot_table)
-        .where(lot.id == oldest, lot.remaining >= take)
-        .values(**_take_from_lot(take))
-        .returning(lot.id)
-    )
-
-
-# Built once: redemptions run these two on every call, and building a statement costs more
-# than running it on SQLite.
-_TAKE_OLDEST_LOT = DriverStatement(_take_oldest_lot())
-_RECORD_USE = DriverStatement(insert(use_table), columns=("lot_id", "entry_id", "points"))
-
-
-def consume_lots(
-    session: Session, user_id: str, points: int, entry_id: int, *, cursor: DriverCursor | None = None
-) -> None:
-    """Take ``points`` out of the account's available lots, oldest first, and record each use.
-    The caller has already taken them from the balance (which locked the account row)."""
-    lot = lot_table.c
-    # Most spending fits in the oldest lot: one statement finds and takes it.
-    cursor = cursor or DriverCursor(session)
-    lot_id = first_value(_TAKE_OLDEST_LOT.execute(cursor, {"owner": user_id, "take": points}))
-    if lot_id is not None:
-        _RECORD_USE.execute(cursor, {"lot_id": lot_id, "entry_id": entry_id, "points": points})
-        return
-    # Several lots: the oldest ones, up to the first whose running total covers the points.
-    running = func.sum(lot.remaining).over(order_by=(lot.available_at, lot.id)).label("running")
-    candidates = (
-        select(lot.id, lot.remaining, lot.available_at, running)
-        .where(lot.user_id == user_id, lot_state_is(_AVAILABLE))
-        .subquery()
-    )
-    rows = session.execute(
-        select(candidates.c.id, candidates.c.remaining)
-        .where(candidates.c.running - candidates.c.remaining < points)
-        .order_by(candidates.c.available_at, candidates.c.id)
-    ).all()
-    takes, left = [], points
-    for row in rows:
-        take = min(row.remaining, left)
-        takes.append({"lot": row.id, "take": take})
-        left -= take
-    if left:  # the balance said the points were there: a broken invariant, never a user error
-        raise RuntimeError(f"{user_id}'s lots hold {points - left} points, {points} were taken")
-    session.execute(
-        update(lot_table).where(lot.id == bindparam("lot")).values(**_take_from_lot(bindparam("take"))),
-        takes,
-    )
-    session.execute(
-        insert(use_table),
-        [{"lot_id": t["lot"], "entry_id": entry_id, "points": t["take"]} for t in takes],
-    )
 
 
 # --- refunds ------------------------------------------------------------------------------------
@@ -283,9 +122,10 @@ def refund_order(
                 lot_table.c.entry_id == purchase.id
             )
         ).first()
-        from_pending = min(clawback, lot.remaining) if lot is not None and lot.state == _PENDING else 0
-        from_balance = min(account.balance, clawback - from_pending)
-        to_debt = clawback - from_pending - from_balance
+        pending_in_lot = lot.remaining if lot is not None and lot.state == _PENDING else 0
+        from_pending, from_balance, to_debt = planner.clawback(
+            account.balance, clawback, pending_in_lot=pending_in_lot
+        )
         a = account_table.c
         session.execute(
             update(account_table)
@@ -322,7 +162,7 @@ def refund_order(
         ).scalar_one()
         if from_pending:
             session.execute(
-                update(lot_table).where(lot_table.c.id == lot.id).values(**_take_from_lot(from_pending))
+                update(lot_table).where(lot_table.c.id == lot.id).values(**take_from_lot(from_pending))
             )
             session.execute(insert(use_table).values(lot_id=lot.id, entry_id=entry_id, points=from_pending))
         if from_balance:
@@ -385,21 +225,18 @@ def settle_pending(session: Session, *, operator: str, now: datetime | None = No
     report = {"as_of": now, "accounts": 0, "lots": 0, "points": 0, "debt_paid": 0}
     for user_id in _due_accounts(session, due):
         account = lock_account(session, user_id)
-        balance, debt = account.balance, account.debt
+        lots = _due_lots(session, user_id, due)  # read after the lock: nobody else moves them now
+        outcomes = planner.settle(account.balance, account.debt, [row.remaining for row in lots])
         moved = paid_total = settled = 0
-        for row in _due_lots(session, user_id, due):  # read after the lock: nobody else moves them now
-            paid = min(debt, row.remaining)
-            left = row.remaining - paid
+        for row, (paid, left, balance, _debt) in zip(lots, outcomes, strict=True):
             session.execute(
                 update(lot_table)
                 .where(lot.id == row.id)
-                .values(remaining=left, state=_AVAILABLE if left > 0 else _USED)
+                .values(remaining=left, state=_AVAILABLE if left > 0 else planner.USED)
             )
             settled += 1
             if row.remaining == 0:  # refunded in full during the window: nothing to settle
                 continue
-            balance += left
-            debt -= paid
             entry_id = _write_entry(
                 session,
                 user_id=user_id,
@@ -457,14 +294,13 @@ def expire_lapsed(session: Session, *, operator: str, now: datetime | None = Non
     report = {"as_of": now, "accounts": 0, "lots": 0, "points": 0}
     for user_id in _due_accounts(session, due):
         account = lock_account(session, user_id)
-        balance = account.balance
         expired = 0
         lots = _due_lots(session, user_id, due)  # read after the lock: nobody else spends them now
-        for row in lots:
+        balances = planner.expire(account.balance, [row.remaining for row in lots])
+        for row, balance in zip(lots, balances, strict=True):
             session.execute(
                 update(lot_table).where(lot.id == row.id).values(remaining=0, state=LotState.expired.value)
             )
-            balance -= row.remaining
             source = f"{row.kind} {row.ref}" if row.kind else "carried-over points"
             entry_id = _write_entry(
                 session,

@@ -20,8 +20,8 @@ from sqlalchemy import Column
 
 from credex.db import tables
 from credex.errors import InvalidInput, printable
+from credex.points.planner import INT64_MAX
 
-INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
 _INT64_DIGITS = len(str(INT64_MAX))
 _INTEGER = re.compile(r"[+-]?[0-9]+")
