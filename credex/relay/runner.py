@@ -37,18 +37,17 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
 from credex.metrics import RelayMetrics, new_registry
-from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
-from credex.relay.outbox import (
+from credex.relay.answers import (
     CANCEL_OUTCOMES,
     CancelAnswer,
     Confirmation,
     FailedAnswer,
-    PublishTally,
-    RedeliveryPolicy,
     record_cancel_answers,
     record_confirmations,
     record_failures,
 )
+from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
+from credex.relay.outbox import PublishTally, RedeliveryPolicy
 from credex.relay.topology import (
     SHIPMENT_CANCELLED,
     SHIPMENT_FAILED,
