@@ -21,7 +21,6 @@ import concurrent.futures
 import logging
 import os
 import socket
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,10 @@ from credex.db.engine import ensure_schema
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
 from credex.metrics import WarehouseMetrics, new_registry
 from credex.relay.topology import Names
-from credex.warehouse.lifecycle import Handled, ShippingDesk
+from credex.warehouse.answers import Handled
+from credex.warehouse.batches import created_many
+from credex.warehouse.lifecycle import ShippingDesk
+from credex.warehouse.metered import MeteredCarrier
 from credex.warehouse.shipments import (
     ANSWER_KEYS,
     CancelMessage,
@@ -147,7 +149,7 @@ class Warehouse(Worker[WarehouseReport]):
         self._desk = ShippingDesk(
             self.database_url,
             MeteredCarrier(self._carrier, self.metrics),
-            requesting_lease=timedelta(seconds=self.requesting_lease)
+            requesting_lease=timedelta(seconds=self.requesting_lease),
         )
         self._carrier_pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
         self._shipping = ThreadPoolExecutor(max_workers=BATCHES_IN_HAND, thread_name_prefix="shipping")
@@ -288,7 +290,7 @@ class Warehouse(Worker[WarehouseReport]):
             if all(isinstance(messages[i], RedemptionMessage) for i in indexes)
         ]
         if bulk:
-            done = self._desk.created_many([messages[i] for i in bulk], self._run_all)
+            done = created_many(self._desk, [messages[i] for i in bulk], self._run_all)
             for index, outcome in zip(bulk, done, strict=True):
                 handled[index] = outcome
 
@@ -344,37 +346,3 @@ class Warehouse(Worker[WarehouseReport]):
                     "answer %s not published: %s", message_id, failure, extra={"message_id": message_id}
                 )
         self.broker.raise_if_lost()  # unacked: the messages come back
-
-
-def carrier_error_kind(error: CredexError) -> str:
-    """A carrier's failure as a metric label: worth retrying (unavailable) or final (rejected)."""
-    return "unavailable" if isinstance(error, Unavailable) else "rejected"
-
-
-class MeteredCarrier:
-    """The carrier client with each waybill and cancel call timed
-    (``credex_warehouse_carrier_seconds{call}``) and each failure counted
-    (``credex_carrier_errors_total{kind}``); everything else is the client's own."""
-
-    def __init__(self, carrier, metrics: WarehouseMetrics) -> None:
-        self._carrier = carrier
-        self._metrics = metrics
-
-    def __getattr__(self, name: str):
-        return getattr(self._carrier, name)
-
-    def create_shipment(self, *args, **kwargs):
-        return self._call("create_shipment", self._carrier.create_shipment, args, kwargs)
-
-    def cancel_shipment(self, *args, **kwargs):
-        return self._call("cancel_shipment", self._carrier.cancel_shipment, args, kwargs)
-
-    def _call(self, name: str, call: Callable, args: tuple, kwargs: dict):
-        started = time.perf_counter()
-        try:
-            return call(*args, **kwargs)
-        except CredexError as error:
-            self._metrics.carrier_errors.labels(carrier_error_kind(error)).inc()
-            raise
-        finally:
-            self._metrics.carrier_seconds.labels(name).observe(time.perf_counter() - started)
