@@ -179,8 +179,11 @@ class Warehouse(Worker[WarehouseReport]):
                 left -= started
                 if started:
                     continue
+                if self._answered:  # their acks make room for the deliveries still to come
+                    self._settle_answered(wait=True)
+                    continue
                 if not self._in_hand:
-                    return  # nothing came: other consumers took the rest
+                    break  # nothing came: other consumers took the rest
             self._finish_oldest()
         self.finish()
 
