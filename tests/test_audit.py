@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from credex.db.engine import get_engine
 from credex.db.models import ShipmentStatus
-from credex.relay.outbox import Confirmation, record_confirmations
+from credex.relay.answers import Confirmation, record_confirmations
 from credex.warehouse.shipments import RedemptionMessage, move, open_requests, requests_of
 from tests.conftest import make_postgres_database
 from tests.invariants import check_invariants

@@ -109,7 +109,7 @@ def test_a_cancel_answer_and_a_return_racing_refund_once(db_url, credex, rabbit,
     warehouse's "cancelled" while `track sync` runs reach `returned`; each ends one or the other,
     refunded once."""
     from credex.db.engine import session_for
-    from credex.relay.outbox import Confirmation, record_confirmations
+    from credex.relay.answers import Confirmation, record_confirmations
     from tests.sandbox import running_sandbox
     from tests.support import subprocess_env
 

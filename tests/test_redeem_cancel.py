@@ -314,7 +314,7 @@ def test_a_refused_cancel_goes_back_to_shipping_and_a_carrier_refusal_to_excepti
 
 def test_the_record_functions_change_nothing_on_a_repeat(db_url, credex, shop):
     from credex.points.cancels import cancel_redemption
-    from credex.relay.outbox import CancelAnswer, FailedAnswer, record_cancel_answers, record_failures
+    from credex.relay.answers import CancelAnswer, FailedAnswer, record_cancel_answers, record_failures
 
     created = shop()
     with get_engine(db_url).begin() as connection:  # a relay claimed and published it
@@ -375,7 +375,7 @@ def test_a_message_a_relay_claimed_and_gave_up_is_never_taken_for_an_untouched_o
 
 
 def test_a_late_waybill_for_a_withdrawn_message_changes_nothing_and_is_not_put_off(db_url, credex, shop):
-    from credex.relay.outbox import Confirmation, record_confirmations
+    from credex.relay.answers import Confirmation, record_confirmations
 
     created = shop()
     assert credex("redeem", "cancel", created["redemption_id"], "--reason", "r").exit_code == 0

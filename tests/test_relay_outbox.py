@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from credex.db.engine import session_for
+from credex.relay.answers import Confirmation, record_confirmations
 from credex.relay.claims import Claim, LeaseClaims
-from credex.relay.outbox import Confirmation, RedeliveryPolicy, bury_exhausted, record_confirmations
+from credex.relay.outbox import RedeliveryPolicy, bury_exhausted
 from tests.invariants import check_points_invariants
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)  # a clock the tests move by hand: every message is due by then

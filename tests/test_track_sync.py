@@ -12,7 +12,7 @@ import pytest
 
 from credex.db.engine import session_for
 from credex.db.models import utcnow
-from credex.relay.outbox import Confirmation, record_confirmations
+from credex.relay.answers import Confirmation, record_confirmations
 from tests.sandbox import running_sandbox
 from tests.support import credex_command, subprocess_env
 

@@ -155,6 +155,12 @@ class Broker:
         if failure is not None:
             self._connection.lose(failure)
 
+    def confirmed(self, message_ids: list[str]) -> bool:
+        """Whether the broker has said what it makes of every one of ``message_ids`` (or the
+        connection is gone): ``collect`` then returns at once."""
+        confirms = self._confirms
+        return confirms is None or bool(self._connection.lost) or confirms.settled(message_ids)
+
     def collect(self, message_ids: list[str], timeout: float = RPC_TIMEOUT_S) -> dict[str, str | None]:
         """Wait for what the broker says of the messages sent as ``message_ids``: message id ->
         None (the broker has it) or why it failed (returned, nacked, connection lost)."""

@@ -1,5 +1,6 @@
-"""The outbox as the relay works it: claiming due messages, recording what the broker and the
-warehouse said. The operators' commands are in ``credex.relay.operators``.
+"""The outbox as the relay works it: claiming due messages and recording what the broker said of
+each publish. What the warehouse's answers do is ``credex.relay.answers``'s; the operators'
+commands are in ``credex.relay.operators``.
 
 Every function runs inside the caller's transaction (the caller commits); how a relay holds a
 batch, and so which of them it uses, is ``credex.relay.claims``'s business.
@@ -7,19 +8,18 @@ batch, and so which of them it uses, is ``credex.relay.claims``'s business.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Boolean, String, any_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import Boolean, String, any_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
-from credex.db.models import EventSource, MessageState, RedemptionStatus
-from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
+from credex.db.models import EventSource, MessageState
 from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
@@ -102,7 +102,7 @@ def _one_of_any(element: _OneOf, compiler, **kw) -> str:
     return compiler.process(element.column == any_(bindparam("ids", type_=ARRAY(String))), **kw)
 
 
-_IDS_MATCH = _OneOf(_o.id)  # takes the parameter ``ids``: a list of message ids
+IDS_MATCH = _OneOf(_o.id)  # takes the parameter ``ids``: a list of message ids
 # Written out, not bound: a database uses the partial index ix_outbox_message_due only when the
 # query says what its WHERE says (a bound parameter proves nothing to a planner).
 _UNCONFIRMED_LITERAL = text("outbox_message.state IN ('pending', 'sent')")
@@ -169,7 +169,7 @@ _BURY = (
 )
 _RELEASE_LEASE = (
     update(outbox_table)
-    .where(_IDS_MATCH, _o.claimed_by == bindparam("relay"))
+    .where(IDS_MATCH, _o.claimed_by == bindparam("relay"))
     .values(claimed_by=None, claimed_until=None)
 )
 _STILL_UNCONFIRMED = or_(_o.state == _PENDING, _o.state == _SENT)  # executemany takes no IN lists
@@ -263,7 +263,7 @@ def record_publish_outcomes(
     if sent:
         mark_sent = (
             update(outbox_table)
-            .where(_IDS_MATCH, still_claimed, _o.state.in_(_UNCONFIRMED))
+            .where(IDS_MATCH, still_claimed, _o.state.in_(_UNCONFIRMED))
             .values(
                 last_error=case((_o.state == _SENT, REPUBLISHED), else_=None),
                 state=_SENT,
@@ -294,311 +294,3 @@ def record_publish_outcomes(
             failed,
         )
     return tally
-
-
-@dataclass(frozen=True)
-class Confirmation:
-    """The warehouse's shipment.requested, as the relay needs it."""
-
-    message_id: str
-    carrier: str | None
-    express_no: str | None
-
-
-_ST = RedemptionStatus
-# The waybill is copied while the redemption may still ship (a cancel on its way too); it moves to
-# shipping only from pending (or exception: the carrier took it after all). A late confirmation
-# for a cancelled, delivered or returned redemption changes nothing.
-_WAYBILL = (  # executemany takes no IN lists
-    update(_redemption)
-    .where(
-        _redemption.c.id == bindparam("rid"),
-        or_(
-            *(
-                _redemption.c.status == status.value
-                for status in (_ST.pending, _ST.exception, _ST.cancelling, _ST.shipping)
-            )
-        ),
-    )
-    .values(carrier=bindparam("carrier"), express_no=bindparam("express_no"), updated_at=bindparam("now"))
-)
-_SHIP = (
-    update(_redemption)
-    .where(
-        _redemption.c.id.in_(bindparam("rids", expanding=True)),
-        _redemption.c.status.in_((_ST.pending.value, _ST.exception.value)),
-    )
-    .values(status=_ST.shipping.value)
-    .returning(_redemption.c.id)
-)
-_CONFIRM = (
-    update(outbox_table)
-    .where(
-        _o.id.in_(
-            select(_o.id)
-            .where(_IDS_MATCH, _o.state.not_in(_SETTLED))
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-    )
-    .values(
-        state=_CONFIRMED,
-        confirmed_at=bindparam("now", type_=_o.confirmed_at.type),
-        claimed_by=None,
-        claimed_until=None,
-    )
-    .returning(_o.id, _o.redemption_id, _o.created_at)
-)
-_STILL_OPEN = select(_o.id).where(_IDS_MATCH, _o.state.not_in(_SETTLED))
-
-
-def record_confirmations(
-    session: Session,
-    confirmations: Iterable[Confirmation],
-    *,
-    now: datetime,
-    created: list[datetime] | None = None,
-) -> tuple[int, list[str]]:
-    """Mark the messages confirmed and copy carrier and express number onto their redemptions
-    (the caller commits). A confirmation for a message already confirmed or withdrawn changes
-    nothing (a dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
-    message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
-    later rather than waited for, which could be waiting on ourselves. ``created`` gets the time
-    each message confirmed now was written (the relay's confirm-latency histogram)."""
-    first: dict[str, Confirmation] = {}
-    for confirmation in confirmations:
-        first.setdefault(confirmation.message_id, confirmation)
-    confirmed, put_off = 0, []
-    ids = list(first)
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start : start + CHUNK]
-        rows = session.execute(_CONFIRM, {"ids": chunk, "now": now}).all()
-        if created is not None:
-            created.extend(row.created_at for row in rows)
-        ships = [
-            {
-                "rid": row.redemption_id,
-                "carrier": first[row.id].carrier,
-                "express_no": first[row.id].express_no,
-                "now": now,
-            }
-            for row in rows
-            if row.redemption_id is not None
-        ]
-        if ships:
-            session.execute(_WAYBILL, ships)
-            shipped = session.execute(_SHIP, {"rids": [ship["rid"] for ship in ships]}).scalars().all()
-            if shipped:
-                session.execute(
-                    insert(_event),
-                    [
-                        {
-                            "redemption_id": rid,
-                            "at": now,
-                            "status": _ST.shipping.value,
-                            "source": _RELAY,
-                            "detail": None,
-                        }
-                        for rid in shipped
-                    ],
-                )
-        confirmed += len(rows)
-        if len(rows) < len(chunk):  # repeats, or held: those still open are put off
-            done = {row.id for row in rows}
-            rest = [m for m in chunk if m not in done]
-            put_off += session.execute(_STILL_OPEN, {"ids": rest}).scalars().all()
-    return confirmed, put_off
-
-
-# --- the answers to a cancel, and final refusals ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CancelAnswer:
-    """The warehouse's shipment.cancelled: ``message_id`` is the message it answers."""
-
-    message_id: str
-    outcome: str  # "cancelled" or "refused"
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class FailedAnswer:
-    """The warehouse's shipment.failed: the carrier refused the shipment for good."""
-
-    message_id: str
-    reason: str
-
-
-CANCEL_OUTCOMES = ("cancelled", "refused")
-_OPEN = (_PENDING, _SENT)
-_WITHDRAWN = MessageState.cancelled.value
-
-
-def _lock_redemptions(session: Session, message_ids: list[str]) -> None:
-    """Lock the answered messages' redemptions up front, in id order (Postgres): a refund then
-    locks an account, as `redeem cancel` and `track sync` do after the one redemption they lock,
-    so a batch of answers never waits on them in a cycle."""
-    for start in range(0, len(message_ids), CHUNK):
-        rids = select(_o.redemption_id).where(_o.id.in_(message_ids[start : start + CHUNK]))
-        session.execute(
-            select(_redemption.c.id)
-            .where(_redemption.c.id.in_(rids))
-            .order_by(_redemption.c.id)
-            .with_for_update()
-        ).all()
-
-
-def _hold(session: Session, message_id: str):
-    """The message's row, locked (Postgres: None when a relay holds it right now; the caller
-    tells that from an unknown id with ``_exists``)."""
-    return session.execute(
-        select(_o.id, _o.redemption_id, _o.routing_key, _o.state)
-        .where(_o.id == message_id)
-        .with_for_update(skip_locked=True)
-    ).first()
-
-
-def _exists(session: Session, message_id: str) -> bool:
-    return session.execute(select(_o.id).where(_o.id == message_id)).first() is not None
-
-
-def _confirm_one(session: Session, message_id: str, now: datetime) -> bool:
-    return (
-        session.execute(
-            update(outbox_table)
-            .where(_o.id == message_id, _o.state.not_in(_SETTLED))
-            .values(state=_CONFIRMED, confirmed_at=now, claimed_by=None, claimed_until=None)
-        ).rowcount
-        == 1
-    )
-
-
-def _held_once(session: Session, answers: Iterable, put_off: list[str]):
-    """Each answer once (repeats in the batch skipped) with its outbox row, locked. An answer
-    whose row a relay holds right now goes to ``put_off``; one for an unknown message is dropped."""
-    seen: set[str] = set()
-    for answer in answers:
-        if answer.message_id in seen:
-            continue
-        seen.add(answer.message_id)
-        message = _hold(session, answer.message_id)
-        if message is None:
-            if _exists(session, answer.message_id):
-                put_off.append(answer.message_id)
-            continue
-        yield answer, message
-
-
-def record_cancel_answers(
-    session: Session, answers: Iterable[CancelAnswer], *, now: datetime, operator: str
-) -> tuple[int, list[str]]:
-    """Record shipment.cancelled answers (the caller commits). "cancelled": the answered message is
-    confirmed, a ``cancelling`` redemption is refunded and ``cancelled``, and its other unconfirmed
-    messages are settled (its redemption.created withdrawn, its redemption.cancelled confirmed: the
-    warehouse's answer covers them). "refused": ``cancelling`` → ``shipping``, the reason in its
-    event. A repeated or late answer changes nothing. Returns (answers that changed something,
-    message ids put off because a relay holds one of the rows right now)."""
-    from credex.points.cancels import refund_redemption
-    from credex.points.redemptions import add_event
-
-    answers = list(answers)
-    _lock_redemptions(session, [a.message_id for a in answers])
-    changed, put_off = 0, []
-    for answer, message in _held_once(session, answers, put_off):
-        rid = message.redemption_id
-        if rid is None:
-            continue
-        if answer.outcome == "cancelled":
-            others = select(_o.id).where(_o.redemption_id == rid, _o.state.in_(_OPEN), _o.id != message.id)
-            held = session.execute(others.with_for_update(skip_locked=True)).scalars().all()
-            if len(held) < len(session.execute(others).scalars().all()):
-                put_off.append(answer.message_id)  # a relay is publishing one of them: a moment later
-                continue
-            confirmed = _confirm_one(session, message.id, now)
-            refund = refund_redemption(
-                session,
-                rid,
-                from_statuses=(_ST.cancelling.value,),
-                to_status=_ST.cancelled,
-                source=EventSource.warehouse,
-                detail=answer.reason or "cancelled by the warehouse",
-                operator=operator,
-                now=now,
-            )
-            if refund is not None and held:
-                session.execute(
-                    update(outbox_table)
-                    .where(_o.id.in_(held), _o.state.in_(_OPEN))
-                    .values(
-                        state=case((_o.routing_key == REDEMPTION_CANCELLED, _CONFIRMED), else_=_WITHDRAWN),
-                        confirmed_at=case((_o.routing_key == REDEMPTION_CANCELLED, now), else_=None),
-                        last_error=case(
-                            (_o.routing_key == REDEMPTION_CANCELLED, None),
-                            else_="withdrawn: the warehouse cancelled the redemption",
-                        ),
-                        claimed_by=None,
-                        claimed_until=None,
-                    )
-                )
-            changed += bool(confirmed or refund)
-        else:
-            confirmed = _confirm_one(session, message.id, now)
-            moved = session.execute(
-                update(_redemption)
-                .where(_redemption.c.id == rid, _redemption.c.status == _ST.cancelling.value)
-                .values(status=_ST.shipping.value, updated_at=now)
-            ).rowcount
-            if moved:
-                detail = "cancel refused by the warehouse" + (f": {answer.reason}" if answer.reason else "")
-                add_event(
-                    session,
-                    rid,
-                    status=_ST.shipping.value,
-                    source=EventSource.warehouse,
-                    detail=detail,
-                    now=now,
-                )
-            changed += bool(confirmed or moved)
-    return changed, put_off
-
-
-def record_failures(
-    session: Session, answers: Iterable[FailedAnswer], *, now: datetime
-) -> tuple[int, list[str]]:
-    """Record shipment.failed answers (the caller commits): the redemption.created message is
-    ``dead`` with the reason as its last error, and its redemption (pending or shipping) moves to
-    ``exception`` until `relay retry` sends it again or `redeem cancel` refunds it. A repeated or
-    late answer (the message confirmed, dead or withdrawn already) changes nothing."""
-    from credex.points.redemptions import add_event
-
-    changed, put_off = 0, []
-    for answer, message in _held_once(session, answers, put_off):
-        if message.routing_key != REDEMPTION_CREATED or message.state not in _OPEN:
-            continue
-        session.execute(
-            update(outbox_table)
-            .where(_o.id == message.id, _o.state.in_(_OPEN))
-            .values(state=_DEAD, last_error=answer.reason[:1000], claimed_by=None, claimed_until=None)
-        )
-        changed += 1
-        if message.redemption_id is None:
-            continue
-        moved = session.execute(
-            update(_redemption)
-            .where(
-                _redemption.c.id == message.redemption_id,
-                _redemption.c.status.in_((_ST.pending.value, _ST.shipping.value)),
-            )
-            .values(status=_ST.exception.value, updated_at=now)
-        ).rowcount
-        if moved:
-            add_event(
-                session,
-                message.redemption_id,
-                status=_ST.exception.value,
-                source=EventSource.relay,
-                detail=f"the carrier refused the shipment: {answer.reason}",
-                now=now,
-            )
-    return changed, put_off

@@ -37,18 +37,17 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable
 from credex.metrics import RelayMetrics, new_registry
-from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
-from credex.relay.outbox import (
+from credex.relay.answers import (
     CANCEL_OUTCOMES,
     CancelAnswer,
     Confirmation,
     FailedAnswer,
-    PublishTally,
-    RedeliveryPolicy,
     record_cancel_answers,
     record_confirmations,
     record_failures,
 )
+from credex.relay.claims import Claim, ClaimStrategy, claim_strategy
+from credex.relay.outbox import PublishTally, RedeliveryPolicy
 from credex.relay.topology import (
     SHIPMENT_CANCELLED,
     SHIPMENT_FAILED,
@@ -341,7 +340,15 @@ class Relay(Worker[RelayReport]):
                 pipeline.claiming.popleft()
                 self.report.dead += claim.buried
                 self.metrics.dead.inc(claim.buried)
-                more = more and len(claim.messages) == size and not self.stopping and not self.broker.lost
+                # A full batch says there are more. So does any batch claimed beside another one:
+                # on Postgres, claims running at once pass by each other's rows, so a short one
+                # proves nothing; only an empty one ends the pass then.
+                beside = claimed_total > 0
+                more = (
+                    (len(claim.messages) == size or (beside and bool(claim.messages)))
+                    and not self.stopping
+                    and not self.broker.lost
+                )
                 if claim.messages:
                     self.broker.send(
                         [

@@ -11,8 +11,10 @@ them is found again on the row.
 Messages are handled in batches, a few in hand at once (``BATCHES_IN_HAND``): while batches'
 shipment requests are written and their waybills asked for (each on a thread of its own, the
 redemptions CARRIER_CALLS at a time, each redemption's messages in the order they came), the
-oldest one is answered and acked on this thread, which alone talks to the broker. Batches are
-finished in the order they were taken, so an ack never settles a message whose work is not done.
+oldest one is answered on this thread, which alone talks to the broker. Its answers' publisher
+confirms are not waited for in turn: the next batches are answered meanwhile, and a batch is
+acked once the broker has confirmed its answers. Batches are answered and acked in the order they
+were taken, so an ack never settles a message whose shipment is not committed and answered.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ from datetime import timedelta
 
 from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
+from credex.amqp.connection import RPC_TIMEOUT_S
 from credex.db.engine import ensure_schema
 from credex.errors import CarrierNotConfigured, CredexError, Unavailable
 from credex.metrics import WarehouseMetrics, new_registry
 from credex.relay.topology import Names
-from credex.warehouse.lifecycle import Handled, ShippingDesk
+from credex.warehouse.answers import Handled
+from credex.warehouse.batches import created_many
+from credex.warehouse.lifecycle import ShippingDesk
+from credex.warehouse.metered import MeteredCarrier
 from credex.warehouse.shipments import (
     ANSWER_KEYS,
     CancelMessage,
@@ -86,6 +92,15 @@ class _Batch:
     shipped: Future = field(repr=False)  # -> list[Handled], one per message
 
 
+@dataclass
+class _Answered:
+    """A shipped batch whose answers were published: acked once the broker confirms them."""
+
+    deliveries: list[Delivery]
+    answer_ids: list[str]
+    deadline: float  # monotonic: no confirm by then and the connection is given up
+
+
 def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
     """The warehouse's side of the broker: it consumes redemption messages and publishes
     confirmations."""
@@ -129,6 +144,7 @@ class Warehouse(Worker[WarehouseReport]):
         self._carrier_pool: ThreadPoolExecutor | None = None
         self._shipping: ThreadPoolExecutor | None = None
         self._in_hand: deque[_Batch] = deque()
+        self._answered: deque[_Answered] = deque()  # their confirms awaited, oldest first
         self._again: list[Delivery] = []  # taken, but their batch failed: handled again next
 
     def __str__(self) -> str:
@@ -147,7 +163,7 @@ class Warehouse(Worker[WarehouseReport]):
         self._desk = ShippingDesk(
             self.database_url,
             MeteredCarrier(self._carrier, self.metrics),
-            requesting_lease=timedelta(seconds=self.requesting_lease)
+            requesting_lease=timedelta(seconds=self.requesting_lease),
         )
         self._carrier_pool = ThreadPoolExecutor(max_workers=CARRIER_CALLS, thread_name_prefix="carrier")
         self._shipping = ThreadPoolExecutor(max_workers=BATCHES_IN_HAND, thread_name_prefix="shipping")
@@ -156,37 +172,46 @@ class Warehouse(Worker[WarehouseReport]):
         """Handle the messages that were waiting when the queue was declared."""
         left = self.broker.ready_at_open
         while (left > 0 or self._in_hand) and not self.stopping:
+            self._settle_answered()
             if left > 0 and len(self._in_hand) < BATCHES_IN_HAND:
-                self.broker.wait(1.0, until=lambda: self.broker.buffered > 0 or self._oldest_shipped())
+                self.broker.wait(1.0, until=self._ready_in_one_pass)
                 started = self._start_batch()
                 left -= started
                 if started:
                     continue
+                if self._answered:  # their acks make room for the deliveries still to come
+                    self._settle_answered(wait=True)
+                    continue
                 if not self._in_hand:
-                    return  # nothing came: other consumers took the rest
+                    break  # nothing came: other consumers took the rest
             self._finish_oldest()
         self.finish()
 
     def turn(self) -> None:
         started = self._start_batch() if len(self._in_hand) < BATCHES_IN_HAND else 0
+        settled = self._settle_answered()
         if self._oldest_shipped():
             self._finish_oldest()
-        elif not started:
+        elif not started and not settled:
             self.broker.wait(self.poll_interval, until=self._something_to_do)
 
     def finish(self) -> None:
-        """Stopping: the batches in hand are confirmed and acked before the worker leaves; one
-        the database failed stays unacked and comes back to a consumer."""
-        while self._in_hand:
+        """Stopping: the batches in hand are answered, confirmed and acked before the worker
+        leaves; one the database failed stays unacked and comes back to a consumer."""
+        while self._in_hand or self._answered:
             try:
-                self._finish_oldest()
+                if self._in_hand:
+                    self._finish_oldest()
+                else:
+                    self._settle_answered(wait=True)
             except Unavailable as error:
                 log.warning("%s; its messages come back", error.message)
 
     def broker_lost(self) -> None:
         # Their deliveries died with the channel and come again; what the shipping threads still
-        # do for them is found again then.
+        # do for them is found again then, and their answers are published again.
         self._in_hand.clear()
+        self._answered.clear()
         self._again = []
 
     def cleanup(self) -> None:
@@ -198,7 +223,16 @@ class Warehouse(Worker[WarehouseReport]):
 
     def _something_to_do(self) -> bool:
         room = len(self._in_hand) < BATCHES_IN_HAND and (self.broker.buffered > 0 or bool(self._again))
-        return self.stopping or room or self._oldest_shipped()
+        return self.stopping or room or self._oldest_shipped() or self._oldest_confirmed()
+
+    def _ready_in_one_pass(self) -> bool:
+        return self.broker.buffered > 0 or self._oldest_shipped() or self._oldest_confirmed()
+
+    def _oldest_confirmed(self) -> bool:
+        if not self._answered:
+            return False
+        oldest = self._answered[0]
+        return self.broker.confirmed(oldest.answer_ids) or time.monotonic() >= oldest.deadline
 
     def _oldest_shipped(self) -> bool:
         return bool(self._in_hand) and self._in_hand[0].shipped.done()
@@ -237,8 +271,9 @@ class Warehouse(Worker[WarehouseReport]):
         return len(again) + len(fresh)
 
     def _finish_oldest(self) -> None:
-        """Wait for the oldest batch's shipping, publish its confirmations, then ack it. A batch
-        whose shipping failed (the database went away) keeps its deliveries for the next try."""
+        """Wait for the oldest batch's shipping and publish its answers; it is acked once they
+        are confirmed (``_settle_answered``). A batch whose shipping failed (the database went
+        away) keeps its deliveries for the next try."""
         batch = self._in_hand[0]
         while not batch.shipped.done():  # woken by the batch's end; the carrier bounds its calls
             self.broker.wait(self.poll_interval, until=batch.shipped.done)
@@ -257,12 +292,47 @@ class Warehouse(Worker[WarehouseReport]):
             elif outcome.outcome in ("cancelled", "refused", "failed", "deferred"):
                 setattr(report, outcome.outcome, getattr(report, outcome.outcome) + 1)
             self.metrics.messages.labels(OUTCOME_LABELS.get(outcome.outcome, outcome.outcome)).inc()
-        self._answer(handled)
-        self._ack(batch.deliveries)
+        answers = self._answers(handled)
+        self.broker.send(answers)
+        self._answered.append(
+            _Answered(batch.deliveries, [a.message_id for a in answers], time.monotonic() + RPC_TIMEOUT_S)
+        )
+
+    def _settle_answered(self, *, wait: bool = False) -> int:
+        """Ack the batches whose answers the broker has confirmed, oldest first (with ``wait``,
+        all of them, waiting for their confirms). Returns how many batches were settled. An answer
+        the broker refused is not waited for again: the relay publishes its message again when
+        the answer is overdue; a connection lost leaves the batch unacked (its messages come back)."""
+        settled = 0
+        while self._answered:
+            oldest = self._answered[0]
+            if not self._oldest_confirmed():
+                if not wait:
+                    break
+                left = oldest.deadline - time.monotonic()
+                self.broker.wait(min(left, self.poll_interval), until=self._oldest_confirmed)
+                continue
+            self._answered.popleft()
+            outcomes = self.broker.collect(oldest.answer_ids, max(0.0, oldest.deadline - time.monotonic()))
+            for message_id, failure in outcomes.items():
+                if failure is None:
+                    self.report.confirmed += 1
+                    self.metrics.messages.labels("confirmed").inc()
+                else:  # the relay publishes its message again and we answer then
+                    self.metrics.messages.labels("confirmation_failed").inc()
+                    log.warning(
+                        "answer %s not published: %s", message_id, failure, extra={"message_id": message_id}
+                    )
+            self.broker.raise_if_lost()  # unacked: the messages come back
+            self._ack(oldest.deliveries)
+            settled += 1
+        return settled
 
     def _ack(self, deliveries: list[Delivery]) -> None:
         tags = [d.tag for d in deliveries]
-        waiting = [d.tag for d in self._again] + [d.tag for b in self._in_hand for d in b.deliveries]
+        waiting = [d.tag for d in self._again] + [
+            d.tag for b in (*self._answered, *self._in_hand) for d in b.deliveries
+        ]
         if tags and (not waiting or min(waiting) > max(tags)):
             self.broker.ack(max(tags), multiple=True)  # rejected ones are settled already
         else:  # an earlier delivery is still being worked on: settle only these
@@ -288,7 +358,7 @@ class Warehouse(Worker[WarehouseReport]):
             if all(isinstance(messages[i], RedemptionMessage) for i in indexes)
         ]
         if bulk:
-            done = self._desk.created_many([messages[i] for i in bulk], self._run_all)
+            done = created_many(self._desk, [messages[i] for i in bulk], self._run_all)
             for index, outcome in zip(bulk, done, strict=True):
                 handled[index] = outcome
 
@@ -318,9 +388,9 @@ class Warehouse(Worker[WarehouseReport]):
 
     # --- back on the broker's thread ------------------------------------------------------------
 
-    def _answer(self, handled: list[Handled]) -> None:
-        """Publish the answers (shipment.requested, .cancelled, .failed) with publisher confirms."""
-        answers = [
+    def _answers(self, handled: list[Handled]) -> list[Outgoing]:
+        """The answers to publish (shipment.requested, .cancelled, .failed)."""
+        return [
             Outgoing(
                 message_id=new_message_id(),
                 routing_key=ANSWER_KEYS[h.answer.kind],
@@ -331,50 +401,3 @@ class Warehouse(Worker[WarehouseReport]):
             for h in handled
             if h.answer is not None
         ]
-        if not answers:
-            return
-        outcomes = self.broker.publish(answers)
-        for message_id, failure in outcomes.items():
-            if failure is None:
-                self.report.confirmed += 1
-                self.metrics.messages.labels("confirmed").inc()
-            else:  # the relay publishes its message again and we answer then
-                self.metrics.messages.labels("confirmation_failed").inc()
-                log.warning(
-                    "answer %s not published: %s", message_id, failure, extra={"message_id": message_id}
-                )
-        self.broker.raise_if_lost()  # unacked: the messages come back
-
-
-def carrier_error_kind(error: CredexError) -> str:
-    """A carrier's failure as a metric label: worth retrying (unavailable) or final (rejected)."""
-    return "unavailable" if isinstance(error, Unavailable) else "rejected"
-
-
-class MeteredCarrier:
-    """The carrier client with each waybill and cancel call timed
-    (``credex_warehouse_carrier_seconds{call}``) and each failure counted
-    (``credex_carrier_errors_total{kind}``); everything else is the client's own."""
-
-    def __init__(self, carrier, metrics: WarehouseMetrics) -> None:
-        self._carrier = carrier
-        self._metrics = metrics
-
-    def __getattr__(self, name: str):
-        return getattr(self._carrier, name)
-
-    def create_shipment(self, *args, **kwargs):
-        return self._call("create_shipment", self._carrier.create_shipment, args, kwargs)
-
-    def cancel_shipment(self, *args, **kwargs):
-        return self._call("cancel_shipment", self._carrier.cancel_shipment, args, kwargs)
-
-    def _call(self, name: str, call: Callable, args: tuple, kwargs: dict):
-        started = time.perf_counter()
-        try:
-            return call(*args, **kwargs)
-        except CredexError as error:
-            self._metrics.carrier_errors.labels(carrier_error_kind(error)).inc()
-            raise
-        finally:
-            self._metrics.carrier_seconds.labels(name).observe(time.perf_counter() - started)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, select
@@ -27,7 +26,8 @@ from credex.db.engine import session_for
 from credex.db.models import ShipmentStatus, utcnow
 from credex.errors import CredexError, Unavailable
 from credex.logistics.model import CancelResult, CarrierError, Waybill
-from credex.warehouse import shipments
+from credex.warehouse import answers, shipments
+from credex.warehouse.answers import Handled, reason_of
 from credex.warehouse.shipments import CancelMessage, RedemptionMessage
 
 log = logging.getLogger("credex.warehouse")
@@ -35,33 +35,6 @@ log = logging.getLogger("credex.warehouse")
 S = ShipmentStatus
 OPEN = (S.requested, S.requesting)  # a waybill may still be saved on the row
 ROUNDS = 8  # races lost in a row before a message is left for the relay's next attempt
-# What a message comes to, as the warehouse's report and metrics name it (`invalid`: malformed,
-# dropped by the consumer before it reaches the desk).
-OUTCOMES = ("requested", "cancelled", "refused", "failed", "carrier_unreachable", "deferred", "invalid")
-
-
-@dataclass(frozen=True)
-class Answer:
-    kind: str  # "requested", "cancelled" or "failed": the routing key is shipments.ANSWER_KEYS[kind]
-    body: bytes
-    correlation_id: str
-
-
-@dataclass(frozen=True)
-class Handled:
-    """What one message came to. ``outcome`` (the metrics' names): requested, cancelled, refused,
-    failed, carrier_unreachable, deferred (another consumer is asking the carrier right now)."""
-
-    outcome: str
-    answer: Answer | None = None
-    created: bool = False  # this message wrote the shipment request
-    waybill: bool = False  # this message got a waybill from the carrier
-
-
-def _reason_of(error: BaseException) -> str:
-    if isinstance(error, CarrierError):
-        return f"{error.reason}: {error.message}"[:1000]
-    return getattr(error, "message", str(error))[:1000]
 
 
 class ShippingDesk:
@@ -85,7 +58,7 @@ class ShippingDesk:
 
     # --- the database, one short transaction at a time --------------------------------------------
 
-    def _write(self, work: Callable):
+    def write(self, work: Callable):
         with session_for(self.database_url, write=True) as session:
             result = work(session)
             session.commit()
@@ -97,9 +70,16 @@ class ShippingDesk:
             session.rollback()
         return row
 
+    def read_of(self, redemption_id: int):
+        """The request of a redemption as it is now."""
+        with session_for(self.database_url) as session:
+            row = shipments.request_of(session, redemption_id)
+            session.rollback()
+        return row
+
     def _move(self, row, to: ShipmentStatus, from_: tuple[ShipmentStatus, ...], **values) -> bool:
         now = self.clock()
-        return self._write(
+        return self.write(
             lambda session: shipments.move(session, row.id, from_=from_, to=to, now=now, **values)
         )
 
@@ -141,7 +121,7 @@ class ShippingDesk:
 
     # --- the carrier ----------------------------------------------------------------------------------
 
-    def _ask(self, row, recipient: str | None = None) -> Waybill:
+    def ask(self, row, recipient: str | None = None) -> Waybill:
         """The waybill of the row's key: the same key with the same content gets the same waybill."""
         return self.carrier.create_shipment(
             idempotency_key=row.idempotency_key,
@@ -191,32 +171,26 @@ class ShippingDesk:
     # --- answers --------------------------------------------------------------------------------------
 
     def _requested(self, message_id: str, row) -> Handled:
-        body = shipments.confirmation_body(row, message_id=message_id, now=self.clock())
-        return Handled("requested", Answer("requested", body, message_id))
+        return answers.requested(message_id, row, now=self.clock())
 
     def _cancel_answer(self, message_id: str, row, outcome: str, reason: str) -> Handled:
-        body = shipments.answer_cancelled_body(
-            row.redemption_id, message_id=message_id, outcome=outcome, reason=reason, now=self.clock()
-        )
-        return Handled(outcome, Answer("cancelled", body, message_id))
+        return answers.cancel_answer(message_id, row, outcome, reason, now=self.clock())
 
     def _failed(self, message_id: str, row, reason: str) -> Handled:
-        body = shipments.answer_failed_body(
-            row.redemption_id, message_id=message_id, reason=reason, now=self.clock()
-        )
-        return Handled("failed", Answer("failed", body, message_id))
+        return answers.failed(message_id, row, reason, now=self.clock())
 
     # --- redemption.created ---------------------------------------------------------------------------
 
     def created(self, message: RedemptionMessage) -> Handled:
         now = self.clock()
-        row, created = self._write(lambda session: shipments.open_request(session, message, now=now))
-        handled = self._created(message, row)
+        row, created = self.write(lambda session: shipments.open_request(session, message, now=now))
+        handled = self.created_from(message, row)
         if created:
             handled = Handled(handled.outcome, handled.answer, True, handled.waybill)
         return handled
 
-    def _created(self, message: RedemptionMessage, row) -> Handled:
+    def created_from(self, message: RedemptionMessage, row) -> Handled:
+        """A create taken on from its row as last read, whatever its status."""
         for _ in range(ROUNDS):
             status = S(row.status)
             if status is S.cancelled:
@@ -239,12 +213,12 @@ class ShippingDesk:
                 return self._failed(message.message_id, self._read(row.id), outcome)
             waybill, _ = outcome
             row = self._read(row.id)
-            settled = self._settle(message, row, waybill)
+            settled = self.settle(message, row, waybill)
             if settled is not None:
                 return settled
         return Handled("deferred")
 
-    def _settle(self, message: RedemptionMessage, row, waybill: Waybill) -> Handled | None:
+    def settle(self, message: RedemptionMessage, row, waybill: Waybill) -> Handled | None:
         """The answer to a create whose waybill is in hand, the row as read after saving it; None
         when the row is open again (save it again)."""
         if self._keeps(row, waybill):
@@ -261,123 +235,6 @@ class ShippingDesk:
             return self._cancel_answer(message.message_id, row, "cancelled", row.reason or "cancelled")
         return self._requested(message.message_id, row)  # it keeps another waybill: that one stands
 
-    # --- many redemption.created at once --------------------------------------------------------------
-
-    def created_many(self, messages: list[RedemptionMessage], run_all: Callable) -> list[Handled]:
-        """The common case in bulk, one message per redemption: the requests written and claimed in
-        one transaction, the carrier asked for all of them at once (``run_all(calls)`` runs the
-        calls and returns their results or exceptions, in order), the waybills saved in one more.
-        Whatever is not plain (a race lost, a duplicate number) goes through ``created`` one by
-        one. Returns one Handled per message."""
-        now = self.clock()
-
-        def open_and_claim(session):
-            created = shipments.open_requests(session, messages, now=now)
-            rows = shipments.requests_of(session, [m.redemption_id for m in messages])
-            claimable = [row.id for row in rows.values() if S(row.status) in (S.requested, S.failed)]
-            claimed = shipments.claim(session, claimable, now=now)
-            return created, rows, claimed
-
-        created, rows, claimed = self._write(open_and_claim)
-        handled: list[Handled | None] = [None] * len(messages)
-        asking: list[int] = []  # indexes of the messages whose row is being asked for
-        for index, message in enumerate(messages):
-            row = rows[message.redemption_id]
-            if row.id in claimed or S(row.status) is S.requesting:
-                asking.append(index)
-            elif S(row.status) in (S.waybill, S.cancelled):
-                handled[index] = self._created(message, row)  # answered from the row as it is
-        results = run_all(
-            [
-                lambda row=rows[messages[i].redemption_id], user=messages[i].user_id: self._ask(row, user)
-                for i in asking
-            ]
-        )
-
-        saves, reverts, failures = [], [], []
-        for index, result in zip(asking, results, strict=True):
-            row = rows[messages[index].redemption_id]
-            if isinstance(result, Waybill):
-                saves.append((index, row, result))
-            elif isinstance(result, CarrierError) and not result.final:
-                log.warning(
-                    "redemption %s: no waybill yet (%s); acked without answering, "
-                    "the relay will send it again",
-                    row.redemption_id,
-                    result.message,
-                    extra={"redemption_id": row.redemption_id},
-                )
-                reverts.append(row.id)
-                handled[index] = Handled("carrier_unreachable")
-            elif isinstance(result, CredexError) and not isinstance(result, Unavailable | CarrierError):
-                failures.append((index, row, _reason_of(result)))
-            elif isinstance(result, CarrierError):
-                log.warning(
-                    "redemption %s: the carrier refused the shipment: %s",
-                    row.redemption_id,
-                    _reason_of(result),
-                    extra={"redemption_id": row.redemption_id},
-                )
-                failures.append((index, row, _reason_of(result)))
-            else:
-                raise result  # the database or a bug: the batch fails and comes back
-
-        def record(session, with_saves: bool):
-            moved = {}
-            for row_id in reverts:
-                shipments.move(session, row_id, from_=(S.requesting,), to=S.requested, now=now)
-            for index, row, reason in failures:
-                moved[index] = shipments.move(
-                    session, row.id, from_=OPEN, to=S.failed, now=now, reason=reason
-                )
-            for index, row, waybill in saves if with_saves else ():
-                moved[index] = shipments.move(
-                    session,
-                    row.id,
-                    from_=OPEN,
-                    to=S.waybill,
-                    now=now,
-                    carrier=waybill.carrier,
-                    express_no=waybill.express_no,
-                    carrier_shipment_id=waybill.shipment_id,
-                    reason=None,
-                )
-            return moved
-
-        try:
-            moved = self._write(lambda session: record(session, True))
-        except IntegrityError:  # a number another request holds: each waybill settled on its own
-            moved = self._write(lambda session: record(session, False))
-        after = self._read_many([m.redemption_id for m in messages]) if moved else {}
-        for index, row, reason in failures:
-            if moved.get(index):
-                handled[index] = self._failed(messages[index].message_id, after[row.redemption_id], reason)
-        for index, row, waybill in saves:
-            if moved.get(index):
-                log.info(
-                    "redemption %s: waybill %s %s",
-                    row.redemption_id,
-                    waybill.carrier,
-                    waybill.express_no,
-                    extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
-                )
-                handled[index] = self._settle(messages[index], after[row.redemption_id], waybill)
-        for index, message in enumerate(messages):
-            if handled[index] is None:  # a race lost, a duplicate number, a row in no plain state
-                handled[index] = self._created(
-                    message, self._read_many([message.redemption_id])[message.redemption_id]
-                )
-        return [
-            Handled(h.outcome, h.answer, h.created or rows[m.redemption_id].id in created, h.waybill)
-            for h, m in zip(handled, messages, strict=True)
-        ]
-
-    def _read_many(self, redemption_ids: list[int]) -> dict[int, object]:
-        with session_for(self.database_url) as session:
-            found = shipments.requests_of(session, redemption_ids)
-            session.rollback()
-        return found
-
     @staticmethod
     def _keeps(row, waybill: Waybill) -> bool:
         """Whether the row keeps this waybill as its live one."""
@@ -392,7 +249,7 @@ class ShippingDesk:
         was had (saved on the row, or the row moved on meanwhile: the caller reads it again), the
         reason (str) of a final refusal now kept as `failed`, or a Handled to return as it is."""
         try:
-            waybill = self._ask(row, recipient)
+            waybill = self.ask(row, recipient)
         except CarrierError as error:
             if not error.final:
                 log.warning(
@@ -404,7 +261,7 @@ class ShippingDesk:
                 )
                 self._move(row, S.requested, (S.requesting,))
                 return Handled("carrier_unreachable")
-            reason = _reason_of(error)
+            reason = reason_of(error)
             log.warning(
                 "redemption %s: the carrier refused the shipment: %s",
                 row.redemption_id,
@@ -417,7 +274,7 @@ class ShippingDesk:
         except Unavailable:  # not the carrier's: the database went away; the batch comes back
             raise
         except CredexError as error:  # a key the carrier client will not send: final
-            reason = _reason_of(error)
+            reason = reason_of(error)
             if self._move(row, S.failed, (S.requesting, S.requested), reason=reason):
                 return reason
             return Handled("deferred")
@@ -451,7 +308,7 @@ class ShippingDesk:
 
     def cancelled(self, message: CancelMessage) -> Handled:
         now = self.clock()
-        row, written = self._write(lambda session: shipments.write_tombstone(session, message, now=now))
+        row, written = self.write(lambda session: shipments.write_tombstone(session, message, now=now))
         if written:
             log.info(
                 "redemption %s: cancelled before its shipment was asked for",
@@ -514,7 +371,7 @@ class ShippingDesk:
                         "shipment id and its recipient is unknown: cancel it at the carrier by hand"
                     )
                     return self._cancel_answer(message.message_id, row, "refused", reason)
-                shipment_id = self._ask(row).shipment_id
+                shipment_id = self.ask(row).shipment_id
             result = self._void(shipment_id, row.idempotency_key)
         except CarrierError as error:
             if not error.final:
@@ -526,14 +383,14 @@ class ShippingDesk:
                     extra={"redemption_id": row.redemption_id, "express_no": row.express_no},
                 )
                 return Handled("carrier_unreachable")
-            reason = f"the carrier would not cancel waybill {row.express_no}: {_reason_of(error)}"
+            reason = f"the carrier would not cancel waybill {row.express_no}: {reason_of(error)}"
             return self._cancel_answer(message.message_id, row, "refused", reason)
         if not result.cancelled:
             reason = f"waybill {row.carrier} {row.express_no} was already picked up" + (
                 f": {result.detail}" if result.detail else ""
             )
             now = self.clock()
-            self._write(lambda session: shipments.note_reason(session, row.id, S.waybill, reason, now=now))
+            self.write(lambda session: shipments.note_reason(session, row.id, S.waybill, reason, now=now))
             return self._cancel_answer(message.message_id, row, "refused", reason)
         if not self._move(row, S.cancelled, (S.waybill,), reason=message.reason):
             row = self._read(row.id)  # another consumer cancelled it too: the same waybill

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import ShipmentStatus, ShipmentType
 from credex.errors import InvalidInput
-from credex.logistics.model import is_token
+from credex.logistics.model import Waybill, is_token
 from credex.points.rules import INT32_MAX, INT64_MAX
 from credex.relay.topology import (
     REDEMPTION_CANCELLED,
@@ -209,25 +209,62 @@ def requests_of(session: Session, redemption_ids: Sequence[int]) -> dict[int, ob
     return {row.redemption_id: row for row in rows}
 
 
-def claim(session: Session, shipment_ids: Sequence[int], *, now: datetime) -> set[int]:
-    """``requested``/``failed`` → ``requesting`` for many rows at once (a conditional update, as
-    ``move``); the caller commits. Returns the ids this call moved."""
-    if not shipment_ids:
-        return set()
+_CLAIM = (
+    update(shipment_table)
+    .where(
+        _s.redemption_id.in_(bindparam("rids", expanding=True)),
+        _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.failed.value]),
+    )
+    .values(
+        status=ShipmentStatus.requesting.value,
+        updated_at=bindparam("now", type_=_s.updated_at.type),
+        asked_at=func.coalesce(_s.asked_at, bindparam("first_asked", type_=_s.asked_at.type)),
+    )
+    .returning(*shipment_table.c)
+)
+
+
+def claim(session: Session, redemption_ids: Sequence[int], *, now: datetime) -> dict[int, object]:
+    """``requested``/``failed`` → ``requesting`` for the requests of many redemptions at once (a
+    conditional update, as ``move``); the caller commits. Returns the rows this call moved, as
+    they are now, by redemption id."""
+    if not redemption_ids:
+        return {}
+    moved = session.execute(_CLAIM, {"rids": list(redemption_ids), "now": now, "first_asked": now})
+    return {row.redemption_id: row for row in moved}
+
+
+def save_waybills(
+    session: Session, waybills: Sequence[tuple[int, Waybill]], *, now: datetime
+) -> dict[int, object]:
+    """``move`` to ``waybill`` for many open requests (``requested``/``requesting``) in one
+    statement, each keeping its own waybill: (shipment id, waybill) pairs. The caller commits. Returns
+    the rows moved, as they are now, by shipment id; a row no longer open is left as it is. An
+    express number another request of that carrier holds fails the whole statement
+    (IntegrityError): the caller saves them one by one then."""
+    if not waybills:
+        return {}
+
+    def each(value) -> object:
+        return case({shipment_id: value(waybill) for shipment_id, waybill in waybills}, value=_s.id)
+
     moved = session.execute(
         update(shipment_table)
         .where(
-            _s.id.in_(list(shipment_ids)),
-            _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.failed.value]),
+            _s.id.in_([shipment_id for shipment_id, _ in waybills]),
+            _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.requesting.value]),
         )
         .values(
-            status=ShipmentStatus.requesting.value,
+            status=ShipmentStatus.waybill.value,
             updated_at=now,
-            asked_at=func.coalesce(_s.asked_at, bindparam("first_asked", now, type_=_s.asked_at.type)),
+            carrier=each(lambda waybill: waybill.carrier),
+            express_no=each(lambda waybill: waybill.express_no),
+            carrier_shipment_id=each(lambda waybill: waybill.shipment_id),
+            reason=None,
         )
-        .returning(_s.id)
+        .returning(*shipment_table.c)
     )
-    return {row.id for row in moved}
+    return {row.id: row for row in moved}
 
 
 def write_tombstone(session: Session, message: CancelMessage, *, now: datetime) -> tuple[object, bool]:
