@@ -138,6 +138,16 @@ def test_what_the_quick_path_does_not_answer_is_answered_as_before(shop, db_url,
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_postgres_url_with_options_in_its_query_is_read_as_the_full_path_reads_it(shop, db_url):
+    # `options=-c+role%3D…`: SQLAlchemy reads the "+" as a space, libpq would not.
+    url = f"{db_url}?options=-c+application_name%3Dcredex-quick"
+    quick = run(QUICK, "--database-url", url, "account", "show", "u-1", "--json")
+    full = run(FULL, "--database-url", url, "account", "show", "u-1", "--json")
+    assert quick[:3] == full[:3] and quick[0] == 0, quick[2]
+    assert json.loads(quick[1])["balance"] == 90
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 @pytest.mark.parametrize("where", ["closed port", "no such database"])
 def test_a_postgres_that_cannot_be_reached_is_exit_69_as_before_after_one_attempt(db_url, where):
     from sqlalchemy.engine import make_url

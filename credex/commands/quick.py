@@ -169,6 +169,8 @@ def _read(url: str, command: tuple[str, str], arguments: list[str]):
         if not path or path == ":memory:" or path.startswith("//") or any(c in path for c in "?#%"):
             return None
         return _read_sqlite(path, command, arguments)
+    if "?" in url or "#" in url:
+        return None  # options in a query: SQLAlchemy reads "+" there as a space, libpq does not
     for scheme in _POSTGRES_SCHEMES:
         if url.startswith(scheme):
             return _read_postgres(url, "postgresql://" + url[len(scheme) :], command, arguments)
