@@ -314,6 +314,7 @@ def test_confirmations_taken_while_the_database_is_away_are_recorded_once_it_is_
     running relay records them once the database answers, without reconnecting to the broker."""
     from sqlalchemy.engine import make_url
 
+    from credex.db.engine import dispose_engines
     from tests.support import pg_admin
 
     if backend != "postgres":
@@ -347,8 +348,11 @@ def test_confirmations_taken_while_the_database_is_away_are_recorded_once_it_is_
         finally:
             with pg_admin() as admin:
                 admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            # This process's pooled connections were cut too; `relay status` reads on a
+            # connection of its own, so nothing here would notice before the invariants do.
+            dispose_engines()
 
-        def confirmed() -> int:  # this process's pooled connections were cut too: 69 once
+        def confirmed() -> int:
             status = credex("relay", "status", "--json")
             return status.json()["confirmed"] if status.exit_code == 0 else -1
 
