@@ -17,7 +17,7 @@ MOMENT = datetime(2026, 11, 25, 9, 4, 5, tzinfo=timezone(timedelta(hours=8)))
 
 def _account_statement():
     from credex.db.driver import DriverStatement
-    from credex.points.lifecycle import account_table
+    from credex.points.lots import account_table
 
     return DriverStatement(insert(account_table), columns=_COLUMNS)
 
@@ -29,7 +29,7 @@ def _account(user_id: str) -> dict:
 def test_values_are_stored_as_sqlalchemy_stores_them(db_url, backend):
     from credex.db.driver import DriverCursor
     from credex.db.engine import session_for
-    from credex.points.lifecycle import account_table
+    from credex.points.lots import account_table
 
     statement = _account_statement()
     with session_for(db_url, write=True) as session:
@@ -55,7 +55,7 @@ def test_values_are_stored_as_sqlalchemy_stores_them(db_url, backend):
 def test_the_statements_own_literals_are_bound(db_url):
     from credex.db.driver import DriverCursor, DriverStatement, first_value
     from credex.db.engine import session_for
-    from credex.points.lifecycle import account_table
+    from credex.points.lots import account_table
 
     account = account_table.c
     rich = DriverStatement(

@@ -17,7 +17,7 @@ from sqlmodel import Session
 from credex.db.models import EntryKind, LotState, lot_state_is, utcnow
 from credex.errors import Conflict, UnknownOrder
 from credex.points import planner
-from credex.points.lots import (  # noqa: F401 - account_table and consume_lots: redemptions import them from here
+from credex.points.lots import (
     account_table,
     consume_lots,
     find_entry,

@@ -23,7 +23,7 @@ from credex.db.models import (
     utcnow,
 )
 from credex.errors import Conflict, InsufficientPoints, OutOfStock, UnknownRedemption, UnknownSku, UnknownUser
-from credex.points.lifecycle import account_table, consume_lots
+from credex.points.lots import account_table, consume_lots
 from credex.points.rules import (
     INT32_MAX,
     INT64_MAX,
