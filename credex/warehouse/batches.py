@@ -16,7 +16,7 @@ from credex.errors import CredexError, Unavailable
 from credex.logistics.model import CarrierError, Waybill
 from credex.warehouse import answers, shipments
 from credex.warehouse.answers import Handled, reason_of
-from credex.warehouse.lifecycle import OPEN, ShippingDesk
+from credex.warehouse.lifecycle import OPEN, ShippingDesk, log_waybill
 from credex.warehouse.shipments import RedemptionMessage
 
 log = logging.getLogger("credex.warehouse")
@@ -108,13 +108,7 @@ def created_many(desk: ShippingDesk, messages: list[RedemptionMessage], run_all:
     for index, row, waybill in saves:
         after = saved.get(row.id)
         if after is not None:
-            log.info(
-                "redemption %s: waybill %s %s",
-                row.redemption_id,
-                waybill.carrier,
-                waybill.express_no,
-                extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
-            )
+            log_waybill(row, waybill)
             handled[index] = desk.settle(messages[index], after, waybill)
     for index, message in enumerate(messages):
         if handled[index] is None:  # a race lost, a duplicate number, a row in no plain state

@@ -32,6 +32,18 @@ from credex.warehouse.shipments import CancelMessage, RedemptionMessage
 
 log = logging.getLogger("credex.warehouse")
 
+
+def log_waybill(row, waybill: Waybill) -> None:
+    """The line a saved waybill leaves in the warehouse's log (one create or a batch's)."""
+    log.info(
+        "redemption %s: waybill %s %s",
+        row.redemption_id,
+        waybill.carrier,
+        waybill.express_no,
+        extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
+    )
+
+
 S = ShipmentStatus
 OPEN = (S.requested, S.requesting)  # a waybill may still be saved on the row
 ROUNDS = 8  # races lost in a row before a message is left for the relay's next attempt
@@ -99,13 +111,7 @@ class ShippingDesk:
         except IntegrityError:
             return "duplicate"
         if moved:
-            log.info(
-                "redemption %s: waybill %s %s",
-                row.redemption_id,
-                waybill.carrier,
-                waybill.express_no,
-                extra={"redemption_id": row.redemption_id, "express_no": waybill.express_no},
-            )
+            log_waybill(row, waybill)
         return "saved" if moved else "lost"
 
     def _holder_of(self, waybill: Waybill) -> int | None:
