@@ -221,3 +221,72 @@ def test_a_progress_bar_is_drawn_on_stderr_when_it_is_a_terminal(db_url, tmp_pat
     assert child.returncode == 0
     assert b"granting" in drawn and b"300 rows" in drawn and b"rows/s" in drawn
     assert out.decode().startswith('{"applied": 300,')  # stdout keeps the summary alone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("clash", ["account", "ledger_entry"])
+def test_two_runs_that_meet_at_a_unique_index_grant_each_row_once(db_url, tmp_path, clash):
+    """Postgres: both runs read their accounts and refs (nothing yet) and then wait at the table a
+    test transaction holds. The one let through second finds the first's accounts (new shoppers)
+    or refs (the same refs for other shoppers) taken: its batch is rolled back and starts again,
+    and sees them as duplicates or conflicts. Nothing is written twice and both runs end."""
+    import psycopg
+
+    from tests.support import lock_waiters
+
+    run_process("--database-url", db_url, "db", "upgrade")
+    if clash == "account":  # the same rows for shoppers nobody has seen
+        files = [[f"new{n % 4},{10 + n},r-{n},welcome\n" for n in range(30)]] * 2
+    else:  # the same refs for two shoppers who have accounts already
+        for user in ("a", "b"):
+            run_process(
+                "--database-url",
+                db_url,
+                "award",
+                "grant",
+                user,
+                "1",
+                "--reason",
+                "open",
+                "--ref",
+                f"o-{user}",
+            )
+        files = [[f"{user},{10 + n},r-{n},welcome\n" for n in range(30)] for user in ("a", "b")]
+    paths = []
+    for n, rows in enumerate(files):
+        paths.append(tmp_path / f"run{n}.csv")
+        paths[-1].write_text(HEADER + "".join(rows))
+    env = subprocess_env()
+    with psycopg.connect(db_url) as holder:
+        holder.execute(f"LOCK TABLE {clash} IN SHARE MODE")  # lets reads and row locks through
+        runs = [
+            subprocess.Popen(
+                credex_command("--database-url", db_url, "award", "bulk", path, "--json"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )  # fmt: skip
+            for path in paths
+        ]
+        wait_for(lambda: lock_waiters(db_url) >= 2, timeout=90, what=f"both runs waiting at {clash}")
+    outputs = [run.communicate(timeout=120) for run in runs]
+    results = [(run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
+    reports = sorted((json.loads(out) for _code, out, _err in results), key=lambda r: r["applied"])
+    assert reports[1]["applied"] == 30, results
+    if clash == "account":
+        assert [r["duplicates"] for r in reports] == [30, 0]
+        assert sorted(code for code, _out, _err in results) == [0, 0]
+    else:
+        assert [r["rejected"] for r in reports] == [30, 0]  # each ref was recorded for the other shopper
+        assert sorted(code for code, _out, _err in results) == [0, 3]
+    dispose_engines()
+    check_points_invariants(db_url)
+    check_lifecycle_invariants(db_url)
+    assert grant_count(db_url) == 30 + (2 if clash == "ledger_entry" else 0)
+    with get_engine(db_url).connect() as connection:
+        accounts = connection.execute(text("SELECT count(*) FROM account")).scalar()
+    assert accounts == (4 if clash == "account" else 2)

@@ -244,8 +244,7 @@ class SqliteWriter(BatchWriter):
 
 
 class PostgresWriter(BatchWriter):
-    """COPY: straight into the lots and their uses; into a staging table merged with ON
-    CONFLICT for the ledger and the accounts."""
+    """COPY into every table; a ref or an account taken meanwhile fails the COPY (``Retry``)."""
 
     placeholder = "%s"
     values_of = "unnest(%s::text[]) AS value"
@@ -278,16 +277,17 @@ class PostgresWriter(BatchWriter):
                 write_row(row)
 
     def _insert_new(self, table: str, columns: Sequence[str], rows: list[tuple], key: str) -> int:
-        names = ", ".join(columns)
-        self.cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS bulk_{table} (LIKE {table}) ON COMMIT DELETE ROWS"
-        )
-        self._insert(f"bulk_{table}", columns, rows)
-        self.cursor.execute(
-            f"INSERT INTO {table} ({names}) SELECT {names} FROM bulk_{table} ORDER BY {key} "
-            f"ON CONFLICT ({key}) DO NOTHING"
-        )
-        return self.cursor.rowcount
+        # COPY straight into the table, as a DBA's script would: the batch read its refs and its
+        # accounts with the accounts locked, so a clash means another transaction took one
+        # between that read and now. The unique index refuses it, the transaction is rolled back
+        # and the batch starts again (no staging table and merge paid by every batch for it).
+        import psycopg.errors
+
+        try:
+            self._insert(table, columns, rows)
+        except psycopg.errors.UniqueViolation as error:
+            raise Retry(f"a {key} in {table} was taken meanwhile") from error
+        return len(rows)
 
     _TYPES = {"id": "bigint", "user_id": "text", "state": "text", "updated_at": "timestamptz"}  # else bigint
 
