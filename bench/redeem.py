@@ -56,7 +56,16 @@ BARE_SQL = {
         "WHERE user_id = {p} AND balance >= {p} RETURNING balance"
     ),
     "take_stock": (
-        "UPDATE catalog_item SET stock = stock - {p}, updated_at = {p} WHERE sku = {p} AND stock >= {p}"
+        "UPDATE catalog_item SET stock = stock - {p}, updated_at = {p} WHERE sku = {p} AND stock >= {p} "
+        "RETURNING stock"
+    ),
+    # a redemption leaves a line in the stock's history and the first event of its own history
+    "movement": (
+        "INSERT INTO stock_movement (sku, kind, delta, stock_after, ref, operator, at) "
+        "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})"
+    ),
+    "event": (
+        "INSERT INTO redemption_event (redemption_id, at, status, source, detail) VALUES ({p}, {p}, {p}, {p}, {p})"
     ),
     "redemption": (
         "INSERT INTO redemption (request_id, user_id, sku, quantity, points, balance, address, status, "
@@ -90,8 +99,10 @@ def _bare_redeem(cursor, sql, user: str, sku: str, bind_time) -> None:
     now = bind_time(moment)
     cursor.execute(sql["take_points"], (points, now, points, user, points))
     (balance,) = cursor.fetchone()
+    stock_left = None
     if stock is not None:
         cursor.execute(sql["take_stock"], (1, now, sku, 1))
+        (stock_left,) = cursor.fetchone()
     message_id = str(uuid.uuid4())
     cursor.execute(
         sql["redemption"],
@@ -118,6 +129,9 @@ def _bare_redeem(cursor, sql, user: str, sku: str, bind_time) -> None:
     cursor.execute(sql["take_lot"], (points, points, "used", user, "available", points))
     (lot_id,) = cursor.fetchone()
     cursor.execute(sql["lot_use"], (lot_id, entry_id, points))
+    if stock_left is not None:
+        cursor.execute(sql["movement"], (sku, "redeem", -1, stock_left, str(redemption_id), "bench", now))
+    cursor.execute(sql["event"], (redemption_id, now, "pending", "create", None))
     body = json.dumps(
         {
             "message_id": message_id,

@@ -131,10 +131,13 @@ _TAKE_STOCK = DriverStatement(
     .values(stock=_item.c.stock - bindparam("wanted"), updated_at=bindparam("moment", type_=UTCDateTime()))
     .returning(_item.c.stock)
 )
+# inline(): nothing reads their ids, so no RETURNING (Postgres would send each id back).
 _INSERT_MOVEMENT = DriverStatement(
-    insert(_movement), columns=("sku", "kind", "delta", "stock_after", "ref", "operator", "at")
+    insert(_movement).inline(), columns=("sku", "kind", "delta", "stock_after", "ref", "operator", "at")
 )
-_INSERT_EVENT = DriverStatement(insert(_event), columns=("redemption_id", "at", "status", "source", "detail"))
+_INSERT_EVENT = DriverStatement(
+    insert(_event).inline(), columns=("redemption_id", "at", "status", "source", "detail")
+)
 _REDEMPTION_COLUMNS = (
     "request_id", "user_id", "sku", "quantity", "points", "balance", "address", "status", "message_id",
     "operator", "created_at", "updated_at",
