@@ -72,6 +72,7 @@ class Replay:
         self.balances_before = balances_before  # user -> balance after their last entry with id < bound
         self.seen = 0  # the largest id of an earlier run's entry met so far in file order
         self.own_from: int | None = None  # the first entry id this run wrote
+        self.look_up_refs = True  # whether the next batch asks which of its refs are recorded
         self.settled: dict[str, int] = {}  # per batch: the balance before this run's entries
         self._cache: dict[tuple[str, int], int] = {}
 
@@ -270,7 +271,13 @@ def _apply(
         try:
             backend.begin()
             accounts = backend.accounts(users, lock=dry_run is None) if users else {}
-            used = backend.used_refs(refs) if refs else {}
+            # Refs are looked up while the batches before found some recorded (the first batch
+            # always: is this file run again?), on a dry run, and when an attempt started
+            # again. Otherwise the batch is written without asking: a ref recorded after all
+            # fails the write at the unique index, and the batch starts again, looking them up.
+            look_up = replay.look_up_refs or attempt > 0 or dry_run is not None
+            used = backend.used_refs(refs) if refs and look_up else {}
+            recorded = bool(used)  # before planning: the plan adds the batch's own refs to ``used``
             if takers:
                 replay.start_batch(
                     {user: accounts[user].balance for user in takers if user in accounts}, takers
@@ -295,6 +302,7 @@ def _apply(
                 session.commit()
                 if replay.own_from is None:
                     replay.own_from = first_id
+                replay.look_up_refs = recorded
             else:
                 session.rollback()
                 dry_run.record(plan)
