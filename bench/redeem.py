@@ -65,7 +65,8 @@ BARE_SQL = {
         "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})"
     ),
     "event": (
-        "INSERT INTO redemption_event (redemption_id, at, status, source, detail) VALUES ({p}, {p}, {p}, {p}, {p})"
+        "INSERT INTO redemption_event (redemption_id, at, status, source, detail) "
+        "VALUES ({p}, {p}, {p}, {p}, {p})"
     ),
     "redemption": (
         "INSERT INTO redemption (request_id, user_id, sku, quantity, points, balance, address, status, "
