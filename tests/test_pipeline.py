@@ -136,8 +136,10 @@ def test_the_warehouse_keeps_its_shipments_in_a_database_of_its_own(db_url, cred
 
 def test_two_relays_and_two_warehouses_at_once_ship_no_redemption_twice(credex, shop, pipeline):
     shop(30)
-    workers = [pipeline.relay("--batch-size", "5"), pipeline.relay("--batch-size", "5")]
-    workers += [pipeline.warehouse("--prefetch", "3"), pipeline.warehouse("--prefetch", "3")]
+    warehouses = [pipeline.warehouse("--prefetch", "3"), pipeline.warehouse("--prefetch", "3")]
+    for warehouse in warehouses:  # both consume before the first message goes out: on a busy
+        pipeline.wait_ready(warehouse)  # machine one could otherwise ship all 60 before the other
+    workers = [pipeline.relay("--batch-size", "5"), pipeline.relay("--batch-size", "5"), *warehouses]
     shop(30)  # more arrive while all four run
     pipeline.wait_all_confirmed(60)
     reports = [json.loads(pipeline.stop(worker)[1]) for worker in workers]
