@@ -86,25 +86,20 @@ def record_delivery(
     redemption (a return refunds it, once). Returns what happened: delivered, returned or
     unchanged."""
     from credex.points.cancels import refund_redemption
-    from credex.points.redemptions import add_event
+    from credex.points.redemptions import move_redemption
 
     kept = {} if checkpoints is None else {"delivery_checkpoints": json.dumps(checkpoints)}
     session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status, **kept))
     if status == "delivered":
-        moved = session.execute(
-            update(_r)
-            .where(_r.c.id == redemption_id, _r.c.status == _ST.shipping.value)
-            .values(status=_ST.delivered.value, updated_at=now)
-        ).rowcount
-        if moved:
-            add_event(
-                session,
-                redemption_id,
-                status=_ST.delivered.value,
-                source=EventSource.sync,
-                detail="the carrier says delivered",
-                now=now,
-            )
+        if move_redemption(
+            session,
+            redemption_id,
+            from_statuses=(_ST.shipping.value,),
+            to=_ST.delivered,
+            source=EventSource.sync,
+            detail="the carrier says delivered",
+            now=now,
+        ):
             return "delivered"
     elif status == "returned":
         refund = refund_redemption(

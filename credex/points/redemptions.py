@@ -347,6 +347,28 @@ def add_event(
     )
 
 
+def move_redemption(
+    session: Session,
+    redemption_id: int,
+    *,
+    from_statuses: tuple[str, ...],
+    to: RedemptionStatus,
+    source: EventSource,
+    detail: str | None,
+    now: datetime,
+) -> bool:
+    """Move the redemption to ``to`` if it is in one of ``from_statuses``, with the event that
+    says so, in the caller's transaction. False when it was not: someone moved it first."""
+    moved = session.execute(
+        update(_redemption)
+        .where(_redemption.c.id == redemption_id, _redemption.c.status.in_(from_statuses))
+        .values(status=to.value, updated_at=now)
+    ).rowcount
+    if moved:
+        add_event(session, redemption_id, status=to.value, source=source, detail=detail, now=now)
+    return bool(moved)
+
+
 def events_of(session: Session, redemption_id: int) -> list[dict]:
     """The redemption's changes of status, newest first."""
     e = _event.c

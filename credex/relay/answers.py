@@ -236,7 +236,7 @@ def record_cancel_answers(
     event. A repeated or late answer changes nothing. Returns (answers that changed something,
     message ids put off because a relay holds one of the rows right now)."""
     from credex.points.cancels import refund_redemption
-    from credex.points.redemptions import add_event
+    from credex.points.redemptions import move_redemption
 
     answers = list(answers)
     _lock_redemptions(session, [a.message_id for a in answers])
@@ -280,21 +280,15 @@ def record_cancel_answers(
             changed += bool(confirmed or refund)
         else:
             confirmed = _confirm_one(session, message.id, now)
-            moved = session.execute(
-                update(_redemption)
-                .where(_redemption.c.id == rid, _redemption.c.status == _ST.cancelling.value)
-                .values(status=_ST.shipping.value, updated_at=now)
-            ).rowcount
-            if moved:
-                detail = "cancel refused by the warehouse" + (f": {answer.reason}" if answer.reason else "")
-                add_event(
-                    session,
-                    rid,
-                    status=_ST.shipping.value,
-                    source=EventSource.warehouse,
-                    detail=detail,
-                    now=now,
-                )
+            moved = move_redemption(
+                session,
+                rid,
+                from_statuses=(_ST.cancelling.value,),
+                to=_ST.shipping,
+                source=EventSource.warehouse,
+                detail="cancel refused by the warehouse" + (f": {answer.reason}" if answer.reason else ""),
+                now=now,
+            )
             changed += bool(confirmed or moved)
     return changed, put_off
 
@@ -306,7 +300,7 @@ def record_failures(
     ``dead`` with the reason as its last error, and its redemption (pending or shipping) moves to
     ``exception`` until `relay retry` sends it again or `redeem cancel` refunds it. A repeated or
     late answer (the message confirmed, dead or withdrawn already) changes nothing."""
-    from credex.points.redemptions import add_event
+    from credex.points.redemptions import move_redemption
 
     changed, put_off = 0, []
     for answer, message in _held_once(session, answers, put_off):
@@ -320,21 +314,13 @@ def record_failures(
         changed += 1
         if message.redemption_id is None:
             continue
-        moved = session.execute(
-            update(_redemption)
-            .where(
-                _redemption.c.id == message.redemption_id,
-                _redemption.c.status.in_((_ST.pending.value, _ST.shipping.value)),
-            )
-            .values(status=_ST.exception.value, updated_at=now)
-        ).rowcount
-        if moved:
-            add_event(
-                session,
-                message.redemption_id,
-                status=_ST.exception.value,
-                source=EventSource.relay,
-                detail=f"the carrier refused the shipment: {answer.reason}",
-                now=now,
-            )
+        move_redemption(
+            session,
+            message.redemption_id,
+            from_statuses=(_ST.pending.value, _ST.shipping.value),
+            to=_ST.exception,
+            source=EventSource.relay,
+            detail=f"the carrier refused the shipment: {answer.reason}",
+            now=now,
+        )
     return changed, put_off

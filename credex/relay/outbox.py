@@ -19,21 +19,16 @@ from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
-from credex.db.models import EventSource, MessageState
+from credex.db.models import MessageState
 from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
-_redemption = tables.redemption
-_event = tables.redemption_event
-_RELAY = EventSource.relay.value
 
 _PENDING = MessageState.pending.value
 _SENT = MessageState.sent.value
 _CONFIRMED = MessageState.confirmed.value
 _DEAD = MessageState.dead.value
 _UNCONFIRMED = (_PENDING, _SENT)
-# Nothing more to record on these: confirmed, or withdrawn (its redemption was cancelled).
-_SETTLED = (_CONFIRMED, MessageState.cancelled.value)
 REPUBLISHED = "not confirmed by its due time: published again"
 CHUNK = 1000  # ids per IN list: far below SQLite's limit on variables
 
