@@ -256,18 +256,13 @@ def fill_sqlite_at_0001(path) -> None:
 
 def test_an_old_sqlite_file_is_upgraded_by_the_first_ordinary_command_and_keeps_every_rule(tmp_path):
     from credex.db import HEAD_REVISION
-    from credex.db.engine import dispose_engines, get_engine
-    from credex.db.migrate import alembic_config
+    from credex.db.engine import dispose_engines
     from tests.invariants import check_invariants
+    from tests.test_migration_lifecycle import migrate
 
     path = tmp_path / "old.db"
     url = f"sqlite:///{path}"
-    with get_engine(url).execution_options(credex_write=True).begin() as connection:
-        from alembic import command
-
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+    migrate(url, "0001")
     dispose_engines()
     fill_sqlite_at_0001(path)
 

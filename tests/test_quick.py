@@ -198,16 +198,11 @@ def test_a_missing_sqlite_file_is_created_and_migrated_as_before(tmp_path):
 
 
 def test_an_older_sqlite_schema_is_migrated_by_the_full_path(tmp_path):
-    from alembic import command
-
-    from credex.db.engine import dispose_engines, get_engine
-    from credex.db.migrate import alembic_config
+    from credex.db.engine import dispose_engines
+    from tests.test_migration_lifecycle import migrate
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    with get_engine(url).execution_options(credex_write=True).begin() as connection:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0009_cheaper_lots")
+    migrate(url, "0009_cheaper_lots")
     dispose_engines()
     code, stdout, stderr, loaded = run(QUICK, "--database-url", url, "relay", "status", "--json")
     assert (code, stderr) == (0, "")
