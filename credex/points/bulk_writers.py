@@ -179,7 +179,7 @@ class BatchWriter:
             )
         ]
         if self._insert_new("ledger_entry", _LEDGER_COLUMNS, entries, "kind, ref") != len(entries):
-            raise Retry("a ref was used meanwhile")
+            raise Retry("a ref of the batch is recorded already")
         self._insert(
             "point_lot",
             _LOT_COLUMNS,
@@ -277,16 +277,16 @@ class PostgresWriter(BatchWriter):
                 write_row(row)
 
     def _insert_new(self, table: str, columns: Sequence[str], rows: list[tuple], key: str) -> int:
-        # COPY straight into the table, as a DBA's script would: the batch read its refs and its
-        # accounts with the accounts locked, so a clash means another transaction took one
-        # between that read and now. The unique index refuses it, the transaction is rolled back
-        # and the batch starts again (no staging table and merge paid by every batch for it).
+        # COPY straight into the table, as a DBA's script would. A key already taken (an account
+        # another run created since the batch read its accounts, or a ref recorded before: the
+        # batch may not have looked its refs up) fails the COPY at the unique index: 0 rows, the
+        # transaction is aborted, and ``write`` starts the batch again as on SQLite.
         import psycopg.errors
 
         try:
             self._insert(table, columns, rows)
-        except psycopg.errors.UniqueViolation as error:
-            raise Retry(f"a {key} in {table} was taken meanwhile") from error
+        except psycopg.errors.UniqueViolation:
+            return 0
         return len(rows)
 
     _TYPES = {"id": "bigint", "user_id": "text", "state": "text", "updated_at": "timestamptz"}  # else bigint
