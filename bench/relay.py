@@ -401,7 +401,9 @@ def main() -> None:
         "--end-to-end", type=int, default=4000, help="redemptions for each end-to-end run; 0: skip"
     )
     parser.add_argument("--writers", type=int, default=4, help="processes writing redemptions end to end")
-    parser.add_argument("--e2e-runs", type=int, default=3, help="end-to-end runs (medians are printed)")
+    parser.add_argument(
+        "--e2e-runs", type=int, default=3, help="end-to-end runs (medians are printed); 0: skip them"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -413,7 +415,7 @@ def main() -> None:
                 f"{args.runs}: credex {credex_median:,.0f} msg/s, bare pika {bare_median:,.0f} msg/s, "
                 f"ratio {credex_median / bare_median:.2f} (goal >= 0.6)"
             )
-        if args.end_to_end:
+        if args.end_to_end and args.e2e_runs:
             for backlog in (False, True):
                 runs = [end_to_end(args, Path(tmp), backlog=backlog) for _ in range(args.e2e_runs)]
                 median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}

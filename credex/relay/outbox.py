@@ -109,21 +109,15 @@ _CLAIMABLE = (
 # Postgres holds its claims as row locks, which go with a crashed relay: a message is published
 # only once a claim on it was committed (``first_claimed_at``, by _MARK_FRESH), so that
 # `redeem cancel` can tell a message no relay ever held from one the broker may have.
-_FRESH_LITERAL = text("outbox_message.state = 'pending' AND outbox_message.first_claimed_at IS NULL")
-_MARK_FRESH = (
-    update(outbox_table)
-    .where(
-        _o.id.in_(
-            select(_o.id)
-            .where(_FRESH_LITERAL, _o.next_attempt_at <= _NOW)
-            .order_by(_o.next_attempt_at, _o.id)
-            .limit(bindparam("limit"))
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-    )
-    .values(first_claimed_at=_NOW)
-)
+# Postgres only (``LockClaims``). ``= ANY(ARRAY(…))``: the ids chosen are looked up by primary key;
+# ``IN (…)`` let the planner hash-join them against a scan of the whole table.
+_MARK_FRESH = text(
+    "UPDATE outbox_message SET first_claimed_at = :now WHERE outbox_message.id = ANY(ARRAY("
+    "SELECT outbox_message.id FROM outbox_message "
+    "WHERE outbox_message.state = 'pending' AND outbox_message.first_claimed_at IS NULL "
+    "AND outbox_message.next_attempt_at <= :now "
+    "ORDER BY outbox_message.next_attempt_at, outbox_message.id LIMIT :limit FOR UPDATE SKIP LOCKED))"
+).bindparams(_NOW, bindparam("limit"))
 _DUE = (
     select(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state)
     .where(*_CLAIMABLE, _o.first_claimed_at.is_not(None))
