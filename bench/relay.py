@@ -14,6 +14,11 @@ side connects, declares the same topology and keeps --window publishes in flight
 body is confirmed. The two alternate for --runs rounds, each on fresh queues; medians are
 compared. Goal: credex at least 0.6 of the bare pika figure.
 
+Each round and each end-to-end run also prints the CPU seconds it cost: this process (every
+thread), RabbitMQ's and Postgres's processes (all of them, from /proc). On a machine whose cores
+are all busy during a round, the rate ratio cannot beat the CPU ratio bare/credex; the end-to-end
+runs print the rate the cores could give the pipeline at its CPU per redemption.
+
 (Over 400 lines on purpose: a benchmark is one script to read and run, its two halves sharing
 the broker and database set-up.)
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -194,18 +200,41 @@ def delete_queues(prefix: str) -> None:
     connection.close()
 
 
-def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float]]:
+def services_cpu() -> dict[str, float]:
+    """CPU seconds spent so far by this process (every thread), by the broker's processes and by
+    the database server's (all of Postgres's: its backends, WAL writer, checkpointer)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    spent = {"self": usage.ru_utime + usage.ru_stime, "rabbitmq": 0.0, "postgres": 0.0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            if name in ("beam.smp", "postgres"):
+                spent["rabbitmq" if name == "beam.smp" else "postgres"] += cpu_seconds(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return spent
+
+
+def _spent_since(before: dict[str, float]) -> dict[str, float]:
+    return {key: value - before[key] for key, value in services_cpu().items()}
+
+
+def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float], list[dict], list[dict]]:
     from credex.db.engine import session_for
     from credex.relay.operators import outbox_status
 
-    credex_rates, bare_rates = [], []
+    credex_rates, bare_rates, credex_cpu, bare_cpu = [], [], [], []
     for round_no in range(args.runs):
         url = fresh_database(args.backend, workdir)
         try:
             bodies = fill_outbox(url, args.messages)
             prefix = f"bench{uuid.uuid4().hex[:8]}."
             try:
+                before = services_cpu()
                 elapsed = run_credex(url, prefix, args.batch_size)
+                credex_cpu.append(_spent_since(before))
             finally:
                 delete_queues(prefix)
             with session_for(url) as session:
@@ -213,17 +242,31 @@ def publish_rounds(args, workdir: Path) -> tuple[list[float], list[float]]:
             credex_rates.append(args.messages / elapsed)
             prefix = f"bench{uuid.uuid4().hex[:8]}."
             try:
+                before = services_cpu()
                 bare_rates.append(args.messages / run_bare(bodies, prefix, args.window))
+                bare_cpu.append(_spent_since(before))
             finally:
                 delete_queues(prefix)
         finally:
             drop_database(url)
         print(
-            f"round {round_no + 1}: credex {credex_rates[-1]:,.0f} msg/s, "
-            f"bare pika {bare_rates[-1]:,.0f} msg/s",
+            f"round {round_no + 1}: credex {credex_rates[-1]:,.0f} msg/s ({_cpu_text(credex_cpu[-1])}), "
+            f"bare pika {bare_rates[-1]:,.0f} msg/s ({_cpu_text(bare_cpu[-1])})",
             flush=True,
         )
-    return credex_rates, bare_rates
+    return credex_rates, bare_rates, credex_cpu, bare_cpu
+
+
+def _cpu_text(spent: dict[str, float]) -> str:
+    total = sum(spent.values())
+    return (
+        f"CPU s: this process {spent['self']:.2f}, RabbitMQ {spent['rabbitmq']:.2f}, "
+        f"Postgres {spent['postgres']:.2f}, total {total:.2f}"
+    )
+
+
+def _median_cpu(rounds: list[dict]) -> dict[str, float]:
+    return {key: statistics.median(spent[key] for spent in rounds) for key in rounds[0]}
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -331,6 +374,7 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
             start_workers()
         started = written_from if not backlog else time.perf_counter()
         before = {p.pid: cpu_seconds(p.pid) for p in processes}
+        services_before = services_cpu()
         engine = get_engine(url)
         deadline = time.monotonic() + 600
         while True:
@@ -346,6 +390,8 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
         elapsed = time.perf_counter() - started
         names = ("sandbox", "relay", "warehouse")
         cpu = {name: cpu_seconds(p.pid) - before[p.pid] for name, p in zip(names, processes, strict=True)}
+        services = _spent_since(services_before)
+        cpu.update(rabbitmq=services["rabbitmq"], postgres=services["postgres"])
         for process in writers:
             process.join()
         with engine.connect() as connection:
@@ -364,6 +410,11 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
             "p50": statistics.median(latencies),
             **{f"{name}_us": seconds * 1e6 / total for name, seconds in cpu.items()},
         }
+        # The pipeline's CPU per redemption: the rate the machine's cores could give it if nothing
+        # else ran and every process kept busy. Live, Postgres's share includes the writers'
+        # transactions (and RabbitMQ's whatever else it serves): the backlog run is the clean one.
+        figures["pipeline_us"] = sum(figures[f"{name}_us"] for name in cpu)
+        figures["ceiling"] = os.cpu_count() * 1e6 / figures["pipeline_us"]
         mode = "backlog" if backlog else "live"
         print(
             f"end to end {mode} ({args.backend}, {args.writers} writers, 1 relay, 1 warehouse, sandbox "
@@ -371,7 +422,10 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
             f"redemptions/s (written at {figures['written_rate']:,.0f}/s); "
             f"latency p50 {figures['p50']:.3f} s; "
             f"CPU per redemption: relay {figures['relay_us']:,.0f} us, warehouse "
-            f"{figures['warehouse_us']:,.0f} us, sandbox {figures['sandbox_us']:,.0f} us",
+            f"{figures['warehouse_us']:,.0f} us, sandbox {figures['sandbox_us']:,.0f} us, RabbitMQ "
+            f"{figures['rabbitmq_us']:,.0f} us, Postgres {figures['postgres_us']:,.0f} us; "
+            f"{figures['pipeline_us']:,.0f} us in all: at most {figures['ceiling']:,.0f}/s on "
+            f"{os.cpu_count()} cores",
             flush=True,
         )
         return figures
@@ -408,12 +462,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.runs:
-            credex_rates, bare_rates = publish_rounds(args, Path(tmp))
+            credex_rates, bare_rates, credex_cpu, bare_cpu = publish_rounds(args, Path(tmp))
             credex_median, bare_median = statistics.median(credex_rates), statistics.median(bare_rates)
             print(
                 f"outbox -> broker-confirmed, {args.backend}, {args.messages:,} messages, median of "
                 f"{args.runs}: credex {credex_median:,.0f} msg/s, bare pika {bare_median:,.0f} msg/s, "
                 f"ratio {credex_median / bare_median:.2f} (goal >= 0.6)"
+            )
+            credex_spent, bare_spent = _median_cpu(credex_cpu), _median_cpu(bare_cpu)
+            print(f"  credex, median {_cpu_text(credex_spent)}")
+            print(f"  bare,   median {_cpu_text(bare_spent)}")
+            print(
+                f"  CPU ratio bare/credex {sum(bare_spent.values()) / sum(credex_spent.values()):.2f} on "
+                f"{os.cpu_count()} cores: where every side keeps the cores busy, the rate ratio is that"
             )
         if args.end_to_end and args.e2e_runs:
             for backlog in (False, True):
@@ -424,7 +485,9 @@ def main() -> None:
                     f"{args.e2e_runs}: {median['rate']:,.0f} redemptions/s (written at "
                     f"{median['written_rate']:,.0f}/s), latency p50 {median['p50']:.3f} s; CPU per "
                     f"redemption: relay {median['relay_us']:,.0f} us, warehouse "
-                    f"{median['warehouse_us']:,.0f} us, sandbox {median['sandbox_us']:,.0f} us",
+                    f"{median['warehouse_us']:,.0f} us, sandbox {median['sandbox_us']:,.0f} us, RabbitMQ "
+                    f"{median['rabbitmq_us']:,.0f} us, Postgres {median['postgres_us']:,.0f} us; at most "
+                    f"{median['ceiling']:,.0f}/s on {os.cpu_count()} cores (goal >= 1,000/s on Postgres)",
                     flush=True,
                 )
 
