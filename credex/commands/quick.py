@@ -14,6 +14,9 @@ file, a database not at the head revision (SQLite is migrated there), a lock, an
 database error. ``answer`` returns None in those cases, having printed nothing. A Postgres server
 that cannot be reached or refuses the connection is the exception: the full path would only try
 again (and wait as long), so it is exit 69 here, in the full path's words.
+
+(A little over 400 lines on purpose: both drivers' ways to the three look-ups live together, so
+that they stay the full path's twins.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ final refusals can be seen working.
 
 This module is the carrier itself (its state, numbering and rules, callable without a socket);
 ``sandbox_http.py`` serves it over HTTP.
+
+(A little over 400 lines on purpose: the parcels' stages, numbering, cancels and faults are one
+model of a carrier; its HTTP server is sandbox_http.py.)
 """
 
 from __future__ import annotations

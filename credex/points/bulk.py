@@ -6,9 +6,12 @@ accounts the batch touches (sorted user ids; on SQLite the write session's BEGIN
 read their balances, debt and lots and the refs already used, work out every row's outcome in
 file order with the planner that ``award grant`` uses on one row (duplicate, rejected, or the
 entry, lot and lot uses it writes), store the plan (``bulk_writers``: executemany on SQLite,
-COPY on Postgres), and commit. A run
-killed half way has committed whole batches only: their rows are duplicates next time, and the
-corrections it refused are judged again where they stand in the file (``Replay``).
+COPY on Postgres), and commit. A run killed half way has committed whole batches only: their
+rows are duplicates next time, and the corrections it refused are judged again where they stand
+in the file (``Replay``).
+
+(A little over 400 lines on purpose: a batch's steps and the replay of an earlier run are one
+transaction's story; the rules are planner.py's and the writing bulk_writers.py's.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Redemptions: points and stock taken, the redemption, its ledger entry and its outbox
-message written in one transaction. No network call happens here."""
+message written in one transaction. No network call happens here.
+
+(A little over 400 lines on purpose: the redemption's transaction, its history of events and the
+ways to read it back share one row layout; cancels and refunds are cancels.py's.)"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ twice, or create and cancel in either order meet on the row, and whoever loses a
 row again and goes on from what it says. The one rule under it all: a waybill that is not the one
 kept on a live row is cancelled at the carrier, so a cancelled redemption never keeps a live one.
 
+(A little over 400 lines on purpose: create and cancel meet on one row, and their state machine
+reads best in one place.)
+
 The desk never publishes and never acks: it returns a ``Handled`` (the outcome, the answer to
 publish or None) and the consumer publishes the answers, then acks. When the carrier cannot be
 reached nothing is answered; the relay sends the message again.
