@@ -202,7 +202,9 @@ def delete_queues(prefix: str) -> None:
 
 def services_cpu() -> dict[str, float]:
     """CPU seconds spent so far by this process (every thread), by the broker's processes and by
-    the database server's (all of Postgres's: its backends, WAL writer, checkpointer)."""
+    the database server's (all of Postgres's: its backends, WAL writer, checkpointer). Each
+    process counts with its children that ended (the postmaster with the backends of the
+    connections closed meanwhile), so that a backend that goes away takes nothing with it."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     spent = {"self": usage.ru_utime + usage.ru_stime, "rabbitmq": 0.0, "postgres": 0.0}
     for entry in Path("/proc").iterdir():
@@ -211,7 +213,9 @@ def services_cpu() -> dict[str, float]:
         try:
             name = (entry / "comm").read_text().strip()
             if name in ("beam.smp", "postgres"):
-                spent["rabbitmq" if name == "beam.smp" else "postgres"] += cpu_seconds(int(entry.name))
+                spent["rabbitmq" if name == "beam.smp" else "postgres"] += cpu_seconds(
+                    int(entry.name), children=True
+                )
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return spent
@@ -285,11 +289,14 @@ def writer(url: str, user: str, count: int, start) -> None:
             redeem(session, user, "GIFT", address="1 Bench Road", operator="bench")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """User + system CPU time of a running process (Linux /proc): what it cost, whatever else the
-    machine was doing meanwhile."""
+    machine was doing meanwhile; with ``children``, also that of its children that ended."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
