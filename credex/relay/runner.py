@@ -336,12 +336,15 @@ class Relay(Worker[RelayReport]):
             # One claim at first; more ahead of publishing only once a full batch says there are.
             ahead = PIPELINE_DEPTH if claimed_total else 1
             while more and len(pipeline.claiming) + len(pipeline.in_flight) < ahead:
-                pipeline.claiming.append(self._in_db(self._claim))
+                claiming = self._in_db(self._claim)
+                claiming.add_done_callback(lambda _future: self.broker.wake())
+                pipeline.claiming.append(claiming)
             if not pipeline.claiming and not pipeline.in_flight:
                 break
-            if pipeline.claiming:
-                claim = self._await(pipeline.claiming[0])
-                pipeline.claiming.popleft()
+            progressed = False
+            if pipeline.claiming and pipeline.claiming[0].done():
+                claim = pipeline.claiming.popleft().result()
+                progressed = True
                 self.report.dead += claim.buried
                 self.metrics.dead.inc(claim.buried)
                 # A full batch says there are more. So does any batch claimed beside another one:
@@ -362,18 +365,31 @@ class Relay(Worker[RelayReport]):
                     )
                     pipeline.in_flight.append(claim)
                     claimed_total += len(claim.messages)
-            # The oldest batch is recorded once the next one is published, or when none is coming.
-            while pipeline.in_flight and (len(pipeline.in_flight) >= PIPELINE_DEPTH or not pipeline.claiming):
+            # Each batch the broker has answered for goes to be recorded, oldest first, while the
+            # next claims are under way. With no claim under way, the oldest is waited for
+            # (``collect`` bounds that wait and gives up on a broker that stopped confirming).
+            while pipeline.in_flight and (
+                not pipeline.claiming or self.broker.confirmed(_ids(pipeline.in_flight[0]))
+            ):
                 oldest = pipeline.in_flight.popleft()
-                outcomes = self.broker.collect([m.id for m in oldest.messages])
+                outcomes = self.broker.collect(_ids(oldest))
                 self._remember_due(oldest, outcomes)
                 pipeline.recording.append(self._in_db(self._record, oldest, outcomes))
+                progressed = True
             if self.broker.buffered >= size:
                 self._take_confirmations()
+            if not progressed and pipeline.claiming:
+                # Until the next claim is in or the oldest batch is answered for.
+                claimed = pipeline.claiming[0]
+                answered = _ids(pipeline.in_flight[0]) if pipeline.in_flight else None
+                self.broker.wait(1.0, until=lambda c=claimed, a=answered: self._claimed_or_answered(c, a))
         for recorded in pipeline.recording:
             self._tally(self._await(recorded))
         pipeline.recording.clear()
         return claimed_total
+
+    def _claimed_or_answered(self, claiming: Future, answered: list[str] | None) -> bool:
+        return claiming.done() or (answered is not None and self.broker.confirmed(answered))
 
     def _release(self, pipeline: _Pipeline) -> None:
         """After a failure: give up the batches in flight and those being claimed (on Postgres
@@ -505,6 +521,10 @@ class Relay(Worker[RelayReport]):
             if not taken:
                 return
             left -= taken
+
+
+def _ids(claim: Claim) -> list[str]:
+    return [m.id for m in claim.messages]
 
 
 def failure_kind(reason: str) -> str:
