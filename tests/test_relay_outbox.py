@@ -169,6 +169,39 @@ def test_a_confirmation_ships_the_redemption_once_and_a_repeat_changes_nothing(d
     check_points_invariants(db_url)
 
 
+def test_one_batch_of_confirmations_ships_each_redemption_it_may_and_gives_each_its_own_waybill(
+    db_url, credex, redemptions
+):
+    """In one batch: a pending redemption ships, one in exception ships (the carrier took it
+    after all), one being cancelled keeps waiting for the warehouse's answer to the cancel but
+    gets its waybill; a shipping event is written for the two that moved, and for them only."""
+    from sqlalchemy import text
+
+    record(db_url, claim(db_url), dict.fromkeys(redemptions))
+    with session_for(db_url, write=True) as session:
+        session.execute(text("UPDATE redemption SET status = 'exception' WHERE id = 2"))
+        session.commit()
+    cancel = credex("redeem", "cancel", "3", "--reason", "changed my mind", "--json")
+    assert cancel.exit_code == 0, cancel.stderr
+    assert cancel.json()["status"] == "cancelling"  # its message is at the broker: the warehouse decides
+
+    numbers = [f"SIM00000000{n}" for n in (1, 2, 3)]
+    batch = [Confirmation(m, "sandbox", number) for m, number in zip(redemptions, numbers, strict=True)]
+    assert confirm(db_url, *batch) == 3
+    shown = [credex("redeem", "show", str(n), "--json").json() for n in (1, 2, 3)]
+    assert [(r["status"], r["express_no"]) for r in shown] == [
+        ("shipping", numbers[0]),
+        ("shipping", numbers[1]),
+        ("cancelling", numbers[2]),
+    ]
+    shipping_events = [
+        [e for e in r["events"] if e["status"] == "shipping" and e["source"] == "relay"] for r in shown
+    ]
+    assert [len(events) for events in shipping_events] == [1, 1, 0]
+    assert all(r["message_state"] == "confirmed" for r in shown)
+    check_points_invariants(db_url)
+
+
 def test_a_late_confirmation_of_a_dead_message_still_ships_it(db_url, credex, redemptions):
     bury(db_url, max_attempts=0)
     assert confirm(db_url, Confirmation(redemptions[1], "sandbox", "SIM2")) == 1

@@ -46,36 +46,39 @@ _ST = RedemptionStatus
 # The waybill is copied while the redemption may still ship (a cancel on its way too); it moves to
 # shipping only from pending (or exception: the carrier took it after all). A late confirmation
 # for a cancelled, delivered or returned redemption changes nothing.
-_MAY_SHIP = (_ST.pending.value, _ST.exception.value, _ST.cancelling.value, _ST.shipping.value)
+_TO_SHIPPING = (_ST.pending.value, _ST.exception.value)
+_STILL_SHIPPING = (_ST.cancelling.value, _ST.shipping.value)
 
 
-def _copy_waybills(session: Session, waybills: dict[int, Confirmation], now: datetime) -> None:
-    """Carrier and express number onto many redemptions in one statement (redemption id ->
-    its confirmation): each row gets its own through a CASE on its id."""
+def _ship(session: Session, waybills: dict[int, Confirmation], now: datetime) -> list[int]:
+    """Carrier and express number onto many redemptions (redemption id -> its confirmation): one
+    statement for those that move to ``shipping`` now, and one more only for the rest that may
+    still ship (a repeated confirmation, a cancel on its way), so each row is written once.
+    Each row gets its own waybill through a CASE on its id. Returns the ids now ``shipping``."""
 
-    def each(value) -> object:
-        return case({rid: value(c) for rid, c in waybills.items()}, value=_redemption.c.id)
+    def copy(rids: list[int], statuses: tuple[str, ...], **values: object):
+        def each(value) -> object:
+            return case({rid: value(waybills[rid]) for rid in rids}, value=_redemption.c.id)
 
-    session.execute(
-        update(_redemption)
-        .where(_redemption.c.id.in_(list(waybills)), _redemption.c.status.in_(_MAY_SHIP))
-        .values(
-            carrier=each(lambda c: c.carrier),
-            express_no=each(lambda c: c.express_no),
-            updated_at=now,
+        return session.execute(
+            update(_redemption)
+            .where(_redemption.c.id.in_(rids), _redemption.c.status.in_(statuses))
+            .values(
+                carrier=each(lambda c: c.carrier),
+                express_no=each(lambda c: c.express_no),
+                updated_at=now,
+                **values,
+            )
+            .returning(_redemption.c.id)
         )
-    )
+
+    shipped = copy(list(waybills), _TO_SHIPPING, status=_ST.shipping.value).scalars().all()
+    rest = sorted(set(waybills) - set(shipped))
+    if rest:
+        copy(rest, _STILL_SHIPPING)
+    return shipped
 
 
-_SHIP = (
-    update(_redemption)
-    .where(
-        _redemption.c.id.in_(bindparam("rids", expanding=True)),
-        _redemption.c.status.in_((_ST.pending.value, _ST.exception.value)),
-    )
-    .values(status=_ST.shipping.value)
-    .returning(_redemption.c.id)
-)
 _CONFIRM = (
     update(outbox_table)
     .where(
@@ -122,8 +125,7 @@ def record_confirmations(
             created.extend(row.created_at for row in rows)
         ships = {row.redemption_id: first[row.id] for row in rows if row.redemption_id is not None}
         if ships:
-            _copy_waybills(session, ships, now)
-            shipped = session.execute(_SHIP, {"rids": list(ships)}).scalars().all()
+            shipped = _ship(session, ships, now)
             if shipped:
                 session.execute(
                     insert(_event),
