@@ -18,6 +18,12 @@ two workers cost while idle. In one run, for each backend:
 Goals (issue #10): Postgres p50 <= 30 ms and p99 <= 150 ms one at a time, SQLite p50 <= 60 ms;
 Postgres under 300/s for 30 s p99 <= 500 ms with nothing left behind; each idle worker <= 1 % of
 one core. On a shared machine run it several times and quote medians.
+
+Postgres's autovacuum matters under load: every redemption leaves several dead row versions in
+outbox_message, redemption and shipment_request, and where nothing vacuums them the pipeline's
+statements slow down as they pile up (on a 2-core machine at 300/s, latency grew from ~150 ms to
+~2 s within 60 s with autovacuum off, and stayed flat with a VACUUM of those tables every 5 s).
+The server's setting is printed with the figures; --timeline shows each second's latencies.
 """
 
 from __future__ import annotations
@@ -199,7 +205,9 @@ def steady_writer(url: str, user: str, rate: float, seconds: float, start, resul
     results.put(written)
 
 
-def under_load(workers: Workers, users: list[str], rate: float, seconds: float, drain: float) -> dict:
+def under_load(
+    workers: Workers, users: list[str], rate: float, seconds: float, drain: float, timeline: bool = False
+) -> dict:
     import multiprocessing as mp
 
     from sqlalchemy import text
@@ -242,11 +250,21 @@ def under_load(workers: Workers, users: list[str], rate: float, seconds: float, 
             connection.execute(text("SELECT id, updated_at FROM redemption WHERE status = 'shipping'")).all()
         )
     latencies = []
+    by_second: dict[int, list[float]] = {}  # second of the load -> latencies of what was written in it
+    first = min((committed for _, committed in written), default=0.0)
     for redemption_id, committed in written:
         shipped = rows.get(redemption_id)
         if shipped is not None:
             shipped = parse(datetime.fromisoformat(shipped) if isinstance(shipped, str) else shipped, None)
             latencies.append(max(0.0, shipped.timestamp() - committed))
+            by_second.setdefault(int(committed - first), []).append(latencies[-1])
+    if timeline:
+        for second, values in sorted(by_second.items()):
+            print(
+                f"  second {second:3d}: {len(values):4d} written, max {max(values) * 1000:8.1f} ms, "
+                f"median {sorted(values)[len(values) // 2] * 1000:8.1f} ms",
+                flush=True,
+            )
     return {
         "written": len(written),
         "rate": len(written) / wrote_for,
@@ -259,6 +277,15 @@ def under_load(workers: Workers, users: list[str], rate: float, seconds: float, 
     }
 
 
+def server_setting(url: str, name: str) -> str:
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine
+
+    with get_engine(url).connect() as connection:
+        return connection.execute(text("SELECT current_setting(:name)"), {"name": name}).scalar()
+
+
 def run_backend(backend: str, args, workdir: Path) -> dict:
     from credex.db.engine import dispose_engines
 
@@ -267,6 +294,8 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
     workers = Workers(url, workdir)
     try:
         set_up_shop(url, users)
+        if backend == "postgres":
+            print(f"postgres: the server's autovacuum is {server_setting(url, 'autovacuum')}", flush=True)
         workers.start()
         figures: dict = {"idle": idle_cpu(workers, args.idle)}
         print(
@@ -277,7 +306,7 @@ def run_backend(backend: str, args, workdir: Path) -> dict:
         figures["one"] = percentiles(one_at_a_time(url, args.one, random.Random(args.seed)))
         print(f"{backend}: one at a time, commit -> shipping: {show(figures['one'])}", flush=True)
         if args.seconds > 0 and backend in args.load_on:
-            load = under_load(workers, users, args.rate, args.seconds, args.drain)
+            load = under_load(workers, users, args.rate, args.seconds, args.drain, args.timeline)
             figures["load"] = load
             print(
                 f"{backend}: {load['written']} written at {load['rate']:.0f}/s for {args.seconds:.0f} s, "
@@ -308,6 +337,9 @@ def main() -> None:
         "--load-on", default="postgres,sqlite", help="backends the load runs on (comma-separated)"
     )
     parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument(
+        "--timeline", action="store_true", help="under load, print each second's latencies (by commit time)"
+    )
     args = parser.parse_args()
     args.load_on = set(args.load_on.split(","))
     backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
