@@ -47,6 +47,26 @@ def confirmation(redemption: dict, express_no: str) -> dict:
     }
 
 
+def test_a_relay_on_postgres_warns_when_nothing_vacuums_the_tables_it_rewrites(credex, shop, rabbit, db_url):
+    from sqlalchemy import text
+
+    from credex.db.engine import get_engine
+
+    shop(1)
+    result = credex("relay", "run", "--once", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["published"] == 1
+    warned = "autovacuum is off" in result.stderr
+    if db_url.startswith("sqlite"):
+        assert not warned  # nothing to vacuum by hand: SQLite keeps no dead row versions
+        return
+    with get_engine(db_url).connect() as connection:
+        off = connection.execute(text("SELECT current_setting('autovacuum')")).scalar() == "off"
+    assert warned == off, result.stderr
+    if warned:
+        assert "outbox_message, redemption, shipment_request" in result.stderr and "VACUUM" in result.stderr
+
+
 def test_one_pass_publishes_each_due_message_once_as_the_contract_says(credex, shop, rabbit):
     created = shop(3)
     report = relay_once(credex)

@@ -178,6 +178,26 @@ def schema_revision(engine: Engine) -> str | None:
             return None
 
 
+# Tables every redemption rewrites several times (outbox, redemption, shipment request): where
+# nothing vacuums them, their dead row versions pile up and the workers' statements slow with them
+# (bench/latency.py: at 300/s, from ~150 ms to ~2 s within a minute).
+CHURNED_TABLES = ("outbox_message", "redemption", "shipment_request")
+
+
+def vacuum_warning(engine: Engine) -> str | None:
+    """Postgres with the server's autovacuum off: what that costs and what to do; else None."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as connection:
+        if connection.execute(text("SELECT current_setting('autovacuum')")).scalar() != "off":
+            return None
+    return (
+        f"the database server's autovacuum is off: {', '.join(CHURNED_TABLES)} keep every dead row "
+        "version until something vacuums them, and the relay and the warehouse slow down as they "
+        "pile up; turn autovacuum on, or run VACUUM on those tables regularly (from cron)"
+    )
+
+
 def ensure_schema(url: str) -> Engine:
     """The engine for ``url``, its schema current: SQLite is migrated on first use;
     an out-of-date Postgres is refused until ``credex db upgrade``."""

@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 
 from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
-from credex.db.engine import ensure_schema, session_for, translate_db_error
+from credex.db.engine import ensure_schema, session_for, translate_db_error, vacuum_warning
 from credex.db.models import utcnow
 from credex.errors import Unavailable
 from credex.metrics import RelayMetrics, new_registry
@@ -172,6 +172,8 @@ class Relay(Worker[RelayReport]):
 
     def prepare(self) -> None:
         engine = ensure_schema(self.database_url)  # unreachable or not migrated: say so first
+        if (warning := vacuum_warning(engine)) is not None:
+            log.warning(warning)
         self.claims = claim_strategy(
             engine.dialect,
             self.database_url,
