@@ -62,6 +62,7 @@ from credex.relay.wakeups import Wakeups, outbox_wakeups
 from credex.retry import Backoff
 from credex.worker import Worker
 
+_VACUUM_WARNED: set[str] = set()  # database URLs whose vacuum warning this process gave
 log = logging.getLogger("credex.relay")
 
 PIPELINE_DEPTH = 3  # batches claimed or published at once, besides those being recorded
@@ -172,7 +173,8 @@ class Relay(Worker[RelayReport]):
 
     def prepare(self) -> None:
         engine = ensure_schema(self.database_url)  # unreachable or not migrated: say so first
-        if (warning := vacuum_warning(engine)) is not None:
+        if self.database_url not in _VACUUM_WARNED and (warning := vacuum_warning(engine)) is not None:
+            _VACUUM_WARNED.add(self.database_url)  # once per process, not once per `--once` pass
             log.warning(warning)
         self.claims = claim_strategy(
             engine.dialect,
