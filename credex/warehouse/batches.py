@@ -31,11 +31,14 @@ def created_many(desk: ShippingDesk, messages: list[RedemptionMessage], run_all:
     rids = [m.redemption_id for m in messages]
 
     def open_and_claim(session):
-        created = shipments.open_requests(session, messages, now=now)
-        rows = shipments.claim(session, rids, now=now)  # the rows claimed, as they are now
-        others = [rid for rid in rids if rid not in rows]
-        if others:  # another consumer's, answered already, or cancelled
-            rows.update(shipments.requests_of(session, others))
+        rows = shipments.open_requests(session, messages, now=now, asking=True)  # new: claimed already
+        created = {row.id for row in rows.values()}
+        seen = [rid for rid in rids if rid not in rows]  # a request was there: claim it as it is
+        if seen:
+            rows.update(shipments.claim(session, seen, now=now))  # the rows claimed, as they are now
+            others = [rid for rid in seen if rid not in rows]
+            if others:  # another consumer's, answered already, or cancelled
+                rows.update(shipments.requests_of(session, others))
         return created, rows
 
     created, rows = desk.write(open_and_claim)

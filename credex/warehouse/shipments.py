@@ -129,26 +129,27 @@ def shipment_json(row) -> dict:
     }
 
 
-_INSERT_IGNORING_REPEATS: dict[str, object] = {}  # dialect name -> INSERT … ON CONFLICT DO NOTHING
+# (dialect name, whole rows returned) -> INSERT … ON CONFLICT DO NOTHING
+_INSERT_IGNORING_REPEATS: dict[tuple[str, bool], object] = {}
 _REQUEST_OF = select(shipment_table).where(_s.redemption_id == bindparam("rid"))
 _REQUEST_BY_ID = select(shipment_table).where(_s.id == bindparam("sid"))
 _REQUESTS_OF = select(shipment_table).where(_s.redemption_id.in_(bindparam("rids", expanding=True)))
 
 
-def _insert_ignoring_repeats(session: Session):
-    """INSERT … ON CONFLICT (redemption_id) DO NOTHING RETURNING id in the session's dialect, built
-    once per dialect, its compiled form cached."""
+def _insert_ignoring_repeats(session: Session, *, whole_rows: bool = False):
+    """INSERT … ON CONFLICT (redemption_id) DO NOTHING RETURNING id (or, ``whole_rows``, every
+    column) in the session's dialect, built once per dialect, its compiled form cached."""
     name = session.bind.dialect.name
-    statement = _INSERT_IGNORING_REPEATS.get(name)
+    statement = _INSERT_IGNORING_REPEATS.get((name, whole_rows))
     if statement is None:
         if name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        statement = _INSERT_IGNORING_REPEATS[name] = (
+        statement = _INSERT_IGNORING_REPEATS[name, whole_rows] = (
             dialect_insert(shipment_table)
             .on_conflict_do_nothing(index_elements=["redemption_id"])
-            .returning(_s.id)
+            .returning(*(shipment_table.c if whole_rows else [_s.id]))
         )
     return statement
 
@@ -177,11 +178,16 @@ def open_request(session: Session, message: RedemptionMessage, *, now: datetime)
     return request_of(session, message.redemption_id), created is not None
 
 
-def open_requests(session: Session, messages: Sequence[RedemptionMessage], *, now: datetime) -> set[int]:
-    """``open_request`` for many messages of different redemptions in one statement. Returns the
-    ids of the requests created now."""
+def open_requests(
+    session: Session, messages: Sequence[RedemptionMessage], *, now: datetime, asking: bool = False
+) -> dict[int, object]:
+    """``open_request`` for many messages of different redemptions in one statement. ``asking``:
+    the requests created now are written ``requesting`` at once, as ``claim`` would move them (the
+    caller asks the carrier for them next), so a new request is written once, not twice. Returns
+    the requests created now, as they are, by redemption id."""
+    status = ShipmentStatus.requesting if asking else ShipmentStatus.requested
     created = session.execute(
-        _insert_ignoring_repeats(session),
+        _insert_ignoring_repeats(session, whole_rows=True),
         [
             {
                 "type": ShipmentType.redemption.value,
@@ -190,17 +196,18 @@ def open_requests(session: Session, messages: Sequence[RedemptionMessage], *, no
                 "sku": m.sku,
                 "quantity": m.quantity,
                 "address": m.address,
-                "status": ShipmentStatus.requested.value,
+                "status": status.value,
                 "idempotency_key": m.message_id,
                 "recipient": m.user_id,
                 "reason": None,
+                "asked_at": now if asking else None,
                 "created_at": now,
                 "updated_at": now,
             }
             for m in messages
         ],
     ).all()
-    return {row.id for row in created}
+    return {row.redemption_id: row for row in created}
 
 
 def requests_of(session: Session, redemption_ids: Sequence[int]) -> dict[int, object]:
