@@ -188,9 +188,12 @@ def vacuum_warning(engine: Engine) -> str | None:
     """Postgres with the server's autovacuum off: what that costs and what to do; else None."""
     if engine.dialect.name != "postgresql":
         return None
-    with engine.connect() as connection:
-        if connection.execute(text("SELECT current_setting('autovacuum')")).scalar() != "off":
-            return None
+    try:
+        with engine.connect() as connection:
+            if connection.execute(text("SELECT current_setting('autovacuum')")).scalar() != "off":
+                return None
+    except DBAPIError:  # a warning is worth no failure: the worker's next statement reports a lost server
+        return None
     return (
         f"the database server's autovacuum is off: {', '.join(CHURNED_TABLES)} keep every dead row "
         "version until something vacuums them, and the relay and the warehouse slow down as they "
