@@ -309,6 +309,12 @@ def test_a_5xx_that_is_not_worth_retrying_is_unavailable_at_once(status):
     assert len(carrier.requests) == 1 and raised.value.exit_code == 69
 
 
+def undecodable(status: int, encoding: str) -> httpx.Response:
+    """An answer whose body is not what its Content-Encoding says (read as it arrives, as on the wire)."""
+    body = httpx.ByteStream(b'{"x": 1}')
+    return httpx.Response(status, headers={"Content-Encoding": encoding}, stream=body)
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -317,8 +323,9 @@ def test_a_5xx_that_is_not_worth_retrying_is_unavailable_at_once(status):
         httpx.Response(200, text=""),
         httpx.Response(200, content=b"\xff\xfe{}"),
         ok([1, 2]),
+        lambda request: undecodable(200, "gzip"),
     ],
-    ids=["html", "truncated-json", "empty", "not-utf8", "json-list"],
+    ids=["html", "truncated-json", "empty", "not-utf8", "json-list", "not-what-its-encoding-says"],
 )
 def test_an_answer_that_is_not_a_json_object_is_asked_again_and_then_read(answer):
     carrier = Carrier(answer, ok(tracking("out_for_delivery")))
@@ -329,8 +336,16 @@ def test_an_answer_that_is_not_a_json_object_is_asked_again_and_then_read(answer
 
 
 @pytest.mark.parametrize("call", ["create", "track", "cancel"])
-def test_an_answer_that_is_never_a_json_object_is_try_again_later(call):
-    carrier = Carrier(httpx.Response(200, text="<html>maintenance</html>"))
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>maintenance</html>"),
+        lambda request: undecodable(201, "gzip"),
+    ],
+    ids=["html", "not-what-its-encoding-says"],
+)
+def test_an_answer_that_is_never_a_json_object_is_try_again_later(call, answer):
+    carrier = Carrier(answer)
     with make_client(carrier, total_timeout=5) as client, pytest.raises(CarrierUnreachable) as raised:
         call_carrier(client, call)
     assert raised.value.final is False and raised.value.exit_code == 69

@@ -1,8 +1,9 @@
 """HTTP to a carrier: explicit timeouts, retries with capped and jittered backoff, and a bound on
 the total time of one call, so that a carrier that is down gives exit 69 instead of a hang.
 
-Worth retrying: timeouts, refused or dropped connections, 500/502/503/504, and 429 (after its
-Retry-After). Final: every other answer, handed back to the provider to read.
+Worth retrying: timeouts, refused or dropped connections, 500/502/503/504, 429 (after its
+Retry-After), and a body that does not decode as its Content-Encoding says (damaged on the way).
+Final: every other answer, handed back to the provider to read.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class RetryingHttp:
                 ) from None
             except httpx.TransportError as error:  # timeouts, refused, reset, dropped: worth retrying
                 reason = _transport_reason(error)
+            except httpx.DecodingError:  # a body that is not what its Content-Encoding says: damaged
+                reason = "an answer credex cannot read (its body is not what its Content-Encoding says)"
             else:
                 if response.status_code in RETRY_STATUSES:
                     reason = f"HTTP {response.status_code}"
