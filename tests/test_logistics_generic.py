@@ -352,6 +352,51 @@ def test_an_answer_that_is_never_a_json_object_is_try_again_later(call, answer):
     assert "cannot read" in raised.value.message and len(carrier.requests) > 1
 
 
+class Endless(httpx.SyncByteStream):
+    """A body that never ends: ``chunk`` bytes at a time, each taking ``seconds`` of the clock."""
+
+    def __init__(self, clock: FakeClock, *, chunk: int, seconds: float) -> None:
+        self.clock, self.chunk, self.seconds, self.sent = clock, chunk, seconds, 0
+
+    def __iter__(self):
+        while True:
+            self.clock.now += self.seconds
+            self.sent += self.chunk
+            yield b"x" * self.chunk
+
+
+def test_an_answer_that_keeps_coming_is_given_up_when_the_time_runs_out():
+    clock = FakeClock()
+    began = clock.now
+    body = Endless(clock, chunk=100, seconds=0.5)  # a trickle: never too large, never a read timeout
+    carrier = Carrier(lambda request: httpx.Response(200, stream=body))
+    with (
+        make_client(carrier, clock=clock, total_timeout=5) as client,
+        pytest.raises(CarrierUnreachable) as raised,
+    ):
+        client.track("SIM0000000042")
+    assert "still arriving when the time ran out" in raised.value.message and raised.value.exit_code == 69
+    assert 5 <= clock.now - began <= 5.5 and len(carrier.requests) == 1
+
+
+def test_an_answer_larger_than_a_mebibyte_is_not_read_whole():
+    clock = FakeClock()
+    bodies: list[Endless] = []
+
+    def huge(request: httpx.Request) -> httpx.Response:
+        bodies.append(Endless(clock, chunk=64 * 1024, seconds=0))
+        return httpx.Response(201, stream=bodies[-1])
+
+    carrier = Carrier(huge)
+    with (
+        make_client(carrier, clock=clock, total_timeout=60) as client,
+        pytest.raises(CarrierUnreachable) as raised,
+    ):
+        call_carrier(client, "create")
+    assert "larger than 1024 KiB" in raised.value.message and raised.value.final is False
+    assert len(bodies) > 1 and all(body.sent <= 1024 * 1024 + 64 * 1024 for body in bodies)
+
+
 def shipment(**changes) -> dict:
     return {**SHIPMENT, **changes}
 

@@ -2,7 +2,8 @@
 the total time of one call, so that a carrier that is down gives exit 69 instead of a hang.
 
 Worth retrying: timeouts, refused or dropped connections, 500/502/503/504, 429 (after its
-Retry-After), and a body that does not decode as its Content-Encoding says (damaged on the way).
+Retry-After), a body that does not decode as its Content-Encoding says (damaged on the way), and
+one larger than MAX_ANSWER or still arriving when the call's time runs out (read as it arrives).
 Final: every other answer, handed back to the provider to read.
 """
 
@@ -23,6 +24,10 @@ from credex.errors import CarrierNotConfigured, Unavailable, redact
 from credex.retry import Backoff
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# The most of a carrier's answer read, decoded: the contract's answers are a few KiB; more is not an
+# answer (nor is a body that never ends), and it must not fill the worker's memory.
+MAX_ANSWER = 1024 * 1024
+_BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})  # of the body as sent
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class RetryingHttp:
             attempts += 1
             asked_wait: float | None = None
             try:
-                response = self._client.request(method, path, timeout=self._timeout(remaining), **request)
+                response = self._fetch(method, path, self._timeout(remaining), deadline, request)
             except httpx.UnsupportedProtocol:
                 raise CarrierNotConfigured(
                     f"the carrier URL must start with http:// or https:// ({self.where})"
@@ -165,7 +170,9 @@ class RetryingHttp:
             except httpx.DecodingError:  # a body that is not what its Content-Encoding says: damaged
                 reason = "an answer credex cannot read (its body is not what its Content-Encoding says)"
             else:
-                if response.status_code in RETRY_STATUSES:
+                if isinstance(response, str):  # an answer too large, or one still arriving at the bound
+                    reason = response
+                elif response.status_code in RETRY_STATUSES:
                     reason = f"HTTP {response.status_code}"
                     if response.status_code == 429:
                         asked_wait = retry_after_seconds(response.headers.get("Retry-After"))
@@ -183,6 +190,25 @@ class RetryingHttp:
                     reason += f", asking to wait {asked_wait:g} s"
                 raise self._gave_up(what, attempts, reason)
             self._sleep(delay)
+
+    def _fetch(
+        self, method: str, path: str, timeout: httpx.Timeout, deadline: float, request: dict
+    ) -> httpx.Response | str:
+        """One attempt: the answer with its body read whole (decoded), or why it was given up (an
+        answer larger than MAX_ANSWER, or one still arriving when the call's time ran out: a read
+        timeout bounds each wait for bytes, not a body that keeps coming)."""
+        with self._client.stream(method, path, timeout=timeout, **request) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER:
+                    return f"an answer larger than {MAX_ANSWER // 1024} KiB"
+                if self._clock() >= deadline:
+                    return "an answer still arriving when the time ran out"
+            headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _BODY_FRAMING]
+            return httpx.Response(
+                response.status_code, headers=headers, content=bytes(body), request=response.request
+            )
 
     def _gave_up(self, what: str, attempts: int, reason: str) -> Unavailable:
         plural = "attempt" if attempts == 1 else "attempts"
