@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 
@@ -170,3 +171,13 @@ def redact(text: str) -> str:
     text = _BEARER.sub(r"\1 ***", text)
     text = _KEY_VALUE_SECRET.sub(r"\1=***", text)
     return _KEY_VALUE_PASSWORD.sub(r"\1=***", text)
+
+
+def read_json(raw: bytes | str) -> object:
+    """``json.loads`` for input from outside (a carrier's answer, a message, a request): a document
+    nested too deeply for the parser is a ValueError like any other unreadable JSON (the standard
+    library raises RecursionError), so one ``except ValueError`` covers them all."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None

@@ -351,6 +351,23 @@ def test_a_bad_json_line_is_a_rejected_row_with_its_line_number(credex, db_url, 
     check_lifecycle_invariants(db_url)
 
 
+def test_a_json_line_nested_deeper_than_the_parser_goes_is_a_rejected_row(credex, db_url, tmp_path):
+    path = write(
+        tmp_path,
+        '{"user_id": "u1", "points": 10, "ref": "n-1"}\n'
+        + "[" * 100_000
+        + "]" * 100_000
+        + "\n"
+        + '{"user_id": "u1", "points": 10, "ref": "n-3"}\n',
+        "grants.jsonl",
+    )
+    result = bulk(credex, path, "--json")
+    assert result.exit_code == 3, result.stderr
+    assert (result.json()["applied"], result.json()["rejected"]) == (2, 1)
+    assert result.stderr.splitlines() == ["line 2: not a JSON object: JSON nested too deeply to read"]
+    check_lifecycle_invariants(db_url)
+
+
 def test_a_dry_run_writes_nothing_and_reports_what_a_real_run_does(credex, db_url, tmp_path):
     credex("award", "grant", "u1", "20", "--reason", "start", "--ref", "start")
     path = csv_file(

@@ -324,8 +324,17 @@ def undecodable(status: int, encoding: str) -> httpx.Response:
         httpx.Response(200, content=b"\xff\xfe{}"),
         ok([1, 2]),
         lambda request: undecodable(200, "gzip"),
+        httpx.Response(200, text="[" * 100_000 + "]" * 100_000),
     ],
-    ids=["html", "truncated-json", "empty", "not-utf8", "json-list", "not-what-its-encoding-says"],
+    ids=[
+        "html",
+        "truncated-json",
+        "empty",
+        "not-utf8",
+        "json-list",
+        "not-what-its-encoding-says",
+        "nested-deep",
+    ],
 )
 def test_an_answer_that_is_not_a_json_object_is_asked_again_and_then_read(answer):
     carrier = Carrier(answer, ok(tracking("out_for_delivery")))

@@ -313,8 +313,9 @@ def test_kuaidi100_needs_a_carrier_code():
         failure("500"),
         failure("502"),
         httpx.Response(200, text="?"),
+        httpx.Response(200, text='{"a":' * 50_000 + "1" + "}" * 50_000),
     ],
-    ids=["bad-sign", "expired", "bad-data", "no-result", "busy", "garbage"],
+    ids=["bad-sign", "expired", "bad-data", "no-result", "busy", "garbage", "nested-deep"],
 )
 def test_neither_the_key_nor_the_signature_appears_in_errors_reprs_or_logs(reply, caplog):
     caplog.set_level(logging.DEBUG)

@@ -97,6 +97,18 @@ def test_bad_create_requests_are_refused_and_create_nothing(carrier_sandbox, key
     assert carrier_sandbox.shipments() == []
 
 
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"[" * 100_000 + b"]" * 100_000], ids=["not-json", "nested-too-deep"]
+)
+def test_a_create_body_that_is_not_json_is_400_and_the_sandbox_keeps_serving(carrier_sandbox, raw):
+    response = httpx.post(
+        f"{carrier_sandbox.url}/v1/shipments", content=raw, headers={"Idempotency-Key": "k"}, timeout=10
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_json"
+    assert post_shipment(carrier_sandbox.url, "k2").status_code == 201
+    assert len(carrier_sandbox.shipments()) == 1
+
+
 def test_an_unknown_number_or_carrier_is_404(carrier_sandbox):
     number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
     assert get_tracking(carrier_sandbox.url, "SIM9999999999").status_code == 404

@@ -103,12 +103,15 @@ def test_confirmations_waiting_are_recorded_and_a_repeat_changes_nothing(db_url,
     )
     rabbit.publish("shipment.requested", confirmation(first, "SIM0000000001"))  # again, body only
     rabbit.publish("shipment.requested", b"not json")
+    rabbit.publish(
+        "shipment.requested", b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    )  # deeper than the parser goes
 
     report = relay_once(credex)
     assert (report["confirmed"], report["repeated_confirmations"], report["malformed_confirmations"]) == (
         1,
         1,
-        1,
+        2,
     )
     shown = credex("redeem", "show", str(first["redemption_id"]), "--json").json()
     assert (shown["status"], shown["carrier"], shown["express_no"]) == (

@@ -86,10 +86,11 @@ def test_malformed_messages_are_dropped_and_the_good_ones_still_ship(
     rabbit.publish("redemption.created", b"{not json")
     rabbit.publish("redemption.created", redemption_message(1, quantity=0))
     rabbit.publish("redemption.created", redemption_message(2) | {"redemption_id": "2"})
+    rabbit.publish("redemption.created", b"[" * 100_000 + b"]" * 100_000)  # deeper than the parser goes
     good = redemption_message(3)
     rabbit.publish("redemption.created", good, message_id=good["message_id"])
     report = warehouse_once(credex, carrier_sandbox.env())
-    assert (report["received"], report["rejected"], report["waybills"], report["confirmed"]) == (4, 3, 1, 1)
+    assert (report["received"], report["rejected"], report["waybills"], report["confirmed"]) == (5, 4, 1, 1)
     assert [s["redemption_id"] for s in credex("warehouse", "list", "--json").json()] == [3]
     assert rabbit.count(rabbit.names.warehouse_queue) == 0
 

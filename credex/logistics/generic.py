@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
-from credex.errors import redact
+from credex.errors import read_json, redact
 from credex.logistics.model import (
     STATUSES,
     CancelOutcome,
@@ -69,8 +69,8 @@ def normalise_status(value: str) -> str:
 def _document(response: httpx.Response) -> dict[str, Any] | None:
     """The answer's JSON object, or None when the body is not one."""
     try:
-        answer = response.json()
-    except ValueError:  # not JSON, not UTF-8, cut short
+        answer = read_json(response.content)
+    except ValueError:  # not JSON, not UTF-8, cut short, nested too deeply
         return None
     return answer if isinstance(answer, dict) else None
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from credex.errors import CarrierNotConfigured, redact
+from credex.errors import CarrierNotConfigured, read_json, redact
 from credex.logistics.model import (
     CancelResult,
     CarrierClient,
@@ -130,7 +130,7 @@ def _china_time(value: object) -> datetime:
 
 def _answer(response: httpx.Response) -> dict[str, Any] | None:
     try:
-        answer = response.json()
+        answer = read_json(response.content)
     except ValueError:
         return None
     return answer if isinstance(answer, dict) else None

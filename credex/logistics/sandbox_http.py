@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from credex.errors import read_json
 from credex.logistics.sandbox import (
     FAULT_HEADER,
     FAULTS,
@@ -141,7 +142,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if key is None:
             return
         try:
-            body = json.loads(raw or b"null")
+            body = read_json(raw or b"null")
         except ValueError:
             self._send(400, error_document("bad_json", "the body is not JSON"))
             return
@@ -184,7 +185,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._send(200, carrier.clock())
         elif method == "POST" and path == "/_sandbox/clock":
             try:
-                seconds = json.loads(raw or b"{}").get("advance_seconds")
+                seconds = read_json(raw or b"{}").get("advance_seconds")
             except (ValueError, AttributeError):
                 seconds = None
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from credex.errors import InvalidInput
+from credex.errors import InvalidInput, read_json
 from credex.points.rules import (
     ID_SPACES,
     REASON_MAX,
@@ -325,10 +325,10 @@ class JsonLinesGrants(GrantReader):
 def _parse_object(raw: bytes) -> dict | str:
     """The line's JSON object, or why it is not one."""
     try:
-        value = json.loads(raw)
+        value = read_json(raw)
     except json.JSONDecodeError as error:
         return f"not a JSON object: {error.msg} at character {error.pos + 1}"
-    except ValueError as error:  # not UTF-8, a number with thousands of digits
+    except ValueError as error:  # not UTF-8, a number with thousands of digits, nested too deeply
         return f"not a JSON object: {str(error).splitlines()[0]}"
     if not isinstance(value, dict):
         return f"not a JSON object: {type(value).__name__}"

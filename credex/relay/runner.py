@@ -20,7 +20,6 @@ statements already live in their own modules.)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -39,7 +38,7 @@ from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for, translate_db_error, vacuum_warning
 from credex.db.models import utcnow
-from credex.errors import Unavailable
+from credex.errors import Unavailable, read_json
 from credex.metrics import RelayMetrics, new_registry
 from credex.relay.answers import (
     CANCEL_OUTCOMES,
@@ -556,7 +555,7 @@ def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | Faile
     if kind not in (SHIPMENT_CANCELLED, SHIPMENT_FAILED):
         return None
     try:
-        data = json.loads(body)
+        data = read_json(body)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):
@@ -578,7 +577,7 @@ def parse_confirmation(properties, body: bytes) -> Confirmation | None:
     """A shipment.requested message (messaging.md): the outbox message it confirms is its
     ``correlation_id`` (or the body's ``message_id``)."""
     try:
-        data = json.loads(body)
+        data = read_json(body)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):

@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import ShipmentStatus, ShipmentType
-from credex.errors import InvalidInput
+from credex.errors import InvalidInput, read_json
 from credex.logistics.model import Waybill, is_token
 from credex.points.rules import INT32_MAX, INT64_MAX
 from credex.relay.topology import (
@@ -54,7 +54,7 @@ class CancelMessage:
 
 def _fields(body: bytes):
     try:
-        data = json.loads(body)
+        data = read_json(body)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("the body is not JSON") from None
     if not isinstance(data, dict):
