@@ -67,6 +67,55 @@ def test_a_relay_on_postgres_warns_when_nothing_vacuums_the_tables_it_rewrites(c
         assert "outbox_message, redemption, shipment_request" in result.stderr and "VACUUM" in result.stderr
 
 
+def test_answers_holding_what_no_column_stores_are_malformed_or_cleaned_never_a_failed_pass(
+    db_url, credex, shop, rabbit
+):
+    """Postgres refuses NUL in text and no driver encodes a lone surrogate: an answer carrying one
+    where an id goes is dropped as malformed, and a reason is kept cleaned, so no such message
+    can fail the relay's pass (and come back to fail it again)."""
+    first, second, third = shop(3)
+    relay_once(credex)
+    rabbit.publish("shipment.requested", confirmation(first, "SIM0000000001"), correlation_id="m\x00id")
+    rabbit.publish(
+        "shipment.requested", confirmation(first, "SIM\x00001") | {"message_id": first["message_id"]}
+    )
+    rabbit.publish(
+        "shipment.requested",
+        confirmation(second, "SIM0000000002") | {"carrier": "sand\x00box"},
+        correlation_id=second["message_id"],
+    )
+    rabbit.publish(
+        "shipment.failed",
+        {
+            "message_id": third["message_id"],
+            "redemption_id": third["redemption_id"],
+            "reason": "no\x00 \ud800road",
+        },
+        correlation_id=third["message_id"],
+        type="shipment.failed",
+    )
+    report = relay_once(credex)
+    # recorded: the second's confirmation and the third's failure; dropped: the first's two
+    assert (report["confirmed"], report["malformed_confirmations"]) == (2, 2), report
+    shown = {
+        r["redemption_id"]: r
+        for r in (
+            credex("redeem", "show", str(n["redemption_id"]), "--json").json() for n in (first, second, third)
+        )
+    }
+    assert shown[first["redemption_id"]]["status"] == "pending"
+    assert (shown[second["redemption_id"]]["status"], shown[second["redemption_id"]]["express_no"]) == (
+        "shipping",
+        "SIM0000000002",
+    )
+    assert shown[second["redemption_id"]]["carrier"] is None  # the waybill stands without the carrier's name
+    failed = shown[third["redemption_id"]]
+    assert failed["status"] == "exception"
+    (detail,) = [e["detail"] for e in failed["events"] if e["status"] == "exception"]
+    assert "no" in detail and "road" in detail and "\x00" not in detail and "\ud800" not in detail
+    assert rabbit.count(rabbit.names.confirmations_queue) == 0
+
+
 def test_one_pass_publishes_each_due_message_once_as_the_contract_says(credex, shop, rabbit):
     created = shop(3)
     report = relay_once(credex)

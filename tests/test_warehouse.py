@@ -87,10 +87,13 @@ def test_malformed_messages_are_dropped_and_the_good_ones_still_ship(
     rabbit.publish("redemption.created", redemption_message(1, quantity=0))
     rabbit.publish("redemption.created", redemption_message(2) | {"redemption_id": "2"})
     rabbit.publish("redemption.created", b"[" * 100_000 + b"]" * 100_000)  # deeper than the parser goes
+    # What no column stores (Postgres refuses NUL; a lone surrogate is not UTF-8) fails no batch.
+    rabbit.publish("redemption.created", redemption_message(4) | {"user_id": "u\x001"})
+    rabbit.publish("redemption.created", redemption_message(5) | {"address": "8 Long Road \ud800"})
     good = redemption_message(3)
     rabbit.publish("redemption.created", good, message_id=good["message_id"])
     report = warehouse_once(credex, carrier_sandbox.env())
-    assert (report["received"], report["rejected"], report["waybills"], report["confirmed"]) == (5, 4, 1, 1)
+    assert (report["received"], report["rejected"], report["waybills"], report["confirmed"]) == (7, 6, 1, 1)
     assert [s["redemption_id"] for s in credex("warehouse", "list", "--json").json()] == [3]
     assert rabbit.count(rabbit.names.warehouse_queue) == 0
 

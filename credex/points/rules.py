@@ -54,6 +54,8 @@ MESSAGE_ID_MAX = column_length(tables.outbox_message.c.id)
 NAME_MAX = column_length(tables.catalog_item.c.name)
 ADDRESS_MAX = column_length(tables.redemption.c.address)
 REASON_MAX = column_length(tables.ledger_entry.c.reason)
+CARRIER_MAX = column_length(tables.redemption.c.carrier)
+EXPRESS_NO_MAX = column_length(tables.redemption.c.express_no)
 
 
 # --- text ---------------------------------------------------------------------------------------
@@ -103,6 +105,13 @@ def free_text_problem(value: object, what: str, longest: int) -> str | None:
     if len(text) > longest:
         return f"{what} is longer than {longest} characters"
     return None
+
+
+def cleaned(value: str, longest: int) -> str:
+    """Free text from another program (a worker's reason) made storable rather than refused: the
+    characters free text may not hold become one space each, surrounding whitespace goes, and it
+    is cut at ``longest`` characters."""
+    return _NOT_IN_FREE_TEXT.sub(" ", value).strip(TEXT_SPACES)[:longest]
 
 
 def identifier(value: object, what: str, longest: int) -> str:

@@ -40,6 +40,7 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error, vac
 from credex.db.models import utcnow
 from credex.errors import Unavailable, read_json
 from credex.metrics import RelayMetrics, new_registry
+from credex.points.rules import CARRIER_MAX, EXPRESS_NO_MAX, MESSAGE_ID_MAX, cleaned, identifier_problem
 from credex.relay.answers import (
     CANCEL_OUTCOMES,
     CancelAnswer,
@@ -70,6 +71,7 @@ DEFAULT_POLL_INTERVAL = 5.0
 # Seconds before looking again when a due message was found held by another relay (or a
 # confirmation put off for a message held right now): it is free again in a moment.
 HELD_WAIT = 0.25
+REASON_LONGEST = 1000  # of a warehouse's reason kept (cleaned of control characters)
 PUT_OFF_WAIT = 0.01
 
 
@@ -560,11 +562,11 @@ def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | Faile
         return None
     if not isinstance(data, dict):
         return None
-    message_id = properties.correlation_id or data.get("message_id")
-    if not isinstance(message_id, str) or not message_id:
+    message_id = _message_id(properties, data)
+    if message_id is None:
         return None
     reason = data.get("reason")
-    reason = reason if isinstance(reason, str) and reason else None
+    reason = (cleaned(reason, REASON_LONGEST) or None) if isinstance(reason, str) else None
     if kind == SHIPMENT_FAILED:
         return FailedAnswer(message_id, reason or "the carrier refused the shipment")
     outcome = data.get("outcome")
@@ -582,10 +584,18 @@ def parse_confirmation(properties, body: bytes) -> Confirmation | None:
         return None
     if not isinstance(data, dict):
         return None
-    message_id = properties.correlation_id or data.get("message_id")
+    message_id = _message_id(properties, data)
     express_no, carrier = data.get("express_no"), data.get("carrier")
-    if not isinstance(message_id, str) or not message_id:
+    if message_id is None or identifier_problem(express_no, "express number", EXPRESS_NO_MAX):
         return None
-    if not isinstance(express_no, str) or not express_no:
-        return None
-    return Confirmation(message_id, carrier if isinstance(carrier, str) else None, express_no)
+    if identifier_problem(carrier, "carrier", CARRIER_MAX):
+        carrier = None  # the waybill stands without the carrier's name
+    return Confirmation(message_id, carrier, express_no)
+
+
+def _message_id(properties, data: dict) -> str | None:
+    """The outbox message an answer is about: its correlation id, else the body's message_id; None
+    when that is not a message id credex could have written (a NUL byte, say, which Postgres
+    would refuse in the middle of a batch)."""
+    message_id = properties.correlation_id or data.get("message_id")
+    return None if identifier_problem(message_id, "message id", MESSAGE_ID_MAX) else message_id

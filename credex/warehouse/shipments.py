@@ -6,6 +6,7 @@ row's status changes only by conditional updates (credex/warehouse/lifecycle.py)
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class CancelMessage:
     reason: str
 
 
+# What no column stores (Postgres refuses NUL in text; a lone surrogate is not UTF-8): a message
+# carrying one was not written by credex, and writing it would fail the whole batch.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _fields(body: bytes):
     try:
         data = read_json(body)
@@ -64,6 +70,8 @@ def _fields(body: bytes):
         value = data.get(name)
         if not isinstance(value, str) or (not empty and not value.strip()) or len(value) > limit:
             raise InvalidInput(f"{name} is missing or not a short text")
+        if _UNSTORABLE.search(value):
+            raise InvalidInput(f"{name} holds a NUL byte or a lone surrogate, which no column stores")
         return value
 
     def number(name: str, maximum: int) -> int:
