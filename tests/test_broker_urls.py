@@ -71,6 +71,36 @@ def test_when_no_node_answers_the_relay_exits_69_naming_each_without_its_passwor
     assert "hunter2pw" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("rabbit.internal", "is not an AMQP URL"),
+        ("http://guest:hunter2pw@127.0.0.1:15672/", "is not an AMQP URL"),
+        ("amqp://guest:hunter2pw@127.0.0.1:5672/%2F?heartbeat=soon", "Invalid heartbeat value"),
+        ("amqp://guest:hunter2pw@127.0.0.1:5672/%2F,rabbit-2", "'rabbit-2' is not an AMQP URL"),
+    ],
+    ids=["no-scheme", "http", "bad-option", "one-node-of-two"],
+)
+@pytest.mark.parametrize("worker", ["relay", "warehouse"])
+def test_a_broker_url_that_is_not_one_is_bad_configuration_before_anything_connects(
+    db_url, worker, url, words
+) -> None:
+    """Exit 2 at once, not 69: a long-running worker would otherwise retry it as a broker away."""
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url, CREDEX_AMQP_URL=url, CREDEX_LOGISTICS_URL="http://127.0.0.1:9"
+    )
+    done = run_process(worker, "run", "--json", env=env, timeout=60)  # long-running: it must not wait
+    assert done.exit_code == 2, done.stderr
+    error = json.loads(done.stderr.strip().splitlines()[-1])["error"]
+    assert error["code"] == "invalid_input" and words in error["message"]
+    assert "hunter2pw" not in done.stderr + done.stdout
+
+
+def test_a_tls_broker_url_is_shown_as_amqps() -> None:
+    shown = display_amqp_url("amqps://ops:s3cret@mq.example:5671/shop")
+    assert shown == "amqps://ops@mq.example:5671/shop"
+
+
 @pytest.mark.parametrize("worker", ["relay", "warehouse"])
 def test_a_classic_queue_left_by_an_older_version_is_refused_with_the_fix(
     db_url, shop, rabbit, worker

@@ -9,29 +9,50 @@ from urllib.parse import quote
 
 import pika
 
-from credex.errors import Unavailable, redact
+from credex.errors import InvalidInput, Unavailable, redact
 
 CONNECT_TIMEOUT_S = 10.0
 HEARTBEAT_S = 30
 BLOCKED_CONNECTION_TIMEOUT_S = 60
 
 
+SCHEMES = ("amqp", "amqps")
+URL_FORM = "amqp://user:password@host:5672/vhost (amqps:// for TLS)"
+
+
 def split_urls(url: str) -> list[str]:
     """The nodes' URLs in the order given: ``CREDEX_AMQP_URL`` may name several nodes of one
-    cluster, comma-separated (a comma never appears unescaped in an AMQP URL)."""
+    cluster, comma-separated (a comma never appears unescaped in an AMQP URL). A URL that is not
+    one (another scheme, a value pika cannot read) is bad configuration, exit 2, found before
+    anything connects: a worker would otherwise retry it for ever as a broker out of reach."""
     urls = [part.strip() for part in url.split(",") if part.strip()]
     if not urls:
         raise Unavailable("no broker URL: set CREDEX_AMQP_URL")
+    for one in urls:
+        _parameters(one)
     return urls
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _parameters(url: str) -> pika.URLParameters:
+    """pika's reading of ``url``, or InvalidInput (exit 2) saying why, with no password shown."""
+    if _scheme(url) not in SCHEMES:
+        raise InvalidInput(f"the broker URL {redact(url)!r} is not an AMQP URL: the form is {URL_FORM}")
+    try:
+        return pika.URLParameters(url)
+    except Exception as error:
+        readable = isinstance(error, ValueError) and str(error)  # pika's words on a bad option
+        why = redact(str(error)) if readable else f"the form is {URL_FORM}"
+        raise InvalidInput(f"not a usable broker URL {redact(url)!r}: {why}") from None
 
 
 def connection_parameters(url: str, *, name: str, timeout: float = CONNECT_TIMEOUT_S) -> pika.URLParameters:
     """pika's parameters for ``url``, the connection named ``name`` in the broker's management
-    views. A URL pika cannot read is Unavailable (exit 69) with the password left out."""
-    try:
-        params = pika.URLParameters(url)
-    except Exception as error:
-        raise Unavailable(f"not a usable broker URL {display_amqp_url(url)}: {redact(str(error))}") from None
+    views (a URL that is not one: InvalidInput, exit 2, as ``split_urls`` says)."""
+    params = _parameters(url)
     params.client_properties = {"connection_name": name, "product": "credex"}
     params.heartbeat = HEARTBEAT_S
     params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_S
@@ -50,7 +71,8 @@ def display_amqp_url(url: str) -> str:
         return redact(url)
     user = getattr(params.credentials, "username", "")
     vhost = quote(params.virtual_host, safe="")
-    return f"amqp://{user + '@' if user else ''}{params.host}:{params.port}/{vhost}"
+    scheme = "amqps" if _scheme(url) == "amqps" else "amqp"
+    return f"{scheme}://{user + '@' if user else ''}{params.host}:{params.port}/{vhost}"
 
 
 def describe(error: object) -> str:
