@@ -1,7 +1,10 @@
 """The warehouse's shipment requests: the messages that move them, the statements that read and
 change them, and the answers the warehouse publishes. The UNIQUE redemption id turns a message
 delivered twice into a look-up of the first request, so no redemption is ever shipped twice; the
-row's status changes only by conditional updates (credex/warehouse/lifecycle.py)."""
+row's status changes only by conditional updates (credex/warehouse/lifecycle.py).
+
+(A little over 400 lines on purpose: the messages, the row's statements and the answers are the
+shipment request's one vocabulary, read together; the state machine is lifecycle.py's.)"""
 
 from __future__ import annotations
 
