@@ -96,9 +96,11 @@ def test_a_broker_url_that_is_not_one_is_bad_configuration_before_anything_conne
     assert "hunter2pw" not in done.stderr + done.stdout
 
 
-def test_a_tls_broker_url_is_shown_as_amqps() -> None:
+def test_a_tls_broker_url_is_shown_as_amqps_and_showing_a_bad_one_never_fails() -> None:
     shown = display_amqp_url("amqps://ops:s3cret@mq.example:5671/shop")
     assert shown == "amqps://ops@mq.example:5671/shop"
+    shown = display_amqp_url("amqp://ops:s3cret@10.0.0.1:5672/%2F,rabbit-2,http://ops:s3cret@10.0.0.3/")
+    assert shown.startswith("amqp://ops@10.0.0.1:5672/%2F,rabbit-2,http://") and "s3cret" not in shown
 
 
 @pytest.mark.parametrize("worker", ["relay", "warehouse"])

@@ -25,12 +25,16 @@ def split_urls(url: str) -> list[str]:
     cluster, comma-separated (a comma never appears unescaped in an AMQP URL). A URL that is not
     one (another scheme, a value pika cannot read) is bad configuration, exit 2, found before
     anything connects: a worker would otherwise retry it for ever as a broker out of reach."""
-    urls = [part.strip() for part in url.split(",") if part.strip()]
+    urls = _parts(url)
     if not urls:
         raise Unavailable("no broker URL: set CREDEX_AMQP_URL")
     for one in urls:
         _parameters(one)
     return urls
+
+
+def _parts(url: str) -> list[str]:
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def _scheme(url: str) -> str:
@@ -63,8 +67,10 @@ def connection_parameters(url: str, *, name: str, timeout: float = CONNECT_TIMEO
 
 def display_amqp_url(url: str) -> str:
     """The broker URL (or the comma-separated URLs) as it may be shown: never with a password."""
-    if "," in url:
-        return ",".join(display_amqp_url(part) for part in split_urls(url))
+    if "," in url:  # shown as they are, even those split_urls refuses: showing never fails
+        return ",".join(display_amqp_url(part) for part in _parts(url))
+    if _scheme(url) not in SCHEMES:
+        return redact(url)
     try:
         params = pika.URLParameters(url)
     except Exception:
