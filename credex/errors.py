@@ -181,3 +181,13 @@ def read_json(raw: bytes | str) -> object:
         return json.loads(raw)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+
+
+def json_object(raw: bytes | str) -> dict | None:
+    """The JSON object ``raw`` holds, or None when it holds none (not JSON, not UTF-8, cut short,
+    nested too deeply, or JSON but not an object)."""
+    try:
+        document = read_json(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return document if isinstance(document, dict) else None

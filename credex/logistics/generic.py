@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
-from credex.errors import read_json, redact
+from credex.errors import json_object, redact
 from credex.logistics.model import (
     STATUSES,
     CancelOutcome,
@@ -66,25 +66,16 @@ def normalise_status(value: str) -> str:
     return text if text in STATUSES else "exception"
 
 
-def _document(response: httpx.Response) -> dict[str, Any] | None:
-    """The answer's JSON object, or None when the body is not one."""
-    try:
-        answer = read_json(response.content)
-    except ValueError:  # not JSON, not UTF-8, cut short, nested too deeply
-        return None
-    return answer if isinstance(answer, dict) else None
-
-
 def _damaged(response: httpx.Response) -> str | None:
     """A success that is not a JSON object at all: worth another attempt (the retry hook)."""
-    if 200 <= response.status_code < 300 and _document(response) is None:
+    if 200 <= response.status_code < 300 and json_object(response.content) is None:
         return "an answer credex cannot read (not a JSON object)"
     return None
 
 
 def _error_of(response: httpx.Response) -> tuple[str | None, str]:
     """The carrier's ``{"error": {"code", "message"}}``: its code (or None) and its words, one safe line."""
-    error = (_document(response) or {}).get("error")
+    error = (json_object(response.content) or {}).get("error")
     if not isinstance(error, dict):
         return None, ""
     code = error.get("code")
@@ -303,7 +294,7 @@ class GenericCarrier(CarrierClient):
         return tuple(sorted(checkpoints, key=lambda point: point.time, reverse=True))
 
     def _answer(self, response: httpx.Response, what: str) -> dict[str, Any]:
-        answer = _document(response)
+        answer = json_object(response.content)
         if answer is None:  # the retry hook lets none through; kept for a hook-less caller
             raise CarrierUnreachable(
                 f"the carrier at {self._http.where} answered {what} with something credex cannot read "

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from credex.errors import CarrierNotConfigured, read_json, redact
+from credex.errors import CarrierNotConfigured, json_object, redact
 from credex.logistics.model import (
     CancelResult,
     CarrierClient,
@@ -128,14 +128,6 @@ def _china_time(value: object) -> datetime:
     return moment.astimezone(UTC)
 
 
-def _answer(response: httpx.Response) -> dict[str, Any] | None:
-    try:
-        answer = read_json(response.content)
-    except ValueError:
-        return None
-    return answer if isinstance(answer, dict) else None
-
-
 def _failure_code(answer: dict[str, Any]) -> str | None:
     """kuaidi100's ``returnCode`` when the answer is a failure, else None."""
     if answer.get("result") is False or (answer.get("returnCode") and not answer.get("data")):
@@ -148,7 +140,7 @@ def _busy(response: httpx.Response) -> str | None:
     # (a gateway's page, a body cut short): worth another attempt.
     if response.status_code != 200:
         return None
-    answer = _answer(response)
+    answer = json_object(response.content)
     if answer is None:
         return "an answer credex cannot read (not a JSON object)"
     code = _failure_code(answer)
@@ -210,7 +202,7 @@ class Kuaidi100Carrier(CarrierClient):
             raise CarrierUnreachable(
                 f"kuaidi100 at {self._http.where} failed {what} (HTTP {status})", http_status=status
             )
-        answer = _answer(response)
+        answer = json_object(response.content)
         if answer is None:  # the retry hook lets none through
             raise CarrierUnreachable(
                 f"kuaidi100 at {self._http.where} answered {what} with something that is not JSON",

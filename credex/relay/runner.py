@@ -38,7 +38,7 @@ from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
 from credex.db.engine import ensure_schema, session_for, translate_db_error, vacuum_warning
 from credex.db.models import utcnow
-from credex.errors import Unavailable, read_json
+from credex.errors import Unavailable, json_object
 from credex.metrics import RelayMetrics, new_registry
 from credex.points.rules import CARRIER_MAX, EXPRESS_NO_MAX, MESSAGE_ID_MAX, cleaned, identifier_problem
 from credex.relay.answers import (
@@ -556,13 +556,8 @@ def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | Faile
         return parse_confirmation(properties, body)
     if kind not in (SHIPMENT_CANCELLED, SHIPMENT_FAILED):
         return None
-    try:
-        data = read_json(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    message_id = _message_id(properties, data)
+    data = json_object(body)
+    message_id = None if data is None else _message_id(properties, data)
     if message_id is None:
         return None
     reason = data.get("reason")
@@ -578,11 +573,8 @@ def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | Faile
 def parse_confirmation(properties, body: bytes) -> Confirmation | None:
     """A shipment.requested message (messaging.md): the outbox message it confirms is its
     ``correlation_id`` (or the body's ``message_id``)."""
-    try:
-        data = read_json(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(body)
+    if data is None:
         return None
     message_id = _message_id(properties, data)
     express_no, carrier = data.get("express_no"), data.get("carrier")
