@@ -96,6 +96,47 @@ def test_a_broker_url_that_is_not_one_is_bad_configuration_before_anything_conne
     assert "hunter2pw" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("worker", ["relay", "warehouse"])
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("p" * 228, "longer than 227 characters"),  # with the longest queue name: 256 bytes
+        ("\u00fc" * 114, "longer than 227 bytes"),  # 114 characters, 228 bytes
+        ("amq.shop.", "must not begin with 'amq.'"),
+        ("shop\x1b[2J.", "control character"),
+    ],
+    ids=["too-long", "too-many-bytes", "reserved", "control"],
+)
+def test_a_prefix_the_broker_would_refuse_is_bad_configuration_before_anything_connects(
+    db_url, rabbit, worker, prefix, words
+) -> None:
+    """Exit 2 at once, naming the setting: a prefix whose names the broker refuses was exit 70
+    (too long for an AMQP name) or, reserved by the broker, retried for ever as a broker error."""
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url,
+        CREDEX_AMQP_URL=rabbit.url,  # a broker that answers: nothing may be declared on it
+        CREDEX_AMQP_PREFIX=prefix,
+        CREDEX_LOGISTICS_URL="http://127.0.0.1:9",
+    )
+    done = run_process(worker, "run", "--json", env=env, timeout=60)  # long-running: it must not wait
+    assert done.exit_code == 2, done.stderr
+    error = json.loads(done.stderr.strip().splitlines()[-1])["error"]
+    assert error["code"] == "invalid_input", error
+    assert error["message"].startswith("CREDEX_AMQP_PREFIX") and words in error["message"], error
+    assert "connected" not in done.stderr
+
+
+def test_spaces_around_the_prefix_are_dropped(db_url, credex, shop, rabbit) -> None:
+    shop(1)
+    env = subprocess_env(
+        CREDEX_DATABASE_URL=db_url, CREDEX_AMQP_URL=rabbit.url, CREDEX_AMQP_PREFIX=f"  {rabbit.prefix} "
+    )
+    done = run_process("relay", "run", "--once", "--json", env=env, timeout=60)
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["published"] == 1
+    assert len(rabbit.take(rabbit.names.warehouse_queue)) == 1
+
+
 def test_a_tls_broker_url_is_shown_as_amqps_and_showing_a_bad_one_never_fails() -> None:
     shown = display_amqp_url("amqps://ops:s3cret@mq.example:5671/shop")
     assert shown == "amqps://ops@mq.example:5671/shop"

@@ -122,7 +122,8 @@ def run(
         policy=policy,
         operator=s.operator,  # on the refunds the warehouse's cancel answers bring
     )
-    relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), Names(s.amqp_prefix), options)
+    names = Names.configured(s.amqp_prefix)
+    relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), names, options)
     server = serve_metrics(relay.metrics.registry, metrics_port, metrics_host)
     try:
         report = run_until_signalled(relay, as_json=as_json)

@@ -73,7 +73,7 @@ def run(
     quiet_pika()
     warehouse = Warehouse(
         s.warehouse_database_url or s.database_url,
-        warehouse_broker(s.amqp_url.get_secret_value(), Names(s.amqp_prefix), prefetch=prefetch),
+        warehouse_broker(s.amqp_url.get_secret_value(), Names.configured(s.amqp_prefix), prefetch=prefetch),
         lambda: carrier_client(s, total_timeout=carrier_timeout),
         once=once,
         carrier_timeout=carrier_timeout,

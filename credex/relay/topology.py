@@ -17,11 +17,49 @@ SHIPMENT_FAILED = "shipment.failed"
 ANSWERS = (SHIPMENT_REQUESTED, SHIPMENT_CANCELLED, SHIPMENT_FAILED)  # the warehouse's, to the relay
 
 
+NAME_BYTES = 255  # the broker's limit on an exchange or queue name (an AMQP short string), UTF-8
+_LONGEST_NAME = "credex.warehouse.redemptions"  # without the prefix
+RESERVED = "amq."  # names the broker keeps for itself
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` (CREDEX_AMQP_PREFIX) cannot begin the broker's names (None: it can)."""
+    if not prefix:
+        return None
+    from credex.points.rules import identifier_problem
+
+    problem = identifier_problem(prefix, "CREDEX_AMQP_PREFIX", NAME_BYTES - len(_LONGEST_NAME))
+    if problem is not None:
+        return problem
+    if len((prefix + _LONGEST_NAME).encode()) > NAME_BYTES:
+        longest = NAME_BYTES - len(_LONGEST_NAME)
+        return (
+            f"CREDEX_AMQP_PREFIX is longer than {longest} bytes (UTF-8): "
+            f"the broker takes names of at most {NAME_BYTES}"
+        )
+    if prefix.startswith(RESERVED):
+        return f"CREDEX_AMQP_PREFIX must not begin with {RESERVED!r}: the broker keeps those names for itself"
+    return None
+
+
 @dataclass(frozen=True)
 class Names:
     """Exchange and queue names with the installation's prefix; routing keys are never prefixed."""
 
     prefix: str = ""
+
+    @classmethod
+    def configured(cls, prefix: str) -> Names:
+        """The names for the setting CREDEX_AMQP_PREFIX: spaces around it dropped, as with every
+        identifier; one the broker would refuse is bad input (exit 2), found before anything
+        connects (a worker would otherwise retry it for ever as a broker error)."""
+        from credex.errors import InvalidInput
+
+        prefix = prefix.strip()
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise InvalidInput(problem)
+        return cls(prefix)
 
     @property
     def exchange(self) -> str:
