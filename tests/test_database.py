@@ -442,6 +442,13 @@ def credex_at():
         ("sqlite+foo:///points.db", "unsupported database driver"),
         ("http://example.com/points", "unsupported database"),
         (":::", "not a database URL"),
+        ("sqlite://", "in-memory SQLite database keeps nothing"),  # was exit 0: nothing kept
+        ("sqlite:///", "in-memory SQLite database keeps nothing"),
+        ("sqlite:///:memory:", "in-memory SQLite database keeps nothing"),
+        # An "@" in the password: the driver was given "pw@127.0.0.1" for the host, and said so.
+        ("postgresql://credex:s3cr3t-pw@s3cr3t-pw@127.0.0.1:5432/points", "write it as %40"),
+        ("postgresql://credex@127.0.0.1:99999/points", "port must be 1 to 65535, got 99999"),  # was 69
+        ("postgresql://credex@127.0.0.1:0/points", "port must be 1 to 65535, got 0"),
     ],
 )
 def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(tmp_path, url, words):

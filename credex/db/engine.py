@@ -84,7 +84,26 @@ def normalise_url(url: str):
             f"unsupported database driver {printable(parsed.drivername)}: "
             "use sqlite:///PATH or postgresql://… (psycopg 3)"
         )
+    problem = _address_problem(parsed)
+    if problem is not None:
+        raise InvalidInput(problem)
     return parsed.set(drivername=driver)
+
+
+def _address_problem(parsed) -> str | None:
+    """Why a parsed URL cannot name a database credex can keep its data in (None: it can). Found
+    before connecting: these are mistakes in the URL, not a server out of reach (exit 69)."""
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            return "an in-memory SQLite database keeps nothing once the command ends: give a file, sqlite:///PATH"
+        return None
+    if parsed.host is not None and "@" in parsed.host:
+        # The password (or user name) holds an "@" that was not percent-encoded: the rest of it
+        # would be taken for the host, and shown in the driver's error.
+        return "the database URL has an '@' in its user name or password: write it as %40"
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        return f"the database URL's port must be 1 to 65535, got {printable(parsed.port)}"
+    return None
 
 
 def display_url(url: str) -> str:
