@@ -49,3 +49,64 @@ def test_a_double_dash_given_as_an_option_value_does_not_hide_json(tmp_path):
     assert result.exit_code == 2
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "invalid_input" and "Missing argument 'points'" in error["message"]
+
+
+# --- long values: the message quotes them cut short, and hiding passwords in it costs its length --
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["redeem", "list", "--status", "s" * 100_000],
+        ["relay", "list", "--state", "s" * 100_000],
+        ["audit", "verify", "--warehouse-database-url", "w" * 100_000],
+    ],
+    ids=["status", "state", "warehouse-url"],
+)
+def test_a_value_of_100000_characters_is_refused_in_one_short_line(tmp_path, args):
+    """These took minutes of CPU (finding passwords in the message grew with the square of its
+    length) and printed the whole value back."""
+    assert run_process("--database-url", f"sqlite:///{tmp_path / 'x.db'}", "db", "upgrade").exit_code == 0
+    result = run_process("--database-url", f"sqlite:///{tmp_path / 'x.db'}", *args, "--json", timeout=60)
+    assert result.exit_code == 2, result.stderr[:300]
+    assert result.stderr.count("\n") == 1
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input"
+    assert len(error["message"]) < 300 and "(100000 characters)" in error["message"], error
+
+
+def test_a_bulk_header_of_long_names_is_refused_naming_them_cut_short(tmp_path):
+    names = tmp_path / "header.csv"
+    names.write_text(",".join(["x" * 130_000] * 6) + "\n")
+    result = run_process(
+        "--database-url", f"sqlite:///{tmp_path / 'x.db'}", "award", "bulk", str(names), timeout=60
+    )
+    assert result.exit_code == 2, result.stderr[:300]
+    assert result.stderr.count("\n") == 1 and len(result.stderr) < 1000, result.stderr[:300]
+    assert "has no user_id,points,ref" in result.stderr and "(130000 characters)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("cannot reach amqp://guest:guest@mq:5672/%2F", "cannot reach amqp://guest:***@mq:5672/%2F"),
+        # An "@" in the password, not percent-encoded: hidden whole, not up to its first "@".
+        ("postgresql://shop:pa@ss@db:5432/points", "postgresql://shop:***@db:5432/points"),
+        ("'sqlite:///x.db', 'redis://:pw@cache/0'", "'sqlite:///x.db', 'redis://:***@cache/0'"),
+        ("amqp://u:p1@n1,amqp://u:p2@n2/%2F", "amqp://u:***@n1,amqp://u:***@n2/%2F"),
+        ("amqp://guest@mq:5672/ and a:b@c", "amqp://guest@mq:5672/ and a:b@c"),  # no password
+        ("password=hunter2 token=abc Bearer xyz", "password=*** token=*** Bearer ***"),
+    ],
+)
+def test_passwords_are_hidden_in_free_text(text, shown):
+    from credex.errors import redact
+
+    assert redact(text) == shown
+
+
+def test_hiding_passwords_in_a_long_text_finds_every_one():
+    from credex.errors import redact
+
+    many = " ".join(f"amqp://u:secret{i}@h{i}" for i in range(20_000)) + " " + "x://y:" * 50_000
+    shown = redact(many)
+    assert "secret" not in shown and shown.count("u:***@h") == 20_000

@@ -97,18 +97,18 @@ def sandbox(
     /_sandbox (shipments, refuse, requests, clock) are described in docs/logistics.md. Stop it
     with Ctrl-C.
     """
-    from credex.errors import InvalidInput
+    from credex.errors import InvalidInput, printable
     from credex.logistics.sandbox import FAULTS, NUMBERINGS, SandboxOptions
     from credex.logistics.sandbox_http import serve
 
     script = tuple(fault.strip() for fault in faults.split(",") if fault.strip())
     unknown = [fault for fault in script if fault not in FAULTS]
     if unknown:
-        raise InvalidInput(f"unknown fault {unknown[0]!r} in --faults: use {', '.join(FAULTS)}")
+        raise InvalidInput(f"unknown fault {printable(unknown[0])} in --faults: use {', '.join(FAULTS)}")
     if unavailable_share + throttle_share + slow_share + drop_share + conflict_share + invalid_share > 1:
         raise InvalidInput("the fault shares add up to more than 1")
     if numbering not in NUMBERINGS:
-        raise InvalidInput(f"unknown --numbering {numbering!r}: use {' or '.join(NUMBERINGS)}")
+        raise InvalidInput(f"unknown --numbering {printable(numbering)}: use {' or '.join(NUMBERINGS)}")
     key = settings(ctx).logistics_api_key
     options = SandboxOptions(
         stage_seconds=stage_seconds,

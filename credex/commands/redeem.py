@@ -106,12 +106,12 @@ def list_(
 ) -> None:
     """Redemptions, newest first."""
     from credex.db.models import RedemptionStatus
-    from credex.errors import InvalidInput
+    from credex.errors import InvalidInput, printable
     from credex.points.redemptions import list_redemptions
 
     statuses = [s.value for s in RedemptionStatus]
     if status is not None and status not in statuses:
-        raise InvalidInput(f"unknown status {status!r}: use {', '.join(statuses)}")
+        raise InvalidInput(f"unknown status {printable(status)}: use {', '.join(statuses)}")
     with points_session(ctx) as session:
         rows = list_redemptions(session, user_id=user, status=status, limit=limit)
     emit(rows, as_json=as_json, columns=COLUMNS, title="redemptions")

@@ -151,11 +151,11 @@ def list_(
     as_json: JsonOption = False,
 ) -> None:
     """Outbox messages, newest first."""
-    from credex.errors import InvalidInput
+    from credex.errors import InvalidInput, printable
     from credex.relay.operators import MESSAGE_STATES, list_messages
 
     if state is not None and state not in MESSAGE_STATES:
-        raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(MESSAGE_STATES)}")
+        raise InvalidInput(f"unknown state {printable(state)}: use one of {', '.join(MESSAGE_STATES)}")
     with points_session(ctx) as session:
         rows = list_messages(session, state=state, limit=limit)
     emit(rows, as_json=as_json, columns=LIST_COLUMNS, title="outbox messages")

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from credex.errors import CarrierNotConfigured
+from credex.errors import CarrierNotConfigured, printable
 from credex.logistics.model import (
     FINAL_STATUSES,
     STATUSES,
@@ -91,7 +91,8 @@ def carrier_client(
     provider = (settings.logistics_provider or "generic").strip().lower()
     if provider not in PROVIDERS:
         raise CarrierNotConfigured(
-            f"unknown carrier provider {provider!r}: set CREDEX_LOGISTICS_PROVIDER to generic or kuaidi100"
+            f"unknown carrier provider {printable(provider)}: "
+            "set CREDEX_LOGISTICS_PROVIDER to generic or kuaidi100"
         )
     if provider == "generic" and not settings.logistics_url:
         raise CarrierNotConfigured(NO_CARRIER_HELP)

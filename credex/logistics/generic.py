@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
-from credex.errors import json_object, redact
+from credex.errors import json_object, printable, redact
 from credex.logistics.model import (
     STATUSES,
     CancelOutcome,
@@ -53,7 +53,7 @@ ALREADY_PICKED_UP = "already_picked_up"  # the contract's error code of a cancel
 def parse_time(value: object) -> datetime:
     """An RFC 3339 time from the carrier, in UTC (a time without offset is taken as UTC)."""
     if not isinstance(value, str):
-        raise ValueError(f"not a time: {value!r}")
+        raise ValueError(f"not a time: {printable(value)}")
     moment = datetime.fromisoformat(value.strip())
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)

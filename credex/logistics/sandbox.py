@@ -122,7 +122,7 @@ class Numbering:
 
     def __init__(self, scheme: str, *, wall: Callable[[], float] = time.time) -> None:
         if scheme not in NUMBERINGS:
-            raise ValueError(f"unknown numbering {scheme!r}: use {' or '.join(NUMBERINGS)}")
+            raise ValueError(f"unknown numbering {scheme[:40]!r}: use {' or '.join(NUMBERINGS)}")
         self.scheme = scheme
         random_part = "".join(secrets.choice(_BASE36) for _ in range(4))  # never the seeded RNG
         self.prefix = _base36(int(wall()), 7) + random_part if scheme == "unique" else ""
@@ -189,7 +189,7 @@ class SandboxCarrier:
             raise ValueError("stage_seconds must be positive")
         unknown = [fault for fault in options.faults if fault not in FAULTS]
         if unknown:
-            raise ValueError(f"unknown fault {unknown[0]!r}: use {', '.join(FAULTS)}")
+            raise ValueError(f"unknown fault {unknown[0][:40]!r}: use {', '.join(FAULTS)}")
         if not 0 <= options.refuse_share <= 1:
             raise ValueError("refuse_share must be between 0 and 1")
         self.options = options
@@ -407,7 +407,8 @@ class SandboxCarrier:
         """Every parcel, in creation order; ``where`` keeps those whose fields equal the given values."""
         unknown = set(where) - set(SHIPMENT_FILTERS)
         if unknown:
-            raise ValueError(f"cannot filter on {sorted(unknown)[0]!r}: use {', '.join(SHIPMENT_FILTERS)}")
+            first = sorted(unknown)[0][:40]
+            raise ValueError(f"cannot filter on {first!r}: use {', '.join(SHIPMENT_FILTERS)}")
         now = self.now()
         with self._lock:
             rows = [self._row(parcel, now) for parcel in self._by_key.values()]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from credex.errors import InvalidInput, read_json
+from credex.errors import InvalidInput, printable, read_json
 from credex.points.rules import (
     ID_SPACES,
     REASON_MAX,
@@ -217,7 +217,7 @@ class CsvGrants(GrantReader):
             hint = " (JSON lines? use --format jsonl)" if header_text.lstrip().startswith("{") else ""
             raise UnreadableFile(
                 f"{name} has no {HEADER_HINT} header: the first line names "
-                f"{', '.join(repr(c) for c in header[:6]) or 'nothing'}{hint}"
+                f"{', '.join(printable(c) for c in header[:6]) or 'nothing'}{hint}"
             )
         repeated = sorted({column for column in names if names.count(column) > 1 and column})
         if repeated:
@@ -351,7 +351,7 @@ def open_grants(stream: IO[bytes], *, name: str, format: str | None, size: int |
         return JsonLinesGrants(stream, size, name)
     if format == "csv":
         return CsvGrants(stream, size, name)
-    raise InvalidInput(f"unknown format {format!r}: use csv or jsonl")
+    raise InvalidInput(f"unknown format {printable(format)}: use csv or jsonl")
 
 
 # --- the rejects file ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import ShipmentStatus, ShipmentType
-from credex.errors import InvalidInput, read_json
+from credex.errors import InvalidInput, printable, read_json
 from credex.logistics.model import Waybill, is_token
 from credex.points.rules import INT32_MAX, INT64_MAX
 from credex.relay.topology import (
@@ -122,7 +122,7 @@ def parse_message(kind: str, body: bytes) -> RedemptionMessage | CancelMessage:
         return parse_redemption_message(body)
     if kind == REDEMPTION_CANCELLED:
         return parse_cancel_message(body)
-    raise InvalidInput(f"a message of unknown type {kind!r}")
+    raise InvalidInput(f"a message of unknown type {printable(kind)}")
 
 
 def shipment_json(row) -> dict:
