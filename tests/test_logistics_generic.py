@@ -472,6 +472,10 @@ def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_return
         tracking(checkpoints=["moving"]),
         tracking(checkpoints=[{"time": "2026-11-24T12:00:00Z", "status": {"tag": "x"}}]),
         tracking(checkpoints=[{"time": "2026-11-24T12:00:00Z", "status": "in_transit", "message": 5}]),
+        # Times UTC cannot hold: an uncaught OverflowError, exit 70 from `credex track`.
+        tracking(checkpoints=[{"time": "0001-01-01T00:00:00+01:00", "status": "in_transit"}]),
+        tracking(checkpoints=[{"time": "9999-12-31T23:59:59-01:00", "status": "in_transit"}]),
+        {**tracking(), "updated_at": "0001-01-01T00:00:00+05:00"},
     ],
     ids=[
         "no-status",
@@ -481,6 +485,9 @@ def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_return
         "point-not-object",
         "point-status-object",
         "message-not-text",
+        "time-before-year-1-in-utc",
+        "time-after-9999-in-utc",
+        "updated-before-year-1-in-utc",
     ],
 )
 def test_a_tracking_that_breaks_the_contract_is_a_clear_final_error(document):
@@ -498,13 +505,23 @@ def test_a_tracking_is_about_the_number_asked_and_its_words_are_made_safe_to_pri
                 "status": "in_transit",
                 "message": "moving\nerror: forged line\x00 \u202eevil" + "x" * 2000,
                 "location": "Hub\r\n",
-            }
+            },
+            # A lone surrogate is valid JSON; printed or stored it failed `track` with exit 2.
+            {
+                "time": "2026-11-24T11:00:00Z",
+                "status": "in_transit",
+                "message": "lost \ud800 half",
+                "location": "\udc00",
+            },
         ]
     )
     document["tracking_number"] = "SIM\x00999"  # an echo that is not read
-    with make_client(Carrier(ok(document))) as client:
+    body = json.dumps(document).encode()  # ASCII: the surrogates as JSON escapes, as a carrier sends them
+    answer = httpx.Response(200, content=body, headers={"Content-Type": "application/json"})
+    with make_client(Carrier(answer)) as client:
         result = client.track("SIM0000000042")
-    [point] = result.checkpoints
+    point, lone = result.checkpoints
+    assert (lone.message, lone.location) == ("lost \ufffd half", "\ufffd")
     assert result.express_no == "SIM0000000042"
     assert point.message.startswith("moving error: forged line   evil") and len(point.message) <= 500
     assert point.location == "Hub"

@@ -161,6 +161,15 @@ def test_a_state_that_is_not_text_or_a_whole_number_is_a_clear_final_error(state
     assert raised.value.final and "cannot read" in raised.value.message and len(carrier.requests) == 1
 
 
+@pytest.mark.parametrize("time", ["0001-01-01 00:00:00", "0001-01-01 07:59:59"])
+def test_a_checkpoint_time_before_year_1_in_utc_is_a_clear_final_error(time):
+    """China time is 8 hours ahead: this was an uncaught OverflowError, exit 70 from `track`."""
+    carrier = Carrier(answer("0", [{"time": time, "context": "到达"}]))
+    with kuaidi100_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    assert raised.value.final and "out of range" in raised.value.message and len(carrier.requests) == 1
+
+
 def test_an_answer_that_is_not_json_is_asked_again():
     carrier = Carrier(httpx.Response(200, text="<html>502 Bad Gateway</html>"), answer("5"))
     clock = FakeClock()

@@ -15,7 +15,7 @@ How an answer is read, and what is done with one that cannot be:
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -38,6 +38,7 @@ from credex.logistics.model import (
     UnknownShipment,
     Waybill,
     clean_text,
+    in_utc,
     is_carrier_code,
     is_express_no,
     is_token,
@@ -54,10 +55,7 @@ def parse_time(value: object) -> datetime:
     """An RFC 3339 time from the carrier, in UTC (a time without offset is taken as UTC)."""
     if not isinstance(value, str):
         raise ValueError(f"not a time: {printable(value)}")
-    moment = datetime.fromisoformat(value.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    return in_utc(datetime.fromisoformat(value.strip()))
 
 
 def normalise_status(value: str) -> str:

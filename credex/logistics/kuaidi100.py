@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -29,6 +29,7 @@ from credex.logistics.model import (
     Tracking,
     Waybill,
     clean_text,
+    in_utc,
     shown,
 )
 from credex.logistics.retrying import RetryingHttp
@@ -122,10 +123,7 @@ def query_param(com: str, num: str, phone: str | None = None) -> str:
 
 
 def _china_time(value: object) -> datetime:
-    moment = datetime.fromisoformat(str(value).strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=CHINA_TIME)
-    return moment.astimezone(UTC)
+    return in_utc(datetime.fromisoformat(str(value).strip()), naive=CHINA_TIME)
 
 
 def _failure_code(answer: dict[str, Any]) -> str | None:

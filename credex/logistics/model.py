@@ -46,6 +46,7 @@ TOKEN = re.compile(r"[!-~]{1,128}")
 
 # Control characters (C0, DEL, C1) and the bidirectional controls that can reorder a line.
 _UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u061c\u202a-\u202e\u2066-\u2069]+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in JSON ("\\ud800"), not in UTF-8 text
 TEXT_LIMIT = 500
 
 
@@ -63,8 +64,9 @@ def is_token(value: object) -> bool:
 
 def clean_text(value: object, limit: int = TEXT_LIMIT) -> str:
     """A carrier's free text (a checkpoint's words, an error message) made safe to print on one line:
-    control and bidirectional characters become one space, and it is cut at ``limit``."""
-    text = _UNSAFE_TEXT.sub(" ", str(value)).strip()
+    control and bidirectional characters become one space, a lone surrogate (which no UTF-8 output
+    or database can take) the replacement character, and it is cut at ``limit``."""
+    text = _LONE_SURROGATE.sub("\ufffd", _UNSAFE_TEXT.sub(" ", str(value))).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -76,6 +78,17 @@ def shown(value: object, limit: int = 40) -> str:
     if len(value) > limit:
         return repr(value[:limit]) + f"… ({len(value)} characters)"
     return repr(value)
+
+
+def in_utc(moment: datetime, *, naive=UTC) -> datetime:
+    """A carrier's time in UTC (one without an offset taken in ``naive``). A time UTC cannot hold
+    (year 1 east of Greenwich, 9999 west of it) is a ValueError like any unreadable time."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=naive)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"a time out of range in UTC: {moment.isoformat()}") from None
 
 
 def iso(moment: datetime) -> str:
