@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import getpass
+import re
 from decimal import Decimal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +17,10 @@ def _login_name() -> str:
         return "unknown"
 
 
+MAX_PURCHASE_RATE = 1_000_000  # points per 1.00 spent
+_RATE = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CREDEX_", extra="ignore")
 
@@ -23,7 +28,7 @@ class Settings(BaseSettings):
     warehouse_database_url: str | None = None
     operator: str = Field(default_factory=_login_name)
 
-    purchase_rate: Decimal = Field(default=Decimal(1), ge=0, allow_inf_nan=False)
+    purchase_rate: Decimal = Field(default=Decimal(1), ge=0, le=MAX_PURCHASE_RATE, decimal_places=6)
     review_points: int = Field(default=10, ge=1, le=2**63 - 1)
     review_photo_points: int = Field(default=20, ge=1, le=2**63 - 1)
     pending_days: int = Field(default=0, ge=0, le=36500)
@@ -48,6 +53,16 @@ class Settings(BaseSettings):
     # How often `track sync` may ask the carrier about one express number (kuaidi100 locks a
     # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
     track_min_interval: str = "30m"
+
+
+    @field_validator("purchase_rate", mode="before")
+    @classmethod
+    def _ascii_rate(cls, value: object) -> object:
+        # As every number credex reads: ASCII digits, no exponent (1e999999 overflowed the
+        # arithmetic of a purchase, exit 70), no full-width digits.
+        if isinstance(value, str) and not _RATE.fullmatch(value.strip()):
+            raise ValueError("must be a decimal number of ASCII digits, like 1 or 0.5")
+        return value
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -515,6 +515,9 @@ def test_a_file_that_is_not_a_database_is_exit_69(tmp_path, credex_at):
         ("CREDEX_REVIEW_POINTS", "-5"),
         ("CREDEX_PURCHASE_RATE", "NaN"),
         ("CREDEX_PURCHASE_RATE", "inf"),
+        ("CREDEX_PURCHASE_RATE", "１"),  # full-width: numbers are ASCII
+        ("CREDEX_PURCHASE_RATE", "1000001"),
+        ("CREDEX_PURCHASE_RATE", "0.1234567"),
         ("CREDEX_EXPIRY_DAYS", "1e3"),
         ("CREDEX_SQLITE_BUSY_TIMEOUT", "soon"),
     ],
@@ -526,6 +529,22 @@ def test_a_setting_with_a_bad_value_is_bad_usage_naming_it(tmp_path, credex_at, 
     assert result.exit_code == 2, result.stderr
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "invalid_input" and name in error["message"], error
+    assert not path.exists() or _everything(f"sqlite:///{path}")["account"] == []
+
+
+@pytest.mark.parametrize("rate", ["1e999999", "1e999999999"])
+def test_a_purchase_rate_beyond_any_arithmetic_is_bad_usage_not_an_internal_error(
+    tmp_path, credex_at, monkeypatch, rate
+):
+    """It was exit 70 (decimal.Overflow) at the first purchase."""
+    monkeypatch.setenv("CREDEX_PURCHASE_RATE", rate)
+    path = tmp_path / "shop.db"
+    result = credex_at(
+        f"sqlite:///{path}", "award", "purchase", "u1", "--order", "o1", "--amount", "10", "--json"
+    )
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and "CREDEX_PURCHASE_RATE" in error["message"], error
     assert not path.exists() or _everything(f"sqlite:///{path}")["account"] == []
 
 
