@@ -431,6 +431,33 @@ def test_the_rejects_file_keeps_each_refused_row_with_its_line_and_reason(credex
     assert bulk(credex, fixed, "--json").json()["applied"] == 1
 
 
+def test_a_rejected_json_row_holding_a_lone_surrogate_is_written_back_as_its_escape(credex, db_url, tmp_path):
+    """Valid JSON, not UTF-8 text: writing it to the rejects file failed the run half way (exit 2
+    after the rows before it were applied, no summary, an empty rejects file)."""
+    lines = [
+        '{"user_id": "u1", "points": 5, "ref": "s0"}',
+        '{"user_id": "u-\\ud800", "points": 5, "ref": "s1"}',
+        '{"user_id": "u1", "points": 7, "ref": "s2"}',
+    ]
+    path = write(tmp_path, "\n".join(lines) + "\n", "grants.jsonl")
+    rejects = tmp_path / "rejects.jsonl"
+    result = bulk(credex, path, "--rejects", rejects, "--json")
+    assert result.exit_code == 3, result.stderr
+    assert result.json() | {"rejects_file": None} == {
+        "applied": 2,
+        "duplicates": 0,
+        "rejected": 1,
+        "points_awarded": 12,
+        "rows": 3,
+        "dry_run": False,
+        "rejects_file": None,
+    }
+    [line] = rejects.read_text(encoding="utf-8").splitlines()
+    assert line.startswith('{"user_id": "u-\\ud800", "points": 5, "ref": "s1", "line": 2, "error": ')
+    assert json.loads(line)["user_id"] == "u-\ud800"  # the row as it came in
+    assert balance(credex, "u1") == 12
+
+
 def test_columns_may_come_in_any_order_and_extra_columns_are_ignored(credex, db_url, tmp_path):
     path = csv_file(tmp_path, "spring,c-1,25,u1", header="Campaign, REF ,Points,user_id\n")
     result = bulk(credex, path, "--json")
