@@ -792,8 +792,10 @@ def test_without_a_carrier_url_the_error_says_how_to_start_the_sandbox():
         {"logistics_url": "127.0.0.1:8700"},
         {"logistics_url": "ftp://carrier.test"},
         {"logistics_provider": "kuaidi100", "kuaidi100_customer": "C1"},
+        {"logistics_url": "http://127.0.0.1:99999"},  # was retried for 30 s as "connection refused"
+        {"logistics_url": "http://127.0.0.1:0"},
     ],
-    ids=["unknown-provider", "no-scheme", "not-http", "kuaidi100-without-key"],
+    ids=["unknown-provider", "no-scheme", "not-http", "kuaidi100-without-key", "port-too-high", "port-0"],
 )
 def test_unusable_carrier_settings_are_a_configuration_error(settings):
     from credex.config import Settings

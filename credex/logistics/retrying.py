@@ -113,6 +113,8 @@ class RetryingHttp:
             raise CarrierNotConfigured(
                 f"the carrier URL must start with http:// or https://, not {_safe_url_text(base_url)}"
             )
+        if url.port is not None and not 1 <= url.port <= 65535:  # else retried as a carrier away
+            raise CarrierNotConfigured(f"the carrier URL's port must be 1 to 65535, got {url.port}")
         self.where = _where(url)
         self._sleep = sleep
         self._clock = clock
