@@ -54,7 +54,6 @@ class Settings(BaseSettings):
     # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
     track_min_interval: str = "30m"
 
-
     @field_validator("purchase_rate", mode="before")
     @classmethod
     def _ascii_rate(cls, value: object) -> object:
