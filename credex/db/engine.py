@@ -90,12 +90,30 @@ def normalise_url(url: str):
     return parsed.set(drivername=driver)
 
 
+# What the sqlite3 driver takes from a URL's query itself; the rest is SQLite's, with uri=true.
+_SQLITE_DRIVER_OPTIONS = {
+    "timeout",
+    "isolation_level",
+    "detect_types",
+    "check_same_thread",
+    "cached_statements",
+    "uri",
+}
+
+
 def _address_problem(parsed) -> str | None:
     """Why a parsed URL cannot name a database credex can keep its data in (None: it can). Found
     before connecting: these are mistakes in the URL, not a server out of reach (exit 69)."""
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             return "an in-memory SQLite database keeps nothing once the command ends: give a file, sqlite:///PATH"
+        ignored = sorted(set(parsed.query) - _SQLITE_DRIVER_OPTIONS)
+        if ignored and parsed.query.get("uri") != "true":
+            # The driver would drop them with a warning: ?mode=ro would write all the same.
+            return (
+                f"SQLite URL options ({', '.join(printable(name) for name in ignored[:3])}) take effect "
+                "only in SQLite's URI form, sqlite:///file:PATH?mode=ro&uri=true; without it they are ignored"
+            )
         return None
     if parsed.host is not None and "@" in parsed.host:
         # The password (or user name) holds an "@" that was not percent-encoded: the rest of it
