@@ -15,6 +15,7 @@ from tests.support import run_process
         (["--json", "account", "show"], "usage", "No such option: --json"),
         (["account", "show", "u1", "--bogus", "--json"], "usage", "No such option: --bogus"),
         (["nosuch", "--json"], "usage", "No such command 'nosuch'"),
+        (["redeem", "cancel", "1", "--reason", "x", "--wait", "inf", "--json"], "invalid_input", "--wait"),
     ],
 )
 def test_a_usage_error_under_json_is_one_json_document_on_stderr(tmp_path, args, code, words):

@@ -69,7 +69,11 @@ def cancel(
     wait: Annotated[
         float | None,
         typer.Option(
-            "--wait", min=0, help="Wait up to SECONDS for the warehouse's answer.", show_default=False
+            "--wait",
+            min=0,
+            max=24 * 3600,
+            help="Wait up to SECONDS (at most a day) for the warehouse's answer.",
+            show_default=False,
         ),
     ] = None,
     operator_: OperatorOption = None,
