@@ -116,6 +116,21 @@ def test_an_unknown_number_or_carrier_is_404(carrier_sandbox):
     assert get_tracking(carrier_sandbox.url, number).status_code == 200
 
 
+@pytest.mark.parametrize("seconds", ["1e308", "1" + "0" * 400, "NaN", "Infinity", "3155760001"])
+def test_the_clock_cannot_be_moved_out_of_the_calendar(carrier_sandbox, seconds):
+    """1e308 seconds ahead made every later request a 500: the sandbox could only be restarted."""
+    number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
+    moved = httpx.post(
+        f"{carrier_sandbox.url}/_sandbox/clock",
+        content=f'{{"advance_seconds": {seconds}}}',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert moved.status_code == 422 and moved.json()["error"]["code"] == "invalid_clock"
+    assert get_tracking(carrier_sandbox.url, number).json()["status"] == "info_received"
+    assert carrier_sandbox.advance(3600)["offset_seconds"] == 3600  # the clock still moves
+
+
 def test_a_parcel_moves_one_stage_per_stage_duration_from_its_creation(carrier_sandbox):
     waybill = carrier_sandbox.create_shipment("redemption-1")
     number = waybill["tracking_number"]
@@ -222,6 +237,9 @@ def test_with_an_api_key_set_requests_must_carry_it():
         (["--unavailable-share", "0.6", "--drop-share", "0.6"], "more than 1"),
         (["--conflict-share", "0.6", "--invalid-share", "0.6"], "more than 1"),
         (["--numbering", "random"], "unknown --numbering 'random'"),
+        # Beyond what the parcels' clock can count: every tracking then failed with a 500.
+        (["--stage-seconds", "inf"], "--stage-seconds"),
+        (["--slow-seconds", "1e308"], "--slow-seconds"),
     ],
 )
 def test_bad_sandbox_options_are_refused(args, words):

@@ -10,6 +10,8 @@ from credex.commands._common import settings
 
 app = typer.Typer(help="The carrier side: a local sandbox carrier.", no_args_is_help=True)
 
+_DAY, _YEAR = 24 * 3600, 365 * 24 * 3600  # bounds that keep the parcels' clock arithmetic finite
+
 
 @app.command("sandbox")
 def sandbox(
@@ -21,6 +23,7 @@ def sandbox(
         typer.Option(
             "--stage-seconds",
             min=0.001,
+            max=_YEAR,
             help="Seconds between stages: info_received, in_transit, out_for_delivery, delivered "
             "(a refused parcel: exception, then returned).",
         ),
@@ -76,10 +79,10 @@ def sandbox(
         ),
     ] = "unique",
     retry_after: Annotated[
-        int, typer.Option("--retry-after", min=0, help="Seconds a 429 asks the client to wait.")
+        int, typer.Option("--retry-after", min=0, max=_DAY, help="Seconds a 429 asks the client to wait.")
     ] = 1,
     slow_seconds: Annotated[
-        float, typer.Option("--slow-seconds", min=0.0, help="How long a slow answer takes.")
+        float, typer.Option("--slow-seconds", min=0.0, max=_DAY, help="How long a slow answer takes.")
     ] = 5.0,
     seed: Annotated[
         int | None,

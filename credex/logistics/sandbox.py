@@ -35,6 +35,7 @@ FAULTS = ("503", "429", "slow", "drop", "409", "422")
 FAULT_HEADER = "X-Sandbox-Fault"
 NUMBERINGS = ("unique", "sequential")
 MAX_BODY = 1 << 20
+MAX_OFFSET = 100 * 365 * 24 * 3600  # how far the clock may be moved ahead: a century
 # (status, message, location) of each stage; a location of None is the recipient's address.
 STAGES = (
     ("info_received", "Shipment information received", "Sandbox warehouse"),
@@ -217,8 +218,11 @@ class SandboxCarrier:
         return datetime.fromtimestamp(self._wall() + offset, UTC)
 
     def advance(self, seconds: float) -> datetime:
-        """Make time pass for every parcel (tests and demos do not wait for the schedule)."""
+        """Make time pass for every parcel (tests and demos do not wait for the schedule), at most
+        ``MAX_OFFSET`` seconds in all: further, the clock leaves the calendar (ValueError)."""
         with self._lock:
+            if not 0 <= seconds <= MAX_OFFSET - self._offset:
+                raise ValueError(f"the clock moves at most {MAX_OFFSET} seconds ahead in all")
             self._offset += seconds
         return self.now()
 

@@ -188,10 +188,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
                 seconds = read_json(raw or b"{}").get("advance_seconds")
             except (ValueError, AttributeError):
                 seconds = None
-            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-                self._send(422, error_document("invalid_clock", 'send {"advance_seconds": N} with N >= 0'))
+            try:
+                if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+                    raise ValueError("not a number of seconds")
+                carrier.advance(float(seconds))  # float(10**400): OverflowError, a ValueError's kin
+            except (ValueError, OverflowError) as error:
+                why = f'send {{"advance_seconds": N}} with N >= 0 ({error})'
+                self._send(422, error_document("invalid_clock", why))
                 return
-            carrier.advance(float(seconds))
             self._send(200, carrier.clock())
         else:
             self._send(404, error_document("not_found", f"no route {method} {path}"))
