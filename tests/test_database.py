@@ -449,6 +449,12 @@ def credex_at():
         ("postgresql://credex:s3cr3t-pw@s3cr3t-pw@127.0.0.1:5432/points", "write it as %40"),
         ("postgresql://credex@127.0.0.1:99999/points", "port must be 1 to 65535, got 99999"),  # was 69
         ("postgresql://credex@127.0.0.1:0/points", "port must be 1 to 65535, got 0"),
+        # libpq refuses these only when connecting: exit 69, and a worker retrying them for ever.
+        (
+            "postgresql://credex:s3cr3t-pw@127.0.0.1/points?sslmod=require",
+            "option libpq does not know: 'sslmod'",
+        ),
+        ("postgresql://credex:s3cr3t-pw@127.0.0.1/points?sslmode=bogus", "sslmode must be one of"),
         # Ignored by the driver with a warning: a "read-only" URL that wrote all the same.
         ("sqlite:///points.db?mode=ro", "take effect only in SQLite's URI form"),
     ],

@@ -121,6 +121,27 @@ def _address_problem(parsed) -> str | None:
         return "the database URL has an '@' in its user name or password: write it as %40"
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         return f"the database URL's port must be 1 to 65535, got {printable(parsed.port)}"
+    return _libpq_option_problem(dict(parsed.query))
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _libpq_option_problem(options: dict) -> str | None:
+    """An option of the URL's query libpq would refuse only when connecting (exit 69, and a worker
+    retrying it for ever): an unknown name, or an sslmode that is none of libpq's."""
+    if not options:
+        return None
+    import psycopg.conninfo
+
+    for name in options:  # a name may come more than once (host=…&host=…: several servers)
+        try:
+            psycopg.conninfo.make_conninfo(**{name: ""})
+        except psycopg.ProgrammingError:
+            return f"the database URL has an option libpq does not know: {printable(name)}"
+    mode = options.get("sslmode")
+    if mode is not None and mode not in _SSLMODES:
+        return f"the database URL's sslmode must be one of {', '.join(_SSLMODES)}, got {printable(mode)}"
     return None
 
 
