@@ -108,12 +108,13 @@ def test_a_broker_url_that_is_not_one_is_bad_configuration_before_anything_conne
     ids=["too-long", "too-many-bytes", "reserved", "control"],
 )
 def test_a_prefix_the_broker_would_refuse_is_bad_configuration_before_anything_connects(
-    db_url, rabbit, worker, prefix, words
+    tmp_path, rabbit, worker, prefix, words
 ) -> None:
     """Exit 2 at once, naming the setting: a prefix whose names the broker refuses was exit 70
-    (too long for an AMQP name) or, reserved by the broker, retried for ever as a broker error."""
+    (too long for an AMQP name) or, reserved by the broker, retried for ever as a broker error.
+    The check comes before any database work: one backend is enough."""
     env = subprocess_env(
-        CREDEX_DATABASE_URL=db_url,
+        CREDEX_DATABASE_URL=f"sqlite:///{tmp_path / 'shop.db'}",
         CREDEX_AMQP_URL=rabbit.url,  # a broker that answers: nothing may be declared on it
         CREDEX_AMQP_PREFIX=prefix,
         CREDEX_LOGISTICS_URL="http://127.0.0.1:9",
