@@ -84,6 +84,14 @@ class SchemaMismatch(RuleViolation):
     code = "schema_mismatch"
 
 
+class UnreadableValue(RuleViolation):
+    """A value stored in the database is not of its column's type (SQLite keeps whatever an UPDATE
+    run by hand gives it: a time that is no time, text in a number): credex cannot read the row
+    until someone repairs it."""
+
+    code = "unreadable_value"
+
+
 class AppendOnly(RuleViolation):
     """A ledger entry (or stock movement) cannot be changed or removed: a correction is a new entry."""
 

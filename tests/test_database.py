@@ -576,3 +576,30 @@ def test_a_value_postgres_refuses_is_bad_input_without_the_sql(db_url, backend):
         error = translate_db_error(raised.value)
         assert error is not None and error.exit_code == 2 and error.code == "invalid_input"
         assert "INSERT" not in error.message and user not in error.message
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "args"),
+    [
+        ("redemption", "created_at", ["redeem", "show", "1"]),
+        ("redemption", "created_at", ["redeem", "list"]),
+        ("account", "updated_at", ["account", "show", "u1"]),
+        ("outbox_message", "next_attempt_at", ["relay", "list"]),
+    ],
+)
+def test_a_value_changed_by_hand_into_another_type_is_a_clear_error(tmp_path, credex_at, table, column, args):
+    """SQLite keeps whatever an UPDATE run by hand stores: a time that is no time was exit 70."""
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    for setup in (
+        ["catalog", "add", "MUG", "--name", "Mug", "--points", "10"],
+        ["award", "grant", "u1", "100", "--ref", "g1", "--reason", "opening"],
+        ["redeem", "create", "u1", "MUG", "--address", "1 High St"],
+    ):
+        assert credex_at(url, *setup).exit_code == 0
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        db.execute(f"UPDATE {table} SET {column} = 'not a time'")  # noqa: S608 - names from the test
+    result = credex_at(url, *args, "--json")
+    assert result.exit_code == 1, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "unreadable_value", error
+    assert "not of its column's type" in error["message"] and "'not a time'" in error["message"]

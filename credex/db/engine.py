@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,6 +41,7 @@ from credex.errors import (
     PermissionDenied,
     SchemaMismatch,
     Unavailable,
+    UnreadableValue,
     one_line,
     printable,
     redact,
@@ -411,6 +413,16 @@ def _refusal(error: BaseException) -> CredexError | None:
     return None
 
 
+def _raised_reading_a_row(error: BaseException) -> bool:
+    """Whether ``error`` was raised by SQLAlchemy turning a stored value into its column's Python
+    type (a datetime from text, a number): a value that is not its column's type, which SQLite
+    keeps when an UPDATE run by hand stores it. Judged by where it was raised, not its words."""
+    if not isinstance(error, ValueError | TypeError | ArithmeticError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)[-2:]
+    return any("sqlalchemy" in frame.filename and "processors" in frame.filename for frame in frames)
+
+
 def translate_db_error(error: BaseException) -> CredexError | None:
     """A known database failure as a user-facing error, or None. Never the SQL or its values.
 
@@ -420,6 +432,11 @@ def translate_db_error(error: BaseException) -> CredexError | None:
         return error
     if isinstance(error, UnicodeError):
         return InvalidInput(f"a value is not valid Unicode text: {_first_line(error)}")
+    if _raised_reading_a_row(error):
+        return UnreadableValue(
+            f"the database holds a value that is not of its column's type ({_first_line(error)}): "
+            "it was changed by hand; repair the row"
+        )
     if not isinstance(error, DBAPIError):
         return None
     orig = getattr(error, "orig", None) or error
