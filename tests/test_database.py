@@ -603,3 +603,16 @@ def test_a_value_changed_by_hand_into_another_type_is_a_clear_error(tmp_path, cr
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "unreadable_value", error
     assert "not of its column's type" in error["message"] and "'not a time'" in error["message"]
+
+
+def test_a_balance_changed_by_hand_into_text_is_a_clear_error_and_nothing_is_granted(tmp_path, credex_at):
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    assert credex_at(url, "award", "grant", "u1", "100", "--ref", "g1", "--reason", "opening").exit_code == 0
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        db.execute("UPDATE account SET balance = 'lots'")
+    result = credex_at(url, "award", "grant", "u1", "5", "--ref", "g2", "--reason", "more", "--json")
+    assert result.exit_code == 1, result.stderr  # was exit 70: "can only concatenate str"
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "unreadable_value" and "'lots'" in error["message"], error
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        assert db.execute("SELECT count(*) FROM ledger_entry").fetchone() == (1,)

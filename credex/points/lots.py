@@ -16,6 +16,7 @@ from sqlmodel import Session
 from credex.db import tables
 from credex.db.driver import DriverCursor, DriverStatement, first_value
 from credex.db.models import LotState, lot_state_is
+from credex.errors import UnreadableValue, printable
 from credex.points.planner import Account, Plan, StoredLot, queue_of, take_oldest
 
 account_table = tables.account
@@ -37,9 +38,16 @@ def find_entry(session: Session, kind: str, ref: str):
 def lock_account(session: Session, user_id: str):
     """The account's counters, its row locked until the transaction ends (None: no account)."""
     a = account_table.c
-    return session.execute(
+    row = session.execute(
         select(a.balance, a.pending, a.debt, a.earned).where(a.user_id == user_id).with_for_update()
     ).first()
+    bad = next((value for value in row or () if type(value) is not int), None)
+    if bad is not None:  # SQLite keeps text in a number column when an UPDATE by hand says so
+        raise UnreadableValue(
+            f"the account {printable(user_id)} holds a counter that is not a whole number "
+            f"({printable(bad)}): it was changed by hand; repair the row"
+        )
+    return row
 
 
 def locked_account(session: Session, user_id: str) -> Account | None:
