@@ -285,7 +285,8 @@ def snapshot(url: str) -> Iterator[Connection]:
     """A read-only transaction on ``url``'s current schema, never migrating it (an auditor may
     not write); its first statement fixes what every later one sees."""
     from credex.db import HEAD_REVISION
-    from credex.db.engine import display_url, get_engine, is_connection_error, schema_revision, unavailable
+    from credex.db.engine import get_engine, is_connection_error, schema_revision, unavailable
+    from credex.db.urls import display_url
     from credex.errors import NotMigrated
 
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():

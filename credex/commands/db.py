@@ -15,8 +15,8 @@ app = typer.Typer(help="Create and migrate the database schema.", no_args_is_hel
 @app.command("upgrade")
 def upgrade(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Migrate the schema to the newest revision (idempotent)."""
-    from credex.db.engine import display_url
     from credex.db.engine import upgrade as upgrade_database
+    from credex.db.urls import display_url
 
     s = settings(ctx)
     urls = [s.database_url]
@@ -46,8 +46,9 @@ def roles(
     credex_auditor, each with only the privileges its commands need (idempotent)."""
     from sqlalchemy.exc import DBAPIError
 
-    from credex.db.engine import display_url, ensure_schema, get_engine, is_connection_error, unavailable
+    from credex.db.engine import ensure_schema, get_engine, is_connection_error, unavailable
     from credex.db.roles import ROLES, refresh_roles, roles_sql
+    from credex.db.urls import display_url
     from credex.errors import InvalidInput
 
     s = settings(ctx)

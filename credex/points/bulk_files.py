@@ -11,7 +11,6 @@ import csv
 import io
 import itertools
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -394,14 +393,7 @@ class RejectsFile:
             record = {**original, line: rejected.line, why: rejected.reason}
         else:
             record = {"line": rejected.line, "error": rejected.reason, "text": original}
-        # A lone surrogate (a JSON escape like "\\ud800" in the row) cannot be written as UTF-8: it
-        # goes back out as the same escape, so the line reads back exactly as it came in.
-        text = _LONE_SURROGATE.sub(_json_escape, json.dumps(record, ensure_ascii=False))
+        # A lone surrogate (a JSON escape like "\\ud800" in the row) is not UTF-8: it goes back out
+        # as that escape, which backslashreplace spells the same way, so the line reads back as it came.
+        text = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
         self._out.write(text + "\n")
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _json_escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"

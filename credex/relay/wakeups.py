@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.engine import make_url
 
-from credex.db.engine import normalise_url
+from credex.db.urls import normalise_url
 from credex.errors import redact
 from credex.retry import Backoff, Streak
 
