@@ -459,8 +459,8 @@ def credex_at():
         ("sqlite:///points.db?mode=ro", "take effect only in SQLite's URI form"),
     ],
 )
-def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(tmp_path, url, words):
-    result = run_process("--database-url", url, "account", "show", "u1", "--json")
+def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(credex_at, url, words):
+    result = credex_at(url, "account", "show", "u1", "--json")
     assert result.exit_code == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     error = json.loads(result.stderr)["error"]
