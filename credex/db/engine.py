@@ -319,8 +319,8 @@ def _raised_reading_a_row(error: BaseException) -> bool:
     keeps when an UPDATE run by hand stores it. Judged by where it was raised, not its words."""
     if not isinstance(error, ValueError | TypeError | ArithmeticError):
         return False
-    frames = traceback.extract_tb(error.__traceback__)[-2:]
-    return any("sqlalchemy" in frame.filename and "processors" in frame.filename for frame in frames)
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__)][-2:]
+    return any("sqlalchemy" in name and "processors" in name for name in files)
 
 
 def translate_db_error(error: BaseException) -> CredexError | None:

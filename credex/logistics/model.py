@@ -81,7 +81,7 @@ def shown(value: object, limit: int = 40) -> str:
 
 
 def in_utc(moment: datetime, *, naive=UTC) -> datetime:
-    """A carrier's time in UTC (one without an offset taken in ``naive``). A time UTC cannot hold
+    """``moment`` in UTC (one without an offset taken in ``naive``). A time UTC cannot hold
     (year 1 east of Greenwich, 9999 west of it) is a ValueError like any unreadable time."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=naive)
@@ -93,9 +93,7 @@ def in_utc(moment: datetime, *, naive=UTC) -> datetime:
 
 def iso(moment: datetime) -> str:
     """ISO 8601 in UTC with its offset, as every time credex prints."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat()
+    return in_utc(moment).isoformat()
 
 
 # --- what a caller catches ---------------------------------------------------------------------

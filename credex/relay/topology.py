@@ -19,6 +19,7 @@ ANSWERS = (SHIPMENT_REQUESTED, SHIPMENT_CANCELLED, SHIPMENT_FAILED)  # the wareh
 
 NAME_BYTES = 255  # the broker's limit on an exchange or queue name (an AMQP short string), UTF-8
 _LONGEST_NAME = "credex.warehouse.redemptions"  # without the prefix
+PREFIX_BYTES = NAME_BYTES - len(_LONGEST_NAME)  # the most a prefix may take, in UTF-8
 RESERVED = "amq."  # names the broker keeps for itself
 
 
@@ -28,13 +29,12 @@ def prefix_problem(prefix: str) -> str | None:
         return None
     from credex.points.rules import identifier_problem
 
-    problem = identifier_problem(prefix, "CREDEX_AMQP_PREFIX", NAME_BYTES - len(_LONGEST_NAME))
+    problem = identifier_problem(prefix, "CREDEX_AMQP_PREFIX", PREFIX_BYTES)
     if problem is not None:
         return problem
-    if len((prefix + _LONGEST_NAME).encode()) > NAME_BYTES:
-        longest = NAME_BYTES - len(_LONGEST_NAME)
+    if len(prefix.encode()) > PREFIX_BYTES:
         return (
-            f"CREDEX_AMQP_PREFIX is longer than {longest} bytes (UTF-8): "
+            f"CREDEX_AMQP_PREFIX is longer than {PREFIX_BYTES} bytes (UTF-8): "
             f"the broker takes names of at most {NAME_BYTES}"
         )
     if prefix.startswith(RESERVED):
