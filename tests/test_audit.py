@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from credex.db.engine import get_engine
 from credex.db.models import ShipmentStatus
 from credex.relay.answers import Confirmation, record_confirmations
-from credex.warehouse.shipments import RedemptionMessage, move, open_requests, requests_of
+from credex.warehouse.messages import RedemptionMessage
+from credex.warehouse.shipments import move, open_requests, requests_of
 from tests.conftest import make_postgres_database
 from tests.invariants import check_invariants
 from tests.pipeline import Pipeline, check_shipped_exactly_once

@@ -260,7 +260,7 @@ def test_relay_purge_refuses_an_age_it_cannot_read(db_url, credex, redemptions, 
 
 
 def test_the_message_body_in_the_outbox_is_what_the_warehouse_parses(db_url, credex, redemptions):
-    from credex.warehouse.shipments import parse_redemption_message
+    from credex.warehouse.messages import parse_redemption_message
 
     (message,) = [m for m in claim(db_url, limit=1)]
     parsed = parse_redemption_message(message.body.encode())

@@ -12,7 +12,8 @@ import pytest
 
 from credex.db.engine import session_for
 from credex.db.models import utcnow
-from credex.warehouse.shipments import open_request, parse_redemption_message
+from credex.warehouse.messages import parse_redemption_message
+from credex.warehouse.shipments import open_request
 from tests.sandbox import running_sandbox
 from tests.test_warehouse import declared  # noqa: F401 - the fixture every test here uses
 from tests.warehouse_messages import answers, cancel_body, created_body, execute, rows, send

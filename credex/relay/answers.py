@@ -13,11 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import bindparam, case, insert, literal, null, select, update
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import EventSource, MessageState, RedemptionStatus
+from credex.db.sql import is_postgres, unnested
 from credex.relay.outbox import CHUNK, IDS_MATCH, outbox_table
 from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
 
@@ -50,11 +51,53 @@ _TO_SHIPPING = (_ST.pending.value, _ST.exception.value)
 _STILL_SHIPPING = (_ST.cancelling.value, _ST.shipping.value)
 
 
+def _copy_postgres(statuses: tuple[str, ...], **values: object):
+    """Postgres: ``_ship``'s copy as UPDATE … FROM one array per column (one text for any number
+    of redemptions)."""
+    w = unnested(
+        "w",
+        id=_redemption.c.id.type,
+        carrier=_redemption.c.carrier.type,
+        express_no=_redemption.c.express_no.type,
+    )
+    return (
+        update(_redemption)
+        .where(_redemption.c.id == w.c.id, _redemption.c.status.in_(statuses))
+        .values(
+            carrier=w.c.carrier,
+            express_no=w.c.express_no,
+            updated_at=bindparam("now", type_=_redemption.c.updated_at.type),
+            **values,
+        )
+        .returning(_redemption.c.id)
+    )
+
+
+_SHIP_POSTGRES = _copy_postgres(_TO_SHIPPING, status=_ST.shipping.value)
+_STILL_SHIPPING_POSTGRES = _copy_postgres(_STILL_SHIPPING)
+
+
 def _ship(session: Session, waybills: dict[int, Confirmation], now: datetime) -> list[int]:
     """Carrier and express number onto many redemptions (redemption id -> its confirmation): one
     statement for those that move to ``shipping`` now, and one more only for the rest that may
     still ship (a repeated confirmation, a cancel on its way), so each row is written once.
     Each row gets its own waybill through a CASE on its id. Returns the ids now ``shipping``."""
+
+    if is_postgres(session):
+
+        def rows(rids: list[int]) -> dict:
+            return {
+                "w_id": rids,
+                "w_carrier": [waybills[rid].carrier for rid in rids],
+                "w_express_no": [waybills[rid].express_no for rid in rids],
+                "now": now,
+            }
+
+        shipped = session.execute(_SHIP_POSTGRES, rows(list(waybills))).scalars().all()
+        rest = sorted(set(waybills) - set(shipped))
+        if rest:
+            session.execute(_STILL_SHIPPING_POSTGRES, rows(rest))
+        return shipped
 
     def copy(rids: list[int], statuses: tuple[str, ...], **values: object):
         def each(value) -> object:
@@ -100,6 +143,20 @@ _CONFIRM = (
 _STILL_OPEN = select(_o.id).where(IDS_MATCH, _o.state.not_in(_SETTLED))
 
 
+_E = unnested("e", redemption_id=_event.c.redemption_id.type)
+# Postgres: the redemptions' "shipping" events as INSERT … SELECT from one array.
+_SHIPPING_EVENTS_POSTGRES = insert(_event).from_select(
+    ["redemption_id", "at", "status", "source", "detail"],
+    select(
+        _E.c.redemption_id,
+        bindparam("now", type_=_event.c.at.type),
+        literal(_ST.shipping.value, _event.c.status.type),
+        literal(_RELAY, _event.c.source.type),
+        null(),
+    ),
+)
+
+
 def record_confirmations(
     session: Session,
     confirmations: Iterable[Confirmation],
@@ -126,7 +183,9 @@ def record_confirmations(
         ships = {row.redemption_id: first[row.id] for row in rows if row.redemption_id is not None}
         if ships:
             shipped = _ship(session, ships, now)
-            if shipped:
+            if shipped and is_postgres(session):
+                session.execute(_SHIPPING_EVENTS_POSTGRES, {"e_redemption_id": shipped, "now": now})
+            elif shipped:
                 session.execute(
                     insert(_event),
                     [
@@ -173,18 +232,20 @@ _OPEN = (_PENDING, _SENT)
 _WITHDRAWN = MessageState.cancelled.value
 
 
+_LOCK_REDEMPTIONS = (
+    select(_redemption.c.id)
+    .where(_redemption.c.id.in_(select(_o.redemption_id).where(IDS_MATCH)))
+    .order_by(_redemption.c.id)
+    .with_for_update()
+)
+
+
 def _lock_redemptions(session: Session, message_ids: list[str]) -> None:
     """Lock the answered messages' redemptions up front, in id order (Postgres): a refund then
     locks an account, as `redeem cancel` and `track sync` do after the one redemption they lock,
     so a batch of answers never waits on them in a cycle."""
     for start in range(0, len(message_ids), CHUNK):
-        rids = select(_o.redemption_id).where(_o.id.in_(message_ids[start : start + CHUNK]))
-        session.execute(
-            select(_redemption.c.id)
-            .where(_redemption.c.id.in_(rids))
-            .order_by(_redemption.c.id)
-            .with_for_update()
-        ).all()
+        session.execute(_LOCK_REDEMPTIONS, {"ids": message_ids[start : start + CHUNK]}).all()
 
 
 def _hold(session: Session, message_id: str):

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Boolean, String, any_, bindparam, case, func, or_, select, text, update
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import bindparam, case, func, or_, select, text, update
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import MessageState
+from credex.db.sql import one_of
 from credex.retry import Backoff
 
 outbox_table = tables.outbox_message
@@ -72,32 +71,7 @@ _o = outbox_table.c
 _NOW = bindparam("now", type_=_o.next_attempt_at.type)
 
 
-class _OneOf(ColumnElement[bool]):
-    """``id IN (:ids…)``, on Postgres ``id = ANY(:ids)``: one array parameter there, so the
-    statement is the same text for any number of ids and the driver prepares it once."""
-
-    inherit_cache = True
-    type = Boolean()
-    _is_implicitly_boolean = True  # a condition as it is, not "… = 1" where booleans are integers
-    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]
-
-    def __init__(self, column) -> None:
-        self.column = column
-
-
-@compiles(_OneOf)
-def _one_of_in(element: _OneOf, compiler, **kw) -> str:
-    return compiler.process(element.column.in_(bindparam("ids", expanding=True)), **kw)
-
-
-@compiles(_OneOf, "postgresql")
-def _one_of_any(element: _OneOf, compiler, **kw) -> str:
-    from sqlalchemy.dialects.postgresql import ARRAY
-
-    return compiler.process(element.column == any_(bindparam("ids", type_=ARRAY(String))), **kw)
-
-
-IDS_MATCH = _OneOf(_o.id)  # takes the parameter ``ids``: a list of message ids
+IDS_MATCH = one_of(_o.id, "ids")  # a list of message ids
 # Written out, not bound: a database uses the partial index ix_outbox_message_due only when the
 # query says what its WHERE says (a bound parameter proves nothing to a planner).
 _UNCONFIRMED_LITERAL = text("outbox_message.state IN ('pending', 'sent')")

@@ -17,7 +17,7 @@ from credex.logistics.model import CarrierError, Waybill
 from credex.warehouse import answers, shipments
 from credex.warehouse.answers import Handled, reason_of
 from credex.warehouse.lifecycle import OPEN, ShippingDesk, log_waybill
-from credex.warehouse.shipments import RedemptionMessage
+from credex.warehouse.messages import RedemptionMessage
 
 log = logging.getLogger("credex.warehouse")
 

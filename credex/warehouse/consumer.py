@@ -43,14 +43,9 @@ from credex.relay.topology import Names
 from credex.warehouse.answers import Handled
 from credex.warehouse.batches import created_many
 from credex.warehouse.lifecycle import ShippingDesk
+from credex.warehouse.messages import CancelMessage, RedemptionMessage, parse_message
 from credex.warehouse.metered import MeteredCarrier
-from credex.warehouse.shipments import (
-    ANSWER_KEYS,
-    CancelMessage,
-    RedemptionMessage,
-    new_message_id,
-    parse_message,
-)
+from credex.warehouse.shipments import ANSWER_KEYS, new_message_id
 from credex.worker import Worker
 
 log = logging.getLogger("credex.warehouse")

@@ -31,7 +31,7 @@ from credex.errors import CredexError, Unavailable
 from credex.logistics.model import CancelResult, CarrierError, Waybill
 from credex.warehouse import answers, shipments
 from credex.warehouse.answers import Handled, reason_of
-from credex.warehouse.shipments import CancelMessage, RedemptionMessage
+from credex.warehouse.messages import CancelMessage, RedemptionMessage
 
 log = logging.getLogger("credex.warehouse")
 

@@ -1,128 +1,35 @@
-"""The warehouse's shipment requests: the messages that move them, the statements that read and
-change them, and the answers the warehouse publishes. The UNIQUE redemption id turns a message
-delivered twice into a look-up of the first request, so no redemption is ever shipped twice; the
-row's status changes only by conditional updates (credex/warehouse/lifecycle.py).
+"""The warehouse's shipment requests: the statements that read and change them, and the answers
+the warehouse publishes (the messages that move them are ``messages``'s). The UNIQUE redemption id
+turns a message delivered twice into a look-up of the first request, so no redemption is ever
+shipped twice; the row's status changes only by conditional updates (credex/warehouse/lifecycle.py).
+On Postgres the statements for many requests at once take one array per column (``credex.db.sql``).
 
-(A little over 400 lines on purpose: the messages, the row's statements and the answers are the
-shipment request's one vocabulary, read together; the state machine is lifecycle.py's.)"""
+(A little over 400 lines on purpose: the row's statements and the answers are the shipment
+request's one vocabulary, read together; the state machine is lifecycle.py's.)"""
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import ShipmentStatus, ShipmentType
-from credex.errors import InvalidInput, printable, read_json
-from credex.logistics.model import Waybill, is_token
-from credex.points.rules import INT32_MAX, INT64_MAX
+from credex.db.sql import is_postgres, one_of, unnested
+from credex.logistics.model import Waybill
 from credex.relay.topology import (
-    REDEMPTION_CANCELLED,
-    REDEMPTION_CREATED,
     SHIPMENT_CANCELLED,
     SHIPMENT_FAILED,
     SHIPMENT_REQUESTED,
 )
+from credex.warehouse.messages import CancelMessage, RedemptionMessage
 
 shipment_table = tables.shipment_request
 _s = shipment_table.c
-
-
-@dataclass(frozen=True)
-class RedemptionMessage:
-    """The parts of a redemption.created body (messaging.md) the warehouse needs."""
-
-    message_id: str
-    redemption_id: int
-    user_id: str
-    sku: str
-    quantity: int
-    address: str
-
-
-@dataclass(frozen=True)
-class CancelMessage:
-    """A redemption.cancelled body (messaging.md)."""
-
-    message_id: str
-    redemption_id: int
-    reason: str
-
-
-# What no column stores (Postgres refuses NUL in text; a lone surrogate is not UTF-8): a message
-# carrying one was not written by credex, and writing it would fail the whole batch.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _fields(body: bytes):
-    try:
-        data = read_json(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("the body is not JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body is not a JSON object")
-
-    def text(name: str, limit: int, *, empty: bool = False) -> str:
-        value = data.get(name)
-        if not isinstance(value, str) or (not empty and not value.strip()) or len(value) > limit:
-            raise InvalidInput(f"{name} is missing or not a short text")
-        if _UNSTORABLE.search(value):
-            raise InvalidInput(f"{name} holds a NUL byte or a lone surrogate, which no column stores")
-        return value
-
-    def number(name: str, maximum: int) -> int:
-        value = data.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-            raise InvalidInput(f"{name} is missing or not a positive integer")
-        return value
-
-    def message_id() -> str:
-        # It is the carrier's idempotency key: it travels in a header.
-        value = text("message_id", 36)
-        if not is_token(value):
-            raise InvalidInput("message_id is not printable ASCII without spaces")
-        return value
-
-    return text, number, message_id
-
-
-def parse_redemption_message(body: bytes) -> RedemptionMessage:
-    """The message, or InvalidInput saying what is wrong with it."""
-    text, number, message_id = _fields(body)
-    return RedemptionMessage(
-        message_id=message_id(),
-        redemption_id=number("redemption_id", INT64_MAX),
-        user_id=text("user_id", 128),
-        sku=text("sku", 64),
-        quantity=number("quantity", INT32_MAX),
-        address=text("address", 10_000),
-    )
-
-
-def parse_cancel_message(body: bytes) -> CancelMessage:
-    """The message, or InvalidInput saying what is wrong with it."""
-    text, number, message_id = _fields(body)
-    return CancelMessage(
-        message_id=message_id(),
-        redemption_id=number("redemption_id", INT64_MAX),
-        reason=text("reason", 10_000, empty=True),
-    )
-
-
-def parse_message(kind: str, body: bytes) -> RedemptionMessage | CancelMessage:
-    """A message of the warehouse queue by its type (the AMQP ``type``, else its routing key)."""
-    if kind == REDEMPTION_CREATED:
-        return parse_redemption_message(body)
-    if kind == REDEMPTION_CANCELLED:
-        return parse_cancel_message(body)
-    raise InvalidInput(f"a message of unknown type {printable(kind)}")
 
 
 def shipment_json(row) -> dict:
@@ -144,7 +51,7 @@ def shipment_json(row) -> dict:
 _INSERT_IGNORING_REPEATS: dict[tuple[str, bool], object] = {}
 _REQUEST_OF = select(shipment_table).where(_s.redemption_id == bindparam("rid"))
 _REQUEST_BY_ID = select(shipment_table).where(_s.id == bindparam("sid"))
-_REQUESTS_OF = select(shipment_table).where(_s.redemption_id.in_(bindparam("rids", expanding=True)))
+_REQUESTS_OF = select(shipment_table).where(one_of(_s.redemption_id, "rids"))
 
 
 def _insert_ignoring_repeats(session: Session, *, whole_rows: bool = False):
@@ -189,6 +96,50 @@ def open_request(session: Session, message: RedemptionMessage, *, now: datetime)
     return request_of(session, message.redemption_id), created is not None
 
 
+_OPEN_MANY_POSTGRES: list = []
+
+
+def _open_many_postgres():
+    """Postgres: ``open_requests`` as INSERT … SELECT from one array per column, ON CONFLICT DO
+    NOTHING, RETURNING the rows created: one text for any number of messages."""
+    if not _OPEN_MANY_POSTGRES:
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        m = unnested(
+            "m",
+            redemption_id=_s.redemption_id.type,
+            message_id=_s.message_id.type,
+            sku=_s.sku.type,
+            quantity=_s.quantity.type,
+            address=_s.address.type,
+            recipient=_s.recipient.type,
+        )
+        now = bindparam("now", type_=_s.created_at.type)
+        rows = select(
+            literal(ShipmentType.redemption.value, _s.type.type),
+            m.c.redemption_id,
+            m.c.message_id,
+            m.c.sku,
+            m.c.quantity,
+            m.c.address,
+            bindparam("status", type_=_s.status.type),
+            m.c.message_id,
+            m.c.recipient,
+            bindparam("asked_at", type_=_s.asked_at.type),
+            now,
+            now,
+        )
+        columns = ["type", "redemption_id", "message_id", "sku", "quantity", "address", "status"]
+        columns += ["idempotency_key", "recipient", "asked_at", "created_at", "updated_at"]
+        _OPEN_MANY_POSTGRES.append(
+            pg_insert(shipment_table)
+            .from_select(columns, rows)
+            .on_conflict_do_nothing(index_elements=["redemption_id"])
+            .returning(*shipment_table.c)
+        )
+    return _OPEN_MANY_POSTGRES[0]
+
+
 def open_requests(
     session: Session, messages: Sequence[RedemptionMessage], *, now: datetime, asking: bool = False
 ) -> dict[int, object]:
@@ -197,6 +148,22 @@ def open_requests(
     caller asks the carrier for them next), so a new request is written once, not twice. Returns
     the requests created now, as they are, by redemption id."""
     status = ShipmentStatus.requesting if asking else ShipmentStatus.requested
+    if is_postgres(session):
+        created = session.execute(
+            _open_many_postgres(),
+            {
+                "m_redemption_id": [m.redemption_id for m in messages],
+                "m_message_id": [m.message_id for m in messages],
+                "m_sku": [m.sku for m in messages],
+                "m_quantity": [m.quantity for m in messages],
+                "m_address": [m.address for m in messages],
+                "m_recipient": [m.user_id for m in messages],
+                "status": status.value,
+                "asked_at": now if asking else None,
+                "now": now,
+            },
+        ).all()
+        return {row.redemption_id: row for row in created}
     created = session.execute(
         _insert_ignoring_repeats(session, whole_rows=True),
         [
@@ -230,7 +197,7 @@ def requests_of(session: Session, redemption_ids: Sequence[int]) -> dict[int, ob
 _CLAIM = (
     update(shipment_table)
     .where(
-        _s.redemption_id.in_(bindparam("rids", expanding=True)),
+        one_of(_s.redemption_id, "rids"),
         _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.failed.value]),
     )
     .values(
@@ -252,6 +219,29 @@ def claim(session: Session, redemption_ids: Sequence[int], *, now: datetime) -> 
     return {row.redemption_id: row for row in moved}
 
 
+_W = unnested(
+    "w",
+    id=_s.id.type,
+    carrier=_s.carrier.type,
+    express_no=_s.express_no.type,
+    shipment_id=_s.carrier_shipment_id.type,
+)
+# Postgres: ``save_waybills`` as UPDATE … FROM one array per column.
+_SAVE_WAYBILLS_POSTGRES = (
+    update(shipment_table)
+    .where(_s.id == _W.c.id, _s.status.in_([ShipmentStatus.requested.value, ShipmentStatus.requesting.value]))
+    .values(
+        status=ShipmentStatus.waybill.value,
+        updated_at=bindparam("now", type_=_s.updated_at.type),
+        carrier=_W.c.carrier,
+        express_no=_W.c.express_no,
+        carrier_shipment_id=_W.c.shipment_id,
+        reason=None,
+    )
+    .returning(*shipment_table.c)
+)
+
+
 def save_waybills(
     session: Session, waybills: Sequence[tuple[int, Waybill]], *, now: datetime
 ) -> dict[int, object]:
@@ -262,6 +252,19 @@ def save_waybills(
     (IntegrityError): the caller saves them one by one then."""
     if not waybills:
         return {}
+
+    if is_postgres(session):
+        moved = session.execute(
+            _SAVE_WAYBILLS_POSTGRES,
+            {
+                "w_id": [shipment_id for shipment_id, _ in waybills],
+                "w_carrier": [waybill.carrier for _, waybill in waybills],
+                "w_express_no": [waybill.express_no for _, waybill in waybills],
+                "w_shipment_id": [waybill.shipment_id for _, waybill in waybills],
+                "now": now,
+            },
+        )
+        return {row.id: row for row in moved}
 
     def each(value) -> object:
         return case({shipment_id: value(waybill) for shipment_id, waybill in waybills}, value=_s.id)
