@@ -92,6 +92,14 @@ class UnreadableValue(RuleViolation):
     code = "unreadable_value"
 
 
+class ConstraintViolated(RuleViolation):
+    """A CHECK constraint of the database refused a change that credex's own checks let through:
+    a stored value changed by hand (on SQLite, text in a balance passes ``balance >= cost``).
+    Nothing was written."""
+
+    code = "constraint_violated"
+
+
 class AppendOnly(RuleViolation):
     """A ledger entry (or stock movement) cannot be changed or removed: a correction is a new entry."""
 

@@ -616,3 +616,55 @@ def test_a_balance_changed_by_hand_into_text_is_a_clear_error_and_nothing_is_gra
     assert error["code"] == "unreadable_value" and "'lots'" in error["message"], error
     with sqlite3.connect(tmp_path / "shop.db") as db:
         assert db.execute("SELECT count(*) FROM ledger_entry").fetchone() == (1,)
+
+
+def test_a_balance_changed_by_hand_into_text_refuses_a_redemption_clearly_and_nothing_is_written(
+    tmp_path, credex_at
+):
+    """SQLite compares text above any number, so 'lots' >= 10 passes the redemption's guard and
+    the CHECK on the balance refuses the write: that was exit 70 with the SQL in the message."""
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    assert (
+        credex_at(url, "catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5").exit_code
+        == 0
+    )
+    assert credex_at(url, "award", "grant", "u1", "100", "--ref", "g1", "--reason", "opening").exit_code == 0
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        db.execute("UPDATE account SET balance = 'lots'")
+    result = credex_at(url, "redeem", "create", "u1", "MUG", "--address", "1 High St", "--json")
+    assert result.exit_code == 1, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "constraint_violated", error
+    assert "ck_account_balance_nonnegative" in error["message"] and "UPDATE" not in error["message"], error
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        assert db.execute("SELECT count(*) FROM redemption").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM outbox_message").fetchone() == (0,)
+        assert db.execute("SELECT stock FROM catalog_item").fetchone() == (5,)
+
+
+def test_a_row_a_check_constraint_refuses_is_a_rule_error_without_the_values(db_url):
+    """A change a CHECK refuses is exit 1 naming the constraint's refusal, never the SQL or the
+    row (Postgres's DETAIL shows the row); a UNIQUE refused stays a bug (test_driver.py)."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import DBAPIError
+
+    from credex.db import tables
+    from credex.db.engine import get_engine, translate_db_error, upgrade
+    from credex.db.models import utcnow
+
+    upgrade(db_url)
+    now = utcnow()
+    row = {
+        "user_id": "other-user-8",
+        "balance": -5,
+        "earned": 0,
+        "redeemed": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    with pytest.raises(DBAPIError) as raised, get_engine(db_url).begin() as connection:
+        connection.execute(insert(tables.account).values(**row))
+    error = translate_db_error(raised.value)
+    assert error is not None and (error.exit_code, error.code) == (1, "constraint_violated"), raised.value
+    assert "ck_account_balance_nonnegative" in error.message, error.message
+    assert "INSERT" not in error.message and "other-user-8" not in error.message, error.message

@@ -36,6 +36,7 @@ from credex.db import HEAD_REVISION
 from credex.db.urls import display_url, normalise_url
 from credex.errors import (
     AppendOnly,
+    ConstraintViolated,
     CredexError,
     InvalidInput,
     NotMigrated,
@@ -282,6 +283,9 @@ def _first_line(error: BaseException) -> str:
 # The append-only triggers of migration 0008: Postgres raises this SQLSTATE; SQLite's RAISE(ABORT)
 # in a trigger is SQLITE_CONSTRAINT_TRIGGER. Postgres's own "permission denied" is 42501.
 _PG_APPEND_ONLY, _PG_PERMISSION_DENIED = "CX001", "42501"
+# A CHECK constraint refused the change: Postgres's check_violation, SQLite's SQLITE_CONSTRAINT_CHECK.
+# (A UNIQUE or foreign key refused where credex did not expect it stays a bug: exit 70.)
+_PG_CHECK, _SQLITE_CONSTRAINT_CHECK = "23514", 275
 _SQLITE_CONSTRAINT_TRIGGER = 1811
 # A table or column the schema's revision promises is missing. SQLite gives only its generic
 # SQLITE_ERROR code for this, so its message's fixed prefix is what tells it apart.
@@ -304,6 +308,12 @@ def _refusal(error: BaseException) -> CredexError | None:
         return SchemaMismatch(
             f"the database's schema is not the one its revision names ({redact(first_line)}): "
             "a table or column was renamed or dropped by hand; restore it"
+        )
+    if state == _PG_CHECK or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CONSTRAINT_CHECK:
+        # Only the first line: Postgres's DETAIL shows the row's values.
+        return ConstraintViolated(
+            f"refused by the database: {redact(first_line)} (a stored value was changed by hand, so "
+            "the change would break a rule the database guards; nothing was written)"
         )
     if state == _PG_PERMISSION_DENIED:
         return PermissionDenied(
