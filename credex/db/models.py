@@ -358,6 +358,19 @@ class OutboxMessage(SQLModel, table=True):
     created_at: datetime = Field(sa_column=_ts())
 
 
+class OutboxClaimMark(SQLModel, table=True):
+    """One row (id 1): every message a relay may have handed to the broker without a claim
+    written on its own row was created at or before ``through`` (Postgres relays: their claims
+    are row locks, and before publishing a batch a relay moves this mark to the batch's newest
+    fresh message, durably; migration 0012). `redeem cancel` withdraws a message on the spot
+    only if it was created after the mark."""
+
+    __tablename__ = "outbox_claim_mark"
+
+    id: int = Field(sa_column=Column(Integer(), primary_key=True, autoincrement=False))
+    through: datetime = Field(sa_column=_ts())
+
+
 class ShipmentRequest(SQLModel, table=True):
     """The warehouse's side. The UNIQUE redemption id turns a replayed message into a look-up; the
     UNIQUE (carrier, express number) refuses a waybill number a carrier hands out twice.

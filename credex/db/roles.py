@@ -57,6 +57,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("catalog_item", _WRITE),
         Grant("redemption", _WRITE),  # UPDATE: redeem cancel, the stored delivery status
         Grant("outbox_message", _WRITE),  # UPDATE: a cancel withdraws a message never sent
+        Grant("outbox_claim_mark", _READ),  # ... created after every relay's claim
         Grant("redemption_event", _ADD),
         Grant("stock_movement", _ADD),
     ),
@@ -64,6 +65,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     "credex_relay": (
         _REVISION,
         Grant("outbox_message", ("SELECT", "INSERT", "UPDATE", "DELETE")),  # DELETE: relay purge
+        Grant("outbox_claim_mark", _WRITE),  # a Postgres relay's claim, before it publishes
         Grant("redemption", _READ),
         Grant("redemption", ("UPDATE",), ("status", "carrier", "express_no", "updated_at")),
         *_REFUND,
@@ -86,6 +88,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
                 "catalog_item",
                 "redemption",
                 "outbox_message",
+                "outbox_claim_mark",
                 "shipment_request",
                 "redemption_event",
                 "stock_movement",

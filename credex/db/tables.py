@@ -13,6 +13,7 @@ lot_use = models.LotUse.__table__
 catalog_item = models.CatalogItem.__table__
 redemption = models.Redemption.__table__
 outbox_message = models.OutboxMessage.__table__
+outbox_claim_mark = models.OutboxClaimMark.__table__
 shipment_request = models.ShipmentRequest.__table__
 redemption_event = models.RedemptionEvent.__table__
 stock_movement = models.StockMovement.__table__

@@ -43,6 +43,7 @@ from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
 
 _r = tables.redemption
 _o = tables.outbox_message
+_mark = tables.outbox_claim_mark
 _event = tables.redemption_event
 _item = tables.catalog_item
 _movement = tables.stock_movement
@@ -228,9 +229,11 @@ def cancel_redemption(session: Session, redemption_id: str | int, *, reason: str
 
     Short path: its redemption.created message was never handed to the broker (pending, no
     attempt, never claimed by a relay): the message is withdrawn and the redemption refunded and
-    cancelled at once. A relay commits its claim (``first_claimed_at``) before it publishes, so a
-    message that may be at the broker always carries one; on Postgres the message's row lock is
-    taken too (a row a relay holds right now is passed by, and the long path taken). Long path:
+    cancelled at once. Before it publishes, a relay commits its claim: on SQLite on the message
+    (``first_claimed_at``), on Postgres as the mark the message's created_at is under
+    (outbox_claim_mark), so a message that may be at the broker always carries one or the other;
+    on Postgres the message's row lock is taken too (a row a relay holds right now is passed by,
+    and the long path taken). Long path:
     ``cancelling`` and a redemption.cancelled message for the relay to deliver."""
 
     number = parse_int(redemption_id, "redemption id", minimum=1)
@@ -312,9 +315,12 @@ def _withdraw(session: Session, message_id: str, now: datetime) -> bool:
     held = session.execute(select(o.id).where(*fresh).with_for_update(skip_locked=True)).first()
     if held is None:
         return False
+    # Read once the row is locked, in a statement of its own: a relay that published it and died
+    # since had committed its mark first (credex/relay/claims.py).
+    never_published = o.created_at > select(_mark.c.through).where(_mark.c.id == 1).scalar_subquery()
     done = session.execute(
         update(_o)
-        .where(*fresh)
+        .where(*fresh, never_published)
         .values(state=MessageState.cancelled.value, last_error=WITHDRAWN, claimed_by=None, claimed_until=None)
     ).rowcount
     return done == 1

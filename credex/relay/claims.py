@@ -8,11 +8,11 @@ from the database's dialect (``claim_strategy``):
   leaves its lease behind until it runs out.
 - ``LockClaims`` (Postgres): the claim is the row locks of the batch's own transaction
   (``FOR UPDATE SKIP LOCKED``), held while the batch is published and ended by the commit that
-  records it. A relay that dies releases the locks with its connection. Only a message's first
-  claim is written (``first_claimed_at``, committed before the lock is taken), so that a message
-  the broker may have is never taken for one no relay ever held (`redeem cancel`). Other
-  writers of those rows pass them by rather than wait (``outbox``'s statements say
-  ``SKIP LOCKED``).
+  records it. A relay that dies releases the locks with its connection. Before publishing, one
+  row is committed on another connection: the created_at of the batch's newest fresh message
+  (outbox_claim_mark), so that a message the broker may have is never taken for one no relay
+  ever held (`redeem cancel`), even after this relay crashed. Other writers of the locked rows
+  pass them by rather than wait (``outbox``'s statements say ``SKIP LOCKED``).
 
 Every method runs on one of the relay's database threads (``writers`` of them).
 """
@@ -36,7 +36,7 @@ from credex.relay.outbox import (
     bury_exhausted,
     claim_due_messages,
     lock_due_messages,
-    mark_fresh_messages,
+    mark_claimed_through,
     outbox_table,
     record_publish_outcomes,
     release_lease,
@@ -148,18 +148,20 @@ class LockClaims(ClaimStrategy):
         session.execute(_RELAXED)
 
     def claim(self, limit: int, *, now: datetime) -> Claim:
-        # First a claim committed on the messages never claimed before (durably: not relaxed), so
-        # that a message at the broker always carries one, even after this relay crashes.
-        with session_for(self.database_url, write=True) as marking:
-            if mark_fresh_messages(marking, limit=limit, now=now):
-                marking.commit()
         session = open_session(self.database_url, write=True)
         try:
             buried = self._bury(session, now)
-            messages = lock_due_messages(session, limit=limit, now=now)
-            if messages:
+            batch = lock_due_messages(session, limit=limit, now=now)
+            if batch.newest_fresh is not None:
+                # Before anything is published, durably (not relaxed), on another connection
+                # (its one row is no row this transaction locks): a fresh message the broker may
+                # get from now on is never taken for one no relay ever held, even after a crash.
+                with session_for(self.database_url, write=True) as marking:
+                    mark_claimed_through(marking, batch.newest_fresh)
+                    marking.commit()
+            if batch.messages:
                 self.relax_commit(session)  # for the record that ends this transaction
-                return Claim(messages, session, buried)
+                return Claim(batch.messages, session, buried)
             if buried:  # nothing to hold: keep what was buried
                 self.relax_commit(session)
                 session.commit()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, func, or_, select, text, update
+from sqlalchemy import DateTime, bindparam, case, func, or_, select, text, type_coerce, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session
 
@@ -80,25 +80,32 @@ _CLAIMABLE = (
     _o.next_attempt_at <= _NOW,
     or_(_o.claimed_until.is_(None), _o.claimed_until < _NOW),
 )
-# Postgres holds its claims as row locks, which go with a crashed relay: a message is published
-# only once a claim on it was committed (``first_claimed_at``, by _MARK_FRESH), so that
-# `redeem cancel` can tell a message no relay ever held from one the broker may have.
-# Postgres only (``LockClaims``). ``= ANY(ARRAY(…))``: the ids chosen are looked up by primary key;
-# ``IN (…)`` let the planner hash-join them against a scan of the whole table.
-_MARK_FRESH = text(
-    "UPDATE outbox_message SET first_claimed_at = :now WHERE outbox_message.id = ANY(ARRAY("
-    "SELECT outbox_message.id FROM outbox_message "
-    "WHERE outbox_message.state = 'pending' AND outbox_message.first_claimed_at IS NULL "
-    "AND outbox_message.next_attempt_at <= :now "
-    "ORDER BY outbox_message.next_attempt_at, outbox_message.id LIMIT :limit FOR UPDATE SKIP LOCKED))"
-).bindparams(_NOW, bindparam("limit"))
+# Postgres holds its claims as row locks, which go with a crashed relay. So that `redeem cancel`
+# can tell a message no relay ever held from one the broker may have, a relay commits one mark
+# before it publishes a locked batch: the created_at of the batch's newest fresh message (no
+# ``first_claimed_at``) in outbox_claim_mark, never moved back (_MARK_THROUGH, durably). A fresh
+# message created after the mark was never published. Postgres only (``LockClaims``).
 _DUE = (
-    select(_o.id, _o.routing_key, _o.body, _o.attempts, _o.state)
-    .where(*_CLAIMABLE, _o.first_claimed_at.is_not(None))
+    select(
+        _o.id,
+        _o.routing_key,
+        _o.body,
+        _o.attempts,
+        _o.state,
+        # As the driver reads it (Postgres: with its offset): a thousand rows through the
+        # column's own type cost the relay a tenth of its CPU, for a maximum only.
+        type_coerce(_o.created_at, DateTime(timezone=True)).label("created_at"),
+        _o.first_claimed_at.is_(None).label("fresh"),
+    )
+    .where(*_CLAIMABLE)
     .order_by(_o.next_attempt_at, _o.id)
     .limit(bindparam("limit"))
     .with_for_update(skip_locked=True)
 )
+_MARK_THROUGH = text(
+    "INSERT INTO outbox_claim_mark (id, through) VALUES (1, :through) ON CONFLICT (id) DO UPDATE "
+    "SET through = greatest(outbox_claim_mark.through, excluded.through)"
+).bindparams(bindparam("through", type_=tables.outbox_claim_mark.c.through.type))
 _CLAIM_LEASE = (
     update(outbox_table)
     .where(
@@ -159,18 +166,29 @@ def claim_due_messages(
     return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
 
 
-def mark_fresh_messages(session: Session, *, limit: int, now: datetime) -> int:
-    """Postgres: commit a first claim on up to ``limit`` due messages no relay ever claimed, before
-    ``lock_due_messages`` may take them (the caller commits, durably). Returns how many."""
-    return session.execute(_MARK_FRESH, {"now": now, "limit": limit}).rowcount
+@dataclass(frozen=True)
+class LockedBatch:
+    messages: list[ClaimedMessage]
+    newest_fresh: datetime | None  # the created_at of the newest message no relay claimed before
 
 
-def lock_due_messages(session: Session, *, limit: int, now: datetime) -> list[ClaimedMessage]:
+def lock_due_messages(session: Session, *, limit: int, now: datetime) -> LockedBatch:
     """Row locks (Postgres): up to ``limit`` due messages, locked by the session's transaction
     until it ends, passing by those another transaction holds. Nothing is written: the claim is
-    the lock, and a relay that dies releases it with its connection."""
+    the lock, and a relay that dies releases it with its connection. Before publishing them the
+    caller commits ``mark_claimed_through(newest_fresh)`` on another connection."""
     rows = session.execute(_DUE, {"now": now, "limit": limit}).all()
-    return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
+    fresh = [r.created_at for r in rows if r.fresh]
+    return LockedBatch(
+        [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows],
+        max(fresh) if fresh else None,
+    )
+
+
+def mark_claimed_through(session: Session, through: datetime) -> None:
+    """Postgres: every fresh message created up to ``through`` may be published from now on
+    (outbox_claim_mark; the caller commits, durably, before publishing)."""
+    session.execute(_MARK_THROUGH, {"through": through})
 
 
 def release_lease(session: Session, *, relay_id: str, message_ids: Sequence[str]) -> None:
@@ -219,6 +237,7 @@ def record_publish_outcomes(
                 "error": error[:1000],
                 "new_state": _DEAD if dead else message.state,
                 "due": now + policy.failure_wait(attempt),
+                "now": now,
             }
         )
         tally.failed += 1
@@ -235,6 +254,7 @@ def record_publish_outcomes(
                 next_attempt_at=bindparam("due", type_=_o.next_attempt_at.type),
                 claimed_by=None,
                 claimed_until=None,
+                first_claimed_at=func.coalesce(_o.first_claimed_at, _NOW),
             )
         )
         for attempt, ids in sent.items():
@@ -253,6 +273,7 @@ def record_publish_outcomes(
                 last_error=bindparam("error"),
                 claimed_by=None,
                 claimed_until=None,
+                first_claimed_at=func.coalesce(_o.first_claimed_at, _NOW),
             ),
             failed,
         )
