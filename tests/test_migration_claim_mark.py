@@ -35,6 +35,10 @@ def first_claims(url: str) -> dict[str, bool]:
         return {row.id: row.first_claimed_at is not None for row in rows}
 
 
+def indexes(url: str) -> set[str]:
+    return {index["name"] for index in sa.inspect(get_engine(url)).get_indexes("outbox_message")}
+
+
 def test_the_mark_starts_before_every_message_and_downgrading_writes_what_it_covers(empty_url):  # noqa: F811
     migrate(empty_url, "0011_partial_source_index")
     add_messages(empty_url, 1, 2, 3)
@@ -46,8 +50,10 @@ def test_the_mark_starts_before_every_message_and_downgrading_writes_what_it_cov
         connection.execute(
             sa.text("UPDATE outbox_claim_mark SET through = :t"), {"t": T0 + timedelta(minutes=2)}
         )
+    assert "ix_outbox_message_fresh" not in indexes(empty_url)  # it served the per-message mark only
     migrate(empty_url, "0011_partial_source_index", down=True)
     assert first_claims(empty_url) == {"m1": True, "m2": True, "m3": False}
+    assert "ix_outbox_message_fresh" in indexes(empty_url)
     migrate(empty_url, "head")
     assert first_claims(empty_url) == {"m1": True, "m2": True, "m3": False}
 

@@ -12,6 +12,9 @@ commits one row: the created_at of the batch's newest fresh message, in ``outbox
 and `redeem cancel` withdraws a message only if it was created after that mark (and has no
 ``first_claimed_at``: SQLite's leases still write it, and the record now writes it on Postgres).
 
+ix_outbox_message_fresh (the fresh messages by due time) served only the per-message mark: it
+goes, and every new message is written into one index fewer.
+
 Downgrading writes ``first_claimed_at`` on every message the mark covers, which is what the older
 relays and cancels read.
 """
@@ -28,6 +31,7 @@ branch_labels = None
 depends_on = None
 
 NEVER = datetime(1970, 1, 1, tzinfo=timezone.utc)  # before any message
+FRESH = sa.text("state = 'pending' AND first_claimed_at IS NULL")
 
 
 def upgrade() -> None:
@@ -37,6 +41,7 @@ def upgrade() -> None:
         sa.Column("through", sa.DateTime(timezone=True), nullable=False),
     )
     op.bulk_insert(mark, [{"id": 1, "through": NEVER}])
+    op.drop_index("ix_outbox_message_fresh", table_name="outbox_message")
 
 
 def downgrade() -> None:
@@ -45,3 +50,7 @@ def downgrade() -> None:
         "AND created_at <= (SELECT through FROM outbox_claim_mark WHERE id = 1)"
     )
     op.drop_table("outbox_claim_mark")
+    op.create_index(
+        "ix_outbox_message_fresh", "outbox_message", ["next_attempt_at", "id"], unique=False,
+        postgresql_where=FRESH, sqlite_where=FRESH,
+    )
