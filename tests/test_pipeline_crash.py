@@ -151,16 +151,7 @@ def test_killing_every_kind_of_process_while_work_is_in_flight_loses_nothing_and
                     pipeline.kill(relay)
                     relay = pipeline.relay(*RELAY_OPTIONS, env=via_proxy)
                 elif kill == "relay_after_publish":
-                    pipeline.wait_ready(relay)
-                    swallowed = proxy.swallowed
-                    proxy.mute_answers()  # its publisher confirms (and confirmations) stop arriving
-                    # Muted, it can mark nothing sent: once the broker answered a publish it never
-                    # heard of, a message the warehouse has (its shipment request) is still pending.
-                    wait_for(
-                        lambda s=swallowed: proxy.swallowed > s and published_unsent(pipeline),
-                        timeout=90,
-                        what="a message published and not yet marked sent",
-                    )
+                    mute_until_published_unsent(pipeline, relay, proxy)
                     pipeline.kill(relay)
                     relay = pipeline.relay(*RELAY_OPTIONS, env=via_proxy)
                 elif kill == "warehouse":
@@ -213,6 +204,43 @@ def test_killing_every_kind_of_process_while_work_is_in_flight_loses_nothing_and
 def connection_name(process: subprocess.Popen) -> str:
     """How the broker lists a warehouse's connection: its name ends with host:pid."""
     return f'{socket.gethostname()[:32]}:{process.pid}"'
+
+
+def mute_until_published_unsent(pipeline: Pipeline, relay: subprocess.Popen, proxy: FaultyProxy) -> None:
+    """Mute the relay's broker connection (its publisher confirms and confirmations stop
+    arriving) until a message it published for the first time is at the warehouse while it is
+    still pending: muted, the relay can mark nothing sent.
+
+    The mute lands while a new message is waiting; even so the relay may have only republishes of
+    ``sent`` messages in flight, and it waits for their confirms (30 s) before it claims again,
+    then reconnects unmuted. So: up to three mutes, each on the connection it has then."""
+    pipeline.wait_ready(relay)
+    for _attempt in range(3):
+        wait_for(lambda: never_published(pipeline), timeout=60, what="a new message waiting")
+        connections = pipeline.log(relay).count(" connected to ")
+        swallowed = proxy.swallowed
+        proxy.mute_answers()
+        try:
+            wait_for(
+                lambda s=swallowed: proxy.swallowed > s and published_unsent(pipeline),
+                timeout=40,
+                what="a message published and not yet marked sent",
+            )
+            return
+        except AssertionError:
+            assert relay.poll() is None, pipeline.log(relay)
+        wait_for(
+            lambda c=connections: pipeline.log(relay).count(" connected to ") > c,
+            timeout=60,
+            what="the relay reconnected, unmuted",
+        )
+    raise AssertionError("three mutes and never a first publish unrecorded at the warehouse")
+
+
+def never_published(pipeline: Pipeline) -> bool:
+    return bool(
+        pipeline.scalar("SELECT count(*) FROM outbox_message WHERE state = 'pending' AND attempts = 0")
+    )
 
 
 def published_unsent(pipeline: Pipeline) -> set[str]:
