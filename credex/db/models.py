@@ -349,8 +349,10 @@ class OutboxMessage(SQLModel, table=True):
     next_attempt_at: datetime = Field(sa_column=_ts())
     claimed_by: str | None = Field(default=None, sa_column=Column(String(64)))
     claimed_until: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
-    # When a relay first committed a claim on it, before any publish; never cleared. A message
-    # without it was never handed to the broker: `redeem cancel` may withdraw it on the spot.
+    # When a relay first claimed it (SQLite: its lease, committed before any publish; Postgres:
+    # its first record, the claim itself being outbox_claim_mark's); never cleared. A message
+    # without it, created after that mark, was never handed to the broker: `redeem cancel` may
+    # withdraw it on the spot.
     first_claimed_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     last_error: str | None = Field(default=None, sa_column=Column(Text()))
     sent_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

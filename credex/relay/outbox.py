@@ -92,8 +92,8 @@ _DUE = (
         _o.body,
         _o.attempts,
         _o.state,
-        # As the driver reads it (Postgres: with its offset): a thousand rows through the
-        # column's own type cost the relay a tenth of its CPU, for a maximum only.
+        # As the driver reads it (Postgres: with its offset): only the batch's maximum is used,
+        # so the column type's conversion of every row is skipped.
         type_coerce(_o.created_at, DateTime(timezone=True)).label("created_at"),
         _o.first_claimed_at.is_(None).label("fresh"),
     )
