@@ -1,5 +1,6 @@
-"""The warehouse's statements for many shipment requests at once do the same thing on both
-backends, and on Postgres their text does not grow with the number of requests: one array
+"""The warehouse's statements for many shipment requests at once (and the relay's record of
+many confirmations) do the same thing on both backends, and on Postgres their text does not
+grow with the number of rows: one array
 parameter per list, so that psycopg converts and prepares the text once (it caches only texts
 under 4 kB with at most 50 parameters; credex/db/sql.py)."""
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy import text as sql_text
 
 from credex.db.engine import get_engine, session_for, upgrade
 from credex.db.models import ShipmentStatus
@@ -26,13 +28,13 @@ def messages(first: int, count: int) -> list[RedemptionMessage]:
     ]
 
 
-def run_recording(url: str, work) -> tuple[object, list[str]]:
+def run_recording(url: str, work, about: tuple[str, ...] = ("shipment_request",)) -> tuple[object, list[str]]:
     """work(session) in one committed transaction; returns its result and the SQL texts it sent
-    (about shipment requests: not the driver's own questions on a new connection)."""
+    (about the tables ``about``: not the driver's own questions on a new connection)."""
     texts: list[str] = []
 
     def seen(conn, cursor, statement, parameters, context, executemany) -> None:
-        if "shipment_request" in statement:
+        if any(table in statement for table in about):
             texts.append(statement)
 
     engine = get_engine(url)  # the write sessions' engine is an option of this one: it shares its events
@@ -87,3 +89,42 @@ def test_on_postgres_the_statements_are_one_text_whatever_the_number_of_requests
         assert texts == one[step], f"{step}: the text changed with the number of requests"
         for text in texts:
             assert text.count("%(") <= 50 and len(text) <= 4096, f"{step}: {text}"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_on_postgres_the_relay_records_a_few_or_many_confirmations_with_the_same_texts(
+    db_url, credex
+) -> None:
+    """The relay's record of the warehouse's confirmations (messages confirmed, waybills copied
+    onto the redemptions, their ``shipping`` events) sends the same texts for 1 and for 60."""
+    from credex.relay.answers import Confirmation, record_confirmations
+
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "1", "--stock", "100").exit_code == 0
+    assert credex("award", "grant", "u1", "1000", "--reason", "opening", "--ref", "open-u1").exit_code == 0
+    made = []
+    for _ in range(61):
+        done = credex("redeem", "create", "u1", "MUG", "--address", "1 High St", "--json")
+        assert done.exit_code == 0, done.stderr
+        made.append(done.json())
+
+    def confirm(batch: list[dict]) -> list[str]:
+        confirmations = [
+            Confirmation(r["message_id"], "sandbox", f"SB{r['redemption_id']:08d}") for r in batch
+        ]
+
+        def work(session):
+            return record_confirmations(session, confirmations, now=NOW)
+
+        (confirmed, put_off), texts = run_recording(db_url, work, about=("outbox_message", "redemption"))
+        assert (confirmed, put_off) == (len(batch), [])
+        return texts
+
+    one, many = confirm(made[:1]), confirm(made[1:])
+    assert many == one, "the texts changed with the number of confirmations"
+    for text in many:
+        assert text.count("%(") <= 50 and len(text) <= 4096, text
+    with get_engine(db_url).connect() as connection:
+        shipping = connection.execute(
+            sql_text("SELECT id, express_no FROM redemption WHERE status = 'shipping'")
+        ).all()
+    assert dict(shipping) == {r["redemption_id"]: f"SB{r['redemption_id']:08d}" for r in made}
