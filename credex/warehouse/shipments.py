@@ -9,6 +9,7 @@ request's one vocabulary, read together; the state machine is lifecycle.py's.)""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Sequence
@@ -96,48 +97,45 @@ def open_request(session: Session, message: RedemptionMessage, *, now: datetime)
     return request_of(session, message.redemption_id), created is not None
 
 
-_OPEN_MANY_POSTGRES: list = []
-
-
+@functools.cache
 def _open_many_postgres():
     """Postgres: ``open_requests`` as INSERT … SELECT from one array per column, ON CONFLICT DO
-    NOTHING, RETURNING the rows created: one text for any number of messages."""
-    if not _OPEN_MANY_POSTGRES:
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    NOTHING, RETURNING the rows created: one text for any number of messages (built on first
+    use: ON CONFLICT is the Postgres dialect's, which a SQLite process never imports)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        m = unnested(
-            "m",
-            redemption_id=_s.redemption_id.type,
-            message_id=_s.message_id.type,
-            sku=_s.sku.type,
-            quantity=_s.quantity.type,
-            address=_s.address.type,
-            recipient=_s.recipient.type,
-        )
-        now = bindparam("now", type_=_s.created_at.type)
-        rows = select(
-            literal(ShipmentType.redemption.value, _s.type.type),
-            m.c.redemption_id,
-            m.c.message_id,
-            m.c.sku,
-            m.c.quantity,
-            m.c.address,
-            bindparam("status", type_=_s.status.type),
-            m.c.message_id,
-            m.c.recipient,
-            bindparam("asked_at", type_=_s.asked_at.type),
-            now,
-            now,
-        )
-        columns = ["type", "redemption_id", "message_id", "sku", "quantity", "address", "status"]
-        columns += ["idempotency_key", "recipient", "asked_at", "created_at", "updated_at"]
-        _OPEN_MANY_POSTGRES.append(
-            pg_insert(shipment_table)
-            .from_select(columns, rows)
-            .on_conflict_do_nothing(index_elements=["redemption_id"])
-            .returning(*shipment_table.c)
-        )
-    return _OPEN_MANY_POSTGRES[0]
+    m = unnested(
+        "m",
+        redemption_id=_s.redemption_id.type,
+        message_id=_s.message_id.type,
+        sku=_s.sku.type,
+        quantity=_s.quantity.type,
+        address=_s.address.type,
+        recipient=_s.recipient.type,
+    )
+    now = bindparam("now", type_=_s.created_at.type)
+    rows = select(
+        literal(ShipmentType.redemption.value, _s.type.type),
+        m.c.redemption_id,
+        m.c.message_id,
+        m.c.sku,
+        m.c.quantity,
+        m.c.address,
+        bindparam("status", type_=_s.status.type),
+        m.c.message_id,
+        m.c.recipient,
+        bindparam("asked_at", type_=_s.asked_at.type),
+        now,
+        now,
+    )
+    columns = ["type", "redemption_id", "message_id", "sku", "quantity", "address", "status"]
+    columns += ["idempotency_key", "recipient", "asked_at", "created_at", "updated_at"]
+    return (
+        pg_insert(shipment_table)
+        .from_select(columns, rows)
+        .on_conflict_do_nothing(index_elements=["redemption_id"])
+        .returning(*shipment_table.c)
+    )
 
 
 def open_requests(
