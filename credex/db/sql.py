@@ -3,11 +3,12 @@ that SQLAlchemy compiles it once and the driver converts and prepares it once.
 
 A list written out as one placeholder per item (``IN (…)``, a VALUES row per item, a CASE arm per
 item) makes a new text for every length: on Postgres, psycopg then parses the whole text again on
-every call (it caches only texts under 4 kB with at most 50 parameters), which measured as about a
-fifth of the warehouse's CPU. On Postgres a list is one array parameter instead:
+every call (it caches only texts under 4 kB with at most 50 parameters): about a fifth of the
+warehouse's samples in a py-spy profile under load. On Postgres a list is one array parameter
+instead:
 
 - ``one_of(column, name)``: ``column = ANY(:name)``; elsewhere ``column IN (:name…)``.
-- ``unnested(**columns)``: rows zipped from one array parameter per column
+- ``unnested(alias, **columns)``: rows zipped from one array parameter per column
   (``SELECT unnest(:id) AS id, unnest(:carrier) AS carrier``), to insert from or to update a
   row from its own values. Postgres only: the callers keep their SQLite statement.
 """

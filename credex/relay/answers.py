@@ -81,7 +81,8 @@ def _ship(session: Session, waybills: dict[int, Confirmation], now: datetime) ->
     """Carrier and express number onto many redemptions (redemption id -> its confirmation): one
     statement for those that move to ``shipping`` now, and one more only for the rest that may
     still ship (a repeated confirmation, a cancel on its way), so each row is written once.
-    Each row gets its own waybill through a CASE on its id. Returns the ids now ``shipping``."""
+    Each row gets its own waybill: on Postgres from one array per column, elsewhere through a
+    CASE on its id. Returns the ids now ``shipping``."""
 
     if is_postgres(session):
 
@@ -157,6 +158,20 @@ _SHIPPING_EVENTS_POSTGRES = insert(_event).from_select(
 )
 
 
+def _shipping_events(session: Session, shipped: list[int], now: datetime) -> None:
+    """The ``shipping`` event of each redemption in ``shipped`` (one statement)."""
+    if is_postgres(session):
+        session.execute(_SHIPPING_EVENTS_POSTGRES, {"e_redemption_id": shipped, "now": now})
+        return
+    session.execute(
+        insert(_event),
+        [
+            {"redemption_id": rid, "at": now, "status": _ST.shipping.value, "source": _RELAY, "detail": None}
+            for rid in shipped
+        ],
+    )
+
+
 def record_confirmations(
     session: Session,
     confirmations: Iterable[Confirmation],
@@ -183,22 +198,8 @@ def record_confirmations(
         ships = {row.redemption_id: first[row.id] for row in rows if row.redemption_id is not None}
         if ships:
             shipped = _ship(session, ships, now)
-            if shipped and is_postgres(session):
-                session.execute(_SHIPPING_EVENTS_POSTGRES, {"e_redemption_id": shipped, "now": now})
-            elif shipped:
-                session.execute(
-                    insert(_event),
-                    [
-                        {
-                            "redemption_id": rid,
-                            "at": now,
-                            "status": _ST.shipping.value,
-                            "source": _RELAY,
-                            "detail": None,
-                        }
-                        for rid in shipped
-                    ],
-                )
+            if shipped:
+                _shipping_events(session, shipped, now)
         confirmed += len(rows)
         if len(rows) < len(chunk):  # repeats, or held: those still open are put off
             done = {row.id for row in rows}
