@@ -147,6 +147,7 @@ class Account(SQLModel, table=True):
         CheckConstraint("balance >= 0", name="ck_account_balance_nonnegative"),
         CheckConstraint("pending >= 0", name="ck_account_pending_nonnegative"),
         CheckConstraint("debt >= 0", name="ck_account_debt_nonnegative"),
+        {"postgresql_with": {"fillfactor": 50}},  # room for HOT updates: migration 0013
     )
 
     user_id: str = Field(sa_column=Column(String(128), primary_key=True))
