@@ -18,8 +18,8 @@ the machine is shared.
   number within 64 bits, the row's width), skip refs already recorded or seen earlier in the file,
   keep the balances in a dict, and in one transaction per batch of --batch-size rows write the
   same ledger entries (with each one's balance after it), the same lots, new accounts and the new
-  balances: one executemany (SQLite) or one COPY (Postgres) per table, the balances of existing
-  accounts with one executemany UPDATE. SQLite gets the same connection settings as credex's bulk
+  balances: one executemany (SQLite) or one binary COPY (Postgres) per table, the balances of
+  existing accounts with one executemany UPDATE. SQLite gets the same connection settings as credex's bulk
   connection (credex.points.bulk.BULK_PRAGMAS): the comparison is of the two programs on one
   schema, not of their settings. A campaign has no negative grants and a fresh database no debt,
   so the bare side needs neither lot spending nor debt payment; credex still runs its general
@@ -211,21 +211,27 @@ def bare_postgres(url: str, path: str, batch_size: int) -> None:
             lot_ids = next_ids(cursor, lot_seq, len(entries))
             with cursor.copy(
                 "COPY account (user_id, balance, earned, redeemed, pending, debt, created_at, updated_at) "
-                "FROM STDIN"
+                "FROM STDIN (FORMAT BINARY)"
             ) as copy:
+                copy.set_types(["varchar", *["int8"] * 5, "timestamptz", "timestamptz"])
                 for user in sorted(new):
                     copy.write_row((user, *changed[user], 0, 0, 0, now, now))
             with cursor.copy(
                 "COPY ledger_entry (id, user_id, kind, ref, points, pending, debt, balance, detail, "
-                "operator, reason, created_at) FROM STDIN"
+                "operator, reason, created_at) FROM STDIN (FORMAT BINARY)"
             ) as copy:
+                copy.set_types(
+                    ["int8", "varchar", "varchar", "varchar", *["int8"] * 4, "varchar", "varchar", "text"]
+                    + ["timestamptz"]
+                )
                 for n, (user, ref, points, balance, reason) in enumerate(entries):
                     row = (entry_ids[n], user, "grant", ref, points, 0, 0, balance, f"points={points}")
                     copy.write_row((*row, "bench", reason, now))
             with cursor.copy(
                 "COPY point_lot (id, user_id, entry_id, points, remaining, state, available_at, "
-                "expires_at, created_at) FROM STDIN"
+                "expires_at, created_at) FROM STDIN (FORMAT BINARY)"
             ) as copy:
+                copy.set_types(["int8", "varchar", "int8", "int8", "int8", "varchar", *["timestamptz"] * 3])
                 for n, (user, _ref, points, _balance, _reason) in enumerate(entries):
                     copy.write_row(
                         (lot_ids[n], user, entry_ids[n], points, points, "available", now, None, now)
