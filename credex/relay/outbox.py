@@ -162,8 +162,9 @@ def claim_due_messages(
     rows = session.execute(
         _CLAIM_LEASE, {"now": now, "limit": limit, "relay": relay_id, "until": until}
     ).all()
-    rows.sort(key=lambda r: (r.next_attempt_at, r.id))  # RETURNING keeps no order: publish the oldest first
-    return [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows]
+    # RETURNING keeps no order: publish the oldest first. By position, as in lock_due_messages.
+    rows.sort(key=lambda r: (r[5], r[0]))
+    return [ClaimedMessage(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -178,11 +179,13 @@ def lock_due_messages(session: Session, *, limit: int, now: datetime) -> LockedB
     the lock, and a relay that dies releases it with its connection. Before publishing them the
     caller commits ``mark_claimed_through(newest_fresh)`` on another connection."""
     rows = session.execute(_DUE, {"now": now, "limit": limit}).all()
-    fresh = [r.created_at for r in rows if r.fresh]
-    return LockedBatch(
-        [ClaimedMessage(r.id, r.routing_key, r.body, r.attempts, r.state) for r in rows],
-        max(fresh) if fresh else None,
-    )
+    # Unpacked by position: a Row's attribute lookup is Python code, about 1 us a column.
+    messages, fresh = [], []
+    for message_id, routing_key, body, attempts, state, created_at, is_fresh in rows:
+        messages.append(ClaimedMessage(message_id, routing_key, body, attempts, state))
+        if is_fresh:
+            fresh.append(created_at)
+    return LockedBatch(messages, max(fresh) if fresh else None)
 
 
 def mark_claimed_through(session: Session, through: datetime) -> None:
