@@ -211,6 +211,24 @@ def test_an_older_sqlite_schema_is_migrated_by_the_full_path(tmp_path):
     assert code == 0 and heavy(loaded) == []
 
 
+def test_a_balance_changed_by_hand_into_text_is_a_clear_error_on_both_paths(tmp_path):
+    """It used to be printed as the balance, with exit 0."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    granted = full("--database-url", url, "award", "grant", "u1", "100", "--ref", "g1", "--reason", "opening")
+    assert granted[0] == 0
+    with sqlite3.connect(tmp_path / "shop.db") as db:
+        db.execute("UPDATE account SET balance = 'lots'")
+    code, stdout, stderr, _loaded = run(QUICK, "--database-url", url, "account", "show", "u1", "--json")
+    before = full("--database-url", url, "account", "show", "u1", "--json")
+    assert code == before[0] == 1, stderr
+    assert stdout == before[1] == ""
+    error = json.loads(stderr)["error"]
+    assert error == json.loads(before[2])["error"]
+    assert error["code"] == "unreadable_value" and "'lots'" in error["message"], error
+
+
 GROUP_MODULES = {
     f"credex.commands.{name}"
     for name in ("db", "catalog", "award", "award_bulk", "account", "redeem", "relay", "warehouse", "track")

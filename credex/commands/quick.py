@@ -254,6 +254,8 @@ def _account(fetch, user_id: str) -> dict | None:
     if not rows:
         return None  # the full path says there is no such account
     row = rows[0]
+    if any(type(value) is not int for value in (row[1], row[2], row[3], row[5], row[6])):
+        return None  # a counter changed by hand: the full path says so
     days: dict = {}
     for remaining, expires_at in fetch(
         "SELECT remaining, expires_at FROM point_lot WHERE user_id = ? AND state = 'available' "

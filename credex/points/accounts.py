@@ -9,6 +9,7 @@ from credex.db import tables
 from credex.errors import UnknownUser
 from credex.points.awards import with_lifecycle
 from credex.points.lifecycle import expiring
+from credex.points.lots import whole_counters
 from credex.points.rules import check_user_id
 
 _account = tables.account
@@ -22,6 +23,7 @@ def get_account(session: Session, user_id: str) -> dict:
     row = session.execute(select(_account).where(_account.c.user_id == user_id)).first()
     if row is None:
         raise UnknownUser(f"no account for user {user_id} (an account is created by its first award)")
+    whole_counters(user_id, (row.balance, row.earned, row.redeemed, row.pending, row.debt))
     return {
         "user_id": row.user_id,
         "balance": row.balance,

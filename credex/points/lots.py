@@ -41,13 +41,20 @@ def lock_account(session: Session, user_id: str):
     row = session.execute(
         select(a.balance, a.pending, a.debt, a.earned).where(a.user_id == user_id).with_for_update()
     ).first()
-    bad = next((value for value in row or () if type(value) is not int), None)
-    if bad is not None:  # SQLite keeps text in a number column when an UPDATE by hand says so
+    if row is not None:
+        whole_counters(user_id, row)
+    return row
+
+
+def whole_counters(user_id: str, counters) -> None:
+    """Refuse an account whose counters are not all whole numbers: SQLite keeps text in a number
+    column when an UPDATE by hand says so, and no balance can be read, shown or changed from it."""
+    bad = next((value for value in counters if type(value) is not int), None)
+    if bad is not None:
         raise UnreadableValue(
             f"the account {printable(user_id)} holds a counter that is not a whole number "
             f"({printable(bad)}): it was changed by hand; repair the row"
         )
-    return row
 
 
 def locked_account(session: Session, user_id: str) -> Account | None:
