@@ -4,6 +4,7 @@ and the operators' retry and purge. Times are passed in, so the rules can be tol
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -344,6 +345,12 @@ def test_a_relay_that_dies_holding_row_locks_leaves_nothing_claimed(db_url, rede
     pid = dying.session.execute(text("SELECT pg_backend_pid()")).scalar()
     with pg_admin() as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # as if the relay were killed
+        # The signal is only sent: the backend ends its transaction and lets go of its locks
+        # (the row locks ride on its transaction's own lock) a moment later.
+        deadline = time.monotonic() + 30
+        while admin.execute("SELECT 1 FROM pg_locks WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, "the terminated backend is still there after 30 s"
+            time.sleep(0.01)
     survivor = LockClaims(db_url, POLICY).claim(10, now=LATER)
     assert [m.id for m in survivor.messages] == redemptions
     LockClaims(db_url, POLICY).release(survivor)
