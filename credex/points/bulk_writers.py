@@ -275,7 +275,8 @@ class PostgresWriter(BatchWriter):
 
     def _insert(self, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         # Binary COPY: psycopg dumps numbers and times in C without making text of them, and the
-        # server does not parse them back (1M lots: the client's CPU about a quarter of text COPY's).
+        # server does not parse them back (500k lots, making the rows included: the client's CPU
+        # 0.5-0.7 s against 2.3-2.4 s with text COPY, the server's 5.1-5.5 s against 5.7-6.2 s).
         # It needs each column's exact type, read once from the catalog.
         types = self._column_types.get(table)
         if types is None:

@@ -162,9 +162,13 @@ def claim_due_messages(
     rows = session.execute(
         _CLAIM_LEASE, {"now": now, "limit": limit, "relay": relay_id, "until": until}
     ).all()
-    # RETURNING keeps no order: publish the oldest first. By position, as in lock_due_messages.
-    rows.sort(key=lambda r: (r[5], r[0]))
-    return [ClaimedMessage(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+    # RETURNING keeps no order: publish the oldest first (next_attempt_at, id). Unpacked by
+    # position, as in lock_due_messages.
+    rows.sort(key=lambda row: (row[5], row[0]))
+    return [
+        ClaimedMessage(message_id, routing_key, body, attempts, state)
+        for message_id, routing_key, body, attempts, state, _due in rows
+    ]
 
 
 @dataclass(frozen=True)
