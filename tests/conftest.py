@@ -7,22 +7,19 @@ elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.invariants import CatalogBook, check_invariants, newest_redemption
-from tests.support import AMQP_URL, CI, Outcome, pg_admin, pg_url, service_missing
+from tests.support import AMQP_URL, CI, Outcome, file_lock, pg_admin, pg_url, service_missing
 
 pytest_plugins = ["tests.sandbox"]
 
@@ -45,9 +42,24 @@ settings.load_profile(os.environ.get("CREDEX_HYPOTHESIS_PROFILE") or ("ci" if CI
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from tests.rabbitmq_cluster import set_run_id
+
+    set_run_id()  # before pytest-xdist starts its workers: they inherit it
     # CREDEX_TEST_SEED also seeds hypothesis, so one variable replays a whole run.
     if SEED_FROM_ENVIRONMENT and getattr(config.option, "hypothesis_seed", None) is None:
         config.option.hypothesis_seed = int(SEED_FROM_ENVIRONMENT)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The controlling process (not an xdist worker) stops a test cluster left running."""
+    if hasattr(session.config, "workerinput"):
+        return
+    from tests.rabbitmq_cluster import run_id, stop_left_over
+
+    problem = stop_left_over(run_id())
+    if problem:
+        session.config.get_terminal_writer().line(problem, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # Tests in files owned elsewhere that break data on purpose, until those files carry the marker.
@@ -233,25 +245,8 @@ def _newest_redemption(db_url: str) -> int | None:
 BROKER_LOCK = Path(tempfile.gettempdir()) / "credex-tests-broker.lock"
 
 
-@contextmanager
-def broker_lock(*, exclusive: bool, timeout: float = 600) -> Iterator[None]:
-    with open(BROKER_LOCK, "a+") as handle:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"the broker lock {BROKER_LOCK} was not free within {timeout} s"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def broker_lock(*, exclusive: bool, timeout: float = 600):
+    return file_lock(BROKER_LOCK, exclusive=exclusive, timeout=timeout)
 
 
 def check_broker(url: str = AMQP_URL) -> str:

@@ -3,123 +3,46 @@ does on them when the node leading it is killed. Only pika, no credex code.
 
 Skipped when RabbitMQ is not installed, except under CI=true, where that is a failure. The
 cluster gets its own directory, node names and free ports, so it neither meets the default node
-nor a cluster someone started with the script's defaults; it is stopped (and its data removed)
-at the end of the module.
+nor a cluster someone started with the script's defaults; one cluster serves the whole run, one
+test at a time, and is stopped (its data removed) after the last test that uses it
+(tests/rabbitmq_cluster.py).
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import random
 import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
 import pika.exceptions
 import pytest
 
-from tests.support import CI, ROOT, wait_for
+from tests.rabbitmq_cluster import Cluster, run_id, shared_cluster
+from tests.support import CI, wait_for
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+# The cluster is one for the whole run (tests/rabbitmq_cluster.py): a test may wait for another
+# worker's to finish with it before its own time starts.
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow, pytest.mark.timeout(600)]
 
-SCRIPT = ROOT / "scripts" / "rabbitmq-cluster.sh"
 RABBITMQ_INSTALLED = bool(shutil.which("rabbitmq-server")) or Path("/usr/sbin/rabbitmq-server").exists()
 NODES = (1, 2, 3)
 MESSAGES = 200
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_bases() -> tuple[int, int]:
-    """An AMQP port base and a distribution port base, each with three free ports in a row,
-    below the kernel's ephemeral range so that no client socket takes them meanwhile."""
-    for _ in range(200):
-        amqp = random.randrange(15000, 19990)
-        dist = amqp + 10000
-        if all(port_free(p) for base in (amqp, dist) for p in range(base, base + 3)):
-            return amqp, dist
-    raise RuntimeError("no three free ports in a row found")
-
-
-@dataclass
-class Cluster:
-    env: dict[str, str]
-    urls: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def check(self, *args: str, timeout: float = 300) -> str:
-        done = self.run(*args, timeout=timeout)
-        command = " ".join(args)
-        assert done.returncode == 0, f"rabbitmq-cluster.sh {command} exited {done.returncode}:\n{done.stderr}"
-        return done.stdout
-
-    def leader(self, queue: str) -> int | None:
-        """The node leading ``queue`` (1-3) as the running nodes see it, or None just now."""
-        done = self.run("leader", queue, timeout=60)
-        return int(done.stdout) if done.returncode == 0 else None
-
-    def connect(self, node: int) -> pika.BlockingConnection:
-        return pika.BlockingConnection(
-            pika.URLParameters(self.urls[node - 1] + "?connection_attempts=3&retry_delay=1&socket_timeout=10")
-        )
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if not RABBITMQ_INSTALLED:
         message = "RabbitMQ is not installed (rabbitmq-server not found)"
         if CI:
             pytest.fail(message + " (CI=true: a missing service is a failure)", pytrace=False)
         pytest.skip(message)
-    amqp_port, dist_port = free_port_bases()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CREDEX_")}
-    env.update(
-        CREDEX_CLUSTER_DIR=f"/tmp/credex-cluster-test-{uuid.uuid4().hex[:8]}",
-        CREDEX_CLUSTER_PREFIX=f"credex-t{os.getpid()}-",
-        CREDEX_CLUSTER_AMQP_PORT=str(amqp_port),
-        CREDEX_CLUSTER_DIST_PORT=str(dist_port),
-        CREDEX_CLUSTER_TIMEOUT="150",
-    )
-    cluster = Cluster(env)
-    started = time.monotonic()
-    try:
-        done = cluster.run("start")
-    except subprocess.TimeoutExpired as error:
-        cluster.run("stop")
-        pytest.fail(f"scripts/rabbitmq-cluster.sh start did not finish: {error}", pytrace=False)
-    if done.returncode != 0:
-        cluster.run("stop")  # leave no node behind
-        failure = f"scripts/rabbitmq-cluster.sh start exited {done.returncode}:\n{done.stderr[-4000:]}"
-        pytest.fail(failure, pytrace=False)
-    cluster.timings["start"] = time.monotonic() - started
-    cluster.urls = done.stdout.strip().split(",")
-    assert [url.rsplit(":", 1)[1] for url in cluster.urls] == [f"{amqp_port + i}/%2F" for i in range(3)]
-    try:
+    users = sum(1 for item in request.session.items if "cluster" in getattr(item, "fixturenames", ()))
+    with shared_cluster(users, run_id()) as cluster:
         yield cluster
-    finally:
-        stopped = cluster.run("stop")
-        print("cluster timings (s):", {name: round(value, 1) for name, value in cluster.timings.items()})
-        assert stopped.returncode == 0, stopped.stderr
-        assert not Path(env["CREDEX_CLUSTER_DIR"]).exists()
 
 
 def test_a_quorum_queue_keeps_every_message_when_its_leader_is_killed(cluster: Cluster) -> None:
