@@ -1,5 +1,6 @@
 """scripts/rabbitmq-cluster.sh: three real RabbitMQ nodes on loopback, and what a quorum queue
-does on them when the node leading it is killed. Only pika, no credex code.
+does on them when the node leading it is killed (with pika alone), then credex's relays and
+warehouses on the cluster while a node dies.
 
 Skipped when RabbitMQ is not installed, except under CI=true, where that is a failure. The
 cluster gets its own directory, node names and free ports, so it neither meets the default node
