@@ -7,6 +7,7 @@ elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -111,6 +112,17 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # pytest-xdist's workers export the terminal's width; tables printed for a pipe are 160 wide.
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.delenv("LINES", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _garbage_collector_as_it_was() -> Iterator[None]:
+    """A long-running command run in-process sets the collector for its run
+    (``collect_for_a_long_run``); the next test gets it back as it was."""
+    threshold = gc.get_threshold()
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 # --- Postgres -------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from credex.commands._common import JsonOption, OperatorOption, operator, points_session, settings, whole
+from credex.commands._common import (
+    JsonOption,
+    OperatorOption,
+    collect_for_a_long_run,
+    operator,
+    points_session,
+    settings,
+    whole,
+)
 from credex.errors import InvalidInput
 from credex.output import emit
 
@@ -163,6 +171,7 @@ def bulk(
         reporter = _Reporter(reader, RejectsFile(rejects_out, reader) if rejects_out else None, rejects)
         try:
             with points_session(ctx, write=not dry_run) as session:
+                collect_for_a_long_run()
                 report = grant_bulk(
                     session,
                     reader,

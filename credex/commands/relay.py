@@ -13,6 +13,7 @@ from credex.commands._common import (
     LogFormatOption,
     MetricsHostOption,
     MetricsPortOption,
+    collect_for_a_long_run,
     finite,
     points_session,
     serve_metrics,
@@ -124,6 +125,7 @@ def run(
     )
     names = Names.configured(s.amqp_prefix)
     relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), names, options)
+    collect_for_a_long_run()
     server = serve_metrics(relay.metrics.registry, metrics_port, metrics_host)
     try:
         report = run_until_signalled(relay, as_json=as_json)

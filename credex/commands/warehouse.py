@@ -13,6 +13,7 @@ from credex.commands._common import (
     LogFormatOption,
     MetricsHostOption,
     MetricsPortOption,
+    collect_for_a_long_run,
     finite,
     serve_metrics,
     settings,
@@ -78,6 +79,7 @@ def run(
         once=once,
         carrier_timeout=carrier_timeout,
     )
+    collect_for_a_long_run()
     server = serve_metrics(warehouse.metrics.registry, metrics_port, metrics_host)
     try:
         report = run_until_signalled(warehouse, as_json=as_json)

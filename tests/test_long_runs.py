@@ -1,0 +1,35 @@
+"""What ``award bulk``, ``relay run`` and ``warehouse run`` do to the garbage collector once they
+have imported what they need (``collect_for_a_long_run``): what is alive then is frozen out of
+the collector's passes, and garbage made afterwards, cycles included, is still collected."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from credex.commands._common import collect_for_a_long_run
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the collector can free it
+
+
+def test_what_was_alive_is_frozen_and_a_cycle_made_later_is_still_collected_unasked() -> None:
+    alive = _Node()
+    assert any(tracked is alive for tracked in gc.get_objects())
+    collect_for_a_long_run()
+    assert gc.get_freeze_count() > 0
+    assert not any(tracked is alive for tracked in gc.get_objects()), "no pass should walk it again"
+
+    cycle = _Node()
+    freed = weakref.ref(cycle)
+    del cycle
+    assert freed() is not None  # a cycle outlives its last name: it waits for a pass
+    made = []
+    for _ in range(200_000):  # four times the young pass's threshold: a pass must come
+        made.append([])
+        if freed() is None:
+            break
+    assert freed() is None, "no pass of the collector freed the cycle"
+    assert len(made) <= gc.get_threshold()[0] + 1, "the pass came later than the threshold says"
