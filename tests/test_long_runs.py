@@ -27,9 +27,11 @@ def test_what_was_alive_is_frozen_and_a_cycle_made_later_is_still_collected_unas
     del cycle
     assert freed() is not None  # a cycle outlives its last name: it waits for a pass
     made = []
-    for _ in range(200_000):  # four times the young pass's threshold: a pass must come
+    threshold = gc.get_threshold()[0]
+    for _ in range(4 * threshold):  # a young pass must come long before the end
         made.append([])
         if freed() is None:
             break
     assert freed() is None, "no pass of the collector freed the cycle"
-    assert len(made) <= gc.get_threshold()[0] + 1, "the pass came later than the threshold says"
+    # Within about the threshold (other threads' frees may delay the pass a little): soon, not at exit.
+    assert len(made) <= 2 * threshold, f"the cycle was freed only after {len(made)} allocations"

@@ -1,7 +1,7 @@
 """The tables. Status values live beside the tables that hold them.
 
-(A little over 400 lines on purpose: every table of both databases with its constraints, indexes
-and the reason for each, in one place that migrations, queries and the tests read from.)
+(A little over 400 lines on purpose: every table of both databases with its constraints and
+indexes, and why each is there, in one place.)
 """
 
 from __future__ import annotations
