@@ -164,7 +164,7 @@ def collect_for_a_long_run() -> None:
 
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(50_000)
 
 
 def serve_metrics(registry, port: int | None, host: str):
