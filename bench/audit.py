@@ -297,6 +297,7 @@ def verify(url: str) -> tuple[float, float, dict]:
         child = subprocess.Popen(
             [sys.executable, "-m", "credex", "--database-url", url, "audit", "verify", "--json"],
             env=env,
+            cwd=ROOT,
             stdout=out,
             stderr=err,
         )

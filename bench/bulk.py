@@ -284,7 +284,7 @@ def run_child(command: list[str]) -> tuple[float, float]:
     """Seconds from start to exit, and the child's peak RSS in MiB."""
     env = {**os.environ, "CREDEX_OPERATOR": "bench", "PYTHONPATH": str(ROOT)}
     began = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = child.stdout.read()
     err = child.stderr.read()
     _pid, status, usage = os.wait4(child.pid, 0)

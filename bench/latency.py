@@ -91,6 +91,7 @@ class Workers:
         sandbox = subprocess.Popen(
             [sys.executable, "-m", "credex", "logistics", "sandbox", "--port", "0"],
             env=self.env,
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -102,6 +103,7 @@ class Workers:
                 self.processes[name] = subprocess.Popen(
                     [sys.executable, "-m", "credex", name, "run"],
                     env=self.env,
+                    cwd=ROOT,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                 )

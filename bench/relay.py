@@ -336,6 +336,7 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
                     subprocess.Popen(
                         [sys.executable, "-m", "credex", *command],
                         env=env,
+                        cwd=ROOT,
                         stdout=subprocess.DEVNULL,
                         stderr=log,
                     )
@@ -350,6 +351,7 @@ def end_to_end(args, workdir: Path, *, backlog: bool) -> dict:
         sandbox = subprocess.Popen(
             [sys.executable, "-m", "credex", "logistics", "sandbox", "--port", "0"],
             env=env,
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
