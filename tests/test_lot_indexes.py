@@ -30,7 +30,7 @@ TABLES = ("point_lot", "lot_use", "ledger_entry")
 INDEXES = {
     "ix_point_lot_available": "spending oldest first, bulk grants reading the lots they spend",
     "ix_point_lot_pending": "award settle",
-    "ix_point_lot_expirable": "award expire, an account's expiring points",
+    "ix_point_lot_expirable": "award expire: the accounts with lapsed points",
     "ix_lot_use_entry_id": "a cancelled redemption's points put back into its lots",
     "ix_ledger_entry_user_id_id": "account history",
     "ix_ledger_entry_source_id": "a purchase's earlier refunds",

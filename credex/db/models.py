@@ -173,6 +173,7 @@ class LedgerEntry(SQLModel, table=True):
     __tablename__ = "ledger_entry"
     __table_args__ = (
         UniqueConstraint("kind", "ref", name="uq_ledger_entry_kind_ref"),
+        # On SQLite (user_id) alone (migration 0014): id is the rowid every index entry ends with.
         Index("ix_ledger_entry_user_id_id", "user_id", "id"),
         # Partial, WHERE source_id IS NOT NULL (migration 0011): grants and purchases have none.
         Index("ix_ledger_entry_source_id", "source_id"),
@@ -206,10 +207,11 @@ class PointLot(SQLModel, table=True):
         # grant (available, never expiring) pays for one of the three. Their WHERE clauses are
         # LOT_AVAILABLE_SQL, LOT_PENDING_SQL and LOT_EXPIRABLE_SQL below; not said here, for the
         # reason given at outbox_message. A query must say the predicate in so many words
-        # (``lot_state_is``): a bound parameter proves nothing to a planner.
-        Index("ix_point_lot_available", "user_id", "available_at", "id"),  # spending, oldest first
+        # (``lot_state_is``): a bound parameter proves nothing to a planner. The available lots
+        # are keyed on the shopper alone (migration 0014): spending sorts a shopper's few.
+        Index("ix_point_lot_available", "user_id"),  # spending, oldest first
         Index("ix_point_lot_pending", "user_id", "available_at", "id"),  # award settle
-        Index("ix_point_lot_expirable", "user_id", "expires_at"),  # award expire, expiring points
+        Index("ix_point_lot_expirable", "expires_at", "user_id"),  # award expire
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
