@@ -29,7 +29,9 @@ shoppers (no Python in the loop, batches of 5,000, medians of 3): 18.8 s with bo
   id, and account history still reads it newest first without a sort, but the id is no longer
   stored twice. Postgres keeps (user_id, id): its index entries end with the row's place, not id.
 
-Rows are not touched.
+Rows are not touched. The indexes are built again while the migration holds the tables' write
+lock: upgrading a database of a million lots and entries (all available) took 1.2 s on SQLite and
+1.0 s on Postgres on the 2-core machine of the figures above.
 """
 
 from alembic import op
