@@ -18,7 +18,9 @@ shoppers (no Python in the loop, batches of 5,000, medians of 3): 18.8 s with bo
   shopper's available lots and sort them. Spending reads them all already (the running total in
   ``oldest_lots``, bulk grants' ``lots_of``); the one LIMIT 1 (taking from the oldest lot) now
   sorts the shopper's available lots instead of reading the first. A lot leaves this index when
-  it is spent or lapses, so that is the points a shopper holds, not their whole history.
+  it is spent or lapses, so that is the points a shopper holds, not their whole history. The
+  price, measured on SQLite beside 100,000 other lots: that look-up takes 10 us for a shopper
+  holding 10 lots (5 us before), 0.3 ms for one holding 1,000 and 1.5 ms for 10,000 (3 us before).
 - ix_point_lot_expirable (both backends): (expires_at, user_id), was (user_id, expires_at). `award
   expire` now reads the lapsed lots as a range of it, where it walked every expirable lot in
   account order; a grant that expires is written at the index's end (its expiry is the latest
