@@ -197,9 +197,10 @@ def refund_order(
 
 
 def _due_accounts(session: Session, condition) -> list[str]:
-    # The due lots first, then their accounts: asked for the distinct accounts in one SELECT, a
-    # planner without statistics (SQLite's) walks the whole ix_point_lot_available in account
-    # order instead of reading only the lapsed lots off ix_point_lot_expirable (migration 0014).
+    # The due lots first, then their accounts (settle's and expire's alike): asked for the
+    # distinct accounts in one SELECT, a planner without statistics (SQLite's) walks the whole
+    # ix_point_lot_available in account order instead of reading only the lapsed lots off
+    # ix_point_lot_expirable (migration 0014).
     due = select(lot_table.c.user_id).where(*condition).cte("due").prefix_with("MATERIALIZED")
     users = session.execute(select(due.c.user_id).distinct()).scalars().all()
     session.rollback()  # each account gets a short transaction of its own
