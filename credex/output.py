@@ -35,14 +35,23 @@ def _console(stderr: bool = False):
     return Console(file=stream, width=160 if wide else None, soft_wrap=False, highlight=False)
 
 
-def _cell(value: Any) -> str:
+def _text(value: str | None):
+    """``value`` as Rich text taken literally: stored data (an address, a reason, a user id) may
+    hold ``[/b]`` or ``[link=…]``, which Rich would otherwise read as markup, failing on a closing
+    tag it never opened or hiding part of the value from the operator."""
+    from rich.text import Text
+
+    return None if value is None else Text(value)
+
+
+def _cell(value: Any):
     if value is None:
-        return "-"
+        return _text("-")
     if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
+        return _text(value.isoformat(timespec="seconds"))
     if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
+        return _text("yes" if value else "no")
+    return _text(str(value))
 
 
 def emit(
@@ -75,11 +84,11 @@ def emit(
 def print_record(console, record: Mapping[str, Any], *, title: str | None = None) -> None:
     from rich.table import Table
 
-    table = Table(show_header=False, title=title, title_justify="left", box=None, padding=(0, 2))
+    table = Table(show_header=False, title=_text(title), title_justify="left", box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     for key, value in record.items():
-        table.add_row(key, _cell(value))
+        table.add_row(_cell(key), _cell(value))
     console.print(table)
 
 
@@ -97,9 +106,9 @@ def print_rows(
         console.print("(none)")
         return
     columns = list(columns or rows[0].keys())
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_text(title), title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(_text(column))
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)
