@@ -1,5 +1,8 @@
 """The relay against the real broker: what it publishes, what it does with confirmations, refusals
-from the broker, a broker that is away, and the long-running relay's stop and reconnect."""
+from the broker, a broker that is away, and the long-running relay's stop and reconnect.
+
+(Over 400 lines on purpose: every test here drives the relay against the one real broker, with
+the same fixtures; split, the halves would each need that set-up.)"""
 
 from __future__ import annotations
 
