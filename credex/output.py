@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -114,17 +115,32 @@ def print_rows(
     console.print(table)
 
 
+def os_error_outcome(error: OSError) -> tuple[str, str, int]:
+    """(code, message, exit code) for an OSError that reached the top: a socket cut or timed out
+    is a service out of reach (69); any other is a file or stream that cannot be written or read
+    (2): a full disk, stdout on /dev/full, a rejects file on a failing device. What the command
+    committed before it stays committed, and the message says so."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if isinstance(error, ConnectionError | TimeoutError):
+        return "unavailable", f"a service could not be reached: {reason}", 69
+    target = "the output" if error.filename is None else repr(str(error.filename))
+    return (
+        "io_error",
+        f"cannot write or read {target}: {reason}; what was committed before it stays committed",
+        2,
+    )
+
+
 def report_error(error: Exception, *, as_json: bool, code: str, message: str) -> None:
     """Write an error to stderr: one line, or a JSON document with --json. Whatever the message
     quotes (a user's input, a driver's text) cannot break the line or forge another one."""
     from credex.errors import one_line
 
     message = one_line(message)
-    if as_json:
-        sys.stderr.write(to_json({"error": {"code": code, "message": message}}) + "\n")
-    else:
-        sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+    text = to_json({"error": {"code": code, "message": message}}) if as_json else f"error: {message}"
+    with contextlib.suppress(OSError):  # stderr itself cannot be written: the exit code is what is left
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 LOG_FORMATS = ("text", "json")

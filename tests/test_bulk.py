@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -432,6 +433,61 @@ def test_the_rejects_file_keeps_each_refused_row_with_its_line_and_reason(credex
         tmp_path, "user_id,points,ref,line,reason\nu1,7,r,2,points must be a whole number\n", "fixed.csv"
     )
     assert bulk(credex, fixed, "--json").json()["applied"] == 1
+
+
+def test_rows_of_the_wrong_width_keep_their_line_and_reason_in_place_and_are_refused_again(
+    credex, db_url, tmp_path
+):
+    """A short row's line number used to land in its ref column, so the rejects file fed back
+    as it was granted the row."""
+    path = write(tmp_path, "user_id,points,ref,reason\nb3,5\nb3,5,br7,x,extra\nb4,6,ok\n")
+    rejects = tmp_path / "rejects.csv"
+    assert bulk(credex, path, "--rejects", rejects, "--json").json()["applied"] == 1
+    assert rejects.read_text() == (
+        "user_id,points,ref,reason,line,error\n"
+        "b3,5,,,2,ref is missing (the row has 2 of 4 fields)\n"
+        'b3,5,br7,x,3,"the row has 5 fields, the header 4 (an unquoted comma?)",extra\n'
+    )
+    again = bulk(credex, rejects, "--json")
+    assert again.exit_code == 3
+    assert again.json() | {"rejects_file": None} == {
+        "applied": 0,
+        "duplicates": 0,
+        "rejected": 2,
+        "points_awarded": 0,
+        "rows": 2,
+        "dry_run": False,
+        "rejects_file": None,
+    }
+    assert balance(credex, "b4") == 6 and credex("account", "show", "b3", "--json").exit_code == 1
+
+
+def test_a_rejects_file_that_is_the_input_or_the_database_is_refused_before_anything_is_written(
+    credex, db_url, tmp_path
+):
+    """Opening the rejects file empties it: pointed at the SQLite database, a dry run erased
+    every account."""
+    assert credex("award", "grant", "w1", "5", "--reason", "x").exit_code == 0
+    path = csv_file(tmp_path, "v1,x,vr1")
+    targets = {"the file being read": [path]}
+    if db_url.startswith("sqlite"):
+        database = Path(db_url.removeprefix("sqlite:///"))
+        link = tmp_path / "link.db"
+        link.symlink_to(database)
+        targets["the database"] = [database, link, Path(f"{database}-wal")]
+    for what, paths in targets.items():
+        for target in paths:
+            before = target.read_bytes() if target.exists() else None
+            for dry in ([], ["--dry-run"]):
+                result = bulk(credex, path, "--rejects", target, "--json", *dry)
+                assert result.exit_code == 2, (target, result.stdout, result.stderr)
+                error = json.loads(result.stderr)["error"]
+                assert (
+                    error["code"] == "invalid_input" and f"--rejects must not be {what}" in error["message"]
+                )
+            if before is not None and target.name != "link.db":
+                assert target.read_bytes() == before
+    assert balance(credex, "w1") == 5
 
 
 def test_a_rejected_json_row_holding_a_lone_surrogate_is_written_back_as_its_escape(credex, db_url, tmp_path):

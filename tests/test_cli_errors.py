@@ -111,3 +111,44 @@ def test_hiding_passwords_in_a_long_text_finds_every_one():
     many = " ".join(f"amqp://u:secret{i}@h{i}" for i in range(20_000)) + " " + "x://y:" * 50_000
     shown = redact(many)
     assert "secret" not in shown and shown.count("u:***@h") == 20_000
+
+
+# --- output that cannot be written: exit 2, one line, and the change it reports is kept ---------
+
+
+def _to_dev_full(url: str, *args: str) -> tuple[int, str]:
+    import subprocess
+
+    from tests.support import credex_command, subprocess_env
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            credex_command("--database-url", url, *args),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+        )
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_result_that_cannot_be_written_is_exit_2_and_the_grant_it_reports_stays(tmp_path, as_json):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    flag = ["--json"] if as_json else []
+    code, stderr = _to_dev_full(url, "award", "grant", "u1", "5", "--reason", "r", "--ref", "g1", *flag)
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1
+    message = json.loads(stderr)["error"]["message"] if as_json else stderr.removeprefix("error: ")
+    assert "No space left on device" in message and "stays committed" in message
+    if as_json:
+        assert json.loads(stderr)["error"]["code"] == "io_error"
+    # the grant was committed before its result could not be printed: a repeat is a duplicate
+    again = run_process(
+        "--database-url", url, "award", "grant", "u1", "5", "--reason", "r", "--ref", "g1", "--json"
+    )
+    assert again.exit_code == 0 and json.loads(again.stdout)["duplicate"] is True
+    # the read-only fast path (account show) says the same
+    code, stderr = _to_dev_full(url, "account", "show", "u1", *flag)
+    assert code == 2 and "No space left on device" in stderr and stderr.count("\n") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -109,6 +110,29 @@ class _Reporter:
             self.say(f"… and {hidden} more rejected ({where})")
 
 
+def _check_rejects_target(rejects: Path, file: str, database_url: str) -> None:
+    """Refuse a rejects file that would overwrite the file being read or the SQLite database
+    (or its journal): opening it for writing empties it before the first row is read."""
+    guarded = {} if file == "-" else {"the file being read": [Path(file)]}
+    if database_url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(database_url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            guarded["the database"] = [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    for what, paths in guarded.items():
+        for path in paths:
+            if _same_file(rejects, path):
+                raise InvalidInput(f"--rejects must not be {what} ({path})")
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)  # links and other spellings of one file included
+    except OSError:  # one of them does not exist (yet)
+        return one.resolve() == other.resolve()
+
+
 def bulk(
     ctx: typer.Context,
     file: Annotated[
@@ -162,8 +186,7 @@ def bulk(
             stream, name=name, format=guess_format(file, format_ and format_.value), size=size
         )
         if rejects is not None:
-            if file != "-" and rejects.resolve() == Path(file).resolve():
-                raise InvalidInput("--rejects must not be the file being read")
+            _check_rejects_target(rejects, file, settings(ctx).database_url)
             try:
                 rejects_out = open(rejects, "w", encoding="utf-8", newline="")  # noqa: SIM115
             except OSError as error:

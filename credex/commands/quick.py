@@ -379,6 +379,11 @@ def _print(command: tuple[str, str], result: dict, as_json: bool) -> int:
         return 141
     except KeyboardInterrupt:
         return _report(as_json, "interrupted", "interrupted", 130)
+    except OSError as error:  # stdout on a full disk or a failing device: as the full path says it
+        from credex.output import os_error_outcome
+
+        code, message, exit_code = os_error_outcome(error)
+        return _report(as_json, code, redact(message), exit_code)
     except Exception as error:  # a bug, said in one line as the full path says it
         return _report(as_json, "internal", redact(f"internal error ({type(error).__name__}): {error}"), 70)
     return 0

@@ -150,6 +150,12 @@ class CredexGroup(TyperGroup):
 
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(141)
+        except OSError as error:  # a file, a stream or a socket no layer above turned into a CredexError
+            from credex.output import os_error_outcome
+
+            code, message, exit_code = os_error_outcome(error)
+            _report(ctx, code, redact(message))
+            ctx.exit(exit_code)
         except KeyboardInterrupt:
             _report(ctx, "interrupted", "interrupted")
             ctx.exit(130)

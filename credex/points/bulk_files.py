@@ -367,7 +367,11 @@ def _free_name(wanted: tuple[str, ...], taken: set[str]) -> str:
 class RejectsFile:
     """Each rejected row as it was read, with its line number and the reason; written as the
     rows are refused, so a killed run keeps what it found. Feeding the file back to
-    ``award bulk`` after fixing it works: the added columns are ignored."""
+    ``award bulk`` after fixing it works: the added columns are ignored.
+
+    A CSV row of the wrong width keeps the line and reason in their columns: a short one is
+    padded with empty fields (it lacked a required one, so fed back unfixed it is refused
+    again), a long one has its extra fields after the reason (fed back, still too long)."""
 
     def __init__(self, out: IO[str], reader: GrantReader) -> None:
         self._out = out
@@ -379,12 +383,16 @@ class RejectsFile:
             self._line = _free_name(("line",), taken | {self._why})
             self._csv = csv.writer(out, lineterminator="\n")
             self._csv.writerow([*columns, self._line, self._why])
+            self._width = len(columns)
         else:
             self._why, self._line = "error", "line"
 
     def write(self, rejected: Rejected) -> None:
         if self.format == "csv":
-            self._csv.writerow([*rejected.original, rejected.line, rejected.reason])
+            fields, width = rejected.original, self._width
+            if len(fields) < width:
+                fields = [*fields, *[""] * (width - len(fields))]
+            self._csv.writerow([*fields[:width], rejected.line, rejected.reason, *fields[width:]])
             return
         original = rejected.original
         if isinstance(original, dict):
