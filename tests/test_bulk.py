@@ -203,6 +203,26 @@ def test_a_negative_row_is_judged_on_the_balance_left_by_the_rows_before_it(cred
     assert len(ledger(db_url)) == 5
 
 
+def test_a_refused_correction_stays_refused_when_the_first_run_applied_rows_only_beyond_its_batch(
+    credex, db_url, tmp_path
+):
+    """Run again in smaller batches, the correction's batch held no row the first run applied:
+    the file looked new, and the correction was judged on the balance the later rows had
+    left (it applied). The rest of the file is read once to find where the first run stood."""
+    path = csv_file(tmp_path, "u1,-10,early-fix,", "u1,100,top-up,", "u2,5,other,")
+    first = bulk(credex, path, "--json")
+    assert (first.json()["applied"], first.json()["rejected"]) == (2, 1)
+    for batch_size in ("1", "2"):
+        again = bulk(credex, path, "--json", "--batch-size", batch_size)
+        assert again.exit_code == 3, again.stderr
+        assert (again.json()["applied"], again.json()["duplicates"], again.json()["rejected"]) == (0, 2, 1)
+        assert again.stderr == first.stderr == "line 2: u1 has 0 points; taking 10 would go below zero\n"
+        dry = bulk(credex, path, "--json", "--batch-size", batch_size, "--dry-run")
+        assert (dry.json()["applied"], dry.json()["rejected"]) == (0, 1)
+    assert balance(credex, "u1") == 100 and len(ledger(db_url)) == 2
+    check_lifecycle_invariants(db_url)
+
+
 def test_a_correction_is_judged_on_the_balance_now_when_the_file_was_not_run_before(credex, db_url, tmp_path):
     path = csv_file(tmp_path, "u1,-80,fix,", "u1,100,more,")
     assert bulk(credex, path, "--json").json()["rejected"] == 1

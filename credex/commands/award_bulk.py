@@ -44,6 +44,22 @@ def _open_input(file: str):
     return stream, file, status.st_size if status.st_size > 0 else None
 
 
+def _rows_after(file: str, format_: str):
+    """A way to read the file's rows after a line again, or None when it cannot be read twice."""
+    from credex.points.bulk_files import open_grants
+
+    if file == "-" or not os.path.isfile(file):
+        return None
+
+    def rows_after(line: int):
+        with open(file, "rb") as stream:
+            for row in open_grants(stream, name=file, format=format_):
+                if row.line > line:
+                    yield row
+
+    return rows_after
+
+
 class _Reporter:
     """Rejected rows to the rejects file and (the first few) to stderr; a progress bar on
     stderr when it is a terminal."""
@@ -204,6 +220,7 @@ def bulk(
                     batch_size=batch_size,
                     on_rejected=reporter.rejected,
                     on_batch=reporter.batch,
+                    rows_after=_rows_after(file, reader.format),
                 )
         except UnreadableFile as error:
             done = getattr(error, "report", None)

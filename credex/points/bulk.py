@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -74,6 +74,11 @@ class Replay:
     def __init__(self, balances_before: Callable[[list[str], int], dict[str, int]]) -> None:
         self.balances_before = balances_before  # user -> balance after their last entry with id < bound
         self.seen = 0  # the largest id of an earlier run's entry met so far in file order
+        # The first mark after the first batch with a correction and no mark before it, found by
+        # reading the rest of the file (``rows_after``) once: an earlier run may have refused the
+        # correction and applied rows only further on, beyond this batch.
+        self.mark_beyond: int | None = None
+        self.looked_beyond = False
         self.own_from: int | None = None  # the first entry id this run wrote
         self.look_up_refs = True  # whether the next batch asks which of its refs are recorded
         self.settled: dict[str, int] = {}  # per batch: the balance before this run's entries
@@ -93,6 +98,17 @@ class Replay:
 
     def is_mark(self, entry_id: int | None) -> bool:
         return entry_id is not None and (self.own_from is None or entry_id < self.own_from)
+
+    def mark_of(self, row: Grant, prior: tuple[str, str, int | None] | None) -> int | None:
+        """The entry id an earlier run recorded for ``row`` (same ref and content), if any."""
+        if (
+            prior is not None
+            and prior[0] == row.user_id
+            and prior[1] == f"points={row.points}"
+            and self.is_mark(prior[2])
+        ):
+            return prior[2]
+        return None
 
     def growth(self, user: str, bound: int) -> int:
         """How much ``user``'s balance grew between the mark ``bound`` and this run."""
@@ -130,15 +146,12 @@ def plan_batch(
         # it, so its balance then is the one before the batch's earliest mark.
         if not first_mark:
             marks = [
-                prior[2]
+                mark
                 for row in batch
                 if row.__class__ is Grant
-                and (prior := used_refs.get(row.ref)) is not None
-                and prior[0] == row.user_id
-                and prior[1] == f"points={row.points}"
-                and replay.is_mark(prior[2])
+                and (mark := replay.mark_of(row, used_refs.get(row.ref))) is not None
             ]
-            first_mark.append(min(marks, default=None))
+            first_mark.append(min(marks, default=replay.mark_beyond))
         return first_mark[0]
 
     award = planner.award
@@ -258,6 +271,7 @@ def _apply(
     expiry_days: int,
     dry_run: _DryRun | None,
     replay: Replay,
+    rows_after: Callable[[int], Iterator[Grant | Rejected]] | None = None,
 ) -> None:
     """One batch in one transaction; started again (state read anew) when a concurrent
     transaction took one of its refs or created one of its accounts first."""
@@ -265,6 +279,9 @@ def _apply(
     users = sorted({row.user_id for row in grants})
     refs = list({row.ref for row in grants})
     takers = sorted({row.user_id for row in grants if row.points < 0})
+    if takers and not replay.seen and not replay.looked_beyond and rows_after is not None:
+        replay.mark_beyond = _first_mark_after(session, rows_after(batch[-1].line), replay)
+        replay.looked_beyond = True
     seen = replay.seen
     for attempt in range(RETRIES + 1):
         outcome = BulkReport()
@@ -324,6 +341,42 @@ def _apply(
         setattr(report, field, getattr(report, field) + getattr(outcome, field))
 
 
+def _first_mark_after(session: Session, rows: Iterator[Grant | Rejected], replay: Replay) -> int | None:
+    """The entry id of the first of ``rows`` an earlier run applied (None: none was), read on a
+    session of its own before the batch's transaction, so no lock is held meanwhile. Entry ids
+    grow in file order, so the first chunk of rows holding a mark holds the first mark. A line
+    the reader cannot read ends the search: the run stops there anyway."""
+    from credex.db.engine import open_session
+
+    scan = open_session(session.bind.url.render_as_string(hide_password=False))
+    try:
+        looking = writer_for(scan)
+        looking.begin()
+        chunk: list[Grant] = []
+        try:
+            for row in rows:
+                if row.__class__ is Grant:
+                    chunk.append(row)
+                if len(chunk) == BATCH_SIZE:
+                    if (mark := _first_mark_in(looking, chunk, replay)) is not None:
+                        return mark
+                    chunk = []
+        except UnreadableFile:
+            pass
+        return _first_mark_in(looking, chunk, replay) if chunk else None
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+        scan.close()
+
+
+def _first_mark_in(looking: BatchWriter, chunk: list[Grant], replay: Replay) -> int | None:
+    used = looking.used_refs([row.ref for row in chunk])
+    marks = [mark for row in chunk if (mark := replay.mark_of(row, used.get(row.ref))) is not None]
+    return min(marks, default=None)
+
+
 def _worth_retrying(error: BaseException) -> bool:
     if isinstance(error, Retry):
         return True
@@ -357,9 +410,15 @@ def grant_bulk(
     batch_size: int = BATCH_SIZE,
     on_rejected: Callable[[Rejected], None] | None = None,
     on_batch: Callable[[BulkReport], None] | None = None,
+    rows_after: Callable[[int], Iterator[Grant | Rejected]] | None = None,
 ) -> BulkReport:
     """Apply ``rows`` (from ``bulk_files.open_grants``) as grants, ``batch_size`` rows per
     transaction; with ``dry_run`` nothing is written and the report says what would happen.
+
+    ``rows_after(line)`` reads the same file's rows after ``line`` again (None: the input cannot
+    be read twice, as stdin): with it, a correction an earlier run of the file refused is
+    refused again even when that run applied no row before the correction's batch ended. Without
+    it, such a correction is judged on the balance now.
 
     ``on_rejected`` sees every refused row in file order, ``on_batch`` the report after each
     batch. An UnreadableFile from ``rows`` stops the run after applying the rows before it; the
@@ -382,6 +441,7 @@ def grant_bulk(
             expiry_days=expiry_days,
             dry_run=scratch,
             replay=replay,
+            rows_after=rows_after,
         )
         report.rows += len(batch)
         batch.clear()
