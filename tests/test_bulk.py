@@ -510,6 +510,35 @@ def test_a_rejects_file_that_is_the_input_or_the_database_is_refused_before_anyt
     assert balance(credex, "w1") == 5
 
 
+def test_a_line_longer_than_the_limit_is_skipped_unread_a_rejected_row_in_json_lines(
+    credex, db_url, tmp_path
+):
+    """A 200 MB line was read whole (650 MB of memory) before being refused."""
+    from credex.points.bulk_files import LINE_MAX
+
+    huge = '{"user_id": "a", "points": 1, "ref": "' + "x" * (LINE_MAX + 10) + '"}'
+    rows = ['{"user_id": "a", "points": 1, "ref": "j1"}', huge, '{"user_id": "a", "points": 2, "ref": "j3"}']
+    jsonl = write(tmp_path, "\n".join(rows) + "\n", "grants.jsonl")
+    rejects = tmp_path / "rejects.jsonl"
+    result = bulk(credex, jsonl, "--json", "--rejects", rejects)
+    assert result.exit_code == 3
+    assert (result.json()["applied"], result.json()["rejected"]) == (2, 1)
+    assert result.stderr == "line 2: the line is longer than 1 MiB\n"
+    assert json.loads(rejects.read_text()) == {
+        "line": 2,
+        "error": "the line is longer than 1 MiB",
+        "text": "",
+    }
+
+    csv_path = write(
+        tmp_path, f"user_id,points,ref\nb,1,c1\nb,1,{'y' * (LINE_MAX + 10)}\nb,2,c3\n", "long.csv"
+    )
+    stopped = bulk(credex, csv_path, "--json")
+    assert stopped.exit_code == 2
+    assert "long.csv, line 3: longer than 1 MiB" in json.loads(stopped.stderr)["error"]["message"]
+    assert balance(credex, "a") == 3 and balance(credex, "b") == 1
+
+
 def test_a_rejected_json_row_holding_a_lone_surrogate_is_written_back_as_its_escape(credex, db_url, tmp_path):
     """Valid JSON, not UTF-8 text: writing it to the rejects file failed the run half way (exit 2
     after the rows before it were applied, no summary, an empty rejects file)."""

@@ -177,11 +177,36 @@ class GrantReader:
             return None
 
 
-def _first_line(stream: IO[bytes]) -> tuple[int, bytes]:
+# The longest line read: a row at its longest (a 4,000-character reason written as \uXXXX
+# escapes, the ids at their limits, a few other keys or columns) is a few dozen KiB. A longer
+# line is skipped without being held whole: a rejected row in JSON lines, a malformed CSV file.
+LINE_MAX = 1 << 20
+LINE_MAX_TEXT = "1 MiB"
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
+    """The stream's lines, each at most LINE_MAX bytes; None for a longer one, its rest skipped
+    a piece at a time."""
+    readline = stream.readline
+    while True:
+        raw = readline(LINE_MAX + 1)
+        if not raw:
+            return
+        if len(raw) > LINE_MAX and not raw.endswith(b"\n"):
+            while (rest := readline(LINE_MAX)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield raw
+
+
+def _first_line(stream: IO[bytes], name: str) -> tuple[int, bytes]:
     """The first line that is not blank, and how many lines it took to get there."""
     number = 0
-    for raw in stream:
+    for raw in _lines(stream):
         number += 1
+        if raw is None:
+            raise UnreadableFile(f"{name}, line {number}: longer than {LINE_MAX_TEXT}", line=number)
         if raw.strip():
             return number, raw
     return number, b""
@@ -196,7 +221,7 @@ class CsvGrants(GrantReader):
     def __init__(self, stream: IO[bytes], size: int | None, name: str) -> None:
         super().__init__(stream, size)
         self._name = name
-        skipped, first = _first_line(stream)
+        skipped, first = _first_line(stream, name)
         if not first:
             raise UnreadableFile(f"{name} is empty: expected a header {HEADER_HINT}")
         try:
@@ -226,8 +251,12 @@ class CsvGrants(GrantReader):
 
     def _decoded(self, stream: IO[bytes]) -> Iterator[str]:
         # Line by line, so that a line that is not UTF-8 is named and the rows before it count.
-        for raw in stream:
+        for raw in _lines(stream):
             self._lines += 1
+            if raw is None:
+                raise UnreadableFile(
+                    f"{self._name}, line {self._lines}: longer than {LINE_MAX_TEXT}", line=self._lines
+                )
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -301,7 +330,7 @@ class JsonLinesGrants(GrantReader):
 
     def __init__(self, stream: IO[bytes], size: int | None, name: str) -> None:
         super().__init__(stream, size)
-        self._skipped, first = _first_line(stream)
+        self._skipped, first = _first_line(stream, name)
         if not first:
             raise UnreadableFile(f"{name} is empty: expected JSON lines with {', '.join(REQUIRED)}")
         self._first = _parse_object(first.removeprefix(codecs.BOM_UTF8))
@@ -312,7 +341,10 @@ class JsonLinesGrants(GrantReader):
 
     def __iter__(self) -> Iterator[Grant | Rejected]:
         yield _object_row(self._skipped, self._first)
-        for line, raw in enumerate(self._stream, self._skipped + 1):
+        for line, raw in enumerate(_lines(self._stream), self._skipped + 1):
+            if raw is None:
+                yield Rejected(line, f"the line is longer than {LINE_MAX_TEXT}", "")
+                continue
             if not raw.strip():
                 continue
             row = _parse_object(raw)
