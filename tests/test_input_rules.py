@@ -142,6 +142,10 @@ CASES = [
     (grant(points="1_000"), "points"),
     (grant(points="NaN"), "points"),
     (grant(points="9223372036854775808"), "points is too large"),
+    (
+        grant(points="-9223372036854775808"),
+        "points is too large: -9223372036854775808 is below -9223372036854775807",
+    ),
     (grant(points="9" * 5000), "points is too large"),
     (grant(points="0x10"), "points"),
     (purchase(amount="1e3"), "--amount"),

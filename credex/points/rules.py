@@ -195,6 +195,8 @@ def integer_problem(value: object, what: str, *, minimum: int | None = None, max
     else:
         return f"{what} must be a whole number, got {printable(value)}"
     if abs(number) > maximum:
+        if number < 0:  # -2**63 fits 64 bits, but its negation, which a refund or a report takes, does not
+            return f"{what} is too large: {number} is below -{maximum}"
         return f"{what} is too large: {number} is beyond {maximum}"
     if minimum is not None and number < minimum:
         return f"{what} must be at least {minimum}, got {number}"
