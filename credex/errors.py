@@ -215,6 +215,27 @@ def redact(text: str) -> str:
     return _KEY_VALUE_PASSWORD.sub(r"\1=***", text)
 
 
+_SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/+")
+_URL_LIST_EDGES = re.compile(r"([\s,]+)")
+
+
+def redact_url(text: str) -> str:
+    """``redact`` for a value given as a URL (or a list of them) that may not be well formed:
+    ``guest:pw@host``, ``amqp:/guest:pw@host``, ``postgres:pw@host/db``. In each piece holding an
+    ``@``, whatever runs from the first ``:`` after the scheme to the last ``@`` is a password."""
+    pieces = _URL_LIST_EDGES.split(redact(text))
+    for index in range(0, len(pieces), 2):
+        piece = pieces[index]
+        at = piece.rfind("@")
+        if at <= 0:
+            continue
+        scheme = _SCHEME_PREFIX.match(piece, 0, at)
+        colon = piece.find(":", scheme.end() if scheme else 0, at)
+        if colon != -1 and piece[colon + 1 : at] != "***":
+            pieces[index] = f"{piece[: colon + 1]}***{piece[at:]}"
+    return "".join(pieces)
+
+
 def read_json(raw: bytes | str) -> object:
     """``json.loads`` for input from outside (a carrier's answer, a message, a request): a document
     nested too deeply for the parser is a ValueError like any other unreadable JSON (the standard

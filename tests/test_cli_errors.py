@@ -152,3 +152,32 @@ def test_a_result_that_cannot_be_written_is_exit_2_and_the_grant_it_reports_stay
     # the read-only fast path (account show) says the same
     code, stderr = _to_dev_full(url, "account", "show", "u1", *flag)
     assert code == 2 and "No space left on device" in stderr and stderr.count("\n") == 1
+
+
+# --- a URL that is not well formed is still shown without its password ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("CREDEX_AMQP_URL", "guest:S3cretPW@127.0.0.1"),
+        ("CREDEX_AMQP_URL", "amqp:/guest:S3cretPW@127.0.0.1"),
+        ("CREDEX_AMQP_URL", "amqp//guest:S3cretPW@127.0.0.1"),
+        ("CREDEX_AMQP_URL", "amqp://guest:guest@127.0.0.1,other:S3cretPW@127.0.0.1:5673"),
+        ("CREDEX_DATABASE_URL", "postgres:S3cretPW@127.0.0.1:5432/x"),
+        ("CREDEX_DATABASE_URL", "postgresql:/u:S3cretPW@h/x"),
+        ("CREDEX_DATABASE_URL", "u:S3cretPW@host/db"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [("relay", "run", "--once", "--json"), ("warehouse", "run", "--once", "--log-format", "json")]
+)
+def test_a_malformed_url_is_refused_without_showing_its_password(tmp_path, setting, value, command):
+    from tests.support import subprocess_env
+
+    env = subprocess_env(CREDEX_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", CREDEX_AMQP_PREFIX="nowhere.")
+    env[setting] = value
+    result = run_process(*command, env=env)
+    assert result.exit_code == 2, result.stderr
+    assert "S3cretPW" not in result.stdout + result.stderr
+    assert ":***@" in result.stderr, result.stderr

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pika
 
-from credex.errors import InvalidInput, Unavailable, printable, redact
+from credex.errors import InvalidInput, Unavailable, printable, redact, redact_url
 
 CONNECT_TIMEOUT_S = 10.0
 HEARTBEAT_S = 30
@@ -44,14 +44,14 @@ def _scheme(url: str) -> str:
 def _parameters(url: str) -> pika.URLParameters:
     """pika's reading of ``url``, or InvalidInput (exit 2) saying why, with no password shown."""
     if _scheme(url) not in SCHEMES:
-        shown = printable(redact(url), 80)
+        shown = printable(redact_url(url), 80)
         raise InvalidInput(f"the broker URL {shown} is not an AMQP URL: the form is {URL_FORM}")
     try:
         return pika.URLParameters(url)
     except Exception as error:
         readable = isinstance(error, ValueError) and str(error)  # pika's words on a bad option
         why = redact(str(error)) if readable else f"the form is {URL_FORM}"
-        raise InvalidInput(f"not a usable broker URL {printable(redact(url), 80)}: {why}") from None
+        raise InvalidInput(f"not a usable broker URL {printable(redact_url(url), 80)}: {why}") from None
 
 
 def connection_parameters(url: str, *, name: str, timeout: float = CONNECT_TIMEOUT_S) -> pika.URLParameters:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import make_url
 
-from credex.errors import CredexError, InvalidInput, one_line, printable, redact
+from credex.errors import CredexError, InvalidInput, one_line, printable, redact_url
 
 # The drivers credex is built and tested with: the standard library's sqlite3 and psycopg 3.
 _DRIVERS = {
@@ -22,11 +22,11 @@ _DRIVERS = {
 def normalise_url(url: str):
     """Parse a database URL; ``postgresql://`` means psycopg 3. Anything else is bad input."""
     if not isinstance(url, str) or one_line(url) != url:  # NUL, controls, bidi, surrogates
-        raise InvalidInput(f"the database URL must be printable text: {printable(redact(str(url)), 80)}")
+        raise InvalidInput(f"the database URL must be printable text: {printable(redact_url(str(url)), 80)}")
     try:
         parsed = make_url(url)
     except Exception:
-        raise InvalidInput(f"not a database URL: {printable(redact(url), 80)}") from None
+        raise InvalidInput(f"not a database URL: {printable(redact_url(url), 80)}") from None
     try:
         backend = parsed.get_backend_name()
     except Exception:
@@ -105,4 +105,4 @@ def display_url(url: str) -> str:
     try:
         return normalise_url(url).render_as_string(hide_password=True)
     except CredexError:
-        return redact(url)
+        return redact_url(url)

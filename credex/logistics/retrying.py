@@ -21,7 +21,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from credex import __version__
-from credex.errors import CarrierNotConfigured, Unavailable, redact
+from credex.errors import CarrierNotConfigured, Unavailable, redact, redact_url
 from credex.retry import Backoff
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -267,5 +267,5 @@ def _proxied(url: httpx.URL) -> bool:
 
 
 def _safe_url_text(text: str) -> str:
-    text = redact(str(text)).split("?", 1)[0]
+    text = redact_url(str(text)).split("?", 1)[0]
     return repr(text[:80])
