@@ -445,12 +445,23 @@ def shipment(**changes) -> dict:
     ],
 )
 def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_returned(document, words):
-    carrier = Carrier(ok(document, 201))
+    """Refused for good (the carrier replays it to this key), and the shipment it may stand for
+    is cancelled first when its id can be named, so no waybill stays live for a failed redemption."""
+    cancelled = ok({"shipment_id": "shp-9", "status": "cancelled"})
+    carrier = Carrier(
+        lambda request: cancelled if request.url.path.endswith("/cancel") else ok(document, 201)
+    )
     clock = FakeClock()
     with make_client(carrier, clock=clock) as client, pytest.raises(InvalidCarrierAnswer) as raised:
         create(client)
     error = raised.value
-    assert len(carrier.requests) == 1 and clock.sleeps == []  # the carrier replays it to this key
+    readable_id = document.get("shipment_id") == "shp-9"
+    assert [request.url.path for request in carrier.requests] == ["/v1/shipments"] + (
+        ["/v1/shipments/shp-9/cancel"] if readable_id else []
+    )
+    assert {request.headers["Idempotency-Key"] for request in carrier.requests} == {"redemption-42"}
+    assert clock.sleeps == []
+    assert ("its shipment shp-9 was cancelled at the carrier" in error.message) is readable_id
     assert error.final and isinstance(error, CarrierRefusal) and error.exit_code == 1
     assert (error.code, error.http_status, error.error_code) == (
         "invalid_carrier_answer",
@@ -460,6 +471,24 @@ def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_return
     assert words in error.message and error.reason.startswith("HTTP 201 invalid_answer: ")
     assert "\n" not in error.message and "\x00" not in error.message and "\u202e" not in error.message
     assert len(error.message) < 400
+
+
+def test_a_broken_waybill_whose_shipment_cannot_be_cancelled_yet_is_asked_again_later():
+    broken = ok(shipment(tracking_number=None), 201)
+    carrier = Carrier(lambda request: error(503) if request.url.path.endswith("/cancel") else broken)
+    with make_client(carrier, total_timeout=3) as client, pytest.raises(CarrierUnreachable) as raised:
+        create(client)
+    assert not raised.value.final and "shp-9 could not be cancelled yet" in raised.value.message
+    assert raised.value.reason.endswith("cancel of shp-9 pending")
+
+
+def test_a_broken_waybill_whose_parcel_was_picked_up_is_final_and_says_so():
+    picked_up = error(409, "already_picked_up", "on its way")
+    broken = ok(shipment(tracking_number=None), 201)
+    carrier = Carrier(lambda request: picked_up if request.url.path.endswith("/cancel") else broken)
+    with make_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        create(client)
+    assert raised.value.final and "shp-9 could not be cancelled: picked up" in raised.value.message
 
 
 @pytest.mark.parametrize(

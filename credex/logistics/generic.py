@@ -187,7 +187,7 @@ class GenericCarrier(CarrierClient):
                     created_at=_optional_time(answer, "created_at"),
                 )
             except _Broken as broken:
-                raise self._invalid(response, what, broken) from None
+                raise self._void_unreadable_waybill(response, answer, key, what, broken) from None
         if response.status_code == 409:
             code, _ = _error_of(response)
             raise CarrierRefusal(
@@ -228,6 +228,39 @@ class GenericCarrier(CarrierClient):
                 error_code=code or "not_found",
             )
         raise self._refusal(response, what)
+
+    def _void_unreadable_waybill(
+        self, response: httpx.Response, answer: dict[str, Any], key: str, what: str, broken: _Broken
+    ) -> CarrierError:
+        """A waybill answer that breaks the contract may still be a shipment the carrier made: left
+        live, a parcel could go out for a redemption that failed and was refunded. When its id is
+        readable, it is cancelled (same idempotency key) before the refusal is final; a cancel
+        that cannot be made now makes the call worth asking again (the same key replays the same
+        answer, and the cancel is tried again)."""
+        try:
+            shipment = _shipment_id(answer.get("shipment_id"))
+        except _Broken:
+            return self._invalid(response, what, broken)  # nothing credex could name to the carrier
+        try:
+            result = self.cancel_shipment(shipment, idempotency_key=key)
+        except CarrierUnreachable as unreachable:
+            error = self._invalid(response, what, broken)
+            return CarrierUnreachable(
+                f"{error.message}; its shipment {shipment} could not be cancelled yet: {unreachable.message}",
+                http_status=error.http_status,
+                reason=f"{error.reason}; cancel of {shipment} pending",
+            )
+        except CarrierError as refused:  # unknown to the carrier, or a cancel refused for good
+            return self._invalid(
+                response, what, broken, f"cancelling its shipment {shipment} failed: {refused.message}"
+            )
+        if result.outcome is CancelOutcome.CANCELLED:
+            return self._invalid(
+                response, what, broken, f"its shipment {shipment} was cancelled at the carrier"
+            )
+        return self._invalid(
+            response, what, broken, f"its shipment {shipment} could not be cancelled: picked up"
+        )
 
     @staticmethod
     def _cancelled(answer: dict[str, Any], shipment: str) -> CancelResult:
@@ -302,10 +335,11 @@ class GenericCarrier(CarrierClient):
             )
         return answer
 
-    def _invalid(self, response: httpx.Response, what: str, broken: _Broken) -> CarrierError:
+    def _invalid(self, response: httpx.Response, what: str, broken: _Broken, note: str = "") -> CarrierError:
         detail = redact(str(broken))[:200]
         return InvalidCarrierAnswer(
-            f"the carrier at {self._http.where} answered {what} with something credex cannot read: {detail}",
+            f"the carrier at {self._http.where} answered {what} with something credex cannot read: {detail}"
+            + (f"; {note}" if note else ""),
             http_status=response.status_code,
             error_code="invalid_answer",
             reason=f"HTTP {response.status_code} invalid_answer: {detail}",
