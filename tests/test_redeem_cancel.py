@@ -387,3 +387,25 @@ def test_a_late_waybill_for_a_withdrawn_message_changes_nothing_and_is_not_put_o
     assert done == (0, [])
     shown = credex("redeem", "show", created["redemption_id"], "--json").json()
     assert (shown["status"], shown["express_no"], shown["message_state"]) == ("cancelled", None, "cancelled")
+
+
+def test_a_cancelled_answer_to_a_pending_redemptions_create_refunds_and_cancels_it(
+    db_url, credex, shop, rabbit
+):
+    """A stray redemption.cancelled on the broker (one the points side never wrote) made the
+    warehouse answer the create `cancelled`: the message was confirmed and the redemption stayed
+    `pending` for good, its points and stock neither shipped nor back."""
+    created = shop()
+    relay_once(credex)  # the create is published: the warehouse has it
+    answer(rabbit, "shipment.cancelled", created["message_id"], created["redemption_id"], outcome="cancelled")
+    relay_once(credex)
+    shown = credex("redeem", "show", created["redemption_id"], "--json").json()
+    assert (shown["status"], shown["message_state"]) == ("cancelled", "confirmed")
+    assert (balance(credex), stock(credex)) == (100, 5)
+    # the same answer again refunds nothing more
+    answer(rabbit, "shipment.cancelled", created["message_id"], created["redemption_id"], outcome="cancelled")
+    relay_once(credex)
+    assert (balance(credex), stock(credex)) == (100, 5)
+    assert rows(db_url, "SELECT count(*) FROM ledger_entry WHERE kind = 'redemption_refund'")[0][0] == 1
+    audit = credex("audit", "verify", "--json")
+    assert audit.exit_code == 0, audit.stdout

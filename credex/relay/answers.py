@@ -231,6 +231,11 @@ class FailedAnswer:
 CANCEL_OUTCOMES = ("cancelled", "refused")
 _OPEN = (_PENDING, _SENT)
 _WITHDRAWN = MessageState.cancelled.value
+# The warehouse's "cancelled" means no shipment leaves. Its answer to a cancel finds the redemption
+# ``cancelling``; its answer to a create finds it ``pending`` (a stray redemption.cancelled the
+# warehouse took for it), which left it there for good, neither shipped nor refunded. A late
+# "cancelled" after a refusal (``shipping`` again) changes nothing: the first answer stands.
+_CANCELLED_BY_WAREHOUSE = (_ST.cancelling.value, _ST.pending.value)
 
 
 _LOCK_REDEMPTIONS = (
@@ -294,11 +299,12 @@ def record_cancel_answers(
     session: Session, answers: Iterable[CancelAnswer], *, now: datetime, operator: str
 ) -> tuple[int, list[str]]:
     """Record shipment.cancelled answers (the caller commits). "cancelled": the answered message is
-    confirmed, a ``cancelling`` redemption is refunded and ``cancelled``, and its other unconfirmed
-    messages are settled (its redemption.created withdrawn, its redemption.cancelled confirmed: the
-    warehouse's answer covers them). "refused": ``cancelling`` → ``shipping``, the reason in its
-    event. A repeated or late answer changes nothing. Returns (answers that changed something,
-    message ids put off because a relay holds one of the rows right now)."""
+    confirmed, its ``cancelling`` or ``pending`` redemption is refunded and ``cancelled``, and
+    its other unconfirmed messages are settled (its redemption.created withdrawn, its
+    redemption.cancelled confirmed: the warehouse's answer covers them). "refused":
+    ``cancelling`` → ``shipping``, the reason in its event. A repeated or late answer changes
+    nothing. Returns (answers that changed something, message ids put off because a relay holds
+    one of the rows right now)."""
     from credex.points.cancels import refund_redemption
     from credex.points.redemptions import move_redemption
 
@@ -319,7 +325,7 @@ def record_cancel_answers(
             refund = refund_redemption(
                 session,
                 rid,
-                from_statuses=(_ST.cancelling.value,),
+                from_statuses=_CANCELLED_BY_WAREHOUSE,
                 to_status=_ST.cancelled,
                 source=EventSource.warehouse,
                 detail=answer.reason or "cancelled by the warehouse",
