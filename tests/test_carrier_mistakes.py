@@ -134,7 +134,10 @@ def test_a_malformed_cancel_is_dropped_and_changes_nothing(credex, db_url, rabbi
     send(rabbit, {"message_id": "m-3", "redemption_id": 1}, "redemption.cancelled")
     rabbit.publish("redemption.cancelled", cancel_body(1), type="redemption.shipped")  # an unknown type
     rabbit.publish("redemption.cancelled", b"\xff not json", type="redemption.cancelled")
+    # the message id is the carrier's idempotency key and must be the outbox's UUID
+    send(rabbit, {**cancel_body(1), "message_id": "not-a-uuid"}, "redemption.cancelled")
+    send(rabbit, {**created_body(1), "message_id": "1234"})
     report = run(credex, carrier_sandbox.env())
-    assert (report["received"], report["rejected"], report["confirmed"]) == (5, 5, 0)
+    assert (report["received"], report["rejected"], report["confirmed"]) == (7, 7, 0)
     assert rows(db_url) == {} and answers(rabbit) == []
     assert rabbit.count(rabbit.names.warehouse_queue) == 0

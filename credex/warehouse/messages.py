@@ -4,6 +4,7 @@ redemption.cancelled, read into what the warehouse needs, or InvalidInput saying
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 
 from credex.errors import InvalidInput, printable, read_json
@@ -61,10 +62,17 @@ def _fields(body: bytes):
         return value
 
     def message_id() -> str:
-        # It is the carrier's idempotency key: it travels in a header.
+        # The outbox message's id, a UUID (messaging.md); it is the carrier's idempotency key and
+        # travels in a header.
         value = text("message_id", 36)
         if not is_token(value):
             raise InvalidInput("message_id is not printable ASCII without spaces")
+        try:
+            canonical = str(uuid.UUID(value))
+        except ValueError:
+            canonical = None
+        if canonical != value.lower():
+            raise InvalidInput(f"message_id is not a UUID: {printable(value)}")
         return value
 
     return text, number, message_id
