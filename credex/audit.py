@@ -121,12 +121,13 @@ POINTS_CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "redemption.message",  # its one redemption.created message, written with it
-        # `relay purge` deletes confirmed messages: only a confirmed redemption (a waybill) may lack its own.
+        # `relay purge` deletes confirmed messages: only a redemption whose create may have been
+        # confirmed (a waybill, or cancelled by the warehouse's answer) may lack its own.
         "SELECT r.id AS id, 1 AS expected, coalesce(m.n, 0) AS found FROM redemption r LEFT JOIN ("
         "SELECT redemption_id, count(*) AS n FROM outbox_message "
         f"WHERE routing_key = '{REDEMPTION_CREATED}' GROUP BY redemption_id"
         ") m ON m.redemption_id = r.id "
-        "WHERE m.n > 1 OR (m.n IS NULL AND r.express_no IS NULL) ORDER BY r.id",
+        "WHERE m.n > 1 OR (m.n IS NULL AND r.express_no IS NULL AND r.status <> 'cancelled') ORDER BY r.id",
     ),
     Check(
         "redemption.message_id",

@@ -591,8 +591,9 @@ def _check_redemptions(bad, redemptions, entries, messages, items) -> None:
         if len(found) > 1:
             bad("redemption.one_message", r.id, f"{where}: {len(found)} redemption.created messages")
         if not found:
-            # `relay purge` deletes confirmed messages: only a confirmed redemption may lack its own.
-            if not (state.confirmed is not False and r.express_no):
+            # `relay purge` deletes confirmed messages: only a redemption whose create may have been
+            # confirmed (a waybill, or cancelled by the warehouse's answer) may lack its own.
+            if not ((state.confirmed is not False and r.express_no) or r.status == "cancelled"):
                 bad("redemption.one_message", r.id, f"{where}: no outbox message")
             continue
         message = found[0]

@@ -5,7 +5,7 @@ database and a separate warehouse database, on SQLite and on Postgres. It never 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -200,6 +200,24 @@ def test_a_pending_redemption_without_its_outbox_message_is_found(shop, audit, d
     assert report["violations"] == [
         {"check": "redemption.message", "ids": [pending], "expected": 1, "found": 0}
     ]
+
+
+def test_a_cancelled_redemption_whose_confirmed_create_was_purged_verifies(shop, audit, credex, db_url):
+    """The warehouse answered a create `cancelled` (its redemption cancelled meanwhile), so the
+    message was confirmed, and `relay purge` deleted it: the audit took that for a lost message."""
+    cancelled = shop[2]
+    assert credex("redeem", "cancel", cancelled, "--reason", "r").exit_code == 0
+    execute(
+        db_url,
+        "UPDATE outbox_message SET state = 'confirmed', confirmed_at = :at WHERE redemption_id = :rid",
+        at=(NOW - timedelta(days=1)).replace(tzinfo=None),
+        rid=cancelled,
+    )
+    purged = credex("relay", "purge", "--confirmed-before", "1s", "--json")
+    assert purged.exit_code == 0, purged.stderr
+    assert scalar(db_url, f"SELECT count(*) FROM outbox_message WHERE redemption_id = {cancelled}") == 0
+    code, report = audit()
+    assert code == 0, report
 
 
 @pytest.mark.breaks_invariants
