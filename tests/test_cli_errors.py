@@ -181,3 +181,24 @@ def test_a_malformed_url_is_refused_without_showing_its_password(tmp_path, setti
     assert result.exit_code == 2, result.stderr
     assert "S3cretPW" not in result.stdout + result.stderr
     assert ":***@" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("worker", ["relay", "warehouse"])
+def test_with_json_logs_the_final_error_line_is_json_too(tmp_path, worker):
+    """--log-format json promises one JSON object per line on stderr: the error a worker stops
+    with (here, its metrics port taken) was the one plain `error:` line."""
+    import socket
+
+    from tests.support import subprocess_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = subprocess_env(
+            CREDEX_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", CREDEX_AMQP_PREFIX="nowhere."
+        )
+        result = run_process(worker, "run", "--once", "--metrics-port", port, "--log-format", "json", env=env)
+    assert result.exit_code == 2, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines and "Address already in use" in lines[-1]["error"]["message"]

@@ -138,12 +138,20 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+def _remember_json_logs(ctx: typer.Context, value: LogFormat) -> LogFormat:
+    # JSON log lines: the final error line, if any, is a JSON object too, like every other line.
+    if value is LogFormat.json:
+        ctx.meta[JSON_FLAG] = True
+    return value
+
+
 LogFormatOption = Annotated[
     LogFormat,
     typer.Option(
         "--log-format",
         envvar="CREDEX_LOG_FORMAT",
-        help="Log lines on stderr: readable text, or one JSON object per line.",
+        help="Log lines on stderr: readable text, or one JSON object per line (the final error too).",
+        callback=_remember_json_logs,
     ),
 ]
 
