@@ -202,3 +202,13 @@ def test_with_json_logs_the_final_error_line_is_json_too(tmp_path, worker):
     assert result.exit_code == 2, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert lines and "Address already in use" in lines[-1]["error"]["message"]
+
+
+def test_a_rejects_file_beside_a_database_url_that_is_none_is_exit_2_not_70(tmp_path):
+    grants = tmp_path / "grants.csv"
+    grants.write_text("user_id,points,ref\nu1,5,r1\n")
+    result = run_process(
+        "--database-url", "sqlite:", "award", "bulk", grants, "--rejects", tmp_path / "rejects.csv", "--json"
+    )
+    assert result.exit_code == 2, result.stderr
+    assert json.loads(result.stderr)["error"]["message"] == "not a database URL: 'sqlite:'"

@@ -131,9 +131,9 @@ def _check_rejects_target(rejects: Path, file: str, database_url: str) -> None:
     (or its journal): opening it for writing empties it before the first row is read."""
     guarded = {} if file == "-" else {"the file being read": [Path(file)]}
     if database_url.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
+        from credex.db.urls import normalise_url
 
-        database = make_url(database_url).database
+        database = normalise_url(database_url).database  # a URL that is none: exit 2, as later
         if database and database != ":memory:" and not database.startswith("file:"):
             guarded["the database"] = [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
     for what, paths in guarded.items():
