@@ -459,7 +459,9 @@ def test_a_waybill_that_breaks_the_contract_is_refused_for_good_and_never_return
     assert [request.url.path for request in carrier.requests] == ["/v1/shipments"] + (
         ["/v1/shipments/shp-9/cancel"] if readable_id else []
     )
-    assert {request.headers["Idempotency-Key"] for request in carrier.requests} == {"redemption-42"}
+    assert [request.headers["Idempotency-Key"] for request in carrier.requests] == ["redemption-42"] + (
+        ["cancel-redemption-42"] if readable_id else []
+    )
     assert clock.sleeps == []
     assert ("its shipment shp-9 was cancelled at the carrier" in error.message) is readable_id
     assert error.final and isinstance(error, CarrierRefusal) and error.exit_code == 1

@@ -37,6 +37,7 @@ from credex.logistics.model import (
     Tracking,
     UnknownShipment,
     Waybill,
+    cancel_key,
     clean_text,
     in_utc,
     is_carrier_code,
@@ -234,7 +235,7 @@ class GenericCarrier(CarrierClient):
     ) -> CarrierError:
         """A waybill answer that breaks the contract may still be a shipment the carrier made: left
         live, a parcel could go out for a redemption that failed and was refunded. When its id is
-        readable, it is cancelled (same idempotency key) before the refusal is final; a cancel
+        readable, it is cancelled (``cancel_key`` of the same key) before the refusal is final; a cancel
         that cannot be made now makes the call worth asking again (the same key replays the same
         answer, and the cancel is tried again)."""
         try:
@@ -242,7 +243,7 @@ class GenericCarrier(CarrierClient):
         except _Broken:
             return self._invalid(response, what, broken)  # nothing credex could name to the carrier
         try:
-            result = self.cancel_shipment(shipment, idempotency_key=key)
+            result = self.cancel_shipment(shipment, idempotency_key=cancel_key(key))
         except CarrierUnreachable as unreachable:
             error = self._invalid(response, what, broken)
             return CarrierUnreachable(
@@ -251,16 +252,11 @@ class GenericCarrier(CarrierClient):
                 reason=f"{error.reason}; cancel of {shipment} pending",
             )
         except CarrierError as refused:  # unknown to the carrier, or a cancel refused for good
-            return self._invalid(
-                response, what, broken, f"cancelling its shipment {shipment} failed: {refused.message}"
-            )
-        if result.outcome is CancelOutcome.CANCELLED:
-            return self._invalid(
-                response, what, broken, f"its shipment {shipment} was cancelled at the carrier"
-            )
-        return self._invalid(
-            response, what, broken, f"its shipment {shipment} could not be cancelled: picked up"
-        )
+            note = f"cancelling its shipment {shipment} failed: {refused.message}"
+        else:
+            done = "was cancelled at the carrier" if result.cancelled else "could not be cancelled: picked up"
+            note = f"its shipment {shipment} {done}"
+        return self._invalid(response, what, broken, note)
 
     @staticmethod
     def _cancelled(answer: dict[str, Any], shipment: str) -> CancelResult:

@@ -319,6 +319,12 @@ class CarrierClient:
         return f"<{type(self).__name__} {self.provider} at {self._http.where}>"
 
 
+def cancel_key(key: str) -> str:
+    """The idempotency key of the cancel of a shipment asked for with ``key``: its own, so that a
+    carrier keying requests across its endpoints never takes the cancel for a reused create key."""
+    return f"cancel-{key}"[:128]
+
+
 def require_token(value: object, what: str) -> str:
     """An idempotency key or a shipment id as it may travel in a header or a path, else InvalidInput."""
     if not is_token(value):

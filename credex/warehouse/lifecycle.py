@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from credex.db.engine import session_for
 from credex.db.models import ShipmentStatus, utcnow
 from credex.errors import CredexError, Unavailable
-from credex.logistics.model import CancelResult, CarrierError, Waybill
+from credex.logistics.model import CancelResult, CarrierError, Waybill, cancel_key
 from credex.warehouse import answers, shipments
 from credex.warehouse.answers import Handled, reason_of
 from credex.warehouse.messages import CancelMessage, RedemptionMessage
@@ -140,7 +140,7 @@ class ShippingDesk:
         )
 
     def _void(self, shipment_id: str, key: str) -> CancelResult:
-        return self.carrier.cancel_shipment(shipment_id, idempotency_key=f"cancel-{key}"[:128])
+        return self.carrier.cancel_shipment(shipment_id, idempotency_key=cancel_key(key))
 
     def _void_stray(self, row, waybill: Waybill) -> bool:
         """Cancel at the carrier a waybill that no live row keeps; whether the carrier has it voided
