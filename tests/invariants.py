@@ -776,15 +776,11 @@ def _check_input_rules(bad, accounts, entries, items, redemptions, texts) -> Non
     from credex.points import rules
 
     def identifier(check: str, ids: object, value: str | None, longest: int) -> None:
-        if value is not None and (problem := rules.identifier_problem(value, check, longest)):
+        if value is not None and (problem := rules.text_problem(value, check, longest)):
             bad("input rules", ids, f"{problem}: {value!r}")
 
     def free_text(check: str, ids: object, value: str | None, longest: int) -> None:
-        if (
-            value is not None
-            and value.strip()
-            and (problem := rules.free_text_problem(value, check, longest))
-        ):
+        if value is not None and value.strip() and (problem := rules.text_problem(value, check, longest)):
             bad("input rules", ids, f"{problem}: {value!r}")
 
     for account in accounts:

@@ -17,14 +17,12 @@ from typing import IO, Any
 
 from credex.errors import InvalidInput, printable, read_json
 from credex.points.rules import (
-    ID_SPACES,
     REASON_MAX,
     REF_MAX,
-    TEXT_SPACES,
+    SPACES,
     USER_ID_MAX,
-    free_text_problem,
-    identifier_problem,
     integer_problem,
+    text_problem,
 )
 
 FORMATS = ("csv", "jsonl")
@@ -93,10 +91,10 @@ def _check_key(value: Any, what: str, longest: int) -> str | tuple[str]:
         return (f"{what} is missing",)
     elif not isinstance(value, str):
         return (f"{what} must be text, got {json.dumps(value)}",)
-    problem = identifier_problem(value, what, longest)
+    problem = text_problem(value, what, longest)
     if problem is not None:
         return (problem,)
-    return value.strip(ID_SPACES)
+    return value.strip(SPACES)
 
 
 def check_row(line: int, user_id: Any, points: Any, ref: Any, reason: Any, original: Any) -> Grant | Rejected:
@@ -104,7 +102,7 @@ def check_row(line: int, user_id: Any, points: Any, ref: Any, reason: Any, origi
     # The common row (printable text fields, positive points of at most 18 digits) in a few
     # steps: a million rows spend more time here than anywhere else in Python.
     if user_id.__class__ is str and points.__class__ is str and ref.__class__ is str:
-        user, digits, key = user_id.strip(ID_SPACES), points.strip(ID_SPACES), ref.strip(ID_SPACES)
+        user, digits, key = user_id.strip(SPACES), points.strip(SPACES), ref.strip(SPACES)
         if (
             user
             and key
@@ -125,7 +123,7 @@ def check_row(line: int, user_id: Any, points: Any, ref: Any, reason: Any, origi
             number = int(digits)
             if number:
                 return Grant(
-                    line, user, number, key, (reason.strip(TEXT_SPACES) or None) if reason else None, original
+                    line, user, number, key, (reason.strip(SPACES) or None) if reason else None, original
                 )
     return _check_row(line, user_id, points, ref, reason, original)
 
@@ -145,8 +143,8 @@ def _check_row(
     if reason is not None:
         if not isinstance(reason, str):
             return Rejected(line, f"reason must be text, got {json.dumps(reason)}", original)
-        reason = reason.strip(TEXT_SPACES) or None
-        problem = reason and free_text_problem(reason, "reason", REASON_MAX)
+        reason = reason.strip(SPACES) or None
+        problem = reason and text_problem(reason, "reason", REASON_MAX)
         if problem:
             return Rejected(line, problem, original)
     return Grant(line, user, amount, key, reason, original)

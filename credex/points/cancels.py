@@ -12,7 +12,6 @@ unique (kind, ref) of the ledger makes a second refund impossible even if one sl
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,12 +32,12 @@ from credex.db.models import (
     StockKind,
     utcnow,
 )
-from credex.errors import InvalidInput, NotCancellable, UnknownRedemption
+from credex.errors import NotCancellable, UnknownRedemption
 from credex.points import planner
 from credex.points.catalog import record_movement
 from credex.points.lots import account_table, ledger_table, lock_account, lot_table, use_table
 from credex.points.redemptions import add_event, get_redemption
-from credex.points.rules import parse_int, require_text
+from credex.points.rules import checked_text, parse_int
 from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
 
 _r = tables.redemption
@@ -48,7 +47,7 @@ _event = tables.redemption_event
 _item = tables.catalog_item
 _movement = tables.stock_movement
 
-REASON_MAX = 1000
+REASON_MAX = 1000  # a cancel's reason travels in messages and events: shorter than a ledger's
 WITHDRAWN = "withdrawn: its redemption was cancelled before it was published"
 
 
@@ -207,23 +206,6 @@ def cancel_message_body(*, message_id: str, redemption_id: int, reason: str, cre
     )
 
 
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def check_reason(reason: str) -> str:
-    """Free text on one line: no control characters (NUL, line breaks included) and no
-    bidirectional overrides, at most REASON_MAX characters."""
-    reason = require_text(reason, "reason")
-    bad = _FORBIDDEN.search(reason)
-    if bad:
-        raise InvalidInput(
-            f"reason holds a control character or a direction override (U+{ord(bad.group()):04X})"
-        )
-    if len(reason) > REASON_MAX:
-        raise InvalidInput(f"reason is longer than {REASON_MAX} characters")
-    return reason
-
-
 def cancel_redemption(session: Session, redemption_id: str | int, *, reason: str, operator: str) -> dict:
     """`redeem cancel`: one transaction on the redemption's row (locked).
 
@@ -237,7 +219,7 @@ def cancel_redemption(session: Session, redemption_id: str | int, *, reason: str
     ``cancelling`` and a redemption.cancelled message for the relay to deliver."""
 
     number = parse_int(redemption_id, "redemption id", minimum=1)
-    reason = check_reason(reason)
+    reason = checked_text(reason, "reason", REASON_MAX)
     row = session.execute(
         select(_r.c.id, _r.c.status, _r.c.message_id).where(_r.c.id == number).with_for_update()
     ).first()

@@ -3,8 +3,11 @@ before any SQL runs and the same on SQLite and Postgres.
 
 - Numbers are ASCII: ``[+-]?[0-9]+`` for points, stock and quantities, ``[0-9]+(.[0-9]{1,2})?``
   for amounts, within 64 bits and the range of the column that stores them.
-- Identifiers are non-empty printable text: no C0/C1 controls, DEL, NUL, line separators,
-  bidirectional overrides or lone surrogates; free text may also hold tabs and line breaks.
+- Identifiers and free text are non-empty printable text: no C0/C1 controls (tabs and line
+  breaks among them), DEL, NUL, line separators, bidirectional overrides or lone surrogates.
+  cli.md lets free text hold line breaks "only where the contract says so", and no field of the
+  contract says so: a line break in a reason, a gift name or an address would split a log line,
+  a CSV cell or a table row. Free text differs from an identifier by its length only.
 - Lengths come from the columns themselves (``credex.db.tables``): one source of truth.
 
 Each check exists twice: ``*_problem()`` returns why a value is refused (None: fine), for bulk
@@ -31,11 +34,9 @@ AMOUNT_MAX_DIGITS = 15  # before the point: what a purchase can cost, far below 
 # C0 and C1 controls, DEL, the line and paragraph separators, the bidirectional embeddings,
 # overrides and isolates (U+202A-U+202E, U+2066-U+2069) and lone surrogates (not encodable).
 _BIDI = "\u202a-\u202e\u2066-\u2069"
-_NOT_IN_IDENTIFIER = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
-# Free text: the same, but tabs and line breaks (\t \n \r, U+2028, U+2029) are text.
-_NOT_IN_FREE_TEXT = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{_BIDI}\ud800-\udfff]")
-# Forgiven around an identifier, around free text; anything else is kept as typed or refused.
-ID_SPACES, TEXT_SPACES = " ", " \t\r\n"
+_NOT_PRINTABLE = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}\ud800-\udfff]")
+# Forgiven around a value (identifier or free text); anything else is kept as typed or refused.
+SPACES = " "
 FREE_TEXT_MAX = 4000  # for TEXT columns, which have no length of their own
 
 
@@ -77,14 +78,15 @@ def _forbidden(text: str, pattern: re.Pattern[str]) -> str | None:
     return f"{kind} ({printable(char)}) at character {found.start() + 1}"
 
 
-def identifier_problem(value: object, what: str, longest: int) -> str | None:
-    """Why ``value`` is not an identifier of at most ``longest`` characters (None: it is)."""
+def text_problem(value: object, what: str, longest: int) -> str | None:
+    """Why ``value`` is not text of at most ``longest`` characters, an identifier's or free text
+    (None: it is)."""
     if not isinstance(value, str):
         return f"{what} must be text"
-    text = value.strip(ID_SPACES)
+    text = value.strip(SPACES)
     if not text:
         return f"{what} must not be empty"
-    bad = _forbidden(text, _NOT_IN_IDENTIFIER)
+    bad = _forbidden(text, _NOT_PRINTABLE)
     if bad is not None:
         return f"{what} must be printable text: it holds {bad}"
     if len(text) > longest:
@@ -92,83 +94,55 @@ def identifier_problem(value: object, what: str, longest: int) -> str | None:
     return None
 
 
-def free_text_problem(value: object, what: str, longest: int) -> str | None:
-    """Why ``value`` is not free text of at most ``longest`` characters (None: it is)."""
-    if not isinstance(value, str):
-        return f"{what} must be text"
-    text = value.strip(TEXT_SPACES)
-    if not text:
-        return f"{what} must not be empty"
-    bad = _forbidden(text, _NOT_IN_FREE_TEXT)
-    if bad is not None:
-        return f"{what} must not hold {bad}"
-    if len(text) > longest:
-        return f"{what} is longer than {longest} characters"
-    return None
-
-
 def cleaned(value: str, longest: int) -> str:
     """Free text from another program (a worker's reason) made storable rather than refused: the
-    characters free text may not hold become one space each, surrounding whitespace goes, and it
-    is cut at ``longest`` characters."""
-    return _NOT_IN_FREE_TEXT.sub(" ", value).strip(TEXT_SPACES)[:longest]
+    characters text may not hold (a line break among them) become one space each, surrounding
+    spaces go, and it is cut at ``longest`` characters."""
+    return _NOT_PRINTABLE.sub(" ", value).strip(SPACES)[:longest]
 
 
-def identifier(value: object, what: str, longest: int) -> str:
+def checked_text(value: object, what: str, longest: int) -> str:
     """``value`` without surrounding spaces, or InvalidInput naming ``what``."""
-    problem = identifier_problem(value, what, longest)
+    problem = text_problem(value, what, longest)
     if problem is not None:
         raise InvalidInput(problem)
-    return value.strip(ID_SPACES)  # type: ignore[union-attr]
-
-
-def free_text(value: object, what: str, longest: int) -> str:
-    """``value`` without surrounding whitespace, or InvalidInput naming ``what``."""
-    problem = free_text_problem(value, what, longest)
-    if problem is not None:
-        raise InvalidInput(problem)
-    return value.strip(TEXT_SPACES)  # type: ignore[union-attr]
+    return value.strip(SPACES)  # type: ignore[union-attr]
 
 
 def check_user_id(value: str, what: str = "user id") -> str:
-    return identifier(value, what, USER_ID_MAX)
+    return checked_text(value, what, USER_ID_MAX)
 
 
 def check_sku(value: str, what: str = "sku") -> str:
-    return identifier(value, what, SKU_MAX)
+    return checked_text(value, what, SKU_MAX)
 
 
 def check_ref(value: str, what: str = "ref") -> str:
-    return identifier(value, what, REF_MAX)
+    return checked_text(value, what, REF_MAX)
 
 
 def check_request_id(value: str, what: str = "request id") -> str:
-    return identifier(value, what, REQUEST_ID_MAX)
+    return checked_text(value, what, REQUEST_ID_MAX)
 
 
 def check_operator(value: str, what: str = "operator") -> str:
-    return identifier(value, what, OPERATOR_MAX)
+    return checked_text(value, what, OPERATOR_MAX)
 
 
 def check_message_id(value: str, what: str = "message id") -> str:
-    return identifier(value, what, MESSAGE_ID_MAX)
+    return checked_text(value, what, MESSAGE_ID_MAX)
 
 
 def check_name(value: str, what: str = "name") -> str:
-    return free_text(value, what, NAME_MAX)
+    return checked_text(value, what, NAME_MAX)
 
 
 def check_address(value: str, what: str = "address") -> str:
-    return free_text(value, what, ADDRESS_MAX)
+    return checked_text(value, what, ADDRESS_MAX)
 
 
 def check_reason(value: str, what: str = "reason") -> str:
-    return free_text(value, what, REASON_MAX)
-
-
-def require_text(value: str | None, what: str) -> str:
-    """Free text that must not be empty (of a TEXT column)."""
-    return free_text(value or "", what, FREE_TEXT_MAX)
+    return checked_text(value, what, REASON_MAX)
 
 
 # --- numbers ------------------------------------------------------------------------------------
@@ -181,7 +155,7 @@ def integer_problem(value: object, what: str, *, minimum: int | None = None, max
     if isinstance(value, int):
         number = value
     elif isinstance(value, str):
-        text = value.strip(ID_SPACES)
+        text = value.strip(SPACES)
         if not text:
             return f"{what} must not be empty"
         if not _INTEGER.fullmatch(text):
@@ -213,7 +187,7 @@ def parse_int(value: str | int, what: str, *, minimum: int | None = None, maximu
 
 def parse_amount(value: str | Decimal, what: str = "amount") -> Decimal:
     """A positive amount of money: ASCII digits with at most two decimals (129.90)."""
-    text = value.strip(ID_SPACES) if isinstance(value, str) else None
+    text = value.strip(SPACES) if isinstance(value, str) else None
     if isinstance(value, Decimal) and value.is_finite():
         text = f"{value:f}"
     if text is None or not _AMOUNT.fullmatch(text):

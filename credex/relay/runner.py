@@ -40,7 +40,7 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error, vac
 from credex.db.models import utcnow
 from credex.errors import Unavailable, json_object
 from credex.metrics import RelayMetrics, new_registry
-from credex.points.rules import CARRIER_MAX, EXPRESS_NO_MAX, MESSAGE_ID_MAX, cleaned, identifier_problem
+from credex.points.rules import CARRIER_MAX, EXPRESS_NO_MAX, MESSAGE_ID_MAX, cleaned, text_problem
 from credex.relay.answers import (
     CANCEL_OUTCOMES,
     CancelAnswer,
@@ -578,9 +578,9 @@ def parse_confirmation(properties, body: bytes) -> Confirmation | None:
         return None
     message_id = _message_id(properties, data)
     express_no, carrier = data.get("express_no"), data.get("carrier")
-    if message_id is None or identifier_problem(express_no, "express number", EXPRESS_NO_MAX):
+    if message_id is None or text_problem(express_no, "express number", EXPRESS_NO_MAX):
         return None
-    if identifier_problem(carrier, "carrier", CARRIER_MAX):
+    if text_problem(carrier, "carrier", CARRIER_MAX):
         carrier = None  # the waybill stands without the carrier's name
     return Confirmation(message_id, carrier, express_no)
 
@@ -590,4 +590,4 @@ def _message_id(properties, data: dict) -> str | None:
     when that is not a message id credex could have written (a NUL byte, say, which Postgres
     would refuse in the middle of a batch)."""
     message_id = properties.correlation_id or data.get("message_id")
-    return None if identifier_problem(message_id, "message id", MESSAGE_ID_MAX) else message_id
+    return None if text_problem(message_id, "message id", MESSAGE_ID_MAX) else message_id

@@ -27,9 +27,9 @@ def prefix_problem(prefix: str) -> str | None:
     """Why ``prefix`` (CREDEX_AMQP_PREFIX) cannot begin the broker's names (None: it can)."""
     if not prefix:
         return None
-    from credex.points.rules import identifier_problem
+    from credex.points.rules import text_problem
 
-    problem = identifier_problem(prefix, "CREDEX_AMQP_PREFIX", PREFIX_BYTES)
+    problem = text_problem(prefix, "CREDEX_AMQP_PREFIX", PREFIX_BYTES)
     if problem is not None:
         return problem
     if len(prefix.encode()) > PREFIX_BYTES:
