@@ -613,7 +613,7 @@ def test_a_line_that_is_not_utf8_stops_the_run_after_the_rows_before_it(credex, 
     result = bulk(credex, path)
     assert result.exit_code == 2
     assert "line 3: not UTF-8 text" in result.stderr
-    assert "the 1 rows before it were read (1 applied" in result.stderr
+    assert "the row before it was read (1 applied" in result.stderr
     assert [ref for _u, ref, *_ in ledger(db_url)] == ["a"]
 
 

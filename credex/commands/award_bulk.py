@@ -229,7 +229,7 @@ def bulk(
                 if done.rows:
                     wrote = "would be applied" if dry_run else "applied"
                     raise InvalidInput(
-                        f"{error.message}; the {done.rows} rows before it were read ({done.applied} {wrote}, "
+                        f"{error.message}; {_rows_before(done.rows)} ({done.applied} {wrote}, "
                         f"{done.duplicates} duplicates, {done.rejected} rejected): fix the line and run the "
                         "file again, applied rows then count as duplicates"
                     ) from None
@@ -256,3 +256,7 @@ def _render_summary(name: str):
         print_record(console, {k: v for k, v in result.items() if v is not None})
 
     return render
+
+
+def _rows_before(rows: int) -> str:
+    return "the row before it was read" if rows == 1 else f"the {rows} rows before it were read"
