@@ -1,13 +1,18 @@
 """What a message comes to at the warehouse (``Handled``) and the answer it publishes for it
-(``Answer``: shipment.requested, .cancelled or .failed, its body built from the shipment row)."""
+(``Answer``: shipment.requested, .cancelled or .failed, its body built from the shipment row),
+and the one create a shipment request answers (``not_its_create``)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
 from credex.logistics.model import CarrierError
 from credex.warehouse import shipments
+from credex.warehouse.messages import RedemptionMessage
+
+log = logging.getLogger("credex.warehouse")
 
 # What a message comes to, as the warehouse's report and metrics name it (`invalid`: malformed,
 # dropped by the consumer before it reaches the desk).
@@ -56,3 +61,51 @@ def failed(message_id: str, row, reason: str, *, now: datetime) -> Handled:
     """shipment.failed: the carrier refused the shipment for good."""
     body = shipments.answer_failed_body(row.redemption_id, message_id=message_id, reason=reason, now=now)
     return Handled("failed", Answer("failed", body, message_id))
+
+
+# What a request keeps of the redemption.created that opened it: (its column, the message's field).
+_KEPT = (("sku", "sku"), ("quantity", "quantity"), ("address", "address"), ("recipient", "user_id"))
+
+
+def not_its_create(message: RedemptionMessage, row) -> str | None:
+    """Why ``message`` is not the redemption.created that opened the row, or None when it is (a
+    redelivery) or the row holds none to compare with: a tombstone, opened by a cancel that came
+    first, keeps no message id and no body. A redemption has one redemption.created, its outbox
+    message (messaging.md), so another id, or the same id with another body, is a forged message
+    or a stale one (the points database restored from a backup behind the warehouse's): answered
+    from the row it would take that row's parcel. Rows older than migration 0005 keep the id of
+    the message that opened them, as new ones do."""
+    if row.message_id and row.message_id.lower() != message.message_id.lower():
+        return (
+            f"shipment request {row.id} of redemption {row.redemption_id} was opened by another "
+            f"redemption.created ({row.message_id}), not {message.message_id}: a forged or stale "
+            "message, or the warehouse's database is out of step with the points database; nothing "
+            "was shipped for this one and that request is left as it is, for a person to look at"
+        )
+    differ = [
+        field
+        for column, field in _KEPT
+        if getattr(row, column) is not None and getattr(row, column) != getattr(message, field)
+    ]
+    if differ:
+        return (
+            f"shipment request {row.id} of redemption {row.redemption_id} was opened by a "
+            f"redemption.created with this message id ({message.message_id}) but another "
+            f"{', '.join(differ)}: a forged or altered message; nothing was shipped for this one "
+            "and that request is left as it is, for a person to look at"
+        )
+    return None
+
+
+def refuse_create(message: RedemptionMessage, row, reason: str, *, now: datetime) -> Handled:
+    """shipment.failed for a create that is not its row's (``not_its_create``): the relay marks it
+    dead and its redemption ``exception`` with the reason, where an operator sees it, instead of
+    publishing it again for ever; the row is not touched and the carrier not asked."""
+    log.error(
+        "redemption %s: refused redemption.created %s: %s",
+        row.redemption_id,
+        message.message_id,
+        reason,
+        extra={"redemption_id": row.redemption_id, "message_id": message.message_id},
+    )
+    return failed(message.message_id, row, reason, now=now)

@@ -1,8 +1,9 @@
 """Many ``redemption.created`` at once, the common case under load: one message per redemption,
 its request written and claimed with the others in one transaction, the carrier asked for all of
 them at once, and the waybills saved in one more, each step one statement for the whole batch.
-Whatever is not plain (a race lost, a duplicate express number, a row in another state) goes
-through the row state machine one message at a time (``ShippingDesk.created_from``)."""
+Whatever is not plain (a race lost, a duplicate express number, a row in another state, a row
+another redemption.created opened) goes through the row state machine one message at a time
+(``ShippingDesk.created_from``)."""
 
 from __future__ import annotations
 
@@ -28,17 +29,16 @@ def created_many(desk: ShippingDesk, messages: list[RedemptionMessage], run_all:
     """One Handled per message (of different redemptions), in order. ``run_all(calls)`` runs the
     carrier calls and returns their results or exceptions, in order."""
     now = desk.clock()
-    rids = [m.redemption_id for m in messages]
 
     def open_and_claim(session):
         rows = shipments.open_requests(session, messages, now=now, asking=True)  # new: claimed already
         created = {row.id for row in rows.values()}
-        seen = [rid for rid in rids if rid not in rows]  # a request was there: claim it as it is
+        seen = [m for m in messages if m.redemption_id not in rows]  # a request was there
         if seen:
-            rows.update(shipments.claim(session, seen, now=now))  # the rows claimed, as they are now
-            others = [rid for rid in seen if rid not in rows]
-            if others:  # another consumer's, answered already, or cancelled
-                rows.update(shipments.requests_of(session, others))
+            rows.update(shipments.requests_of(session, [m.redemption_id for m in seen]))
+            # Claimed as it is, unless another redemption.created opened it: that one is refused.
+            ours = [m.redemption_id for m in seen if answers.not_its_create(m, rows[m.redemption_id]) is None]
+            rows.update(shipments.claim(session, ours, now=now))  # the rows claimed, as they are now
         return created, rows
 
     created, rows = desk.write(open_and_claim)
@@ -46,7 +46,9 @@ def created_many(desk: ShippingDesk, messages: list[RedemptionMessage], run_all:
     asking: list[int] = []  # indexes of the messages whose row is being asked for
     for index, message in enumerate(messages):
         row = rows[message.redemption_id]
-        if S(row.status) is S.requesting:  # ours now, or another consumer's (same key, same waybill)
+        if answers.not_its_create(message, row) is not None:
+            handled[index] = desk.created_from(message, row)  # refused, the row left as it is
+        elif S(row.status) is S.requesting:  # ours now, or another consumer's (same key, same waybill)
             asking.append(index)
         elif S(row.status) in (S.waybill, S.cancelled):
             handled[index] = desk.created_from(message, row)  # answered from the row as it is

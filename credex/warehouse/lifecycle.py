@@ -200,6 +200,9 @@ class ShippingDesk:
 
     def created_from(self, message: RedemptionMessage, row) -> Handled:
         """A create taken on from its row as last read, whatever its status."""
+        reason = answers.not_its_create(message, row)  # what opened a row never changes
+        if reason is not None:
+            return answers.refuse_create(message, row, reason, now=self.clock())
         for _ in range(ROUNDS):
             status = S(row.status)
             if status is S.cancelled:
