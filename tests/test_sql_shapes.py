@@ -95,8 +95,9 @@ def test_on_postgres_the_statements_are_one_text_whatever_the_number_of_requests
 def test_on_postgres_the_relay_records_a_few_or_many_confirmations_with_the_same_texts(
     db_url, credex
 ) -> None:
-    """The relay's record of the warehouse's confirmations (messages confirmed, waybills copied
-    onto the redemptions, their ``shipping`` events) sends the same texts for 1 and for 60."""
+    """The relay's record of the warehouse's confirmations (messages confirmed, each checked against
+    the redemption its body names, waybills copied onto the redemptions, their ``shipping``
+    events) sends the same texts for 1 and for 60."""
     from credex.relay.answers import Confirmation, record_confirmations
 
     assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "1", "--stock", "100").exit_code == 0
@@ -108,8 +109,14 @@ def test_on_postgres_the_relay_records_a_few_or_many_confirmations_with_the_same
         made.append(done.json())
 
     def confirm(batch: list[dict]) -> list[str]:
-        confirmations = [
-            Confirmation(r["message_id"], "sandbox", f"SB{r['redemption_id']:08d}") for r in batch
+        confirmations = [  # every other one names its redemption, as the first warehouses did not
+            Confirmation(
+                r["message_id"],
+                "sandbox",
+                f"SB{r['redemption_id']:08d}",
+                r["redemption_id"] if n % 2 else None,
+            )
+            for n, r in enumerate(batch)
         ]
 
         def work(session):

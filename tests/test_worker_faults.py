@@ -69,17 +69,18 @@ def test_confirmations_that_are_not_objects_or_miss_a_field_are_dropped_and_chan
     ]
     for body in malformed:
         rabbit.publish("shipment.requested", body)
-    # Well formed, for a message nobody wrote: a repeat that finds nothing to confirm.
+    # Well formed, for a message nobody wrote: unknown (not a repeat), it finds nothing to confirm.
     rabbit.publish("shipment.requested", {"message_id": "no-such-message", "express_no": "SIM9"})
 
     report = credex("relay", "run", "--once", "--json")
     assert report.exit_code == 0, report.stderr
     counts = report.json()
-    assert (counts["malformed_confirmations"], counts["repeated_confirmations"], counts["confirmed"]) == (
-        len(malformed),
-        1,
-        0,
-    )
+    assert (
+        counts["malformed_confirmations"],
+        counts["unknown_confirmations"],
+        counts["repeated_confirmations"],
+        counts["confirmed"],
+    ) == (len(malformed), 1, 0, 0)
     assert report.stderr.count("dropped a malformed confirmation") == len(malformed)
     assert rabbit.count(rabbit.names.confirmations_queue) == 0, "every one of them is acked"
     shown = credex("redeem", "show", str(redemption["redemption_id"]), "--json").json()

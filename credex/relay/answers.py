@@ -5,20 +5,25 @@ redemption ``shipping``), shipment.cancelled (``record_cancel_answers``: refunde
 
 Every function runs inside the caller's transaction (the caller commits). A row a relay holds
 locked right now (Postgres) is put off, never waited for: the caller tries it again a moment later.
+An answer whose body names another redemption than its message's, or that answers a message the
+outbox does not know, records nothing (``Dropped``).
+
+(Over 400 lines on purpose: the three kinds of answer share their checks, ``_held_once`` and
+``Dropped``, and the outbox's statements; apart, each module would reach into the other.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, insert, literal, null, select, update
+from sqlalchemy import bindparam, case, insert, literal, null, or_, select, tuple_, update
 from sqlmodel import Session
 
 from credex.db import tables
 from credex.db.models import EventSource, MessageState, RedemptionStatus
-from credex.db.sql import is_postgres, unnested
+from credex.db.sql import is_postgres, one_of, unnested
 from credex.relay.outbox import CHUNK, IDS_MATCH, outbox_table
 from credex.relay.topology import REDEMPTION_CANCELLED, REDEMPTION_CREATED
 
@@ -41,6 +46,23 @@ class Confirmation:
     message_id: str
     carrier: str | None
     express_no: str | None
+    redemption_id: int | None = None  # the body's; None: it names none (the first warehouses')
+
+
+@dataclass
+class Dropped:
+    """Answers that record nothing, for the relay to report: those for a message the outbox does
+    not know (``unknown``: no repeat, nothing was ever confirmed for them), and those whose body
+    names another redemption than their message's (``mismatched``: message id -> the message's own
+    redemption), a mix-up of the warehouse's: the message stays unconfirmed, and the relay's next
+    publish of it brings the right answer."""
+
+    unknown: set[str] = field(default_factory=set)
+    mismatched: dict[str, int | None] = field(default_factory=dict)
+
+
+def _names_another(answer, redemption_id: int | None) -> bool:
+    return answer.redemption_id is not None and answer.redemption_id != redemption_id
 
 
 _ST = RedemptionStatus
@@ -123,25 +145,54 @@ def _ship(session: Session, waybills: dict[int, Confirmation], now: datetime) ->
     return shipped
 
 
-_CONFIRM = (
-    update(outbox_table)
-    .where(
-        _o.id.in_(
-            select(_o.id)
-            .where(IDS_MATCH, _o.state.not_in(_SETTLED))
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+# The confirming statement checks, in its match, that each answer's body names its message's
+# redemption (``unnamed``: the ids of the answers that name none; ``named``: (id, redemption id)
+# of the others, on Postgres one array per column), so a mismatched answer confirms nothing.
+_NAMED = unnested("n", id=_o.id.type, redemption_id=_o.redemption_id.type)
+
+
+def _confirming(named):
+    agrees = or_(one_of(_o.id, "unnamed"), tuple_(_o.id, _o.redemption_id).in_(named))
+    return (
+        update(outbox_table)
+        .where(
+            _o.id.in_(
+                select(_o.id)
+                .where(IDS_MATCH, _o.state.not_in(_SETTLED), agrees)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
         )
+        .values(
+            state=_CONFIRMED,
+            confirmed_at=bindparam("now", type_=_o.confirmed_at.type),
+            claimed_by=None,
+            claimed_until=None,
+        )
+        .returning(_o.id, _o.redemption_id, _o.created_at)
     )
-    .values(
-        state=_CONFIRMED,
-        confirmed_at=bindparam("now", type_=_o.confirmed_at.type),
-        claimed_by=None,
-        claimed_until=None,
-    )
-    .returning(_o.id, _o.redemption_id, _o.created_at)
-)
-_STILL_OPEN = select(_o.id).where(IDS_MATCH, _o.state.not_in(_SETTLED))
+
+
+_CONFIRM_POSTGRES = _confirming(select(_NAMED.c.id, _NAMED.c.redemption_id))
+_CONFIRM = _confirming(bindparam("named", expanding=True))
+_LEFT = select(_o.id, _o.redemption_id, _o.state).where(IDS_MATCH)
+
+
+def _confirm(session: Session, answers: list[Confirmation], now: datetime):
+    """Confirm the messages of ``answers`` that agree with them (one statement); returns the rows
+    confirmed now (id, redemption_id, created_at)."""
+    named = [a for a in answers if a.redemption_id is not None]
+    params = {
+        "ids": [a.message_id for a in answers],
+        "unnamed": [a.message_id for a in answers if a.redemption_id is None],
+        "now": now,
+    }
+    if is_postgres(session):
+        ids, rids = [a.message_id for a in named], [a.redemption_id for a in named]
+        return session.execute(_CONFIRM_POSTGRES, params | {"n_id": ids, "n_redemption_id": rids}).all()
+    return session.execute(
+        _CONFIRM, params | {"named": [(a.message_id, a.redemption_id) for a in named]}
+    ).all()
 
 
 _E = unnested("e", redemption_id=_event.c.redemption_id.type)
@@ -178,21 +229,24 @@ def record_confirmations(
     *,
     now: datetime,
     created: list[datetime] | None = None,
+    dropped: Dropped | None = None,
 ) -> tuple[int, list[str]]:
     """Mark the messages confirmed and copy carrier and express number onto their redemptions
     (the caller commits). A confirmation for a message already confirmed or withdrawn changes
-    nothing (a dead one is confirmed: the warehouse did ship it). Returns (how many were confirmed now, the
-    message ids put off): a message a relay holds locked right now (Postgres) is left for a moment
-    later rather than waited for, which could be waiting on ourselves. ``created`` gets the time
-    each message confirmed now was written (the relay's confirm-latency histogram)."""
+    nothing (a dead one is confirmed: the warehouse did ship it), nor does one ``dropped``. Returns
+    (how many were confirmed now, the message ids put off): a message a relay holds locked right
+    now (Postgres) is left for a moment later rather than waited for, which could be waiting on
+    ourselves. ``created`` gets the time each message confirmed now was written (the relay's
+    confirm-latency histogram)."""
     first: dict[str, Confirmation] = {}
     for confirmation in confirmations:
         first.setdefault(confirmation.message_id, confirmation)
     confirmed, put_off = 0, []
+    dropped = Dropped() if dropped is None else dropped
     ids = list(first)
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
-        rows = session.execute(_CONFIRM, {"ids": chunk, "now": now}).all()
+        rows = _confirm(session, [first[m] for m in chunk], now)
         if created is not None:
             created.extend(row.created_at for row in rows)
         ships = {row.redemption_id: first[row.id] for row in rows if row.redemption_id is not None}
@@ -201,10 +255,19 @@ def record_confirmations(
             if shipped:
                 _shipping_events(session, shipped, now)
         confirmed += len(rows)
-        if len(rows) < len(chunk):  # repeats, or held: those still open are put off
+        if len(rows) < len(chunk):  # repeats, dropped, or held: those still open are put off
             done = {row.id for row in rows}
-            rest = [m for m in chunk if m not in done]
-            put_off += session.execute(_STILL_OPEN, {"ids": rest}).scalars().all()
+            left = {
+                row.id: row for row in session.execute(_LEFT, {"ids": [m for m in chunk if m not in done]})
+            }
+            for m in (m for m in chunk if m not in done):
+                row = left.get(m)
+                if row is None:
+                    dropped.unknown.add(m)
+                elif _names_another(first[m], row.redemption_id):
+                    dropped.mismatched[m] = row.redemption_id
+                elif row.state not in _SETTLED:
+                    put_off.append(m)
     return confirmed, put_off
 
 
@@ -218,6 +281,7 @@ class CancelAnswer:
     message_id: str
     outcome: str  # "cancelled" or "refused"
     reason: str | None
+    redemption_id: int | None = None  # the body's
 
 
 @dataclass(frozen=True)
@@ -226,6 +290,7 @@ class FailedAnswer:
 
     message_id: str
     reason: str
+    redemption_id: int | None = None  # the body's
 
 
 CANCEL_OUTCOMES = ("cancelled", "refused")
@@ -279,9 +344,11 @@ def _confirm_one(session: Session, message_id: str, now: datetime) -> bool:
     )
 
 
-def _held_once(session: Session, answers: Iterable, put_off: list[str]):
+def _held_once(session: Session, answers: Iterable, put_off: list[str], dropped: Dropped | None):
     """Each answer once (repeats in the batch skipped) with its outbox row, locked. An answer
-    whose row a relay holds right now goes to ``put_off``; one for an unknown message is dropped."""
+    whose row a relay holds right now goes to ``put_off``; one for an unknown message, or naming
+    another redemption than its message's, to ``dropped``."""
+    dropped = Dropped() if dropped is None else dropped
     seen: set[str] = set()
     for answer in answers:
         if answer.message_id in seen:
@@ -291,27 +358,36 @@ def _held_once(session: Session, answers: Iterable, put_off: list[str]):
         if message is None:
             if _exists(session, answer.message_id):
                 put_off.append(answer.message_id)
-            continue
-        yield answer, message
+            else:
+                dropped.unknown.add(answer.message_id)
+        elif _names_another(answer, message.redemption_id):
+            dropped.mismatched[answer.message_id] = message.redemption_id
+        else:
+            yield answer, message
 
 
 def record_cancel_answers(
-    session: Session, answers: Iterable[CancelAnswer], *, now: datetime, operator: str
+    session: Session,
+    answers: Iterable[CancelAnswer],
+    *,
+    now: datetime,
+    operator: str,
+    dropped: Dropped | None = None,
 ) -> tuple[int, list[str]]:
     """Record shipment.cancelled answers (the caller commits). "cancelled": the answered message is
     confirmed, its ``cancelling`` or ``pending`` redemption is refunded and ``cancelled``, and
     its other unconfirmed messages are settled (its redemption.created withdrawn, its
     redemption.cancelled confirmed: the warehouse's answer covers them). "refused":
     ``cancelling`` → ``shipping``, the reason in its event. A repeated or late answer changes
-    nothing. Returns (answers that changed something, message ids put off because a relay holds
-    one of the rows right now)."""
+    nothing, and so does one ``dropped``. Returns (answers that changed something, message ids put
+    off because a relay holds one of the rows right now)."""
     from credex.points.cancels import refund_redemption
     from credex.points.redemptions import move_redemption
 
     answers = list(answers)
     _lock_redemptions(session, [a.message_id for a in answers])
     changed, put_off = 0, []
-    for answer, message in _held_once(session, answers, put_off):
+    for answer, message in _held_once(session, answers, put_off, dropped):
         rid = message.redemption_id
         if rid is None:
             continue
@@ -364,16 +440,17 @@ def record_cancel_answers(
 
 
 def record_failures(
-    session: Session, answers: Iterable[FailedAnswer], *, now: datetime
+    session: Session, answers: Iterable[FailedAnswer], *, now: datetime, dropped: Dropped | None = None
 ) -> tuple[int, list[str]]:
     """Record shipment.failed answers (the caller commits): the redemption.created message is
     ``dead`` with the reason as its last error, and its redemption (pending or shipping) moves to
     ``exception`` until `relay retry` sends it again or `redeem cancel` refunds it. A repeated or
-    late answer (the message confirmed, dead or withdrawn already) changes nothing."""
+    late answer (the message confirmed, dead or withdrawn already) changes nothing, nor does one
+    ``dropped``."""
     from credex.points.redemptions import move_redemption
 
     changed, put_off = 0, []
-    for answer, message in _held_once(session, answers, put_off):
+    for answer, message in _held_once(session, answers, put_off, dropped):
         if message.routing_key != REDEMPTION_CREATED or message.state not in _OPEN:
             continue
         session.execute(

@@ -40,11 +40,13 @@ from credex.db.engine import ensure_schema, session_for, translate_db_error, vac
 from credex.db.models import utcnow
 from credex.errors import Unavailable, json_object
 from credex.metrics import RelayMetrics, new_registry
+from credex.points.planner import INT64_MAX
 from credex.points.rules import CARRIER_MAX, EXPRESS_NO_MAX, MESSAGE_ID_MAX, cleaned, text_problem
 from credex.relay.answers import (
     CANCEL_OUTCOMES,
     CancelAnswer,
     Confirmation,
+    Dropped,
     FailedAnswer,
     record_cancel_answers,
     record_confirmations,
@@ -93,7 +95,8 @@ class RelayReport:
     dead: int = 0
     confirmed: int = 0  # by the warehouse
     repeated_confirmations: int = 0
-    malformed_confirmations: int = 0
+    unknown_confirmations: int = 0  # for a message the outbox does not know
+    malformed_confirmations: int = 0  # a bad body, or one naming another redemption than its message's
     reconnects: int = 0
 
     def to_json(self) -> dict:
@@ -464,7 +467,7 @@ class Relay(Worker[RelayReport]):
             return len(deliveries)
         waiting = [d for d in deliveries if d.tag in confirmations]
         try:
-            confirmed, put_off = self._await(
+            confirmed, put_off, dropped = self._await(
                 self._in_db(self._record_confirmations, list(confirmations.values()))
             )
         except BaseException:
@@ -479,34 +482,70 @@ class Relay(Worker[RelayReport]):
                 self.broker.ack(tag)
         elif done:
             self.broker.ack(max(done), multiple=True)
+        unknown, mismatched = self._dropped(waiting, confirmations, dropped)
         self.report.confirmed += confirmed
         self.metrics.confirmed.inc(confirmed)
-        self.report.repeated_confirmations += len(confirmations) - confirmed - len(self._put_off)
+        self.report.unknown_confirmations += unknown
+        self.report.malformed_confirmations += mismatched
+        self.report.repeated_confirmations += (
+            len(confirmations) - confirmed - len(self._put_off) - unknown - mismatched
+        )
         if confirmed:
             log.info("recorded %d confirmation(s) from the warehouse", confirmed, extra={"relay_id": self.id})
         return len(deliveries) - len(self._put_off)
 
-    def _record_confirmations(self, answers: list) -> tuple[int, set[str]]:
+    @staticmethod
+    def _dropped(waiting: list[Delivery], answers: dict, dropped: Dropped) -> tuple[int, int]:
+        """Log the answers that recorded nothing for want of their message, or naming another
+        redemption than their message's (ids only: an answer's body is the warehouse's). Returns
+        how many of each."""
+        unknown = mismatched = 0
+        for delivery in waiting:
+            answer = answers[delivery.tag]
+            if answer.message_id in dropped.unknown:
+                unknown += 1
+                log.warning(
+                    "dropped an answer (type %s) for message %s, which the outbox does not know",
+                    delivery.properties.type,
+                    answer.message_id,
+                )
+                continue
+            own = dropped.mismatched.get(answer.message_id, answer.redemption_id)
+            if answer.redemption_id is not None and answer.redemption_id != own:
+                mismatched += 1
+                log.error(
+                    "rejected an answer (type %s) for message %s: it names redemption %s, the message"
+                    " is redemption %s's; the message stays unconfirmed",
+                    delivery.properties.type,
+                    answer.message_id,
+                    answer.redemption_id,
+                    own,
+                )
+        return unknown, mismatched
+
+    def _record_confirmations(self, answers: list) -> tuple[int, set[str], Dropped]:
         """One transaction for the batch: waybills, cancel answers, final refusals."""
         now = self.clock()
         shipped = [a for a in answers if isinstance(a, Confirmation)]
         cancels = [a for a in answers if isinstance(a, CancelAnswer)]
         failures = [a for a in answers if isinstance(a, FailedAnswer)]
         written: list[datetime] = []  # when each message confirmed now was written
-        dead = 0
+        dead, dropped = 0, Dropped()
         with session_for(self.database_url, write=True) as session:
             confirmed, put_off = 0, []
             if shipped and not (cancels or failures):
                 # A lost confirmation comes again; a refund must not be lost.
                 self.claims.relax_commit(session)
             if shipped:
-                confirmed, put_off = record_confirmations(session, shipped, now=now, created=written)
+                confirmed, put_off = record_confirmations(
+                    session, shipped, now=now, created=written, dropped=dropped
+                )
             if failures:
-                dead, held = record_failures(session, failures, now=now)
+                dead, held = record_failures(session, failures, now=now, dropped=dropped)
                 confirmed, put_off = confirmed + dead, put_off + held
             if cancels:
                 changed, held = record_cancel_answers(
-                    session, cancels, now=now, operator=self.options.operator
+                    session, cancels, now=now, operator=self.options.operator, dropped=dropped
                 )
                 confirmed, put_off = confirmed + changed, put_off + held
             session.commit()
@@ -514,7 +553,7 @@ class Relay(Worker[RelayReport]):
         for created_at in written:
             self.metrics.confirm_seconds.observe(max(0.0, (recorded - created_at).total_seconds()))
         self.metrics.dead.inc(dead)  # the carrier refused these for good (shipment.failed)
-        return confirmed, set(put_off)
+        return confirmed, set(put_off), dropped
 
     def _drain_confirmations(self, *, expected: int) -> None:
         """Take the confirmations that were waiting in the queue (other relays may take some)."""
@@ -558,16 +597,18 @@ def parse_answer(properties, body: bytes) -> Confirmation | CancelAnswer | Faile
         return None
     data = json_object(body)
     message_id = None if data is None else _message_id(properties, data)
-    if message_id is None:
+    if message_id is None or not _names_a_redemption_or_none(data):
         return None
     reason = data.get("reason")
     reason = (cleaned(reason, REASON_LONGEST) or None) if isinstance(reason, str) else None
     if kind == SHIPMENT_FAILED:
-        return FailedAnswer(message_id, reason or "the carrier refused the shipment")
+        return FailedAnswer(
+            message_id, reason or "the carrier refused the shipment", data.get("redemption_id")
+        )
     outcome = data.get("outcome")
     if outcome not in CANCEL_OUTCOMES:
         return None
-    return CancelAnswer(message_id, outcome, reason)
+    return CancelAnswer(message_id, outcome, reason, data.get("redemption_id"))
 
 
 def parse_confirmation(properties, body: bytes) -> Confirmation | None:
@@ -578,11 +619,13 @@ def parse_confirmation(properties, body: bytes) -> Confirmation | None:
         return None
     message_id = _message_id(properties, data)
     express_no, carrier = data.get("express_no"), data.get("carrier")
-    if message_id is None or text_problem(express_no, "express number", EXPRESS_NO_MAX):
+    if message_id is None or not _names_a_redemption_or_none(data):
+        return None
+    if text_problem(express_no, "express number", EXPRESS_NO_MAX):
         return None
     if text_problem(carrier, "carrier", CARRIER_MAX):
         carrier = None  # the waybill stands without the carrier's name
-    return Confirmation(message_id, carrier, express_no)
+    return Confirmation(message_id, carrier, express_no, data.get("redemption_id"))
 
 
 def _message_id(properties, data: dict) -> str | None:
@@ -591,3 +634,13 @@ def _message_id(properties, data: dict) -> str | None:
     would refuse in the middle of a batch)."""
     message_id = properties.correlation_id or data.get("message_id")
     return None if text_problem(message_id, "message id", MESSAGE_ID_MAX) else message_id
+
+
+def _names_a_redemption_or_none(data: dict) -> bool:
+    """The body's ``redemption_id``, checked against its message's when recorded, is a redemption
+    id or absent (the first warehouses' confirmations named none); anything else is malformed (a
+    string, or past what the column holds: Postgres would refuse it in the middle of a batch)."""
+    value = data.get("redemption_id")
+    if value is None:
+        return True
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= INT64_MAX
