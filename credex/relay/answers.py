@@ -286,7 +286,8 @@ class CancelAnswer:
 
 @dataclass(frozen=True)
 class FailedAnswer:
-    """The warehouse's shipment.failed: the carrier refused the shipment for good."""
+    """The warehouse's shipment.failed: the carrier refused the shipment for good, or the warehouse
+    refused a redemption.created that is not its shipment request's (a forged or stale one)."""
 
     message_id: str
     reason: str
@@ -467,7 +468,7 @@ def record_failures(
             from_statuses=(_ST.pending.value, _ST.shipping.value),
             to=_ST.exception,
             source=EventSource.relay,
-            detail=f"the carrier refused the shipment: {answer.reason}",
+            detail=f"shipment failed: {answer.reason}",  # the carrier refused it, or the warehouse
             now=now,
         )
     return changed, put_off
