@@ -106,7 +106,7 @@ def test_the_base_url_can_point_at_a_local_stand_in():
         ("304", "delivered"),  # 3xx: signed for, one way or another
         ("205", "exception"),
         ("1401", "exception"),  # a sub-state of 14, refused
-        ("402", "returned"),  # a sub-state of 4 that is not listed
+        ("402", "exception"),  # a sub-state of 4 that is not listed: not known to be a return
         ("999", "in_transit"),  # unknown: kuaidi100 has the parcel, the words say the rest
         (4, "returned"),  # a number rather than text
     ],
@@ -137,6 +137,17 @@ def test_the_documented_states_map_as_a_shopper_would_read_them():
         "401": "exception",  # the waybill was cancelled: nothing went out, so not a return
     }
     assert [code for code in STATES if is_final(STATES[code])] == ["3", "4"]
+
+
+@pytest.mark.parametrize("state", ["402", "403", "405", "499", 499])
+def test_an_unknown_sub_state_of_a_return_is_not_taken_for_one_and_refunds_nothing(state):
+    """Only state 4 says back with the sender and signed for (final, refunded); a sub-state
+    kuaidi100 does not list took 4's `returned` and refunded a parcel that may still be on its way."""
+    with kuaidi100_client(Carrier(answer(str(state)))) as client:
+        tracking = client.track("YT9693083639795", carrier="yuantong")
+    assert tracking.status == "exception" and not is_final(tracking.status)
+    assert kuaidi100_status(state) == "exception"
+    assert kuaidi100_status("4") == kuaidi100_status(4) == "returned"
 
 
 def test_a_parcel_back_with_the_sender_is_returned_and_final_in_state_and_checkpoints():

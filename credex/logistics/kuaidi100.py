@@ -93,8 +93,12 @@ def kuaidi100_status(code: object) -> str:
 
     A sub-state it does not list takes its parent's: a three-digit code its first digit's
     (``304`` → ``3``), a four-digit one its first two digits' (``1401`` → ``14``), ``10xx`` the
-    trunk's (``0``). A state not known at all counts as in transit: kuaidi100 has the parcel, and
-    its words say the rest. Anything else (a list, an object, true) is ``ValueError``.
+    trunk's (``0``). Except a return: only state 4 itself says the parcel is back with the sender
+    and signed for, and that refunds the redemption. The sub-states kuaidi100 lists beside it (401
+    cancelled, 14 refused) are not returns, so one it does not list (``402``) is not known to be
+    one either: ``exception``, for a person to look at, never a refund on a guess. A state not known
+    at all counts as in transit: kuaidi100 has the parcel, and its words say the rest. Anything
+    else (a list, an object, true) is ``ValueError``.
     """
     if isinstance(code, bool) or not isinstance(code, str | int):
         raise ValueError(f"not a kuaidi100 state: {shown(code)}")
@@ -104,7 +108,8 @@ def kuaidi100_status(code: object) -> str:
     if text.isascii() and text.isdigit():
         parent = {3: text[:1], 4: "0" if text.startswith("10") else text[:2]}.get(len(text))
         if parent in STATES:
-            return STATES[parent]
+            status = STATES[parent]
+            return "exception" if status == "returned" else status
     return "in_transit"
 
 

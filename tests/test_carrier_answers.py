@@ -1,0 +1,146 @@
+"""Carrier answers that must change nothing, through the CLI against a real local HTTP server that
+stands in for the carrier (generic or kuaidi100): `track sync` records what an answer says only
+when it is an answer credex can trust. On SQLite and on Postgres."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import pytest
+
+from credex.db.engine import session_for
+from credex.db.models import utcnow
+from credex.relay.answers import Confirmation, record_confirmations
+
+KUAIDI100_KEY = "kd100-KEY-TOPSECRET"
+KUAIDI100_CUSTOMER = "CUST4242"
+
+# (method, path, request body) -> (HTTP status, JSON document)
+Reply = Callable[[str, str, bytes], tuple[int, dict]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
+        status, document = self.server.reply(self.command, self.path, body)  # type: ignore[attr-defined]
+        raw = json.dumps(document, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+class StandIn:
+    """A carrier on a real socket: every request is answered by ``reply``, and recorded in ``seen``."""
+
+    def __init__(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.seen = []  # type: ignore[attr-defined]
+        self._server.reply = lambda *_: (500, {})  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def seen(self) -> list[tuple[str, str]]:
+        return self._server.seen  # type: ignore[attr-defined]
+
+    def answer(self, reply: Reply) -> None:
+        self._server.reply = reply  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandIn]:
+    server = StandIn()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def kuaidi100_env(stand_in: StandIn) -> dict[str, str]:
+    return {
+        "CREDEX_LOGISTICS_PROVIDER": "kuaidi100",
+        "CREDEX_LOGISTICS_URL": stand_in.url,
+        "CREDEX_KUAIDI100_CUSTOMER": KUAIDI100_CUSTOMER,
+        "CREDEX_KUAIDI100_KEY": KUAIDI100_KEY,
+    }
+
+
+def kuaidi100_reply(state: str, **change: object) -> Reply:
+    """kuaidi100's success for whichever parcel is asked (its ``com`` and ``nu`` echoed), in ``state``."""
+
+    def reply(_method: str, _path: str, body: bytes) -> tuple[int, dict]:
+        param = json.loads(parse_qs(body.decode())["param"][0])
+        document = {
+            "message": "ok",
+            "status": "200",
+            "com": param["com"],
+            "nu": param["num"],
+            "ischeck": "0",
+            "state": state,
+            "condition": "F00",
+            "data": [{"time": "2026-11-24 18:30:00", "context": "退回中", "statusCode": state}],
+        }
+        return 200, {**document, **change}
+
+    return reply
+
+
+@pytest.fixture
+def shipped(credex, db_url) -> Callable[..., int]:
+    """A redemption on its way (status `shipping`) with the given waybill; u1 keeps 90 points."""
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5").exit_code == 0
+    assert credex("award", "grant", "u1", "100", "--reason", "opening", "--ref", "open-u1").exit_code == 0
+
+    def ship(carrier: str, express_no: str) -> int:
+        created = credex("redeem", "create", "u1", "MUG", "--address", "1 High St", "--json").json()
+        with session_for(db_url, write=True) as session:
+            record_confirmations(
+                session, [Confirmation(created["message_id"], carrier, express_no)], now=utcnow()
+            )
+            session.commit()
+        return created["redemption_id"]
+
+    return ship
+
+
+def report(**counts: int) -> dict[str, int]:
+    """`track sync --json`: every count 0 but those given."""
+    return dict.fromkeys(("checked", "delivered", "returned", "unchanged", "skipped", "failed"), 0) | counts
+
+
+def still_on_its_way(credex, redemption_id: int, delivery_status: str | None) -> None:
+    shown = credex("redeem", "show", redemption_id, "--json").json()
+    assert (shown["status"], shown["delivery_status"]) == ("shipping", delivery_status)
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 90
+    assert credex("catalog", "list", "--json").json()[0]["stock"] == 4
+    history = credex("account", "history", "u1", "--json").json()
+    assert not [entry for entry in history if entry["kind"] == "redemption_refund"]
+
+
+def test_a_kuaidi100_sub_state_of_a_return_it_does_not_list_refunds_nothing(credex, shipped, stand_in):
+    redemption_id = shipped("yuantong", "YT9693083639795")
+    stand_in.answer(kuaidi100_reply("402"))
+    done = credex("track", "sync", "--json", env=kuaidi100_env(stand_in))
+    assert done.exit_code == 0, done.stderr
+    assert done.json() == report(checked=1, unchanged=1)
+    still_on_its_way(credex, redemption_id, "exception")
+    assert len(stand_in.seen) == 1
