@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import pytest
 
@@ -104,6 +104,24 @@ def kuaidi100_reply(state: str, **change: object) -> Reply:
     return reply
 
 
+def generic_reply(status: str, **change: object) -> Reply:
+    """The generic contract's tracking of whichever parcel is asked (echoed), in ``status``."""
+
+    def reply(_method: str, path: str, _body: bytes) -> tuple[int, dict]:
+        carrier, number = (unquote(part) for part in path.split("?")[0].split("/")[3:5])
+        point = {"time": "2026-11-24T12:00:00Z", "status": status, "message": "back", "location": "Hub"}
+        document = {
+            "tracking_number": number,
+            "carrier": carrier,
+            "status": status,
+            "updated_at": "2026-11-24T12:00:00Z",
+            "checkpoints": [point],
+        }
+        return 200, {**document, **change}
+
+    return reply
+
+
 @pytest.fixture
 def shipped(credex, db_url) -> Callable[..., int]:
     """A redemption on its way (status `shipping`) with the given waybill; u1 keeps 90 points."""
@@ -144,3 +162,53 @@ def test_a_kuaidi100_sub_state_of_a_return_it_does_not_list_refunds_nothing(cred
     assert done.json() == report(checked=1, unchanged=1)
     still_on_its_way(credex, redemption_id, "exception")
     assert len(stand_in.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"tracking_number": "SIM0000000002"}, {"carrier": "zto"}, {"tracking_number": None}],
+    ids=["other-number", "other-carrier", "no-number"],
+)
+def test_a_return_about_another_parcel_refunds_nothing_and_track_says_why(credex, shipped, stand_in, change):
+    """The audit's case: the carrier answers about another parcel that did come back; the gift asked
+    about is still on its way."""
+    redemption_id = shipped("sandbox", "SIM0000000001")
+    stand_in.answer(generic_reply("returned", **change))
+    env = {"CREDEX_LOGISTICS_URL": stand_in.url}
+    done = credex("track", "sync", "--json", env=env)
+    assert done.exit_code == 0, done.stderr
+    assert done.json() == report(failed=1)
+    still_on_its_way(credex, redemption_id, None)
+
+    for args in ([redemption_id, "--fresh"], ["--express-no", "SIM0000000001"]):
+        asked = credex("track", *args, "--json", env=env)
+        error = json.loads(asked.stderr)["error"]
+        assert asked.exit_code == 1 and asked.stdout == "" and error["code"] == "invalid_carrier_answer"
+        assert "another parcel" in error["message"] or "missing" in error["message"]
+    still_on_its_way(credex, redemption_id, None)
+    assert [path for _method, path in stand_in.seen] == ["/v1/trackings/sandbox/SIM0000000001"] * 3
+
+
+def test_the_same_parcel_echoed_as_asked_is_still_refunded_once(credex, shipped, stand_in):
+    redemption_id = shipped("sandbox", "SIM0000000001")
+    stand_in.answer(generic_reply("returned"))
+    done = credex("track", "sync", "--json", env={"CREDEX_LOGISTICS_URL": stand_in.url})
+    assert done.exit_code == 0 and done.json() == report(checked=1, returned=1)
+    assert credex("redeem", "show", redemption_id, "--json").json()["status"] == "returned"
+    assert credex("account", "show", "u1", "--json").json()["balance"] == 100
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"nu": "YT9693083639796"}, {"com": "zhongtong"}, {"status": "201", "message": "单号不存在或者已经过期"}],
+    ids=["other-number", "other-carrier", "not-a-success"],
+)
+def test_a_kuaidi100_return_that_is_not_a_success_about_the_parcel_refunds_nothing(
+    credex, shipped, stand_in, change
+):
+    redemption_id = shipped("yuantong", "YT9693083639795")
+    stand_in.answer(kuaidi100_reply("4", **change))
+    done = credex("track", "sync", "--json", env=kuaidi100_env(stand_in))
+    assert done.exit_code == 0, done.stderr
+    assert done.json() == report(failed=1)
+    still_on_its_way(credex, redemption_id, None)

@@ -14,6 +14,7 @@ import random
 import traceback
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -67,6 +68,16 @@ def tracking(status: str = "in_transit", checkpoints: list[dict] | None = None) 
         if checkpoints is not None
         else [{"time": "2026-11-24T12:00:00Z", "status": status, "message": "moving", "location": "Hub"}],
     }
+
+
+def echoing(status: str = "in_transit"):
+    """A tracking answer about whichever parcel the request asks for, echoing it as the contract does."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        carrier, number = [unquote(part) for part in request.url.raw_path.decode().split("/")[3:5]]
+        return ok({**tracking(status), "carrier": carrier, "tracking_number": number})
+
+    return answer
 
 
 def ok(document: object, status: int = 200, **headers: str) -> httpx.Response:
@@ -127,7 +138,7 @@ def test_no_authorization_header_is_sent_without_an_api_key():
 
 
 def test_tracking_asks_for_the_carrier_and_number_in_the_path_and_defaults_to_the_sandbox():
-    carrier = Carrier(ok(tracking()))
+    carrier = Carrier(echoing())
     with make_client(carrier) as client:
         client.track("SIM0000000042")
         client.track("SF/1 2", carrier="shunfeng")
@@ -138,7 +149,7 @@ def test_tracking_asks_for_the_carrier_and_number_in_the_path_and_defaults_to_th
 
 
 def test_the_configured_default_carrier_is_used_when_none_is_given():
-    carrier = Carrier(ok(tracking()))
+    carrier = Carrier(echoing())
     with make_client(carrier, logistics_carrier="zto") as client:
         client.track("7700")
     assert carrier.requests[0].url.path == "/v1/trackings/zto/7700"
@@ -528,6 +539,40 @@ def test_a_tracking_that_breaks_the_contract_is_a_clear_final_error(document):
     assert len(carrier.requests) == 1 and "cannot read" in raised.value.message
 
 
+@pytest.mark.parametrize(
+    ("echo", "words"),
+    [
+        ({"tracking_number": "SIM0000000043"}, "tracking_number is 'SIM0000000043', not 'SIM0000000042'"),
+        ({"tracking_number": "sim0000000042"}, "another parcel"),  # case is kept, as credex keeps it
+        ({"tracking_number": "SIM\x00999"}, "another parcel"),
+        ({"tracking_number": 42}, "tracking_number is 42"),
+        ({"tracking_number": None}, "tracking_number is missing"),
+        ({"tracking_number": ""}, "tracking_number is missing"),
+        ({"carrier": "zto"}, "carrier is 'zto', not 'sandbox'"),
+        ({"carrier": None}, "carrier is missing"),
+    ],
+    ids=["other-number", "other-case", "nul", "number", "null", "empty", "other-carrier", "no-carrier"],
+)
+def test_a_tracking_about_another_parcel_is_refused_for_good_and_never_returned(echo, words):
+    """A `returned` about another parcel was taken for the one asked, and `track sync` refunded a
+    gift still on its way."""
+    document = {**tracking("returned"), **echo}
+    carrier = Carrier(ok({key: value for key, value in document.items() if value is not None}))
+    with make_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        client.track("SIM0000000042")
+    refusal = raised.value
+    assert words in refusal.message and refusal.final and len(carrier.requests) == 1
+    assert refusal.exit_code == 1 and refusal.to_json()["error"]["code"] == "invalid_carrier_answer"
+    assert refusal.reason.startswith("HTTP 200 invalid_answer: ")
+
+
+def test_an_echo_with_plain_spaces_around_the_number_is_the_number_asked():
+    document = {**tracking("delivered"), "tracking_number": " SIM0000000042 "}
+    with make_client(Carrier(ok(document))) as client:
+        result = client.track("SIM0000000042")
+    assert (result.express_no, result.carrier, result.status) == ("SIM0000000042", "sandbox", "delivered")
+
+
 def test_a_tracking_is_about_the_number_asked_and_its_words_are_made_safe_to_print():
     document = tracking(
         checkpoints=[
@@ -546,7 +591,6 @@ def test_a_tracking_is_about_the_number_asked_and_its_words_are_made_safe_to_pri
             },
         ]
     )
-    document["tracking_number"] = "SIM\x00999"  # an echo that is not read
     body = json.dumps(document).encode()  # ASCII: the surrogates as JSON escapes, as a carrier sends them
     answer = httpx.Response(200, content=body, headers={"Content-Type": "application/json"})
     with make_client(Carrier(answer)) as client:

@@ -94,7 +94,7 @@ def test_the_signature_is_upper_case_md5_of_param_key_customer():
 def test_the_base_url_can_point_at_a_local_stand_in():
     carrier = Carrier(answer())
     with kuaidi100_client(carrier, logistics_url="http://127.0.0.1:9100") as client:
-        client.track("YT1", carrier="yuantong")
+        client.track("YT9693083639795", carrier="yuantong")
     assert str(carrier.requests[0].url) == "http://127.0.0.1:9100/poll/query.do"
 
 
@@ -189,15 +189,67 @@ def test_an_answer_that_is_not_json_is_asked_again():
     assert len(carrier.requests) == 2 and len(clock.sleeps) == 1
 
 
-def test_kuaidi100s_words_are_made_safe_to_print_and_its_echo_of_the_number_is_not_read():
+def test_kuaidi100s_words_are_made_safe_to_print():
     data = [{"time": "2026-11-24 18:30:00", "context": "到达\nerror: forged\u202e", "location": "杭州\x00"}]
     reply = answer("0", data).json()
-    reply["nu"] = "YT\nforged"
     with kuaidi100_client(Carrier(httpx.Response(200, json=reply))) as client:
         tracking = client.track("YT9693083639795", carrier="yuantong")
     assert tracking.express_no == "YT9693083639795"
     assert (
         tracking.checkpoints[0].message == "到达 error: forged" and tracking.checkpoints[0].location == "杭州"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"nu": "YT9693083639796"}, "nu is 'YT9693083639796', not 'YT9693083639795'"),
+        ({"nu": "yt9693083639795"}, "another parcel"),
+        ({"nu": "YT\nforged"}, "another parcel"),
+        ({"nu": None}, "nu is missing"),
+        ({"com": "zhongtong"}, "com is 'zhongtong', not 'yuantong'"),
+        ({"com": None}, "com is missing"),
+        ({"status": "201", "message": "单号不存在或者已经过期"}, "not a success: status '201'"),
+        ({"status": None}, "not a success"),
+        ({"status": "200", "message": "failed"}, "not a success"),
+        ({"message": None}, "not a success"),
+        ({"status": True}, "not a success"),
+    ],
+    ids=[
+        "other-number",
+        "other-case",
+        "forged",
+        "no-number",
+        "other-carrier",
+        "no-carrier",
+        "status-201",
+        "no-status",
+        "message-not-ok",
+        "no-message",
+        "status-true",
+    ],
+)
+def test_an_answer_that_is_no_success_or_about_another_parcel_is_refused_and_never_returned(change, words):
+    """A return (state 4) about another parcel, or in an answer that does not say it succeeded, was
+    taken for the parcel asked: `track sync` refunded a gift still on its way."""
+    document = {**answer("4").json(), **change}
+    carrier = Carrier(httpx.Response(200, json={k: v for k, v in document.items() if v is not None}))
+    with kuaidi100_client(carrier) as client, pytest.raises(InvalidCarrierAnswer) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    refusal = raised.value
+    assert words in refusal.message and refusal.final and len(carrier.requests) == 1
+    assert refusal.to_json()["error"]["code"] == "invalid_carrier_answer" and refusal.exit_code == 1
+
+
+@pytest.mark.parametrize("change", [{"status": 200}, {"message": " OK "}, {"nu": " YT9693083639795 "}])
+def test_a_success_is_read_whatever_the_type_of_its_status_or_the_case_of_its_ok(change):
+    document = {**answer("4").json(), **change}
+    with kuaidi100_client(Carrier(httpx.Response(200, json=document))) as client:
+        tracking = client.track("YT9693083639795", carrier="yuantong")
+    assert (tracking.status, tracking.express_no, tracking.carrier) == (
+        "returned",
+        "YT9693083639795",
+        "yuantong",
     )
 
 

@@ -7,9 +7,10 @@ How an answer is read, and what is done with one that cannot be:
   something in front of the carrier, so another attempt may well read fine. Past the bound it is
   ``CarrierUnreachable`` (try again later).
 - A JSON object that breaks the contract (a field missing or of the wrong type, a tracking number
-  that is not a short printable token, a status that is not text) is ``InvalidCarrierAnswer``,
-  final: it is the carrier's own answer, and it replays that answer to the same idempotency key.
-  Nothing of it is returned, so nothing of it can be stored.
+  that is not a short printable token, a status that is not text, a tracking whose echo of the
+  number or carrier is not the one asked) is ``InvalidCarrierAnswer``, final: it is the carrier's
+  own answer, and it replays that answer to the same idempotency key. Nothing of it is returned,
+  so nothing of it can be stored.
 - 4xx other than 429 is a ``CarrierRefusal`` (final) with the status and the carrier's error code.
 """
 
@@ -39,6 +40,7 @@ from credex.logistics.model import (
     Waybill,
     cancel_key,
     clean_text,
+    echo_problem,
     in_utc,
     is_carrier_code,
     is_express_no,
@@ -289,7 +291,9 @@ class GenericCarrier(CarrierClient):
             raise self._refusal(response, what)
         answer = self._answer(response, what)
         try:
-            # The answer is about the number asked: its echo of the number is not read.
+            for name, asked in (("tracking_number", express_no), ("carrier", carrier)):
+                if problem := echo_problem(name, answer.get(name), asked):
+                    raise _Broken(problem)
             return Tracking(
                 carrier=carrier,
                 express_no=express_no,

@@ -2,7 +2,9 @@
 
 A form POST of ``customer``, ``param`` (a JSON string) and ``sign`` (upper-case hex MD5 of
 ``param + key + customer``, over exactly the ``param`` string sent). Failures arrive as HTTP 200
-with ``{"result": false, "returnCode": "…", "message": "…"}``.
+with ``{"result": false, "returnCode": "…", "message": "…"}``; a success says ``"status": "200"``
+and ``"message": "ok"`` and echoes the parcel asked (``com``, ``nu``), and an answer that is
+neither is ``InvalidCarrierAnswer``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from credex.logistics.model import (
     Tracking,
     Waybill,
     clean_text,
+    echo_problem,
     in_utc,
     shown,
 )
@@ -227,6 +230,19 @@ class Kuaidi100Carrier(CarrierClient):
             ) from None
 
     def _tracking(self, answer: dict[str, Any], *, com: str, express_no: str) -> Tracking:
+        """A success read, or ValueError. A success says so, as kuaidi100's do (``status`` "200",
+        ``message`` "ok"): an answer that is neither that nor a failure it names is not one, whatever
+        data it holds. And it is about the parcel asked (``nu`` and ``com``, ``echo_problem``)."""
+        status, message = answer.get("status"), answer.get("message")
+        said_ok = isinstance(message, str) and message.strip().lower() == "ok"
+        if isinstance(status, bool) or str(status).strip() != "200" or not said_ok:
+            raise ValueError(
+                f"not a success: status {shown(status)} and message {shown(message)}, "
+                "where one says '200' and 'ok'"
+            )
+        for name, asked in (("nu", express_no), ("com", com)):
+            if problem := echo_problem(name, answer.get(name), asked):
+                raise ValueError(problem)
         points = answer.get("data") or []
         if not isinstance(points, list):
             raise ValueError(f"data is not a list: {shown(points)}")
@@ -249,7 +265,6 @@ class Kuaidi100Carrier(CarrierClient):
                 )
             )
         checkpoints.sort(key=lambda point: point.time, reverse=True)
-        # The answer is about the number asked: its echoes (`com`, `nu`) are not read.
         return Tracking(
             carrier=com,
             express_no=express_no,

@@ -80,6 +80,23 @@ def shown(value: object, limit: int = 40) -> str:
     return repr(value)
 
 
+def echo_problem(name: str, echoed: object, asked: str) -> str | None:
+    """Why a tracking's echo of the number or the carrier asked about (``name``, the answer's field)
+    does not show that it is about the parcel asked; None when it does.
+
+    An answer about another parcel (a carrier's cache or a proxy mixing two answers up) could say
+    ``returned`` and refund a gift still on its way. So the echo is required, not only compared when
+    present: the contract lists it, and the sandbox and kuaidi100 always send it. It is compared as
+    credex reads a number a user types (``tracking.check_express_no``): plain spaces around it
+    forgiven, case kept, as credex keeps and compares numbers everywhere (a waybill is unique by
+    carrier and number as the carrier issued them)."""
+    if echoed is None or echoed == "":
+        return f"{name} is missing: the answer does not say which parcel it is about"
+    if not isinstance(echoed, str) or echoed.strip(" ") != asked.strip(" "):
+        return f"{name} is {shown(echoed)}, not {shown(asked)}: the answer is about another parcel"
+    return None
+
+
 def in_utc(moment: datetime, *, naive=UTC) -> datetime:
     """``moment`` in UTC (one without an offset taken in ``naive``). A time UTC cannot hold
     (year 1 east of Greenwich, 9999 west of it) is a ValueError like any unreadable time."""
@@ -153,9 +170,10 @@ class CarrierKeyRefused(CarrierRefusal):
 
 class InvalidCarrierAnswer(CarrierRefusal):
     """A JSON answer that breaks the contract: a field missing or of the wrong type, a tracking number
-    that is not a short printable token, a status that is not text. Final: the carrier replays the
-    same answer to the same idempotency key, so asking again cannot make it readable. Nothing of it
-    is returned, so nothing of it can be stored."""
+    that is not a short printable token, a status that is not text, a tracking about another parcel
+    than the one asked (``echo_problem``). Final: the carrier replays the same answer to the same
+    idempotency key, so asking again cannot make it readable. Nothing of it is returned, so nothing
+    of it can be stored."""
 
     code = "invalid_carrier_answer"
 
