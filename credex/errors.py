@@ -207,9 +207,33 @@ def _hide_url_passwords(text: str) -> str:
     return "".join(pieces)
 
 
-def redact(text: str) -> str:
-    """Hide passwords in URLs, ``password=...`` and ``key=...`` pairs and bearer tokens in free text."""
-    text = _hide_url_passwords(text)
+# A secret shorter than this is not hidden by its value: a key of a few characters ("test", "123")
+# matches ordinary words and numbers in a carrier's text (an express number, a time) and would
+# mangle them, while hiding it protects little (it is guessed as easily). Real carrier keys and
+# kuaidi100 customer ids are 16 to 32 characters.
+SECRET_MIN_LENGTH = 8
+
+
+def secret_pattern(*secrets: str | None) -> re.Pattern[str] | None:
+    """One pattern for the values of ``secrets`` (an API key, a customer id) in any case, longest
+    first; None when none is at least SECRET_MIN_LENGTH long. For ``redact(text, secrets=...)``."""
+    kept = sorted({secret for secret in secrets if secret and len(secret) >= SECRET_MIN_LENGTH}, key=len)
+    if not kept:
+        return None
+    return re.compile("|".join(re.escape(secret) for secret in reversed(kept)), re.IGNORECASE)
+
+
+def hide_secrets(text: str, secrets: re.Pattern[str] | None) -> str:
+    """``text`` with every occurrence of the ``secret_pattern`` values replaced by ``***``."""
+    return text if secrets is None else secrets.sub("***", text)
+
+
+def redact(text: str, secrets: re.Pattern[str] | None = None) -> str:
+    """Hide passwords in URLs, ``password=...`` and ``key=...`` pairs and bearer tokens in free text,
+    and, by value, the ``secrets`` (a ``secret_pattern``): a carrier that echoes its key back in its
+    own words ("api_key ABC… is not allowed") follows no pattern. Hide them before the text is cut
+    short, or a cut through a secret leaves its beginning."""
+    text = _hide_url_passwords(hide_secrets(text, secrets))
     text = _BEARER.sub(r"\1 ***", text)
     text = _KEY_VALUE_SECRET.sub(r"\1=***", text)
     return _KEY_VALUE_PASSWORD.sub(r"\1=***", text)

@@ -1,6 +1,7 @@
 """Carrier answers that must change nothing, through the CLI against a real local HTTP server that
 stands in for the carrier (generic or kuaidi100): `track sync` records what an answer says only
-when it is an answer credex can trust. On SQLite and on Postgres."""
+when it is an answer credex can trust (on SQLite and on Postgres), and `track` prints no secret a
+carrier quotes back."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from credex.db.engine import session_for
 from credex.db.models import utcnow
 from credex.relay.answers import Confirmation, record_confirmations
+from tests.support import run_process, subprocess_env
 
 KUAIDI100_KEY = "kd100-KEY-TOPSECRET"
 KUAIDI100_CUSTOMER = "CUST4242"
@@ -212,3 +214,29 @@ def test_a_kuaidi100_return_that_is_not_a_success_about_the_parcel_refunds_nothi
     assert done.exit_code == 0, done.stderr
     assert done.json() == report(failed=1)
     still_on_its_way(credex, redemption_id, None)
+
+
+def test_a_key_the_carrier_quotes_back_is_not_printed_by_track(stand_in):
+    """The audit's case, as a real process: a 400 whose words quote the API key printed it whole."""
+    key = "GENERICSECRET77"
+    words = f"the api_key {key} may not track parcels of this account"
+    stand_in.answer(lambda *_: (400, {"error": {"code": "invalid_request", "message": words}}))
+    env = subprocess_env(CREDEX_LOGISTICS_URL=stand_in.url, CREDEX_LOGISTICS_API_KEY=key)
+    as_json = run_process("track", "--express-no", "SIM0000000001", "--json", env=env)
+    as_text = run_process("track", "--express-no", "SIM0000000001", env=env)
+    error = json.loads(as_json.stderr)["error"]
+    assert as_json.exit_code == as_text.exit_code == 1 and error["code"] == "carrier_rejected"
+    assert "the api_key *** may not track" in error["message"]
+    assert as_text.stderr.startswith("error: ") and "the api_key *** may not track" in as_text.stderr
+    for outcome in (as_json, as_text):
+        assert key not in outcome.stdout + outcome.stderr
+
+
+def test_a_key_kuaidi100_quotes_back_is_not_printed_by_track(stand_in):
+    key = "SUPERSECRETKEY99"
+    stand_in.answer(lambda *_: (200, {"result": False, "returnCode": "601", "message": f"key {key} expired"}))
+    env = subprocess_env(**(kuaidi100_env(stand_in) | {"CREDEX_KUAIDI100_KEY": key}))
+    done = run_process("track", "--express-no", "YT9693083639795", "--carrier", "yuantong", "--json", env=env)
+    error = json.loads(done.stderr)["error"]
+    assert done.exit_code == 1 and "key *** expired" in error["message"]
+    assert key not in done.stdout + done.stderr

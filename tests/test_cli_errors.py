@@ -212,3 +212,15 @@ def test_a_rejects_file_beside_a_database_url_that_is_none_is_exit_2_not_70(tmp_
     )
     assert result.exit_code == 2, result.stderr
     assert json.loads(result.stderr)["error"]["message"] == "not a database URL: 'sqlite:'"
+
+
+def test_secrets_are_hidden_by_value_in_any_case_when_long_enough_to_be_told_from_words():
+    from credex.errors import SECRET_MIN_LENGTH, redact, secret_pattern
+
+    secrets = secret_pattern("SECRETKEY99", "CUST4242", None, "", "short7x")
+    assert SECRET_MIN_LENGTH == 8 and secret_pattern("short7x", None) is None
+    said = "key SecretKey99 of CUST4242 expired; short7x left; key=abc"
+    assert redact(said, secrets) == "key *** of *** expired; short7x left; key=***"
+    # The longer of two that overlap is hidden whole.
+    assert redact("ABCDEFGH-IJ", secret_pattern("ABCDEFGH", "ABCDEFGH-IJ")) == "***"
+    assert redact(said) == "key SecretKey99 of CUST4242 expired; short7x left; key=***"

@@ -918,3 +918,65 @@ def test_the_api_key_never_appears_in_errors_tracebacks_reprs_or_logs(call, answ
         caplog.text,
     ]
     assert not [text for text in seen if API_KEY in text]
+
+
+ECHOED_KEY = "GENERICSECRET77"  # a key a carrier quotes back in its own words, where no pattern finds it
+
+
+@pytest.mark.parametrize(
+    ("call", "answer"),
+    [
+        ("track", error(400, "invalid_request", f"the api_key {ECHOED_KEY} may not track this")),
+        ("track", error(400, "invalid_request", f"api_key {ECHOED_KEY.lower()} (as we store it)")),
+        ("track", error(400, "invalid_request", "x" * 190 + ECHOED_KEY)),  # across the cut at 200
+        ("track", error(422, f"key_{ECHOED_KEY}_refused", "")),  # in the error code
+        ("track", ok({**tracking(), "tracking_number": ECHOED_KEY})),  # an answer credex cannot read
+        ("create", error(409, f"conflict_{ECHOED_KEY}", "")),
+        ("create", error(422, "invalid", f"account of {ECHOED_KEY}")),
+        ("cancel", error(404, f"{ECHOED_KEY}_not_found", "")),
+        ("cancel", error(400, "bad_request", f"no shipment for {ECHOED_KEY}")),
+        ("track", error(501, "down", f"{ECHOED_KEY} is not served here")),
+    ],
+)
+def test_a_key_the_carrier_quotes_back_is_hidden_wherever_its_words_go(call, answer, caplog):
+    """Only patterns (``key=…``, ``Bearer …``) were hidden: "api_key GENERICSECRET77" was printed
+    whole in the exit-1 message, and kept in the warehouse's reason for `shipment.failed`."""
+    from credex.warehouse.answers import reason_of
+
+    caplog.set_level(logging.DEBUG)
+    with (
+        make_client(Carrier(answer), logistics_api_key=ECHOED_KEY) as client,
+        pytest.raises(CarrierError) as raised,
+    ):
+        call_carrier(client, call)
+    seen = [
+        raised.value.message,
+        raised.value.reason,
+        str(raised.value.error_code),
+        json.dumps(raised.value.to_json()),
+        reason_of(raised.value),
+        caplog.text,
+    ]
+    assert not [text for text in seen if ECHOED_KEY.lower() in text.lower()]
+    assert "***" in raised.value.message or "***" in raised.value.reason
+    assert "GENERICSE" not in raised.value.message  # not the beginning of it either, where the words were cut
+
+
+def test_a_key_the_carrier_quotes_in_a_cancel_refusal_or_a_checkpoint_is_hidden_from_what_is_kept():
+    picked_up = error(409, "already_picked_up", f"too late for {ECHOED_KEY}")
+    point = {"time": "2026-11-24T12:00:00Z", "status": "in_transit", "message": f"for {ECHOED_KEY}"}
+    point["location"] = f"Hub {ECHOED_KEY}"
+    carrier = Carrier(picked_up, ok(tracking(checkpoints=[point])))
+    with make_client(carrier, logistics_api_key=ECHOED_KEY) as client:
+        refused = client.cancel_shipment("shp-9", idempotency_key="cancel-1")
+        result = client.track("SIM0000000042")
+    assert refused.detail == "too late for ***"
+    assert (result.checkpoints[0].message, result.checkpoints[0].location) == ("for ***", "Hub ***")
+
+
+def test_a_key_too_short_to_hide_without_mangling_the_carriers_words_leaves_them_as_they_are():
+    words = "label printed 2026-11-24, parcel 1234567 at the depot"
+    client = make_client(Carrier(error(400, "bad", words)), logistics_api_key="1234567")
+    with client, pytest.raises(CarrierRefusal) as raised:
+        client.track("SIM0000000042")
+    assert raised.value.message.endswith(words)

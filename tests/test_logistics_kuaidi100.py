@@ -407,3 +407,37 @@ def test_neither_the_key_nor_the_signature_appears_in_errors_reprs_or_logs(reply
         ]
     )
     assert KUAIDI100_KEY not in seen and signature not in seen
+
+
+@pytest.mark.parametrize(
+    ("reply", "secret"),
+    [
+        (failure("601", "key SUPERSECRETKEY99 expired"), "SUPERSECRETKEY99"),
+        (failure("601", "key supersecretkey99 expired"), "SUPERSECRETKEY99"),
+        (failure("400", f"customer {KUAIDI100_CUSTOMER} may not query yuantong"), KUAIDI100_CUSTOMER),
+        (failure("777", "x" * 150 + "SUPERSECRETKEY99"), "SUPERSECRETKEY99"),  # across the cut at 160
+        (failure("SUPERSECRETKEY99"), "SUPERSECRETKEY99"),  # in the returnCode
+        (httpx.Response(200, json={**answer().json(), "nu": "SUPERSECRETKEY99"}), "SUPERSECRETKEY99"),
+    ],
+    ids=["expired", "lower-case", "customer", "cut", "return-code", "unreadable"],
+)
+def test_the_key_or_customer_kuaidi100_quotes_back_is_hidden_wherever_its_words_go(reply, secret, caplog):
+    """Only ``key=…`` was hidden: "key SUPERSECRETKEY99 expired" was printed whole."""
+    from credex.warehouse.answers import reason_of
+
+    caplog.set_level(logging.DEBUG)
+    client = kuaidi100_client(Carrier(reply), kuaidi100_key="SUPERSECRETKEY99")
+    with client, pytest.raises(CarrierRejected) as raised:
+        client.track("YT9693083639795", carrier="yuantong")
+    error = raised.value
+    seen = [error.message, error.reason, str(error.error_code), json.dumps(error.to_json())]
+    seen += [reason_of(error), caplog.text]
+    assert not [text for text in seen if secret.lower() in text.lower()]
+    assert "***" in error.message and secret[:8] not in error.message
+
+
+def test_the_key_kuaidi100_quotes_in_a_checkpoint_is_hidden_from_what_is_kept():
+    data = [{"time": "2026-11-24 18:30:00", "context": "签收 SUPERSECRETKEY99", "location": "CUST4242 杭州"}]
+    with kuaidi100_client(Carrier(answer("3", data)), kuaidi100_key="SUPERSECRETKEY99") as client:
+        point = client.track("YT9693083639795", carrier="yuantong").checkpoints[0]
+    assert (point.message, point.location) == ("签收 ***", "*** 杭州")

@@ -132,7 +132,8 @@ def carrier_client(
     from credex.logistics.generic import GenericCarrier
 
     headers = {}
-    if settings.logistics_api_key is not None and settings.logistics_api_key.get_secret_value():
-        headers["Authorization"] = f"Bearer {settings.logistics_api_key.get_secret_value()}"
+    api_key = settings.logistics_api_key.get_secret_value() if settings.logistics_api_key else None
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     http = RetryingHttp(settings.logistics_url, carrier_name="the carrier", headers=headers, **hooks)
-    return GenericCarrier(http, default_carrier=settings.logistics_carrier)
+    return GenericCarrier(http, default_carrier=settings.logistics_carrier, api_key=api_key)

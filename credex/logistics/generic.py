@@ -16,13 +16,14 @@ How an answer is read, and what is done with one that cannot be:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from credex.errors import json_object, printable, redact
+from credex.errors import json_object, printable
 from credex.logistics.model import (
     STATUSES,
     CancelOutcome,
@@ -72,18 +73,6 @@ def _damaged(response: httpx.Response) -> str | None:
     if 200 <= response.status_code < 300 and json_object(response.content) is None:
         return "an answer credex cannot read (not a JSON object)"
     return None
-
-
-def _error_of(response: httpx.Response) -> tuple[str | None, str]:
-    """The carrier's ``{"error": {"code", "message"}}``: its code (or None) and its words, one safe line."""
-    error = (json_object(response.content) or {}).get("error")
-    if not isinstance(error, dict):
-        return None, ""
-    code = error.get("code")
-    code = (clean_text(code, 64) or None) if isinstance(code, str) else None
-    message = error.get("message")
-    words = clean_text(message, 200) if isinstance(message, str) else ""
-    return code, redact(words or code or "")
 
 
 class _Broken(ValueError):
@@ -137,20 +126,34 @@ def _optional_time(document: dict[str, Any], name: str) -> datetime | None:
     return None if value in (None, "") else _time(value, name)
 
 
-def _optional_text(value: object, name: str) -> str | None:
+def _optional_text(value: object, name: str, hide: Callable[[str], str]) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise _Broken(f"{name} is not text: {shown(value)}")
-    return clean_text(value) or None
+    return clean_text(hide(value)) or None
 
 
 class GenericCarrier(CarrierClient):
     provider = "generic"
 
-    def __init__(self, http: RetryingHttp, *, default_carrier: str | None = None) -> None:
-        super().__init__(http)
+    def __init__(
+        self, http: RetryingHttp, *, default_carrier: str | None = None, api_key: str | None = None
+    ) -> None:
+        super().__init__(http, secrets=(api_key,))
         self.default_carrier = default_carrier or DEFAULT_CARRIER
+
+    def _error_of(self, response: httpx.Response) -> tuple[str | None, str]:
+        """The carrier's ``{"error": {"code", "message"}}``: its code (or None) and its words, each
+        one safe line with the secrets hidden (a carrier may quote the key it refused)."""
+        error = (json_object(response.content) or {}).get("error")
+        if not isinstance(error, dict):
+            return None, ""
+        code = error.get("code")
+        code = (self._said(code, 64) or None) if isinstance(code, str) else None
+        message = error.get("message")
+        words = self._said(message, 200) if isinstance(message, str) else ""
+        return code, words or code or ""
 
     def create_shipment(
         self,
@@ -192,7 +195,7 @@ class GenericCarrier(CarrierClient):
             except _Broken as broken:
                 raise self._void_unreadable_waybill(response, answer, key, what, broken) from None
         if response.status_code == 409:
-            code, _ = _error_of(response)
+            code, _ = self._error_of(response)
             raise CarrierRefusal(
                 f"the carrier refused {what}: the idempotency key {key} was already used "
                 f"with other content (HTTP 409)",
@@ -221,7 +224,7 @@ class GenericCarrier(CarrierClient):
                 return self._cancelled(answer, shipment)
             except _Broken as broken:
                 raise self._invalid(response, what, broken) from None
-        code, words = _error_of(response)
+        code, words = self._error_of(response)
         if status == 409 and code == ALREADY_PICKED_UP:
             return CancelResult(CancelOutcome.ALREADY_PICKED_UP, shipment, detail=words)
         if status == 404:
@@ -248,10 +251,11 @@ class GenericCarrier(CarrierClient):
             result = self.cancel_shipment(shipment, idempotency_key=cancel_key(key))
         except CarrierUnreachable as unreachable:
             error = self._invalid(response, what, broken)
+            pending = f"its shipment {shipment} could not be cancelled yet: {unreachable.message}"
             return CarrierUnreachable(
-                f"{error.message}; its shipment {shipment} could not be cancelled yet: {unreachable.message}",
+                self._redact(f"{error.message}; {pending}"),
                 http_status=error.http_status,
-                reason=f"{error.reason}; cancel of {shipment} pending",
+                reason=self._redact(f"{error.reason}; cancel of {shipment} pending"),
             )
         except CarrierError as refused:  # unknown to the carrier, or a cancel refused for good
             note = f"cancelling its shipment {shipment} failed: {refused.message}"
@@ -283,7 +287,7 @@ class GenericCarrier(CarrierClient):
         path = f"/v1/trackings/{quote(carrier, safe='')}/{quote(express_no, safe='')}"
         response = self._send("GET", path, what=what, retryable_answer=_damaged)
         if response.status_code == 404:
-            code, _ = _error_of(response)
+            code, _ = self._error_of(response)
             raise ParcelNotFound(
                 f"carrier {carrier} knows no parcel {express_no}", http_status=404, error_code=code
             )
@@ -304,8 +308,7 @@ class GenericCarrier(CarrierClient):
         except _Broken as broken:
             raise self._invalid(response, what, broken) from None
 
-    @staticmethod
-    def _checkpoints(points: object) -> tuple[Checkpoint, ...]:
+    def _checkpoints(self, points: object) -> tuple[Checkpoint, ...]:
         if points is None:
             return ()
         if not isinstance(points, list):
@@ -318,8 +321,8 @@ class GenericCarrier(CarrierClient):
                 Checkpoint(
                     time=_time(point.get("time"), "checkpoint time"),
                     status=_status(point.get("status"), "checkpoint status"),
-                    message=_optional_text(point.get("message"), "checkpoint message") or "",
-                    location=_optional_text(point.get("location"), "checkpoint location"),
+                    message=_optional_text(point.get("message"), "checkpoint message", self._hide) or "",
+                    location=_optional_text(point.get("location"), "checkpoint location", self._hide),
                 )
             )
         return tuple(sorted(checkpoints, key=lambda point: point.time, reverse=True))
@@ -336,7 +339,8 @@ class GenericCarrier(CarrierClient):
         return answer
 
     def _invalid(self, response: httpx.Response, what: str, broken: _Broken, note: str = "") -> CarrierError:
-        detail = redact(str(broken))[:200]
+        detail = self._redact(str(broken))[:200]
+        note = self._redact(note)  # it may name the carrier's shipment id
         return InvalidCarrierAnswer(
             f"the carrier at {self._http.where} answered {what} with something credex cannot read: {detail}"
             + (f"; {note}" if note else ""),
@@ -347,7 +351,7 @@ class GenericCarrier(CarrierClient):
 
     def _refusal(self, response: httpx.Response, what: str) -> CarrierError:
         status = response.status_code
-        code, words = _error_of(response)
+        code, words = self._error_of(response)
         suffix = f": {words}" if words else ""
         if status in (401, 403):
             return CarrierKeyRefused(

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from credex.errors import CarrierNotConfigured, json_object, redact
+from credex.errors import CarrierNotConfigured, json_object
 from credex.logistics.model import (
     CancelResult,
     CarrierClient,
@@ -160,7 +160,7 @@ class Kuaidi100Carrier(CarrierClient):
     def __init__(
         self, http: RetryingHttp, *, customer: str, key: SecretStr, default_carrier: str | None = None
     ) -> None:
-        super().__init__(http)
+        super().__init__(http, secrets=(key.get_secret_value(), customer))
         self._customer = customer
         self._key = key
         self.default_carrier = default_carrier
@@ -221,7 +221,7 @@ class Kuaidi100Carrier(CarrierClient):
         try:
             return self._tracking(answer, com=com, express_no=express_no)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            detail = redact(str(error))[:120]
+            detail = self._redact(str(error))[:120]
             raise InvalidCarrierAnswer(
                 f"kuaidi100 answered {what} with something credex cannot read ({detail})",
                 http_status=200,
@@ -255,13 +255,14 @@ class Kuaidi100Carrier(CarrierClient):
                 words = words.strip() if isinstance(words, str) else ""
                 status = STATE_WORDS.get(words, "in_transit")
             location = point.get("location") or point.get("areaName") or None
+            location = clean_text(self._hide(location)) if isinstance(location, str) else ""
             context = point.get("context")
             checkpoints.append(
                 Checkpoint(
                     time=_china_time(point.get("ftime") or point["time"]),
                     status=status,
-                    message=clean_text(context) if isinstance(context, str) else "",
-                    location=(clean_text(location) or None) if isinstance(location, str) else None,
+                    message=clean_text(self._hide(context)) if isinstance(context, str) else "",
+                    location=location or None,
                 )
             )
         checkpoints.sort(key=lambda point: point.time, reverse=True)
@@ -274,7 +275,10 @@ class Kuaidi100Carrier(CarrierClient):
         )
 
     def _refusal(self, code: str, message: str, *, com: str, express_no: str) -> CarrierError:
-        said = f": {redact(clean_text(message, 160))}" if message else ""
+        # Both are kuaidi100's own text: one safe line each, the key and the customer hidden (its
+        # words may quote them: "key … expired").
+        code = self._said(code, 32)
+        said = f": {self._said(message, 160)}" if message else ""
         parcel = f"{com} {express_no}"
         facts: dict[str, Any] = {
             "http_status": 200,

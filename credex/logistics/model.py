@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from credex.errors import CarrierRejected, CredexError, InvalidInput, Unavailable, UnknownParcel
+from credex.errors import (
+    CarrierRejected,
+    CredexError,
+    InvalidInput,
+    Unavailable,
+    UnknownParcel,
+    hide_secrets,
+    redact,
+    secret_pattern,
+)
 
 # The normalised statuses (logistics.md), modelled on the tracking aggregators' tag sets.
 STATUSES = (
@@ -288,8 +297,25 @@ class CarrierClient:
     provider: str = ""
     issues_waybills: bool = True  # False for a tracking-only provider: it can neither create nor cancel
 
-    def __init__(self, http: Any) -> None:
+    def __init__(self, http: Any, *, secrets: tuple[str | None, ...] = ()) -> None:
+        """``secrets``: the values of the settings the client sends (an API key, a customer id), hidden
+        wherever the carrier's own text (its error words, codes, checkpoints, values of an answer
+        credex cannot read) goes into a message, a reason, a log line or a stored answer."""
         self._http = http
+        self._secrets = secret_pattern(*secrets)
+
+    def _hide(self, text: str) -> str:
+        """A carrier's text with the configured secrets hidden by value (``errors.redact``)."""
+        return hide_secrets(text, self._secrets)
+
+    def _redact(self, text: str) -> str:
+        """``errors.redact`` of a carrier's text: by pattern, and the configured secrets by value."""
+        return redact(text, self._secrets)
+
+    def _said(self, value: object, limit: int = TEXT_LIMIT) -> str:
+        """A carrier's words for a message or a reason: redacted, then one safe line cut at ``limit``
+        (in that order: a cut through a secret would leave its beginning)."""
+        return clean_text(self._redact(str(value)), limit)
 
     def create_shipment(
         self,
