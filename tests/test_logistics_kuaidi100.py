@@ -1,5 +1,10 @@
 """The kuaidi100 provider over httpx.MockTransport: the form and its signature, states onto the
-normalised statuses, failures that arrive as HTTP 200, retries, and the key kept out of messages."""
+normalised statuses, what a success must say, failures that arrive as HTTP 200, retries, and the
+key and customer kept out of messages.
+
+(Over 400 lines on purpose: like tests/test_logistics_generic.py, they follow one provider's
+answers in order and share one fake answer; split, each half would repeat it.)
+"""
 
 from __future__ import annotations
 
