@@ -6,7 +6,7 @@ import getpass
 import re
 from decimal import Decimal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,7 +18,13 @@ def _login_name() -> str:
 
 
 MAX_PURCHASE_RATE = 1_000_000  # points per 1.00 spent
-_RATE = re.compile(r"[0-9]+(\.[0-9]+)?")
+# The most seconds a carrier timeout may name: a call (retries included) or one wait that takes
+# longer than an hour is a hang by another name, and `track sync` runs from cron.
+MAX_CARRIER_SECONDS = 3600
+# Numbers as cli.md's input rules write them: ASCII digits, no exponent, no underscores, no NaN or
+# infinity, no full-width digits (the rules' amounts, with any number of decimals for a setting).
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+_WHOLE = re.compile(r"[+-]?[0-9]+")
 
 
 class Settings(BaseSettings):
@@ -45,21 +51,39 @@ class Settings(BaseSettings):
     # The carrier code `track --express-no` assumes when --carrier is not given.
     logistics_carrier: str | None = None
     # Seconds: one carrier call, retries included, gives up after the total (exit 69).
-    logistics_total_timeout: float = Field(default=30.0, gt=0)
-    logistics_connect_timeout: float = Field(default=5.0, gt=0)
-    logistics_read_timeout: float = Field(default=10.0, gt=0)
+    logistics_total_timeout: float = Field(default=30.0, gt=0, le=MAX_CARRIER_SECONDS)
+    logistics_connect_timeout: float = Field(default=5.0, gt=0, le=MAX_CARRIER_SECONDS)
+    logistics_read_timeout: float = Field(default=10.0, gt=0, le=MAX_CARRIER_SECONDS)
     # Seconds a SQLite writer waits for another program's lock before giving up (exit 69).
     sqlite_busy_timeout: float = Field(default=30.0, ge=0, le=24 * 3600)
     # How often `track sync` may ask the carrier about one express number (kuaidi100 locks a
     # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
     track_min_interval: str = "30m"
 
-    @field_validator("purchase_rate", mode="before")
+    @field_validator(
+        "purchase_rate",
+        "review_points",
+        "review_photo_points",
+        "pending_days",
+        "expiry_days",
+        "logistics_total_timeout",
+        "logistics_connect_timeout",
+        "logistics_read_timeout",
+        "sqlite_busy_timeout",
+        mode="before",
+    )
     @classmethod
-    def _ascii_rate(cls, value: object) -> object:
-        # As every number credex reads: ASCII digits, no exponent (1e999999 overflowed the
-        # arithmetic of a purchase, exit 70), no full-width digits.
-        if isinstance(value, str) and not _RATE.fullmatch(value.strip()):
+    def _ascii_number(cls, value: object, info: ValidationInfo) -> object:
+        # Every number setting is written as every number credex reads. pydantic alone takes what
+        # Python's float() and int() take: an exponent (1e999999 overflowed the arithmetic of a
+        # purchase, exit 70), `inf` (CREDEX_LOGISTICS_TOTAL_TIMEOUT=inf made `track` wait for ever
+        # for a carrier that is down, instead of exit 69) and underscores (1_0).
+        if not isinstance(value, str):
+            return value
+        if cls.model_fields[info.field_name].annotation is int:
+            if not _WHOLE.fullmatch(value.strip()):
+                raise ValueError("must be a whole number of ASCII digits, like 10")
+        elif not _DECIMAL.fullmatch(value.strip()):
             raise ValueError("must be a decimal number of ASCII digits, like 1 or 0.5")
         return value
 

@@ -528,6 +528,13 @@ def test_a_file_that_is_not_a_database_is_exit_69(tmp_path, credex_at):
         ("CREDEX_PURCHASE_RATE", "0.1234567"),
         ("CREDEX_EXPIRY_DAYS", "1e3"),
         ("CREDEX_SQLITE_BUSY_TIMEOUT", "soon"),
+        # Underscores, an exponent, infinity: Python's int() and float() take them, cli.md does not.
+        ("CREDEX_REVIEW_POINTS", "1_0"),
+        ("CREDEX_PENDING_DAYS", "１４"),
+        ("CREDEX_PURCHASE_RATE", "1_0"),
+        ("CREDEX_SQLITE_BUSY_TIMEOUT", "1e1"),
+        ("CREDEX_SQLITE_BUSY_TIMEOUT", "inf"),
+        ("CREDEX_SQLITE_BUSY_TIMEOUT", "3_0"),
     ],
 )
 def test_a_setting_with_a_bad_value_is_bad_usage_naming_it(tmp_path, credex_at, monkeypatch, name, value):

@@ -197,6 +197,34 @@ def test_a_carrier_that_only_answers_503_gives_exit_69_after_retrying(cli):
 # --- configuration, usage and secrets ---------------------------------------------------------
 
 
+TIMEOUTS = (
+    "CREDEX_LOGISTICS_TOTAL_TIMEOUT",
+    "CREDEX_LOGISTICS_CONNECT_TIMEOUT",
+    "CREDEX_LOGISTICS_READ_TIMEOUT",
+)
+NOT_A_TIMEOUT = ("inf", "Infinity", "-inf", "nan", "1e3", "1_0", "１０", "", "-1", "0", "3601")
+
+
+def test_a_carrier_timeout_that_is_no_plain_number_of_seconds_is_bad_usage_before_any_call(
+    cli, carrier_sandbox
+):
+    """CREDEX_LOGISTICS_TOTAL_TIMEOUT=inf (or Infinity) made `track` wait for ever for a carrier that
+    is down instead of exit 69; 1e3 and 1_0 were taken as numbers. Numbers are ASCII digits (cli.md),
+    and a timeout is more than 0 and at most an hour."""
+    for name in TIMEOUTS:
+        for value in NOT_A_TIMEOUT:
+            env = carrier_env(carrier_sandbox, **{name: value})
+            result = cli("track", "--express-no", "SIM0000000001", "--json", env=env)
+            assert result.exit_code == 2 and result.stdout == "", (name, value, result.stderr)
+            error = json.loads(result.stderr)["error"]
+            assert error["code"] == "invalid_input" and error["message"].startswith(f"{name}: "), error
+            assert value not in ("inf", "1e3") or "ASCII digits" in error["message"]
+    assert carrier_sandbox.requests()["total"] == 0  # said before anything was asked
+    env = carrier_env(carrier_sandbox, **(dict.fromkeys(TIMEOUTS, "3600") | {TIMEOUTS[2]: " 2.5 "}))
+    assert cli("track", "--express-no", "SIM0000000001", env=env).exit_code == 1  # asked: no such parcel
+    assert carrier_sandbox.requests()["total"] == 1
+
+
 def test_without_a_carrier_track_says_how_to_start_the_sandbox(cli):
     result = cli("track", "--express-no", "SIM0000000001")
     assert result.exit_code == 2
