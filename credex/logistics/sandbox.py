@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import secrets
 import threading
 import time
@@ -60,6 +61,9 @@ FINAL_FAULTS = {
     "422": ("invalid_shipment", "sandbox: an injected 422 (as for a shipment the carrier cannot take)"),
 }
 SHIPMENT_FILTERS = ("idempotency_key", "order_ref", "tracking_number", "status")
+# What no text of a shipment may hold: control characters (C0, DEL, C1), which would come back in
+# every listing and tracking answer, and lone surrogates, which no UTF-8 answer can carry.
+_UNSENDABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,8 @@ class Numbering:
 
 
 def shipment_problem(body: object) -> str | None:
-    """What is wrong with a create-shipment body, or None."""
+    """What is wrong with a create-shipment body, or None. Its texts are refused when they hold
+    what the answers that repeat them (listings, trackings) could not show or send."""
     if not isinstance(body, dict):
         return "the body must be a JSON object"
     if not isinstance(body.get("order_ref"), str) or not body["order_ref"].strip():
@@ -149,15 +154,21 @@ def shipment_problem(body: object) -> str | None:
             return f"recipient.{name} must be a string"
     if not str(recipient.get("address", "")).strip():
         return "recipient.address must not be empty"
+    texts = [("order_ref", body["order_ref"])]
+    texts += [(f"recipient.{name}", recipient.get(name, "")) for name in ("name", "phone", "address")]
     items = body.get("items")
     if not isinstance(items, list) or not items:
         return "items must be a non-empty list"
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("sku"), str) or not item["sku"].strip():
             return "every item needs a sku"
+        texts.append(("a sku", item["sku"]))
         quantity = item.get("quantity")
         if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity < 1:
             return "every item needs a quantity of at least 1"
+    for name, text in texts:
+        if _UNSENDABLE.search(text):
+            return f"{name} must not hold control characters or lone surrogates"
     return None
 
 

@@ -201,7 +201,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
             self._send(404, error_document("not_found", f"no route {method} {path}"))
 
     def _send(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(document, ensure_ascii=False).encode()
+        # ASCII with escapes: encoding cannot fail, whatever text a document holds (a lone
+        # surrogate once dropped every later answer that repeated it), and any JSON reader reads it.
+        body = json.dumps(document).encode("ascii")
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
