@@ -30,10 +30,16 @@ START_TIMEOUT = 20.0
 class RunningSandbox:
     url: str
     process: subprocess.Popen
+    api_key: str | None = None  # the sandbox's CREDEX_LOGISTICS_API_KEY: sent on every call here
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
 
     def _call(self, method: str, path: str, **request: Any) -> Any:
         import httpx
 
+        request["headers"] = self.auth | request.get("headers", {})
         response = httpx.request(method, self.url + path, timeout=10, **request)
         response.raise_for_status()
         return response.json()
@@ -58,7 +64,7 @@ class RunningSandbox:
 
         return httpx.post(
             f"{self.url}/v1/shipments/{quote(shipment_id, safe='')}/cancel",
-            headers={"Idempotency-Key": key},
+            headers={"Idempotency-Key": key, **self.auth},
             timeout=10,
         )
 
@@ -71,7 +77,7 @@ class RunningSandbox:
         return self._call("POST", "/_sandbox/clock", json={"advance_seconds": seconds})
 
     def create_shipment(self, key: str, *, address: str = "8 Long Road", sku: str = "SHAMPOO-500") -> dict:
-        """A parcel made through the admin door (no faults, no key); returns the carrier's answer."""
+        """A parcel made through the admin door (no faults); returns the carrier's answer."""
         return self._call(
             "POST",
             "/_sandbox/shipments",
@@ -92,7 +98,8 @@ class RunningSandbox:
 def running_sandbox(*extra_args: object, env: dict[str, str] | None = None) -> Iterator[RunningSandbox]:
     """``credex logistics sandbox --port 0 EXTRA_ARGS`` as a subprocess, stopped afterwards.
 
-    ``env`` adds variables to the test environment (e.g. ``CREDEX_LOGISTICS_API_KEY``).
+    ``env`` adds variables to the test environment (e.g. ``CREDEX_LOGISTICS_API_KEY``, which the
+    admin calls of the ``RunningSandbox`` then carry).
     The URL is read from the first line of stdout, so no port is raced for.
     """
     with tempfile.TemporaryFile(mode="w+") as log:
@@ -116,7 +123,11 @@ def running_sandbox(*extra_args: object, env: dict[str, str] | None = None) -> I
                 process.wait(10)
                 log.seek(0)
                 raise AssertionError(f"the sandbox did not start: {first!r}; stderr: {log.read()[-2000:]}")
-            yield RunningSandbox(url=first.split("listening on ", 1)[1].strip(), process=process)
+            yield RunningSandbox(
+                url=first.split("listening on ", 1)[1].strip(),
+                process=process,
+                api_key=(env or {}).get("CREDEX_LOGISTICS_API_KEY") or None,
+            )
         finally:
             if process.poll() is None:
                 process.terminate()

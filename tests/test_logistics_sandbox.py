@@ -303,6 +303,36 @@ def test_with_an_api_key_set_requests_must_carry_it():
             assert client.track(created.json()["tracking_number"]).status == "info_received"
 
 
+def test_with_an_api_key_set_the_admin_endpoints_need_it_too():
+    """They make parcels, refuse them and move the clock: open, they let anyone who reaches the
+    port fake a delivery or a return."""
+    with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": "sbx-key-1"}) as sandbox:
+        number = sandbox.create_shipment("k")["tracking_number"]  # with the key
+        shipment_id = sandbox.shipments()[0]["shipment_id"]
+        calls = [
+            ("GET", "/_sandbox/shipments", None),
+            ("POST", "/_sandbox/shipments", BODY),
+            ("POST", f"/_sandbox/shipments/{shipment_id}/refuse", None),
+            ("GET", "/_sandbox/requests", None),
+            ("GET", "/_sandbox/clock", None),
+            ("POST", "/_sandbox/clock", {"advance_seconds": 600}),
+            ("GET", "/_sandbox/nowhere", None),
+        ]
+        for authorization in (None, "Bearer wrong", "Bearer sbx-key-1x"):
+            headers = {"Idempotency-Key": "k2"} | (
+                {} if authorization is None else {"Authorization": authorization}
+            )
+            for method, path, body in calls:
+                response = httpx.request(method, sandbox.url + path, json=body, headers=headers, timeout=10)
+                assert response.status_code == 401, (authorization, method, path)
+                assert response.json()["error"]["code"] == "unauthorized"
+        [row] = sandbox.shipments()  # nothing was made, refused or moved
+        assert row["refused"] is False and row["status"] == "info_received"
+        assert sandbox.refuse(shipment_id)["refused"] is True
+        assert sandbox.advance(600)["offset_seconds"] == 600
+        assert get_tracking(sandbox.url, number, Authorization="Bearer sbx-key-1").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

@@ -69,6 +69,11 @@ class SandboxHandler(BaseHTTPRequestHandler):
             return
         raw = self.rfile.read(length) if length else b""
         if path.startswith("/_sandbox/"):
+            # The admin door makes parcels, refuses them and moves the clock: with a key set, it is
+            # as closed as /v1.
+            if not self._authorised():
+                self._send(401, error_document("unauthorized", "a valid bearer API key is required"))
+                return
             self._admin(method, path, raw)
             return
         carrier = self.server.carrier
@@ -178,7 +183,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         ):
             self._send(*carrier.refuse(parts[3]))
         elif method == "POST" and path == "/_sandbox/shipments":
-            self._create(raw)  # as POST /v1/shipments, without faults or a key: to set a scene
+            self._create(raw)  # as POST /v1/shipments, without faults: to set a scene
         elif method == "GET" and path == "/_sandbox/requests":
             self._send(200, carrier.requests())
         elif method == "GET" and path == "/_sandbox/clock":
