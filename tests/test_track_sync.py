@@ -175,3 +175,38 @@ def test_a_carrier_that_cannot_be_reached_exits_69_and_one_not_configured_exits_
     assert credex("redeem", "show", shipped["redemption_id"], "--json").json()["status"] == "shipping"
     unset = credex("track", "sync")
     assert unset.exit_code == 2 and unset.stderr.startswith("error: ") and unset.stderr.count("\n") == 1
+
+
+def shown_checked_at(credex, redemption_id: int) -> str | None:
+    return credex("redeem", "show", redemption_id, "--json").json()["delivery_checked_at"]
+
+
+def test_a_check_that_found_no_answer_leaves_the_time_of_the_last_answer(credex, ship, sandbox):
+    """The claim is written before the carrier is asked: after a check that failed, `track` said
+    "in_transit (as the carrier said at <the failed attempt>)". The time shown is the answer's."""
+    env = {"CREDEX_LOGISTICS_URL": sandbox.url}
+    shipped = ship()
+    rid = shipped["redemption_id"]
+    sandbox.advance(60)
+    assert credex("track", "sync", "--json", env=env).json()["checked"] == 1
+    answered = shown_checked_at(credex, rid)
+    assert answered is not None
+
+    every_time = {"CREDEX_TRACK_MIN_INTERVAL": "0s"}
+    down = {"CREDEX_LOGISTICS_URL": "http://127.0.0.1:9", "CREDEX_LOGISTICS_TOTAL_TIMEOUT": "1"}
+    assert credex("track", "sync", "--json", env=every_time | down).exit_code == 69
+    with running_sandbox() as forgetful:  # a carrier that knows no parcel: 404
+        lost = credex("track", "sync", "--json", env=every_time | {"CREDEX_LOGISTICS_URL": forgetful.url})
+    assert lost.exit_code == 0 and lost.json()["failed"] == 1
+
+    assert shown_checked_at(credex, rid) == answered
+    stored = credex("track", rid, "--json", env=env)
+    assert stored.json()["stored"] is True and stored.json()["status"] == "in_transit"
+    assert stored.json()["checked_at"] == answered
+    table = credex("track", rid, env=env)
+    assert f"(as the carrier said at {answered[:19]}" in table.stdout
+    assert trackings(sandbox) == 1  # the failed attempts were claims all the same: nothing asked here
+
+    # An answer again: its time is shown.
+    fresh = credex("track", "sync", "--json", env=env | every_time)
+    assert fresh.json()["checked"] == 1 and shown_checked_at(credex, rid) > answered

@@ -292,12 +292,14 @@ class Redemption(SQLModel, table=True):
     operator: str = Field(sa_column=Column(String(128), nullable=False))
     created_at: datetime = Field(sa_column=_ts())
     updated_at: datetime = Field(sa_column=_ts())
-    # The carrier's last normalised status, and when track sync (or track) last asked: the claim
-    # that keeps concurrent syncs from asking twice within CREDEX_TRACK_MIN_INTERVAL.
+    # The carrier's last normalised status, and when the carrier gave it (its last answer).
     delivery_status: str | None = Field(default=None, sa_column=Column(String(32)))
     delivery_checked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
     # The carrier's checkpoints with that status (JSON, newest first), for `track` while fresh.
     delivery_checkpoints: str | None = Field(default=None, sa_column=Column(Text(), nullable=True))
+    # When track sync (or track) last asked, answered or not: the claim that keeps concurrent syncs
+    # from asking twice within CREDEX_TRACK_MIN_INTERVAL (index (status, delivery_asked_at)).
+    delivery_asked_at: datetime | None = Field(default=None, sa_column=_ts(nullable=True))
 
 
 class RedemptionEvent(SQLModel, table=True):

@@ -3,9 +3,12 @@ what it says (delivered, returned and refunded), and `track REDEMPTION_ID` answe
 record while it is fresh.
 
 A redemption is asked about at most once per ``CREDEX_TRACK_MIN_INTERVAL`` (kuaidi100 locks a
-number queried more often): the claim *is* the conditional update of ``delivery_checked_at``,
+number queried more often): the claim *is* the conditional update of ``delivery_asked_at``,
 committed before the carrier is asked, so concurrent runs never ask twice for one number within
-the interval. Each redemption's record is a short transaction of its own.
+the interval. ``delivery_checked_at`` is the time of the carrier's last answer, written with the
+status it gave: a claim whose question found no answer (an unknown number, a carrier down) leaves
+the last answer and its time as they were. Each redemption's record is a short transaction of its
+own.
 """
 
 from __future__ import annotations
@@ -42,16 +45,16 @@ class SyncReport:
         return asdict(self)
 
 
-def _not_checked_since(cutoff: datetime):
-    return or_(_r.c.delivery_checked_at.is_(None), _r.c.delivery_checked_at <= cutoff)
+def _not_asked_since(cutoff: datetime):
+    return or_(_r.c.delivery_asked_at.is_(None), _r.c.delivery_asked_at <= cutoff)
 
 
 def due_for_check(session: Session, *, limit: int, now: datetime, interval: timedelta) -> list:
-    """Redemptions on their way not checked within ``interval``, the longest unchecked first."""
+    """Redemptions on their way not asked about within ``interval``, the longest unasked first."""
     return session.execute(
         select(_r.c.id, _r.c.express_no, _r.c.carrier)
-        .where(_r.c.status.in_(ON_THE_WAY), _r.c.express_no.is_not(None), _not_checked_since(now - interval))
-        .order_by(_r.c.delivery_checked_at.is_not(None), _r.c.delivery_checked_at, _r.c.id)
+        .where(_r.c.status.in_(ON_THE_WAY), _r.c.express_no.is_not(None), _not_asked_since(now - interval))
+        .order_by(_r.c.delivery_asked_at.is_not(None), _r.c.delivery_asked_at, _r.c.id)
         .limit(limit)
     ).all()
 
@@ -65,9 +68,9 @@ def claim_check(session: Session, redemption_id: int, *, now: datetime, interval
                 _r.c.id == redemption_id,
                 _r.c.status.in_(ON_THE_WAY),
                 _r.c.express_no.is_not(None),
-                _not_checked_since(now - interval),
+                _not_asked_since(now - interval),
             )
-            .values(delivery_checked_at=now)
+            .values(delivery_asked_at=now)
         ).rowcount
         == 1
     )
@@ -82,14 +85,18 @@ def record_delivery(
     now: datetime,
     checkpoints: list[dict] | None = None,
 ) -> str:
-    """Record the carrier's ``status`` (the caller commits); ``delivered`` or ``returned`` move the
-    redemption (a return refunds it, once). Returns what happened: delivered, returned or
-    unchanged."""
+    """Record the carrier's ``status``, answered at ``now`` (the caller commits); ``delivered`` or
+    ``returned`` move the redemption (a return refunds it, once). Returns what happened:
+    delivered, returned or unchanged."""
     from credex.points.cancels import refund_redemption
     from credex.points.redemptions import move_redemption
 
     kept = {} if checkpoints is None else {"delivery_checkpoints": json.dumps(checkpoints)}
-    session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_status=status, **kept))
+    session.execute(
+        update(_r)
+        .where(_r.c.id == redemption_id)
+        .values(delivery_status=status, delivery_checked_at=now, **kept)
+    )
     if status == "delivered":
         if move_redemption(
             session,
@@ -163,8 +170,8 @@ def sync_deliveries(
 
 
 def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta) -> dict | None:
-    """`track REDEMPTION_ID` without --fresh: the stored answer while it is younger than
-    ``interval`` (None: ask the carrier)."""
+    """`track REDEMPTION_ID` without --fresh: the carrier's last answer while it is younger than
+    ``interval`` (None: ask the carrier). ``checked_at`` is when the carrier gave it."""
     row = session.execute(
         select(
             _r.c.id,
@@ -192,14 +199,17 @@ def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta
 
 def store_tracking(database_url: str, redemption_id: int, status: str, checkpoints: list[dict]) -> None:
     """What `track` just heard from the carrier (status and checkpoints), kept as the stored
-    answer (the redemption's own status only moves with `track sync`)."""
+    answer (the redemption's own status only moves with `track sync`). It was asked as well as
+    answered: `track sync` leaves the number alone for the interval."""
+    now = utcnow()
     with session_for(database_url, write=True) as session:
         session.execute(
             update(_r)
             .where(_r.c.id == redemption_id)
             .values(
                 delivery_status=status,
-                delivery_checked_at=utcnow(),
+                delivery_checked_at=now,
+                delivery_asked_at=now,
                 delivery_checkpoints=json.dumps(checkpoints),
             )
         )
