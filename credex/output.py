@@ -143,6 +143,16 @@ def report_error(error: Exception, *, as_json: bool, code: str, message: str) ->
         sys.stderr.flush()
 
 
+def warn(message: str) -> None:
+    """A warning on stderr: one line ``warning: <message>``, whatever the message quotes (a
+    carrier's words), with secrets hidden; stdout stays for the result."""
+    from credex.errors import one_line, redact
+
+    with contextlib.suppress(OSError):  # stderr cannot be written: the result is what is left
+        sys.stderr.write(f"warning: {redact(one_line(message))}\n")
+        sys.stderr.flush()
+
+
 LOG_FORMATS = ("text", "json")
 
 

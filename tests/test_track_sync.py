@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import timedelta
 
 import pytest
 
 from credex.db.engine import session_for
 from credex.db.models import utcnow
+from credex.logistics import CarrierKeyRefused
 from credex.relay.answers import Confirmation, record_confirmations
 from tests.sandbox import running_sandbox
 from tests.support import credex_command, subprocess_env
@@ -19,9 +21,14 @@ from tests.support import credex_command, subprocess_env
 TRACKINGS = "GET /v1/trackings"
 
 
+SANDBOX_KEY = "sbx-sync-TOPSECRET-1"
+
+
 @pytest.fixture
-def sandbox():
-    with running_sandbox() as running:
+def sandbox(request):
+    """The sandbox carrier; ``indirect`` parametrization gives it an API key."""
+    key = getattr(request, "param", None)
+    with running_sandbox(env=None if key is None else {"CREDEX_LOGISTICS_API_KEY": key}) as running:
         yield running
 
 
@@ -48,6 +55,18 @@ def ship(db_url, credex, sandbox):
 
 def trackings(sandbox) -> int:
     return sandbox.requests()["by_route"].get(TRACKINGS, 0)
+
+
+def delivery_rows(db_url: str) -> dict[int, dict]:
+    """Each redemption's status, delivery status and claim, by id."""
+    from sqlalchemy import select
+
+    from credex.db import tables
+
+    r = tables.redemption
+    with session_for(db_url) as session:
+        rows = session.execute(select(r.c.id, r.c.status, r.c.delivery_status, r.c.delivery_asked_at))
+        return {row.id: row._asdict() for row in rows}
 
 
 def test_sync_records_delivered_and_returned_and_refunds_a_return_once(credex, ship, sandbox):
@@ -210,3 +229,88 @@ def test_a_check_that_found_no_answer_leaves_the_time_of_the_last_answer(credex,
     # An answer again: its time is shown.
     fresh = credex("track", "sync", "--json", env=env | every_time)
     assert fresh.json()["checked"] == 1 and shown_checked_at(credex, rid) > answered
+
+
+EVERY_COUNT = ("checked", "delivered", "returned", "unchanged", "skipped", "failed")
+
+
+@pytest.mark.parametrize("sandbox", [SANDBOX_KEY], indirect=True)
+def test_a_refused_api_key_stops_the_sync_and_the_next_run_checks_every_parcel(credex, ship, sandbox):
+    """It exited 0 with every parcel counted as failed, said nothing, and used up every parcel's
+    interval: the first run after the key was fixed checked nothing."""
+    parcels = [ship() for _ in range(3)]
+    sandbox.advance(10 * 60)
+    wrong = {"CREDEX_LOGISTICS_URL": sandbox.url, "CREDEX_LOGISTICS_API_KEY": "wrong-key-123"}
+
+    refused = credex("track", "sync", "--json", env=wrong)
+    assert refused.exit_code == 1 and refused.stdout == ""
+    error = json.loads(refused.stderr)["error"]
+    assert error["code"] == "carrier_rejected" and "CREDEX_LOGISTICS_API_KEY" in error["message"]
+    # As `track` by hand says about the same key.
+    by_hand = credex("track", parcels[0]["redemption_id"], "--json", env=wrong)
+    assert by_hand.exit_code == 1 and json.loads(by_hand.stderr) == {"error": error}
+    plain = credex("track", "sync", env=wrong)
+    assert plain.exit_code == 1 and plain.stdout == "" and plain.stderr.count("\n") == 1
+    assert plain.stderr == f"error: {error['message']}\n"
+    for outcome in (refused, by_hand, plain):
+        assert "wrong-key-123" not in outcome.stderr and SANDBOX_KEY not in outcome.stderr
+    assert trackings(sandbox) == 3  # one question per run: the first refusal stopped each
+
+    fixed = credex("track", "sync", "--json", env=wrong | {"CREDEX_LOGISTICS_API_KEY": SANDBOX_KEY})
+    assert fixed.exit_code == 0, fixed.stderr
+    assert fixed.json() == dict.fromkeys(EVERY_COUNT, 0) | {"checked": 3, "delivered": 3}
+    statuses = [credex("redeem", "show", p["redemption_id"], "--json").json()["status"] for p in parcels]
+    assert statuses == ["delivered"] * 3
+
+
+@pytest.mark.parametrize(("code", "words"), [("601", "expired"), ("503", "signature")])
+def test_a_kuaidi100_key_refusal_gives_back_the_claim_of_the_parcel_it_was_asked_about(
+    db_url, ship, code, words
+):
+    """kuaidi100 refuses a key with HTTP 200: returnCode 503 (bad signature) or 601 (expired, or
+    no queries left, which may happen halfway through a run)."""
+    import httpx
+
+    from credex.points.deliveries import sync_deliveries
+    from tests.logistics_fakes import kuaidi100_client
+
+    first, second, third = (ship() for _ in range(3))
+    asked = []
+
+    def quota_runs_out_after_one(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        if len(asked) > 1:
+            return httpx.Response(200, json={"result": False, "returnCode": code, "message": "no"})
+        return httpx.Response(200, json={"message": "ok", "status": "200", "state": "3", "data": []})
+
+    def sync(handler):
+        with kuaidi100_client(handler) as client:
+            return sync_deliveries(db_url, client, limit=10, interval=timedelta(minutes=30), operator="cron")
+
+    with pytest.raises(CarrierKeyRefused) as refused:
+        sync(quota_runs_out_after_one)
+    assert words in refused.value.message and len(asked) == 2
+    rows = delivery_rows(db_url)
+    assert rows[first["redemption_id"]]["status"] == "delivered"  # answered before the refusal
+    assert rows[second["redemption_id"]]["delivery_asked_at"] is None  # given back
+    assert rows[third["redemption_id"]]["delivery_asked_at"] is None  # never claimed
+
+    signed = lambda request: httpx.Response(  # noqa: E731
+        200, json={"message": "ok", "status": "200", "state": "3", "data": []}
+    )
+    report = sync(signed)
+    assert (report.checked, report.delivered, report.failed) == (2, 2, 0)
+
+
+def test_a_parcel_the_carrier_will_not_answer_about_counts_as_failed_and_says_why(credex, ship):
+    parcels = [ship() for _ in range(2)]
+    with running_sandbox() as forgetful:  # knows no parcel: 404 for each
+        lost = credex("track", "sync", "--json", env={"CREDEX_LOGISTICS_URL": forgetful.url})
+    assert lost.exit_code == 0
+    assert lost.json() == dict.fromkeys(EVERY_COUNT, 0) | {"failed": 2}
+    lines = lost.stderr.splitlines()
+    assert lines == [
+        f"warning: redemption {p['redemption_id']} not checked: carrier sandbox knows no parcel "
+        f"{p['parcel']['tracking_number']}"
+        for p in parcels
+    ]

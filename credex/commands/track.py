@@ -182,9 +182,14 @@ def sync(
 ) -> None:
     """(cron) Ask the carrier about redemptions on their way, each at most once per
     CREDEX_TRACK_MIN_INTERVAL (default 30m): delivered ones become `delivered`, returned ones
-    `returned` and refunded. Safe to run beside itself and the workers."""
+    `returned` and refunded. Safe to run beside itself and the workers.
+
+    A parcel the carrier refuses to answer about (an unknown number) counts as failed, with a
+    warning on stderr. A refused API key stops the run (exit 1): the parcels not answered are
+    asked about by the next run, once the key is fixed."""
     from credex.db.engine import ensure_schema
     from credex.logistics import carrier_client
+    from credex.output import warn
     from credex.points.deliveries import sync_deliveries
 
     interval = _min_interval(ctx)
@@ -193,6 +198,6 @@ def sync(
     ensure_schema(settings(ctx).database_url)
     with carrier_client(settings(ctx)) as client:
         report = sync_deliveries(
-            settings(ctx).database_url, client, limit=limit, interval=interval, operator=who
+            settings(ctx).database_url, client, limit=limit, interval=interval, operator=who, warn=warn
         )
     emit(report.to_json(), as_json=as_json)

@@ -9,11 +9,17 @@ the interval. ``delivery_checked_at`` is the time of the carrier's last answer, 
 status it gave: a claim whose question found no answer (an unknown number, a carrier down) leaves
 the last answer and its time as they were. Each redemption's record is a short transaction of its
 own.
+
+A refused API key is the same answer for every parcel: the run stops there (exit 1), and the
+claim of the parcel it was asking about is given back, so the first run after the key is fixed
+asks about every parcel at once. A refusal about one parcel (an unknown number, a final error)
+counts as failed, is said on stderr, and keeps its claim.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -24,7 +30,7 @@ from credex.db import tables
 from credex.db.engine import session_for
 from credex.db.models import EventSource, RedemptionStatus, utcnow
 from credex.errors import CarrierRejected, Unavailable, UnknownParcel
-from credex.logistics.model import CarrierClient
+from credex.logistics.model import CarrierClient, CarrierKeyRefused
 
 _r = tables.redemption
 _ST = RedemptionStatus
@@ -39,7 +45,7 @@ class SyncReport:
     returned: int = 0  # and refunded
     unchanged: int = 0
     skipped: int = 0  # checked by another run within the interval
-    failed: int = 0  # the carrier refused to answer about it (unknown number, a final error)
+    failed: int = 0  # the carrier refused to answer about it (unknown number, a final error): said on stderr
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,7 +58,7 @@ def _not_asked_since(cutoff: datetime):
 def due_for_check(session: Session, *, limit: int, now: datetime, interval: timedelta) -> list:
     """Redemptions on their way not asked about within ``interval``, the longest unasked first."""
     return session.execute(
-        select(_r.c.id, _r.c.express_no, _r.c.carrier)
+        select(_r.c.id, _r.c.express_no, _r.c.carrier, _r.c.delivery_asked_at)
         .where(_r.c.status.in_(ON_THE_WAY), _r.c.express_no.is_not(None), _not_asked_since(now - interval))
         .order_by(_r.c.delivery_asked_at.is_not(None), _r.c.delivery_asked_at, _r.c.id)
         .limit(limit)
@@ -73,6 +79,19 @@ def claim_check(session: Session, redemption_id: int, *, now: datetime, interval
             .values(delivery_asked_at=now)
         ).rowcount
         == 1
+    )
+
+
+def release_claim(
+    session: Session, redemption_id: int, *, claimed_at: datetime, before: datetime | None
+) -> None:
+    """Give back a claim whose question the carrier did not take (the caller commits): the number
+    was not asked about, so it is due again as it was before (``before``). A claim taken since by
+    another run (it no longer holds ``claimed_at``) is left alone."""
+    session.execute(
+        update(_r)
+        .where(_r.c.id == redemption_id, _r.c.delivery_asked_at == claimed_at)
+        .values(delivery_asked_at=before)
     )
 
 
@@ -131,10 +150,13 @@ def sync_deliveries(
     limit: int,
     interval: timedelta,
     operator: str,
+    warn: Callable[[str], None] | None = None,
 ) -> SyncReport:
     """`track sync`: ask the carrier about up to ``limit`` redemptions due for a check. A carrier
     that cannot be reached ends the run (Unavailable, exit 69); the numbers claimed so far wait
-    for the next interval, as kuaidi100 wants."""
+    for the next interval, as kuaidi100 wants (it may have counted the question). A refused key
+    ends it too (CarrierKeyRefused, exit 1), giving back the claim of the parcel it asked about.
+    ``warn`` hears why each parcel counted as failed."""
     report = SyncReport()
     now = utcnow()
     with session_for(database_url) as session:
@@ -149,8 +171,17 @@ def sync_deliveries(
             continue
         try:
             tracking = client.track(row.express_no, carrier=row.carrier)
-        except (UnknownParcel, CarrierRejected):
+        except CarrierKeyRefused:
+            # No answer about this parcel, and none to come about the others until someone fixes
+            # the key: counted as failed, every parcel would wait out the interval after the fix.
+            with session_for(database_url, write=True) as session:
+                release_claim(session, row.id, claimed_at=now, before=row.delivery_asked_at)
+                session.commit()
+            raise
+        except (UnknownParcel, CarrierRejected) as refused:
             report.failed += 1
+            if warn is not None:
+                warn(f"redemption {row.id} not checked: {refused.message}")
             continue
         except Unavailable:
             raise
