@@ -26,9 +26,11 @@ SANDBOX_KEY = "sbx-sync-TOPSECRET-1"
 
 @pytest.fixture
 def sandbox(request):
-    """The sandbox carrier; ``indirect`` parametrization gives it an API key."""
-    key = getattr(request, "param", None)
-    with running_sandbox(env=None if key is None else {"CREDEX_LOGISTICS_API_KEY": key}) as running:
+    """The sandbox carrier; ``indirect`` parametrization passes {"key": its API key, "args": [options]}."""
+    options = getattr(request, "param", {})
+    key = options.get("key")
+    env = None if key is None else {"CREDEX_LOGISTICS_API_KEY": key}
+    with running_sandbox(*options.get("args", ()), env=env) as running:
         yield running
 
 
@@ -234,7 +236,7 @@ def test_a_check_that_found_no_answer_leaves_the_time_of_the_last_answer(credex,
 EVERY_COUNT = ("checked", "delivered", "returned", "unchanged", "skipped", "failed")
 
 
-@pytest.mark.parametrize("sandbox", [SANDBOX_KEY], indirect=True)
+@pytest.mark.parametrize("sandbox", [{"key": SANDBOX_KEY}], indirect=True, ids=["with-a-key"])
 def test_a_refused_api_key_stops_the_sync_and_the_next_run_checks_every_parcel(credex, ship, sandbox):
     """It exited 0 with every parcel counted as failed, said nothing, and used up every parcel's
     interval: the first run after the key was fixed checked nothing."""
@@ -314,3 +316,89 @@ def test_a_parcel_the_carrier_will_not_answer_about_counts_as_failed_and_says_wh
         f"{p['parcel']['tracking_number']}"
         for p in parcels
     ]
+
+
+def kept_final(redemption_id: int, final: str, said: str) -> str:
+    return (
+        f"warning: redemption {redemption_id} is {final}, but the carrier now says {said}: "
+        "a final status is kept, and nothing else changes\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "sandbox", [{"args": ["--numbering", "sequential"]}], indirect=True, ids=["sequential-numbers"]
+)
+def test_a_final_status_stays_when_the_carrier_later_says_otherwise(credex, ship, sandbox):
+    """A delivered redemption went on to show delivery_status `returned`, then `in_transit`, as
+    the carrier handed its number out again."""
+    shipped = ship()
+    rid = shipped["redemption_id"]
+    sandbox.advance(10 * 60)
+    assert (
+        credex("track", "sync", "--json", env={"CREDEX_LOGISTICS_URL": sandbox.url}).json()["delivered"] == 1
+    )
+    before = credex("redeem", "show", rid, "--json").json()
+    assert (before["status"], before["delivery_status"]) == ("delivered", "delivered")
+    balance = credex("account", "show", "u1", "--json").json()["balance"]
+
+    # Restarted, the carrier hands the number out again: first to a parcel that is refused and
+    # comes back, then to one on its way.
+    seen = []
+    for refused, stages in ((True, 10), (False, 1)):
+        with running_sandbox("--numbering", "sequential") as again:
+            other = again.create_shipment(f"someone-else-{refused}")
+            assert other["tracking_number"] == shipped["parcel"]["tracking_number"]
+            if refused:
+                again.refuse(other["shipment_id"])
+            again.advance(stages * 60)
+            seen.append(credex("track", rid, "--fresh", "--json", env={"CREDEX_LOGISTICS_URL": again.url}))
+    assert [said.exit_code for said in seen] == [0, 0]
+    after = credex("redeem", "show", rid, "--json").json()
+    assert after == before  # status, delivery status, its time and events: as the sync left them
+    assert credex("account", "show", "u1", "--json").json()["balance"] == balance  # no refund
+    assert [said.json()["status"] for said in seen] == ["returned", "in_transit"]  # as the carrier said
+    assert [said.stderr for said in seen] == [
+        kept_final(rid, "delivered", "returned"),
+        kept_final(rid, "delivered", "in_transit"),
+    ]
+    stored = credex("track", rid, "--json", env={"CREDEX_LOGISTICS_URL": sandbox.url}).json()
+    assert stored["stored"] is True and stored["status"] == "delivered"
+    assert stored["checkpoints"][0]["status"] == "delivered"
+
+
+def test_a_sync_answer_that_contradicts_a_final_status_is_an_event_and_changes_nothing(db_url, credex, ship):
+    """Two runs at once (CREDEX_TRACK_MIN_INTERVAL=0s): the other one recorded `delivered` while
+    this one was asking, and this one hears `returned`."""
+    import httpx
+
+    from credex.points.deliveries import record_delivery, sync_deliveries
+    from tests.logistics_fakes import make_client
+
+    shipped = ship()
+    rid = shipped["redemption_id"]
+    balance = credex("account", "show", "u1", "--json").json()["balance"]
+
+    def the_other_run_records_first(request: httpx.Request) -> httpx.Response:
+        with session_for(db_url, write=True) as session:
+            record_delivery(session, rid, "delivered", operator="other-run", now=utcnow())
+            session.commit()
+        number = shipped["parcel"]["tracking_number"]
+        return httpx.Response(
+            200,
+            json={"tracking_number": number, "carrier": "sandbox", "status": "returned", "checkpoints": []},
+        )
+
+    warnings: list[str] = []
+    with make_client(the_other_run_records_first) as client:
+        report = sync_deliveries(
+            db_url, client, limit=10, interval=timedelta(0), operator="cron", warn=warnings.append
+        )
+    assert (report.checked, report.unchanged, report.returned) == (1, 1, 0)
+    shown = credex("redeem", "show", rid, "--json").json()
+    assert (shown["status"], shown["delivery_status"]) == ("delivered", "delivered")
+    assert warnings == [kept_final(rid, "delivered", "returned").removeprefix("warning: ").rstrip("\n")]
+    said, moved = shown["events"][:2]
+    assert (said["status"], said["source"]) == ("delivered", "sync")
+    assert said["detail"] == "the carrier now says returned; delivered is final and is kept"
+    assert (moved["status"], moved["detail"]) == ("delivered", "the carrier says delivered")
+    assert credex("account", "show", "u1", "--json").json()["balance"] == balance  # no refund

@@ -159,11 +159,14 @@ def track(
     with carrier_client(settings(ctx)) as client:
         result = track_parcel(client, parcel, phone=phone)
     if parcel.redemption_id is not None:
+        from credex.output import warn
         from credex.points.deliveries import store_tracking
 
-        store_tracking(
+        kept_final = store_tracking(
             settings(ctx).database_url, parcel.redemption_id, result["status"], result["checkpoints"]
         )
+        if kept_final is not None:
+            warn(kept_final)  # the carrier's answer is shown as it came; the record keeps the final one
     emit(result, as_json=as_json, render=_render)
 
 

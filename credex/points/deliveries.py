@@ -14,6 +14,10 @@ A refused API key is the same answer for every parcel: the run stops there (exit
 claim of the parcel it was asking about is given back, so the first run after the key is fixed
 asks about every parcel at once. A refusal about one parcel (an unknown number, a final error)
 counts as failed, is said on stderr, and keeps its claim.
+
+``delivered`` and ``returned`` are final: once a redemption is either, an answer that says
+otherwise (a carrier's mistake, a number handed out again) is not stored over the one that made
+it final. It is reported (a warning, and in `track sync` an event), and changes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ _r = tables.redemption
 _ST = RedemptionStatus
 # Asked about: on its way, or with a cancel on its way and a waybill (the parcel may still come back).
 ON_THE_WAY = (_ST.shipping.value, _ST.cancelling.value)
+# Moved there by the carrier's word, for good: their delivery status stays the one that moved them.
+FINAL = (_ST.delivered.value, _ST.returned.value)
 
 
 @dataclass
@@ -95,6 +101,31 @@ def release_claim(
     )
 
 
+def _store_answer(
+    session: Session, redemption_id: int, status: str, *, now: datetime, checkpoints: list[dict] | None
+) -> str | None:
+    """Keep the carrier's answer, given at ``now``, as the stored one (the caller commits), unless
+    the redemption is final and the answer says otherwise. Returns None when it was kept, else the
+    final status that stays (with the answer that made it final)."""
+    kept = {} if checkpoints is None else {"delivery_checkpoints": json.dumps(checkpoints)}
+    stored = session.execute(
+        update(_r)
+        .where(_r.c.id == redemption_id, or_(_r.c.status.not_in(FINAL), _r.c.status == status))
+        .values(delivery_status=status, delivery_checked_at=now, **kept)
+    ).rowcount
+    if stored:
+        return None
+    return session.execute(select(_r.c.status).where(_r.c.id == redemption_id)).scalar_one_or_none()
+
+
+def contradiction(redemption_id: int, status: str, final: str) -> str:
+    """What is said about an answer that contradicts a final status."""
+    return (
+        f"redemption {redemption_id} is {final}, but the carrier now says {status}: "
+        "a final status is kept, and nothing else changes"
+    )
+
+
 def record_delivery(
     session: Session,
     redemption_id: int,
@@ -103,19 +134,22 @@ def record_delivery(
     operator: str,
     now: datetime,
     checkpoints: list[dict] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """Record the carrier's ``status``, answered at ``now`` (the caller commits); ``delivered`` or
     ``returned`` move the redemption (a return refunds it, once). Returns what happened:
-    delivered, returned or unchanged."""
+    delivered, returned or unchanged. An answer that contradicts a final status is an event
+    (source sync, the final status again) and a ``warn``, and is unchanged."""
     from credex.points.cancels import refund_redemption
-    from credex.points.redemptions import move_redemption
+    from credex.points.redemptions import add_event, move_redemption
 
-    kept = {} if checkpoints is None else {"delivery_checkpoints": json.dumps(checkpoints)}
-    session.execute(
-        update(_r)
-        .where(_r.c.id == redemption_id)
-        .values(delivery_status=status, delivery_checked_at=now, **kept)
-    )
+    final = _store_answer(session, redemption_id, status, now=now, checkpoints=checkpoints)
+    if final is not None:
+        said = f"the carrier now says {status}; {final} is final and is kept"
+        add_event(session, redemption_id, status=final, source=EventSource.sync, detail=said, now=now)
+        if warn is not None:
+            warn(contradiction(redemption_id, status, final))
+        return "unchanged"
     if status == "delivered":
         if move_redemption(
             session,
@@ -194,6 +228,7 @@ def sync_deliveries(
                 operator=operator,
                 now=utcnow(),
                 checkpoints=[point.to_json() for point in tracking.checkpoints],
+                warn=warn,
             )
             session.commit()
         setattr(report, outcome, getattr(report, outcome) + 1)
@@ -228,20 +263,14 @@ def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta
     }
 
 
-def store_tracking(database_url: str, redemption_id: int, status: str, checkpoints: list[dict]) -> None:
+def store_tracking(database_url: str, redemption_id: int, status: str, checkpoints: list[dict]) -> str | None:
     """What `track` just heard from the carrier (status and checkpoints), kept as the stored
     answer (the redemption's own status only moves with `track sync`). It was asked as well as
-    answered: `track sync` leaves the number alone for the interval."""
+    answered: `track sync` leaves the number alone for the interval. Returns what to warn about
+    an answer that contradicts a final status (it is not kept), else None."""
     now = utcnow()
     with session_for(database_url, write=True) as session:
-        session.execute(
-            update(_r)
-            .where(_r.c.id == redemption_id)
-            .values(
-                delivery_status=status,
-                delivery_checked_at=now,
-                delivery_asked_at=now,
-                delivery_checkpoints=json.dumps(checkpoints),
-            )
-        )
+        session.execute(update(_r).where(_r.c.id == redemption_id).values(delivery_asked_at=now))
+        final = _store_answer(session, redemption_id, status, now=now, checkpoints=checkpoints)
         session.commit()
+    return None if final is None else contradiction(redemption_id, status, final)
