@@ -91,6 +91,15 @@ def test_the_timeline_shows_the_header_and_checkpoints_newest_first(cli, carrier
     assert all(line == line.rstrip() for line in lines)
 
 
+def test_track_by_express_number_creates_no_database(cli, carrier_sandbox, tmp_path):
+    """It looks the number up among the redemptions, but a database that does not exist has none:
+    no credex.db is left behind wherever someone tracks a parcel."""
+    number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
+    result = cli("track", "--express-no", number, "--json", env=carrier_env(carrier_sandbox))
+    assert result.exit_code == 0 and result.json()["redemption_id"] is None
+    assert not (tmp_path / "unused.db").exists()
+
+
 def test_track_runs_as_a_real_process(carrier_sandbox):
     number = carrier_sandbox.create_shipment("redemption-1")["tracking_number"]
     carrier_sandbox.advance(60)

@@ -402,3 +402,43 @@ def test_a_sync_answer_that_contradicts_a_final_status_is_an_event_and_changes_n
     assert said["detail"] == "the carrier now says returned; delivered is final and is kept"
     assert (moved["status"], moved["detail"]) == ("delivered", "the carrier says delivered")
     assert credex("account", "show", "u1", "--json").json()["balance"] == balance  # no refund
+
+
+def test_track_by_the_express_number_of_a_known_redemption_keeps_to_the_interval(credex, ship, sandbox):
+    """`track --express-no` asked the carrier on every call, four questions in as many seconds
+    about a number kuaidi100 locks when asked more often than every 30 minutes."""
+    shipped = ship()
+    rid, number = shipped["redemption_id"], shipped["parcel"]["tracking_number"]
+    env = {"CREDEX_LOGISTICS_URL": sandbox.url}
+
+    first = credex("track", "--express-no", number, "--json", env=env)
+    assert first.exit_code == 0, first.stderr
+    assert first.json()["redemption_id"] == rid and "stored" not in first.json()
+    for carrier in ([], ["--carrier", "sandbox"]):
+        again = credex("track", "--express-no", number, *carrier, "--json", env=env)
+        assert again.exit_code == 0 and again.json()["stored"] is True
+        assert again.json()["redemption_id"] == rid and again.json()["status"] == first.json()["status"]
+        assert again.json()["checkpoints"] == first.json()["checkpoints"]
+    table = credex("track", "--express-no", number, env=env)
+    assert "(as the carrier said at " in table.stdout
+    assert trackings(sandbox) == 1
+    # The answer is the redemption's: `track REDEMPTION_ID` and `track sync` keep to it too.
+    assert credex("track", rid, "--json", env=env).json()["stored"] is True
+    assert credex("track", "sync", "--json", env=env).json()["checked"] == 0
+    assert trackings(sandbox) == 1
+
+    fresh = credex("track", "--express-no", number, "--fresh", "--json", env=env)
+    assert fresh.json()["redemption_id"] == rid and "stored" not in fresh.json()
+    assert trackings(sandbox) == 2
+    # A number no redemption has, or a known number at another carrier, is the carrier's to answer.
+    other = sandbox.create_shipment("not-a-redemption")["tracking_number"]
+    for _ in range(2):
+        asked = credex("track", "--express-no", other, "--json", env=env)
+        assert asked.json()["redemption_id"] is None and "stored" not in asked.json()
+    elsewhere = credex("track", "--express-no", number, "--carrier", "shunfeng", "--json", env=env)
+    assert elsewhere.exit_code == 1 and json.loads(elsewhere.stderr)["error"]["code"] == "unknown_parcel"
+    assert trackings(sandbox) == 5
+    every_time = credex(
+        "track", "--express-no", number, "--json", env=env | {"CREDEX_TRACK_MIN_INTERVAL": "0s"}
+    )
+    assert "stored" not in every_time.json() and trackings(sandbox) == 6

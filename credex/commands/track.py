@@ -123,7 +123,7 @@ def track(
 
     Give a REDEMPTION_ID, or --express-no NO [--carrier CODE]. A redemption checked within
     CREDEX_TRACK_MIN_INTERVAL is answered from the stored status (the carrier may lock a number
-    asked about too often), unless --fresh.
+    asked about too often), unless --fresh; so is an express number of a known redemption.
     """
     from credex.errors import InvalidInput
     from credex.logistics import carrier_client
@@ -134,17 +134,16 @@ def track(
         parcel_of_redemption,
         track_parcel,
     )
+    from credex.points.deliveries import stored_tracking
 
     if redemption_id is None and express_no is None:
         raise InvalidInput("say which parcel: give a REDEMPTION_ID or --express-no NO")
     if redemption_id is not None and express_no is not None:
         raise InvalidInput("give a REDEMPTION_ID or --express-no NO, not both")
+    interval = _min_interval(ctx)
     if redemption_id is not None:
         if carrier is not None:
             raise InvalidInput("--carrier goes with --express-no: a redemption knows its carrier")
-        from credex.points.deliveries import stored_tracking
-
-        interval = _min_interval(ctx)
         with points_session(ctx) as session:
             parcel = parcel_of_redemption(session, redemption_id)
             stored = None if fresh else stored_tracking(session, parcel.redemption_id, interval=interval)
@@ -157,6 +156,16 @@ def track(
             carrier=None if carrier is None else check_carrier_code(carrier),
         )
     with carrier_client(settings(ctx)) as client:
+        if parcel.redemption_id is None:
+            # A known redemption's number is as locked by the carrier whichever way it is asked
+            # about: answered from its stored answer as by REDEMPTION_ID, and the answer kept.
+            parcel = _known_parcel(ctx, parcel, client.default_carrier)
+            if parcel.redemption_id is not None and not fresh:
+                with points_session(ctx) as session:
+                    stored = stored_tracking(session, parcel.redemption_id, interval=interval)
+                if stored is not None:
+                    emit(stored, as_json=as_json, render=_render)
+                    return
         result = track_parcel(client, parcel, phone=phone)
     if parcel.redemption_id is not None:
         from credex.output import warn
@@ -168,6 +177,30 @@ def track(
         if kept_final is not None:
             warn(kept_final)  # the carrier's answer is shown as it came; the record keeps the final one
     emit(result, as_json=as_json, render=_render)
+
+
+def _known_parcel(ctx: typer.Context, parcel, default_carrier: str | None):
+    """``parcel`` (an express number, and the carrier the client will ask: ``default_carrier``
+    without --carrier) with the redemption it belongs to, when the points database knows one. A
+    SQLite file that does not exist knows none, and is not created for the look-up."""
+    from pathlib import Path
+
+    from credex.logistics.tracking import Parcel
+    from credex.points.deliveries import redemption_of_parcel
+
+    carrier = parcel.carrier or default_carrier
+    url = settings(ctx).database_url
+    if carrier is None or (
+        url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+    ):
+        return parcel
+    with points_session(ctx) as session:
+        known = redemption_of_parcel(session, carrier=carrier, express_no=parcel.express_no)
+    return (
+        parcel
+        if known is None
+        else Parcel(express_no=parcel.express_no, carrier=carrier, redemption_id=known)
+    )
 
 
 def _min_interval(ctx: typer.Context):

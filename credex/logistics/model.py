@@ -296,6 +296,7 @@ class CarrierClient:
 
     provider: str = ""
     issues_waybills: bool = True  # False for a tracking-only provider: it can neither create nor cancel
+    default_carrier: str | None = None  # the carrier code ``track`` asks about when given none
 
     def __init__(self, http: Any, *, secrets: tuple[str | None, ...] = ()) -> None:
         """``secrets``: the values of the settings the client sends (an API key, a customer id), hidden

@@ -263,6 +263,17 @@ def stored_tracking(session: Session, redemption_id: int, *, interval: timedelta
     }
 
 
+def redemption_of_parcel(session: Session, *, carrier: str, express_no: str) -> int | None:
+    """The redemption whose parcel this is (the newest, should a carrier have handed the number
+    out twice), or None: `track --express-no` answers a known one as `track REDEMPTION_ID` does."""
+    return session.execute(
+        select(_r.c.id)
+        .where(_r.c.carrier == carrier, _r.c.express_no == express_no)
+        .order_by(_r.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def store_tracking(database_url: str, redemption_id: int, status: str, checkpoints: list[dict]) -> str | None:
     """What `track` just heard from the carrier (status and checkpoints), kept as the stored
     answer (the redemption's own status only moves with `track sync`). It was asked as well as
