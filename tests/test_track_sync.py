@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import timedelta
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -279,11 +280,16 @@ def test_a_kuaidi100_key_refusal_gives_back_the_claim_of_the_parcel_it_was_asked
     first, second, third = (ship() for _ in range(3))
     asked = []
 
+    def signed(request: httpx.Request) -> httpx.Response:  # the parcel asked about, signed for
+        param = json.loads(parse_qs(request.content.decode())["param"][0])
+        echo = {"com": param["com"], "nu": param["num"]}
+        return httpx.Response(200, json={"message": "ok", "status": "200", "state": "3", "data": [], **echo})
+
     def quota_runs_out_after_one(request: httpx.Request) -> httpx.Response:
         asked.append(request)
         if len(asked) > 1:
             return httpx.Response(200, json={"result": False, "returnCode": code, "message": "no"})
-        return httpx.Response(200, json={"message": "ok", "status": "200", "state": "3", "data": []})
+        return signed(request)
 
     def sync(handler):
         with kuaidi100_client(handler) as client:
@@ -297,9 +303,6 @@ def test_a_kuaidi100_key_refusal_gives_back_the_claim_of_the_parcel_it_was_asked
     assert rows[second["redemption_id"]]["delivery_asked_at"] is None  # given back
     assert rows[third["redemption_id"]]["delivery_asked_at"] is None  # never claimed
 
-    signed = lambda request: httpx.Response(  # noqa: E731
-        200, json={"message": "ok", "status": "200", "state": "3", "data": []}
-    )
     report = sync(signed)
     assert (report.checked, report.delivered, report.failed) == (2, 2, 0)
 
