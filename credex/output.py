@@ -39,10 +39,17 @@ def _console(stderr: bool = False):
 def _text(value: str | None):
     """``value`` as Rich text taken literally: stored data (an address, a reason, a user id) may
     hold ``[/b]`` or ``[link=…]``, which Rich would otherwise read as markup, failing on a closing
-    tag it never opened or hiding part of the value from the operator."""
+    tag it never opened or hiding part of the value from the operator. What a terminal would act
+    on (an escape sequence, a bidirectional override, any other control) is shown escaped, as
+    ``\x1b``: rows written before the input rules, or by hand, may hold it, and Rich passes it
+    through. A line break stays one: free text from before the rules may span lines."""
     from rich.text import Text
 
-    return None if value is None else Text(value)
+    from credex.errors import one_line
+
+    if value is None:
+        return None
+    return Text("\n".join(one_line(line) for line in value.split("\n")))
 
 
 def _cell(value: Any):

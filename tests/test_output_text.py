@@ -39,3 +39,39 @@ def test_bracketed_values_print_literally_in_every_table_and_panel(credex):
     account = _ok(credex("account", "show", USER))
     assert f"account {USER}" in account
     assert json.loads(_ok(credex("account", "show", USER, "--json")))["balance"] == 50
+
+
+def test_stored_escape_sequences_and_direction_overrides_are_shown_escaped(credex, db_url):
+    """A row written before the input rules (or by hand) may hold what a terminal would act on:
+    text output shows it escaped, the screen's colours and order untouched, and the JSON keeps
+    the value as stored."""
+    from sqlalchemy import update
+
+    from credex.db import tables
+    from credex.db.engine import get_engine
+
+    assert credex("catalog", "add", "MUG", "--name", "Mug", "--points", "1", "--stock", "5").exit_code == 0
+    assert credex("award", "grant", "u1", "50", "--reason", "r", "--ref", "g1").exit_code == 0
+    assert credex("redeem", "create", "u1", "MUG", "--address", "1 Road").exit_code == 0
+    stored = "line3\x1b[31mRED\x1b[0m\u202eevil\x07\nFlat 2"
+
+    def write(address: str, name: str) -> None:
+        with get_engine(db_url).begin() as connection:
+            connection.execute(update(tables.redemption).values(address=address))
+            connection.execute(update(tables.catalog_item).values(name=name))
+
+    write(stored, "Mug\x1b]0;title\x07")
+    try:
+        _shows_them_escaped(credex, stored)
+    finally:
+        write("1 Road", "Mug")  # as credex wrote them: the invariants checked after the test hold
+
+
+def _shows_them_escaped(credex, stored: str) -> None:
+    for args in (("redeem", "show", "1"), ("redeem", "list"), ("catalog", "list")):
+        shown = _ok(credex(*args))
+        assert "\x1b" not in shown and "\u202e" not in shown and "\x07" not in shown, (args, shown)
+    shown = _ok(credex("redeem", "show", "1"))
+    assert "line3\\x1b[31mRED\\x1b[0m\\u202eevil\\x07" in shown and "Flat 2" in shown
+    assert "Mug\\x1b]0;title\\x07" in _ok(credex("catalog", "list"))
+    assert json.loads(_ok(credex("redeem", "show", "1", "--json")))["address"] == stored
