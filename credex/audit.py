@@ -296,6 +296,10 @@ def snapshot(url: str) -> Iterator[Connection]:
     try:
         revision = schema_revision(engine)
         if revision != HEAD_REVISION:
+            from credex.db.migrate import known_revisions, unknown_revision
+
+            if revision is not None and revision not in known_revisions():
+                raise unknown_revision(display_url(url), revision)  # as every other command says
             raise NotMigrated(
                 f"the database {display_url(url)} is at revision {revision or 'none'}, "
                 f"credex needs {HEAD_REVISION}: run `credex db upgrade`"

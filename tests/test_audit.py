@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from credex.db.engine import get_engine
+from credex.db import HEAD_REVISION
+from credex.db.engine import dispose_engines, get_engine
 from credex.db.models import ShipmentStatus
 from credex.relay.answers import Confirmation, record_confirmations
 from credex.warehouse.messages import RedemptionMessage
@@ -396,3 +397,17 @@ def test_a_database_failing_halfway_leaves_stdout_empty_and_says_why(shop, crede
     assert done.stdout == ""  # never half a document a script would try to read
     error = json.loads(done.stderr)["error"]
     assert error["code"] == "schema_mismatch" and "shipment_request" in error["message"]
+
+
+def test_a_database_a_newer_credex_migrated_is_refused_as_every_command_refuses_it(credex, db_url):
+    assert credex("award", "grant", "u1", "5", "--reason", "r").exit_code == 0
+    execute(db_url, "UPDATE alembic_version SET version_num = '9999_future'")
+    dispose_engines()  # no schema this process checked before counts
+    errors = []
+    for command in (("audit", "verify"), ("account", "show", "u1")):
+        done = credex(*command, "--json")
+        assert done.exit_code == 1 and done.stdout == ""
+        errors.append(json.loads(done.stderr)["error"])
+    assert errors[0] == errors[1]
+    assert errors[0]["code"] == "not_migrated" and "a newer credex migrated it" in errors[0]["message"]
+    execute(db_url, f"UPDATE alembic_version SET version_num = '{HEAD_REVISION}'")
