@@ -290,7 +290,8 @@ def snapshot(url: str) -> Iterator[Connection]:
     from credex.db.urls import display_url
     from credex.errors import NotMigrated
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    path = sqlite_file(url)
+    if path is not None and not path.exists():  # connecting would create it
         raise NotMigrated(f"no credex database at {display_url(url)}")
     engine = get_engine(url)
     try:
@@ -317,3 +318,22 @@ def snapshot(url: str) -> Iterator[Connection]:
         if is_connection_error(error):
             raise unavailable(url, error) from None
         raise
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, read as credex reads the URL (None: not SQLite, or no file):
+    ``sqlite:///PATH``, or in SQLite's URI form ``sqlite:///file:PATH?mode=ro&uri=true``."""
+    from urllib.parse import unquote, urlsplit
+
+    from credex.db.urls import normalise_url
+
+    parsed = normalise_url(url)  # a URL that is none: exit 2, as any command says
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database
+    if parsed.query.get("uri") == "true" and database.startswith("file:"):
+        location = urlsplit(database)
+        if parsed.query.get("mode") == "memory" or location.path in ("", ":memory:"):
+            return None
+        return Path(unquote(location.path))
+    return Path(database)

@@ -411,3 +411,29 @@ def test_a_database_a_newer_credex_migrated_is_refused_as_every_command_refuses_
     assert errors[0] == errors[1]
     assert errors[0]["code"] == "not_migrated" and "a newer credex migrated it" in errors[0]["message"]
     execute(db_url, f"UPDATE alembic_version SET version_num = '{HEAD_REVISION}'")
+
+
+def test_a_sqlite_database_named_in_sqlite_uri_form_is_read(shop, db_url, warehouse_url, backend, tmp_path):
+    if backend != "sqlite":
+        pytest.skip("SQLite's URI form")
+    from typer.testing import CliRunner
+
+    from credex.cli import app
+
+    def verify(points: str, warehouse: str):
+        return CliRunner().invoke(
+            app,
+            ["--database-url", points, "audit", "verify", "--json", "--warehouse-database-url", warehouse],
+        )
+
+    def uri(url: str, mode: str) -> str:
+        return f"sqlite:///file:{url.removeprefix('sqlite:///')}?mode={mode}&uri=true"
+
+    done = verify(uri(db_url, "ro"), uri(warehouse_url, "ro"))
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["violations"] == []
+
+    missing = tmp_path / "nowhere.db"
+    done = verify(uri(db_url, "ro"), uri(f"sqlite:///{missing}", "rwc"))
+    assert done.exit_code == 1 and json.loads(done.stderr)["error"]["code"] == "not_migrated"
+    assert not missing.exists()
