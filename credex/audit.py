@@ -2,8 +2,9 @@
 
 Every rule is one small SQL query that returns only the rows breaking it (aggregates run in the
 database, results are streamed), so memory stays flat however large the ledger grows. A query
-names its columns ``id…`` (what the violation is about), ``expected…`` and ``found…``; a check
-that needs a table an older schema lacks names it in ``needs`` and is skipped (and listed) there.
+names its columns ``id…`` (what the violation is about), ``expected…`` and ``found…``. Only a
+database at the newest revision is read, so every table that revision made is there: one dropped
+by hand is a violation (``schema.table``), and the checks that read it do not run.
 
 Snapshots: the points database is read in one transaction (Postgres: REPEATABLE READ READ ONLY;
 SQLite: one read transaction, whose first read fixes what it sees), the warehouse database in a
@@ -32,7 +33,7 @@ REFUNDED_STATUSES = ("cancelled", "returned")  # the redemption lifecycle: point
 class Check(NamedTuple):
     name: str
     sql: str
-    needs: tuple[str, ...] = ()  # tables it reads that an older schema may not have
+    needs: tuple[str, ...] = ()  # tables it reads that a later revision than the first made
     sqlite: str | None = None  # the query on SQLite, where it must differ
 
     def query(self, dialect: str) -> str:
@@ -192,18 +193,16 @@ _SHIPMENTS = (
 
 @dataclass
 class Audit:
-    """One run of the checks. ``violations()`` streams them; ``checked`` and ``skipped`` are
-    complete once it is exhausted."""
+    """One run of the checks. ``violations()`` streams them; ``checked`` is complete once it
+    is exhausted."""
 
     points_url: str
     warehouse_url: str | None = None
     checked: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
     _ran: int = 0  # checks run so far
 
     def violations(self) -> Iterator[Violation]:
         self.checked.clear()
-        self.skipped.clear()
         self._ran = 0
         with ExitStack() as stack:
             points = stack.enter_context(snapshot(self.points_url))
@@ -225,9 +224,18 @@ class Audit:
             self.checked["checks"] = self._ran + 1
 
     def _run(self, connection: Connection, checks: tuple[Check, ...]) -> Iterator[Violation]:
+        from credex.db import HEAD_REVISION
+
+        missing: dict[str, bool] = {}  # table -> missing, each looked up (and reported) once
         for check in checks:
-            if check.needs and not all(inspect(connection).has_table(t) for t in check.needs):
-                self.skipped.append(check.name)
+            for table in check.needs:
+                if table not in missing:
+                    missing[table] = not inspect(connection).has_table(table)
+                    if missing[table]:
+                        yield Violation(
+                            "schema.table", [table], f"present at revision {HEAD_REVISION}", "missing"
+                        )
+            if any(missing[table] for table in check.needs):
                 continue
             self._ran += 1
             sql = check.query(connection.dialect.name)

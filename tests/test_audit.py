@@ -399,6 +399,21 @@ def test_a_database_failing_halfway_leaves_stdout_empty_and_says_why(shop, crede
     assert error["code"] == "schema_mismatch" and "shipment_request" in error["message"]
 
 
+@pytest.mark.breaks_invariants
+def test_a_table_missing_at_the_newest_revision_is_a_violation_not_a_skipped_check(shop, audit, db_url):
+    execute(db_url, "DROP TABLE stock_movement")
+    code, report = audit()
+    assert code == 1 and report["skipped"] == []
+    assert report["violations"] == [
+        {
+            "check": "schema.table",
+            "ids": ["stock_movement"],
+            "expected": f"present at revision {HEAD_REVISION}",
+            "found": "missing",
+        }
+    ]
+
+
 def test_a_database_a_newer_credex_migrated_is_refused_as_every_command_refuses_it(credex, db_url):
     assert credex("award", "grant", "u1", "5", "--reason", "r").exit_code == 0
     execute(db_url, "UPDATE alembic_version SET version_num = '9999_future'")
