@@ -54,6 +54,10 @@ class Violation:
 _SUM = "CAST(coalesce(sum({0}), 0) AS BIGINT)"  # Postgres sums BIGINT as NUMERIC
 _IN_STATE = "CASE WHEN state = '{0}' THEN remaining ELSE 0 END"
 _REDEMPTION_REF = "CAST(r.id AS VARCHAR(32))"  # a redemption's ledger entries carry its id as ref
+_LOTS = (
+    f"SELECT user_id, {_SUM.format(_IN_STATE.format('available'))} AS available, "
+    f"{_SUM.format(_IN_STATE.format('pending'))} AS pending FROM point_lot GROUP BY user_id"
+)
 
 POINTS_CHECKS: tuple[Check, ...] = (
     Check(
@@ -73,13 +77,15 @@ POINTS_CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "account.ledger",  # balance, pending points and debt are each the sum of the ledger's column
-        "SELECT a.user_id AS id, l.points AS expected_balance, l.pending AS expected_pending, "
+        # From the ledger's side too: entries whose account is gone are a balance nobody holds
+        # (found: null).
+        "SELECT l.user_id AS id, l.points AS expected_balance, l.pending AS expected_pending, "
         "l.debt AS expected_debt, a.balance AS found_balance, a.pending AS found_pending, "
-        "a.debt AS found_debt FROM account a JOIN ("
+        "a.debt AS found_debt FROM ("
         f"SELECT user_id, {_SUM.format('points')} AS points, {_SUM.format('pending')} AS pending, "
         f"{_SUM.format('debt')} AS debt FROM ledger_entry GROUP BY user_id"
-        ") l ON l.user_id = a.user_id "
-        "WHERE a.balance <> l.points OR a.pending <> l.pending OR a.debt <> l.debt "
+        ") l LEFT JOIN account a ON a.user_id = l.user_id "
+        "WHERE a.user_id IS NULL OR a.balance <> l.points OR a.pending <> l.pending OR a.debt <> l.debt "
         "UNION ALL "
         "SELECT a.user_id, 0, 0, 0, a.balance, a.pending, a.debt FROM account a "
         "WHERE (a.balance <> 0 OR a.pending <> 0 OR a.debt <> 0) "
@@ -90,11 +96,12 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "SELECT a.user_id AS id, coalesce(l.available, 0) AS expected_balance, "
         "coalesce(l.pending, 0) AS expected_pending, a.balance AS found_balance, a.pending AS found_pending "
         "FROM account a LEFT JOIN ("
-        f"SELECT user_id, {_SUM.format(_IN_STATE.format('available'))} AS available, "
-        f"{_SUM.format(_IN_STATE.format('pending'))} AS pending "
-        "FROM point_lot GROUP BY user_id"
+        f"{_LOTS}"
         ") l ON l.user_id = a.user_id "
-        "WHERE a.balance <> coalesce(l.available, 0) OR a.pending <> coalesce(l.pending, 0) ORDER BY 1",
+        "WHERE a.balance <> coalesce(l.available, 0) OR a.pending <> coalesce(l.pending, 0) "
+        "UNION ALL "  # lots whose account is gone (found: null)
+        f"SELECT l.user_id, l.available, l.pending, NULL, NULL FROM ({_LOTS}) l "
+        "WHERE NOT EXISTS (SELECT 1 FROM account a WHERE a.user_id = l.user_id) ORDER BY 1",
     ),
     Check(
         "lot.remaining",

@@ -54,6 +54,21 @@ def execute(url: str, *statements: str, **params) -> None:
             connection.execute(sa.text(statement), params)
 
 
+def by_hand(url: str, *statements: str, **params) -> None:
+    """Statements run as a DBA's script would, with foreign keys not enforced (and on Postgres
+    no trigger either): sqlite3's own connection, or session_replication_role = replica."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))  # foreign keys off: sqlite3's default
+        with db:
+            for statement in statements:
+                db.execute(statement, params)
+        db.close()
+        return
+    execute(url, "SET LOCAL session_replication_role = replica", *statements, **params)
+
+
 def scalar(url: str, sql: str):
     with get_engine(url).connect() as connection:
         return connection.execute(sa.text(sql)).scalar()
@@ -397,6 +412,24 @@ def test_a_database_failing_halfway_leaves_stdout_empty_and_says_why(shop, crede
     assert done.stdout == ""  # never half a document a script would try to read
     error = json.loads(done.stderr)["error"]
     assert error["code"] == "schema_mismatch" and "shipment_request" in error["message"]
+
+
+@pytest.mark.breaks_invariants
+def test_ledger_entries_and_lots_whose_account_was_removed_are_found(shop, audit, db_url):
+    """The balance check started from the accounts: a user's ledger (and lots) without an account
+    row was never compared with anything."""
+    by_hand(db_url, "DELETE FROM account WHERE user_id = 'u2'")
+    code, report = audit()
+    assert code == 1
+    assert found(report) == {("account.ledger", "u2"), ("account.lots", "u2")}
+    ledger = next(v for v in report["violations"] if v["check"] == "account.ledger")
+    assert ledger["expected"] == {"balance": 90, "pending": 0, "debt": 0}
+    assert ledger["found"] == {"balance": None, "pending": None, "debt": None}
+
+    by_hand(db_url, "DELETE FROM lot_use WHERE lot_id IN (SELECT id FROM point_lot WHERE user_id = 'u2')")
+    by_hand(db_url, "DELETE FROM point_lot WHERE user_id = 'u2'")
+    code, report = audit()
+    assert code == 1 and found(report) == {("account.ledger", "u2")}
 
 
 @pytest.mark.breaks_invariants
