@@ -58,6 +58,7 @@ _LOTS = (
     f"SELECT user_id, {_SUM.format(_IN_STATE.format('available'))} AS available, "
     f"{_SUM.format(_IN_STATE.format('pending'))} AS pending FROM point_lot GROUP BY user_id"
 )
+_LAST_SET = "SELECT sku, max(id) AS id FROM stock_movement WHERE kind = 'set' GROUP BY sku"
 
 POINTS_CHECKS: tuple[Check, ...] = (
     Check(
@@ -163,10 +164,16 @@ POINTS_CHECKS: tuple[Check, ...] = (
         f"OR (r.status NOT IN {REFUNDED_STATUSES!r} AND f.n IS NOT NULL) ORDER BY r.id",
     ),
     Check(
-        "stock.movements",  # a gift's stock is what its recorded movements add up to
-        "SELECT c.sku AS id, coalesce(m.total, 0) AS expected, c.stock AS found FROM catalog_item c "
-        f"LEFT JOIN (SELECT sku, {_SUM.format('delta')} AS total FROM stock_movement GROUP BY sku) m "
-        "ON m.sku = c.sku WHERE c.stock IS NOT NULL AND c.stock <> coalesce(m.total, 0) ORDER BY c.sku",
+        "stock.movements",  # the last stock `catalog add/update` set, then what redemptions took
+        # since and cancels and returns gave back. A set to unlimited (stock_after null) leaves
+        # the gift unlimited, and so does never setting one (expected: null).
+        "SELECT c.sku AS id, s.stock_after + coalesce(m.total, 0) AS expected, c.stock AS found "
+        f"FROM catalog_item c LEFT JOIN ({_LAST_SET}) l ON l.sku = c.sku "
+        "LEFT JOIN stock_movement s ON s.id = l.id "
+        f"LEFT JOIN (SELECT m.sku, {_SUM.format('m.delta')} AS total FROM stock_movement m "
+        f"JOIN ({_LAST_SET}) l ON l.sku = m.sku AND m.id > l.id GROUP BY m.sku) m ON m.sku = c.sku "
+        "WHERE (s.stock_after IS NULL AND c.stock IS NOT NULL) OR (s.stock_after IS NOT NULL "
+        "AND (c.stock IS NULL OR c.stock <> s.stock_after + coalesce(m.total, 0))) ORDER BY c.sku",
         needs=("stock_movement",),
     ),
 )

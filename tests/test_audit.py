@@ -433,6 +433,28 @@ def test_ledger_entries_and_lots_whose_account_was_removed_are_found(shop, audit
 
 
 @pytest.mark.breaks_invariants
+def test_stock_made_unlimited_by_hand_is_found_and_a_set_to_unlimited_verifies(shop, audit, credex, db_url):
+    execute(db_url, "UPDATE catalog_item SET stock = NULL WHERE sku = 'MUG'")
+    code, report = audit()
+    assert code == 1
+    # The last stock set was 5, three redemptions took one each since.
+    assert report["violations"] == [
+        {"check": "stock.movements", "ids": ["MUG"], "expected": 2, "found": None}
+    ]
+
+    execute(db_url, "UPDATE catalog_item SET stock = 2 WHERE sku = 'MUG'")
+    assert credex("catalog", "update", "MUG", "--stock", "unlimited").exit_code == 0
+    code, report = audit()
+    assert (code, report["violations"]) == (0, [])
+
+    execute(db_url, "UPDATE catalog_item SET stock = 7 WHERE sku = 'MUG'")
+    code, report = audit()
+    assert report["violations"] == [
+        {"check": "stock.movements", "ids": ["MUG"], "expected": None, "found": 7}
+    ]
+
+
+@pytest.mark.breaks_invariants
 def test_a_table_missing_at_the_newest_revision_is_a_violation_not_a_skipped_check(shop, audit, db_url):
     execute(db_url, "DROP TABLE stock_movement")
     code, report = audit()
