@@ -59,6 +59,21 @@ _LOTS = (
     f"{_SUM.format(_IN_STATE.format('pending'))} AS pending FROM point_lot GROUP BY user_id"
 )
 _LAST_SET = "SELECT sku, max(id) AS id FROM stock_movement WHERE kind = 'set' GROUP BY sku"
+_REDEMPTION_KINDS = "('redemption', 'redemption_refund')"  # the ledger entries a redemption writes
+
+
+def _no_redemption(ref: str) -> str:
+    """No redemption has the id ``ref`` (a text column) names. On SQLite, found by its rowid: a
+    comparison of text with the id made text would read every redemption for every row."""
+    return f"NOT EXISTS (SELECT 1 FROM redemption r WHERE {_REDEMPTION_REF} = {ref})"
+
+
+def _no_redemption_sqlite(ref: str) -> str:
+    return (
+        f"NOT EXISTS (SELECT 1 FROM redemption r WHERE r.id = CAST({ref} AS INTEGER) "
+        f"AND {_REDEMPTION_REF} = {ref})"
+    )
+
 
 POINTS_CHECKS: tuple[Check, ...] = (
     Check(
@@ -129,6 +144,15 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "WHERE e.id IS NULL OR e.points <> -r.points OR e.user_id <> r.user_id ORDER BY r.id",
     ),
     Check(
+        "ledger.unknown_redemption",  # a redemption's entry (or its refund's) with no redemption behind it
+        "SELECT e.id AS id, e.kind AS id_kind, e.ref AS id_ref, 'its redemption' AS expected, NULL AS found "
+        f"FROM ledger_entry e WHERE e.kind IN {_REDEMPTION_KINDS} AND {_no_redemption('e.ref')} "
+        "ORDER BY e.id",
+        sqlite="SELECT e.id AS id, e.kind AS id_kind, e.ref AS id_ref, 'its redemption' AS expected, "
+        f"NULL AS found FROM ledger_entry e WHERE e.kind IN {_REDEMPTION_KINDS} "
+        f"AND {_no_redemption_sqlite('e.ref')} ORDER BY e.id",
+    ),
+    Check(
         "redemption.message",  # its one redemption.created message, written with it
         # `relay purge` deletes confirmed messages: only a redemption whose create may have been
         # confirmed (a waybill, or cancelled by the warehouse's answer) may lack its own.
@@ -175,6 +199,16 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "WHERE (s.stock_after IS NULL AND c.stock IS NOT NULL) OR (s.stock_after IS NOT NULL "
         "AND (c.stock IS NULL OR c.stock <> s.stock_after + coalesce(m.total, 0))) ORDER BY c.sku",
         needs=("stock_movement",),
+    ),
+    Check(
+        "stock.unknown_redemption",  # stock taken or given back for a redemption that does not exist
+        "SELECT m.id AS id, m.kind AS id_kind, m.ref AS id_ref, 'its redemption' AS expected, NULL AS found "
+        f"FROM stock_movement m WHERE m.kind <> 'set' AND (m.ref IS NULL OR {_no_redemption('m.ref')}) "
+        "ORDER BY m.id",
+        needs=("stock_movement",),
+        sqlite="SELECT m.id AS id, m.kind AS id_kind, m.ref AS id_ref, 'its redemption' AS expected, "
+        f"NULL AS found FROM stock_movement m WHERE m.kind <> 'set' "
+        f"AND (m.ref IS NULL OR {_no_redemption_sqlite('m.ref')}) ORDER BY m.id",
     ),
 )
 

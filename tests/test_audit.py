@@ -469,6 +469,36 @@ def test_a_table_missing_at_the_newest_revision_is_a_violation_not_a_skipped_che
     ]
 
 
+@pytest.mark.breaks_invariants
+def test_a_deleted_redemption_leaves_its_ledger_entry_and_stock_movement_which_are_found(shop, audit, db_url):
+    rid = shop[2]
+    entry = scalar(db_url, f"SELECT id FROM ledger_entry WHERE kind = 'redemption' AND ref = '{rid}'")
+    movement = scalar(db_url, f"SELECT id FROM stock_movement WHERE kind = 'redeem' AND ref = '{rid}'")
+    execute(
+        db_url,
+        "DELETE FROM outbox_message WHERE redemption_id = :rid",
+        "DELETE FROM redemption_event WHERE redemption_id = :rid",
+        "DELETE FROM redemption WHERE id = :rid",
+        rid=rid,
+    )
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [
+        {
+            "check": "ledger.unknown_redemption",
+            "ids": [entry, "redemption", str(rid)],
+            "expected": "its redemption",
+            "found": None,
+        },
+        {
+            "check": "stock.unknown_redemption",
+            "ids": [movement, "redeem", str(rid)],
+            "expected": "its redemption",
+            "found": None,
+        },
+    ]
+
+
 def test_a_database_a_newer_credex_migrated_is_refused_as_every_command_refuses_it(credex, db_url):
     assert credex("award", "grant", "u1", "5", "--reason", "r").exit_code == 0
     execute(db_url, "UPDATE alembic_version SET version_num = '9999_future'")
