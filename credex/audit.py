@@ -108,6 +108,18 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "AND NOT EXISTS (SELECT 1 FROM ledger_entry e WHERE e.user_id = a.user_id) ORDER BY 1",
     ),
     Check(
+        "ledger.running_balance",  # each entry's balance-after: the one before it plus its points
+        # ``balance`` is the spendable balance after the entry, and ``points`` the entry's effect
+        # on it for every kind (pending points and debt have columns of their own: a pending
+        # award's points are 0, a credit's points are what is left once the debt is paid). Every
+        # writer locks the account row before it takes an entry id, so a user's entries in id
+        # order are the order the balance changed in: the rule is exact, first entry from 0.
+        "SELECT user_id AS id, id AS id_entry, expected, found FROM ("
+        "SELECT user_id, id, coalesce(lag(balance) OVER (PARTITION BY user_id ORDER BY id), 0) + points "
+        "AS expected, balance AS found FROM ledger_entry"
+        ") e WHERE expected <> found ORDER BY 1, 2",
+    ),
+    Check(
         "account.lots",  # the available lots hold the balance, the pending lots the pending points
         "SELECT a.user_id AS id, coalesce(l.available, 0) AS expected_balance, "
         "coalesce(l.pending, 0) AS expected_pending, a.balance AS found_balance, a.pending AS found_pending "

@@ -167,13 +167,16 @@ def test_a_ledger_entry_edited_with_the_trigger_disabled_is_found(shop, audit, d
         )
     code, report = audit()
     assert code == 1
+    grant = scalar(db_url, "SELECT id FROM ledger_entry WHERE ref = 'w-u2'")
     assert report["violations"] == [
         {
             "check": "account.ledger",
             "ids": ["u2"],
             "expected": {"balance": 97, "pending": 0, "debt": 0},
             "found": {"balance": 90, "pending": 0, "debt": 0},
-        }
+        },
+        # The edited entry no longer leads from the balance before it (0) to the one it records.
+        {"check": "ledger.running_balance", "ids": ["u2", grant], "expected": 107, "found": 100},
     ]
 
     # A guard left off is reported too.
@@ -182,7 +185,11 @@ def test_a_ledger_entry_edited_with_the_trigger_disabled_is_found(shop, audit, d
     else:
         execute(db_url, "DROP TRIGGER ledger_entry_no_delete")
     code, report = audit()
-    assert found(report) == {("account.ledger", "u2"), ("ledger.append_only", "ledger_entry")}
+    assert found(report) == {
+        ("account.ledger", "u2"),
+        ("ledger.running_balance", "u2", grant),
+        ("ledger.append_only", "ledger_entry"),
+    }
 
 
 @pytest.mark.breaks_invariants
@@ -496,6 +503,32 @@ def test_a_deleted_redemption_leaves_its_ledger_entry_and_stock_movement_which_a
             "expected": "its redemption",
             "found": None,
         },
+    ]
+
+
+@pytest.mark.breaks_invariants
+def test_a_ledger_entry_removed_with_its_lot_and_the_sums_mended_is_found(
+    shop, audit, credex, db_url, backend
+):
+    """Every sum still agrees; only the next entry's balance-after, which counted the removed
+    one, tells."""
+    for ref, points in (("x-u2", 20), ("y-u2", 5)):
+        assert credex("award", "grant", "u2", points, "--reason", "r", "--ref", ref).exit_code == 0
+    removed = scalar(db_url, "SELECT id FROM ledger_entry WHERE ref = 'x-u2'")
+    after = scalar(db_url, "SELECT id FROM ledger_entry WHERE ref = 'y-u2'")
+    statements = (
+        "DELETE FROM point_lot WHERE entry_id = :removed",
+        "DELETE FROM ledger_entry WHERE id = :removed",
+        "UPDATE account SET balance = balance - 20, earned = earned - 20 WHERE user_id = 'u2'",
+    )
+    if backend == "sqlite":  # the guard dropped and put back
+        guard = scalar(db_url, "SELECT sql FROM sqlite_master WHERE name = 'ledger_entry_no_delete'")
+        statements = ("DROP TRIGGER ledger_entry_no_delete", *statements, guard)
+    by_hand(db_url, *statements, removed=removed)
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [
+        {"check": "ledger.running_balance", "ids": ["u2", after], "expected": 95, "found": 115}
     ]
 
 
