@@ -106,6 +106,27 @@ def pg_url(database: str) -> str:
 
 
 @contextmanager
+def a_role_without_privileges(db_url: str) -> Iterator[str]:
+    """Postgres: ``db_url`` as a login of its own (a fresh name, dropped afterwards) that may connect
+    but was granted nothing on credex's tables: a login not yet made a member of its group."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    role = f"nopriv_{uuid.uuid4().hex[:12]}"
+    with pg_admin() as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        yield make_url(db_url).set(username=role, password=None).render_as_string(hide_password=False)
+    finally:
+        from credex.db.engine import dispose_engines
+
+        dispose_engines()
+        with pg_admin() as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+@contextmanager
 def holding_accounts(db_url: str, *users: str) -> Iterator[None]:
     """Postgres: hold the row locks of ``users``' accounts, as a long transaction of another
     program would: every writer that touches them waits inside its own transaction meanwhile."""

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT, subprocess_env
+from tests.support import ROOT, a_role_without_privileges, subprocess_env
 
 HEAVY = ("sqlalchemy", "sqlmodel", "alembic", "pydantic", "pydantic_settings", "typer")
 # Runs credex as the `credex` script does, then says which packages and credex modules it loaded.
@@ -182,6 +182,20 @@ def test_a_postgres_that_cannot_be_reached_is_exit_69_as_before_after_one_attemp
         assert quick[:3] == full("--database-url", url, *args)
         assert quick[0] == 69 and "s3cr3t-pw" not in quick[1] + quick[2]
         assert "typer" not in packages(quick[3])  # said by the quick path, not the full one
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_role_granted_nothing_is_told_so_as_the_full_path_tells_it(shop, db_url):
+    with a_role_without_privileges(db_url) as url:
+        for args in (
+            ("account", "show", "u-1", "--json"),
+            ("redeem", "show", "1"),
+            ("relay", "status", "--json"),
+        ):
+            quick = run(QUICK, "--database-url", url, *args)
+            assert quick[:3] == full("--database-url", url, *args)
+            assert quick[0] == 1 and "permission denied for table alembic_version" in quick[2], quick[2]
+            assert "credex db upgrade" not in quick[2]
 
 
 def test_a_setting_with_a_bad_value_is_refused_as_before(tmp_path):

@@ -17,7 +17,7 @@ from tests.conftest import make_postgres_database
 from tests.invariants import check_invariants
 from tests.pipeline import Pipeline
 from tests.sandbox import running_sandbox
-from tests.support import Outcome, credex_command, subprocess_env
+from tests.support import Outcome, a_role_without_privileges, credex_command, subprocess_env
 
 pytestmark = pytest.mark.postgres
 
@@ -231,6 +231,46 @@ def test_each_role_is_refused_what_it_must_not_do_and_nobody_edits_the_ledger(pg
     assert [(i["sku"], i["points"], i["stock"]) for i in shown] == [("MUG", 10, 4)]
     assert ok(cli(pg, "account", "show", "u1", "--json")).json()["balance"] == 90
     check_invariants(pg, stocks={"MUG": 5})
+
+
+def _owners_view(url: str) -> dict:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        return {
+            table: connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("alembic_version", "account", "ledger_entry", "catalog_item", "outbox_message")
+        }
+
+
+def test_a_role_granted_nothing_is_told_so_and_not_sent_to_db_upgrade(pg):
+    """It could not read alembic_version: that was taken for "no schema" (exit 1, not_migrated,
+    "run `credex db upgrade`"), and `db upgrade` then failed as a server out of reach (exit 69)."""
+    ok(cli(pg, "catalog", "add", "MUG", "--name", "Mug", "--points", "10", "--stock", "5"))
+    ok(cli(pg, "award", "grant", "u1", "100", "--reason", "welcome", "--ref", "w-1"))
+    before = _owners_view(pg)
+    with a_role_without_privileges(pg) as url:
+        for command in (
+            ("account", "show", "u1"),
+            ("catalog", "list"),
+            ("award", "grant", "u1", "5", "--reason", "more"),
+            ("redeem", "create", "u1", "MUG", "--address", "1 High St"),
+            ("relay", "status"),
+            ("audit", "verify"),
+            ("db", "roles"),
+            ("db", "upgrade"),
+        ):
+            done = cli(url, *command, "--json")
+            assert done.exit_code == 1, (command, done.stderr)
+            assert done.stdout == "" and done.stderr.count("\n") == 1
+            error = json.loads(done.stderr)["error"]
+            assert error["code"] == "permission_denied", (command, error)
+            assert "permission denied for table alembic_version" in error["message"], error
+            hint = "as the role that owns the schema" if command == ("db", "upgrade") else "`credex db roles`"
+            assert hint in error["message"], error
+        plain = cli(url, "award", "grant", "u1", "5", "--reason", "more")
+        assert plain.exit_code == 1 and plain.stderr.startswith("error: refused by the database: permission")
+    assert _owners_view(pg) == before
 
 
 @pytest.mark.rabbitmq

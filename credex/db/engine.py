@@ -134,7 +134,9 @@ def schema_revision(engine: Engine) -> str | None:
         try:
             return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except (OperationalError, ProgrammingError) as error:
-            if is_connection_error(error):
+            # No table to read: no schema. A table this role may not read is no answer at all:
+            # that is said as what it is (permission_denied), not as a schema to create.
+            if is_connection_error(error) or _sqlstate(error) == _PG_PERMISSION_DENIED:
                 raise
             return None
 
@@ -188,7 +190,7 @@ def ensure_schema(url: str) -> Engine:
                     f"credex needs {HEAD_REVISION}: run `credex db upgrade`"
                 )
     except DBAPIError as error:
-        raise unavailable(url, error) from None
+        raise permission_denied(error) or unavailable(url, error) from None
     _current.add(url)
     return engine
 
@@ -201,7 +203,7 @@ def upgrade(url: str) -> tuple[str | None, str]:
     try:
         before = upgrade_to_head(engine, display_url(url))
     except DBAPIError as error:
-        raise unavailable(url, error) from None
+        raise permission_denied(error, hint=_UPGRADE_HINT) or unavailable(url, error) from None
     _current.add(url)
     return before, HEAD_REVISION
 
@@ -315,12 +317,29 @@ def _refusal(error: BaseException) -> CredexError | None:
             f"refused by the database: {redact(first_line)} (a stored value was changed by hand, so "
             "the change would break a rule the database guards; nothing was written)"
         )
-    if state == _PG_PERMISSION_DENIED:
-        return PermissionDenied(
-            f"refused by the database: {redact(first_line)} "
-            "(the role this command connects as lacks the privilege: see `credex db roles`)"
-        )
-    return None
+    return permission_denied(error)
+
+
+_ROLES_HINT = "see `credex db roles`"
+_UPGRADE_HINT = "run `credex db upgrade` as the role that owns the schema"
+
+
+def permission_denied(error: BaseException, *, hint: str = _ROLES_HINT) -> PermissionDenied | None:
+    """Postgres refusing a privilege the role lacks (SQLSTATE 42501, whatever the words) as
+    ``permission_denied`` (exit 1); None for any other error."""
+    if _sqlstate(error) != _PG_PERMISSION_DENIED:
+        return None
+    orig = getattr(error, "orig", None) or error
+    first_line = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return PermissionDenied(
+        f"refused by the database: {redact(first_line)} "
+        f"(the role this command connects as lacks the privilege: {hint})"
+    )
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg error (wrapped by SQLAlchemy or not); None for SQLite's."""
+    return getattr(getattr(error, "orig", None) or error, "sqlstate", None)
 
 
 def _raised_reading_a_row(error: BaseException) -> bool:
