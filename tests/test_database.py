@@ -457,6 +457,9 @@ def credex_at():
         ("postgresql://credex:s3cr3t-pw@127.0.0.1/points?sslmode=bogus", "sslmode must be one of"),
         # Ignored by the driver with a warning: a "read-only" URL that wrote all the same.
         ("sqlite:///points.db?mode=ro", "take effect only in SQLite's URI form"),
+        # SQLite's URI form naming memory: migrated, then nothing kept (was exit 1, unknown_user).
+        ("sqlite:///file::memory:?uri=true", "in-memory SQLite database keeps nothing"),
+        ("sqlite:///file:points.db?mode=memory&uri=true", "in-memory SQLite database keeps nothing"),
     ],
 )
 def test_a_database_url_credex_cannot_use_is_bad_usage_in_one_line(credex_at, url, words):
@@ -482,6 +485,49 @@ def test_a_database_url_holding_nul_or_a_surrogate_is_bad_usage(credex_at, url):
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "invalid_input" and "printable" in error["message"], error
     assert "s3cr3t-pw" not in result.stderr
+
+
+def _files(directory) -> list[str]:
+    return sorted(entry.name for entry in directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("written", "words"),
+    [
+        # The driver appended the options to the name: a new file "shop.db?mode=ro", migrated and
+        # written, where a read-only look at shop.db was meant.
+        (
+            "sqlite:///{path}?mode=ro&uri=true",
+            "with uri=true the SQLite database must be written as file:PATH",
+        ),
+        ("sqlite:///{path}?uri=true", "with uri=true the SQLite database must be written as file:PATH"),
+    ],
+    ids=["uri-without-file", "uri-alone"],
+)
+def test_a_sqlite_url_that_would_name_another_file_is_bad_usage_and_creates_nothing(
+    tmp_path, credex_at, written, words
+):
+    path = tmp_path / "shop.db"
+    assert credex_at(f"sqlite:///{path}", "award", "grant", "u1", "5", "--reason", "r").exit_code == 0
+    from credex.db.engine import dispose_engines
+
+    dispose_engines()
+    before = _everything(f"sqlite:///{path}")
+    dispose_engines()
+    files = _files(tmp_path)
+    url = written.format(path=path)
+    for command in (("award", "grant", "u1", "5", "--reason", "r"), ("account", "show", "u1")):
+        result = credex_at(url, *command, "--json")
+        assert result.exit_code == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
+        error = json.loads(result.stderr)["error"]
+        assert error["code"] == "invalid_input" and words in error["message"], error
+    dispose_engines()
+    assert _files(tmp_path) == files  # no file of another name
+    assert _everything(f"sqlite:///{path}") == before
+    # Written as SQLite's URI form, the same options do what they say.
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    assert json.loads(credex_at(read_only, "account", "show", "u1", "--json").stdout)["balance"] == 5
 
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])  # delete: a file copied from elsewhere

@@ -56,18 +56,34 @@ _SQLITE_DRIVER_OPTIONS = {
 }
 
 
+_SQLITE_URI_FORM = "sqlite:///file:PATH?mode=ro&uri=true"
+
+
 def _address_problem(parsed) -> str | None:
     """Why a parsed URL cannot name a database credex can keep its data in (None: it can). Found
     before connecting: these are mistakes in the URL, not a server out of reach (exit 69)."""
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
+        uri_form = parsed.query.get("uri") == "true"
+        database = parsed.database or ""
+        in_memory = database in ("", ":memory:") or (
+            uri_form and (database in ("file:", "file::memory:") or parsed.query.get("mode") == "memory")
+        )
+        if in_memory:
             return "an in-memory SQLite database keeps nothing once the command ends: give a file, sqlite:///PATH"
         ignored = sorted(set(parsed.query) - _SQLITE_DRIVER_OPTIONS)
-        if ignored and parsed.query.get("uri") != "true":
+        if ignored and not uri_form:
             # The driver would drop them with a warning: ?mode=ro would write all the same.
             return (
                 f"SQLite URL options ({', '.join(printable(name) for name in ignored[:3])}) take effect "
-                "only in SQLite's URI form, sqlite:///file:PATH?mode=ro&uri=true; without it they are ignored"
+                f"only in SQLite's URI form, {_SQLITE_URI_FORM}; without it they are ignored"
+            )
+        if uri_form and not database.startswith("file:"):
+            # SQLite reads options only from a name that begins with file:; any other name is a
+            # file's, and the driver appends the options to it: ?mode=ro would create and write a
+            # new file named "PATH?mode=ro".
+            return (
+                f"with uri=true the SQLite database must be written as file:PATH, as in {_SQLITE_URI_FORM} "
+                "(SQLite reads options only there; otherwise they end up in the file's name)"
             )
         return None
     if parsed.host is not None and "@" in parsed.host:
