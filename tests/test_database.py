@@ -501,8 +501,12 @@ def _files(directory) -> list[str]:
             "with uri=true the SQLite database must be written as file:PATH",
         ),
         ("sqlite:///{path}?uri=true", "with uri=true the SQLite database must be written as file:PATH"),
+        # A new, empty "shop.db " (or "shop.db\xa0"): the points seemed gone.
+        ("sqlite:///{path} ", "begins or ends with white space"),
+        ("sqlite:///{path}\u00a0", "begins or ends with white space"),
+        (" sqlite:///{path}", "begins or ends with white space"),
     ],
-    ids=["uri-without-file", "uri-alone"],
+    ids=["uri-without-file", "uri-alone", "trailing-space", "trailing-nbsp", "leading-space"],
 )
 def test_a_sqlite_url_that_would_name_another_file_is_bad_usage_and_creates_nothing(
     tmp_path, credex_at, written, words
@@ -528,6 +532,19 @@ def test_a_sqlite_url_that_would_name_another_file_is_bad_usage_and_creates_noth
     # Written as SQLite's URI form, the same options do what they say.
     read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
     assert json.loads(credex_at(read_only, "account", "show", "u1", "--json").stdout)["balance"] == 5
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("edge", ["trailing", "leading"])
+def test_a_postgres_url_with_white_space_at_an_end_is_bad_usage_not_a_server_away(db_url, credex_at, edge):
+    """Was exit 69 (no database "credex_t_… "): a worker would retry it for ever."""
+    url = f"{db_url} " if edge == "trailing" else f" {db_url}"
+    result = credex_at(url, "catalog", "list", "--json")
+    assert result.exit_code == 2, result.stderr
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "invalid_input" and "begins or ends with white space" in error["message"]
+    assert result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])  # delete: a file copied from elsewhere

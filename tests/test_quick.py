@@ -198,6 +198,20 @@ def test_a_role_granted_nothing_is_told_so_as_the_full_path_tells_it(shop, db_ur
             assert "credex db upgrade" not in quick[2]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_database_url_ending_in_white_space_is_refused_even_where_a_file_has_that_name(shop, db_url):
+    import sqlite3
+
+    path = db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as source, sqlite3.connect(f"{path} ") as copy:
+        source.backup(copy)  # "credex.db ": the one a URL ending in a space would name
+    env = subprocess_env(CREDEX_DATABASE_URL=f"{db_url} ")
+    quick = run(QUICK, "account", "show", "u-1", "--json", env=env)
+    assert quick[:3] == full("--database-url", f"{db_url} ", "account", "show", "u-1", "--json")
+    assert quick[0] == 2 and quick[1] == "", quick
+    assert "begins or ends with white space" in json.loads(quick[2])["error"]["message"]
+
+
 def test_a_setting_with_a_bad_value_is_refused_as_before(tmp_path):
     url = f"sqlite:///{tmp_path / 'credex.db'}"
     env = subprocess_env(CREDEX_REVIEW_POINTS="ten")

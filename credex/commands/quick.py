@@ -165,8 +165,8 @@ def _database_url(given: str | None) -> str | None:
 
 
 def _read(url: str, command: tuple[str, str], arguments: list[str]):
-    if not url.isprintable():
-        return None
+    if not url.isprintable() or url != url.strip():
+        return None  # the full path refuses it (exit 2)
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if not path or path == ":memory:" or path.startswith("//") or any(c in path for c in "?#%"):

@@ -23,6 +23,12 @@ def normalise_url(url: str):
     """Parse a database URL; ``postgresql://`` means psycopg 3. Anything else is bad input."""
     if not isinstance(url, str) or one_line(url) != url:  # NUL, controls, bidi, surrogates
         raise InvalidInput(f"the database URL must be printable text: {printable(redact_url(str(url)), 80)}")
+    if url != url.strip():
+        # A space at the end would name another file ("credex.db "), created empty; at the start,
+        # no URL at all. Either is a slip in a setting: said as such, not taken or half-taken.
+        raise InvalidInput(
+            f"the database URL begins or ends with white space: {printable(redact_url(url), 80)}; remove it"
+        )
     try:
         parsed = make_url(url)
     except Exception:
