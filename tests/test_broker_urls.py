@@ -32,6 +32,26 @@ def test_several_urls_are_split_and_shown_without_any_password() -> None:
     assert "s3cret" not in shown
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:hunter2pw@rabbit\t-1:5672/%2F",  # pika dropped the tab: another host
+        "amqp://gu\x00est:hunter2pw@127.0.0.1:5672/%2F",  # kept in the user name
+        "amqp://guest:hunter2pw@127.0.0.1:5672/shop\x7f",  # kept in the virtual host
+        "amqp://127.0.0.1:5672/%2F,amqp://rabbit\n-2:5672/%2F",
+    ],
+    ids=["tab-in-host", "nul-in-user", "del-in-vhost", "in-the-second-node"],
+)
+def test_a_broker_url_holding_a_control_character_is_bad_configuration(url) -> None:
+    from credex.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as refused:
+        split_urls(url)
+    message = refused.value.message
+    assert "must be printable text" in message and "hunter2pw" not in message
+    assert message.isprintable()
+
+
 @pytest.fixture
 def shop(credex):
     credex("catalog", "add", "MUG", "--name", "Mug", "--points", "10")
@@ -78,8 +98,9 @@ def test_when_no_node_answers_the_relay_exits_69_naming_each_without_its_passwor
         ("http://guest:hunter2pw@127.0.0.1:15672/", "is not an AMQP URL"),
         ("amqp://guest:hunter2pw@127.0.0.1:5672/%2F?heartbeat=soon", "Invalid heartbeat value"),
         ("amqp://guest:hunter2pw@127.0.0.1:5672/%2F,rabbit-2", "'rabbit-2' is not an AMQP URL"),
+        ("amqp://guest:hunter2pw@127.0.0.1\t:5672/%2F", "must be printable text"),
     ],
-    ids=["no-scheme", "http", "bad-option", "one-node-of-two"],
+    ids=["no-scheme", "http", "bad-option", "one-node-of-two", "control-character"],
 )
 @pytest.mark.parametrize("worker", ["relay", "warehouse"])
 def test_a_broker_url_that_is_not_one_is_bad_configuration_before_anything_connects(

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pika
 
-from credex.errors import InvalidInput, Unavailable, printable, redact, redact_url
+from credex.errors import InvalidInput, Unavailable, one_line, printable, redact, redact_url
 
 CONNECT_TIMEOUT_S = 10.0
 HEARTBEAT_S = 30
@@ -43,6 +43,10 @@ def _scheme(url: str) -> str:
 
 def _parameters(url: str) -> pika.URLParameters:
     """pika's reading of ``url``, or InvalidInput (exit 2) saying why, with no password shown."""
+    if one_line(url) != url:
+        # pika would take them as they are: a tab or line break in the host is dropped (another
+        # host), a NUL or DEL kept in the user name or virtual host.
+        raise InvalidInput(f"the broker URL must be printable text: {printable(redact_url(url), 80)}")
     if _scheme(url) not in SCHEMES:
         shown = printable(redact_url(url), 80)
         raise InvalidInput(f"the broker URL {shown} is not an AMQP URL: the form is {URL_FORM}")
