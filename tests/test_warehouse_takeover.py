@@ -10,7 +10,6 @@ a batch (``created_many``), as the consumer takes a lone create."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -20,7 +19,6 @@ from credex.logistics import carrier_client
 from credex.warehouse.batches import created_many
 from credex.warehouse.lifecycle import ShippingDesk
 from credex.warehouse.messages import parse_cancel_message, parse_redemption_message
-from credex.warehouse.shipments import ANSWER_KEYS
 from tests.test_audit import warehouse_url  # noqa: F401 - the fixture: a warehouse database of its own
 from tests.test_warehouse import declared  # noqa: F401 - the fixture: the queues declared
 from tests.warehouse_messages import cancel_body, created_body, execute, rows, send
@@ -86,38 +84,26 @@ def warehouse_once(credex, env: dict, *options: str) -> dict:
     return done.json()
 
 
-def deliver(credex, rabbit, sandbox, warehouse_db: str, path: str) -> None:
-    """The warehouse takes what the relay published: `warehouse run --once`, or the one message
-    straight through one path with its answer published as the consumer publishes it."""
+def deliver(credex, sandbox, warehouse_db: str) -> None:
+    """The warehouse takes what the relay published (`warehouse run --once`) and refuses it."""
     env = sandbox.env(CREDEX_WAREHOUSE_DATABASE_URL=warehouse_db)
-    if path == "consumer":
-        done = credex("warehouse", "run", "--once", "--json", env=env)
-        assert done.exit_code == 0 and done.json()["failed"] == 1, done.stderr
-        assert (
-            "refused redemption.created" in done.stderr and ADDRESS not in done.stderr
-        )  # logged, no address
-        return
-    ((_, body),) = rabbit.take(rabbit.names.warehouse_queue)
-    with carrier_client(Settings(logistics_url=sandbox.url)) as carrier:
-        answer = handle(ShippingDesk(warehouse_db, carrier), path, body).answer
-    key = ANSWER_KEYS[answer.kind]
-    rabbit.publish(
-        key, answer.body, type=key, correlation_id=answer.correlation_id, message_id=str(uuid.uuid4())
-    )
+    done = credex("warehouse", "run", "--once", "--json", env=env)
+    assert done.exit_code == 0 and done.json()["failed"] == 1, done.stderr
+    assert "refused redemption.created" in done.stderr and ADDRESS not in done.stderr  # logged, no address
 
 
 @pytest.mark.rabbitmq
 @pytest.mark.usefixtures("declared", "shop")
 @pytest.mark.parametrize("forged_row", ["waybill", "requested"])
-@pytest.mark.parametrize("path", ["consumer", "single", "batch"])
 def test_the_real_create_after_a_forged_one_never_takes_its_parcel_and_ends_in_exception(
     credex,
     rabbit,
     carrier_sandbox,
     warehouse_url,  # noqa: F811
-    path,
     forged_row,
 ):
+    """Through `warehouse run` (its batch path); the single and batch paths on their own are the
+    tests below."""
     env = carrier_sandbox.env(CREDEX_WAREHOUSE_DATABASE_URL=warehouse_url)
     forged = send(rabbit, the_body_of_redemption_one())
     if forged_row == "waybill":
@@ -136,7 +122,7 @@ def test_the_real_create_after_a_forged_one_never_takes_its_parcel_and_ends_in_e
         if attempt:
             assert credex("relay", "retry", real["message_id"]).exit_code == 0
         assert relay_once(credex)["published"] == 1
-        deliver(credex, rabbit, carrier_sandbox, warehouse_url, path)
+        deliver(credex, carrier_sandbox, warehouse_url)
         relay_once(credex)  # takes the warehouse's answer
 
         shown = credex("redeem", "show", 1, "--json").json()
