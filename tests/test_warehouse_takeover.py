@@ -128,7 +128,7 @@ def test_the_real_create_after_a_forged_one_never_takes_its_parcel_and_ends_in_e
         shown = credex("redeem", "show", 1, "--json").json()
         assert (shown["status"], shown["express_no"], shown["carrier"]) == ("exception", None, None)
         detail = shown["events"][0]["detail"]
-        assert REFUSED in detail and forged["message_id"] in detail
+        assert detail.startswith("shipment failed: ") and REFUSED in detail and forged["message_id"] in detail
         (message,) = [
             m for m in credex("relay", "list", "--json").json() if m["message_id"] == real["message_id"]
         ]
