@@ -60,27 +60,18 @@ class Settings(BaseSettings):
     # number queried more often than about once in 30 minutes): 30m, 90s, 0s.
     track_min_interval: str = "30m"
 
-    @field_validator(
-        "purchase_rate",
-        "review_points",
-        "review_photo_points",
-        "pending_days",
-        "expiry_days",
-        "logistics_total_timeout",
-        "logistics_connect_timeout",
-        "logistics_read_timeout",
-        "sqlite_busy_timeout",
-        mode="before",
-    )
+    @field_validator("*", mode="before")
     @classmethod
     def _ascii_number(cls, value: object, info: ValidationInfo) -> object:
-        # Every number setting is written as every number credex reads. pydantic alone takes what
+        # Every number setting (an int, float or Decimal field: found by its type, so a new one is
+        # read the same way) is written as every number credex reads. pydantic alone takes what
         # Python's float() and int() take: an exponent (1e999999 overflowed the arithmetic of a
         # purchase, exit 70), `inf` (CREDEX_LOGISTICS_TOTAL_TIMEOUT=inf made `track` wait for ever
         # for a carrier that is down, instead of exit 69) and underscores (1_0).
-        if not isinstance(value, str):
+        kind = cls.model_fields[info.field_name].annotation
+        if not isinstance(value, str) or kind not in (int, float, Decimal):  # text settings as they are
             return value
-        if cls.model_fields[info.field_name].annotation is int:
+        if kind is int:
             if not _WHOLE.fullmatch(value.strip()):
                 raise ValueError("must be a whole number of ASCII digits, like 10")
         elif not _DECIMAL.fullmatch(value.strip()):
