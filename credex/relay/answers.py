@@ -257,10 +257,9 @@ def record_confirmations(
         confirmed += len(rows)
         if len(rows) < len(chunk):  # repeats, dropped, or held: those still open are put off
             done = {row.id for row in rows}
-            left = {
-                row.id: row for row in session.execute(_LEFT, {"ids": [m for m in chunk if m not in done]})
-            }
-            for m in (m for m in chunk if m not in done):
+            rest = [m for m in chunk if m not in done]
+            left = {row.id: row for row in session.execute(_LEFT, {"ids": rest})}
+            for m in rest:
                 row = left.get(m)
                 if row is None:
                     dropped.unknown.add(m)
