@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import inspect, text
@@ -354,8 +353,15 @@ def snapshot(url: str) -> Iterator[Connection]:
     """A read-only transaction on ``url``'s current schema, never migrating it (an auditor may
     not write); its first statement fixes what every later one sees."""
     from credex.db import HEAD_REVISION
-    from credex.db.engine import get_engine, is_connection_error, schema_revision, unavailable
-    from credex.db.urls import display_url
+    from credex.db.engine import (
+        get_engine,
+        is_connection_error,
+        not_migrated,
+        refuse_unknown_revision,
+        schema_revision,
+        unavailable,
+    )
+    from credex.db.urls import display_url, sqlite_file
     from credex.errors import NotMigrated
 
     path = sqlite_file(url)
@@ -364,15 +370,9 @@ def snapshot(url: str) -> Iterator[Connection]:
     engine = get_engine(url)
     try:
         revision = schema_revision(engine)
-        if revision != HEAD_REVISION:
-            from credex.db.migrate import known_revisions, unknown_revision
-
-            if revision is not None and revision not in known_revisions():
-                raise unknown_revision(display_url(url), revision)  # as every other command says
-            raise NotMigrated(
-                f"the database {display_url(url)} is at revision {revision or 'none'}, "
-                f"credex needs {HEAD_REVISION}: run `credex db upgrade`"
-            )
+        if revision != HEAD_REVISION:  # refused as every other command refuses it, never migrated
+            refuse_unknown_revision(url, revision)
+            raise not_migrated(url, revision)
         with engine.connect() as connection:
             if connection.dialect.name == "postgresql":
                 connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -386,22 +386,3 @@ def snapshot(url: str) -> Iterator[Connection]:
         if is_connection_error(error):
             raise unavailable(url, error) from None
         raise
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names, read as credex reads the URL (None: not SQLite, or no file):
-    ``sqlite:///PATH``, or in SQLite's URI form ``sqlite:///file:PATH?mode=ro&uri=true``."""
-    from urllib.parse import unquote, urlsplit
-
-    from credex.db.urls import normalise_url
-
-    parsed = normalise_url(url)  # a URL that is none: exit 2, as any command says
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    database = parsed.database
-    if parsed.query.get("uri") == "true" and database.startswith("file:"):
-        location = urlsplit(database)
-        if parsed.query.get("mode") == "memory" or location.path in ("", ":memory:"):
-            return None
-        return Path(unquote(location.path))
-    return Path(database)

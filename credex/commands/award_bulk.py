@@ -130,12 +130,11 @@ def _check_rejects_target(rejects: Path, file: str, database_url: str) -> None:
     """Refuse a rejects file that would overwrite the file being read or the SQLite database
     (or its journal): opening it for writing empties it before the first row is read."""
     guarded = {} if file == "-" else {"the file being read": [Path(file)]}
-    if database_url.startswith("sqlite"):
-        from credex.db.urls import normalise_url
+    from credex.db.urls import sqlite_file
 
-        database = normalise_url(database_url).database  # a URL that is none: exit 2, as later
-        if database and database != ":memory:" and not database.startswith("file:"):
-            guarded["the database"] = [Path(database + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    database = sqlite_file(database_url)  # a URL that is none: exit 2, as later
+    if database is not None:
+        guarded["the database"] = [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
     for what, paths in guarded.items():
         for path in paths:
             if _same_file(rejects, path):

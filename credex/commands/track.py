@@ -183,16 +183,13 @@ def _known_parcel(ctx: typer.Context, parcel, default_carrier: str | None):
     """``parcel`` (an express number, and the carrier the client will ask: ``default_carrier``
     without --carrier) with the redemption it belongs to, when the points database knows one. A
     SQLite file that does not exist knows none, and is not created for the look-up."""
-    from pathlib import Path
-
+    from credex.db.urls import sqlite_file
     from credex.logistics.tracking import Parcel
     from credex.points.deliveries import redemption_of_parcel
 
     carrier = parcel.carrier or default_carrier
-    url = settings(ctx).database_url
-    if carrier is None or (
-        url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
-    ):
+    path = sqlite_file(settings(ctx).database_url)
+    if carrier is None or (path is not None and not path.exists()):
         return parcel
     with points_session(ctx) as session:
         known = redemption_of_parcel(session, carrier=carrier, express_no=parcel.express_no)

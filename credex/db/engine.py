@@ -164,6 +164,26 @@ def vacuum_warning(engine: Engine) -> str | None:
     )
 
 
+def refuse_unknown_revision(url: str, revision: str | None) -> None:
+    """NotMigrated for a revision this credex does not know: a newer credex migrated the database,
+    which is left alone (no command migrates or reads it)."""
+    if revision is not None:
+        from credex.db.migrate import known_revisions, unknown_revision
+
+        if revision not in known_revisions():
+            raise unknown_revision(display_url(url), revision)
+
+
+def not_migrated(url: str, revision: str | None) -> NotMigrated:
+    """A database behind the newest revision (or with no schema), for `credex db upgrade`."""
+    if revision is None:
+        return NotMigrated(f"the database {display_url(url)} has no credex schema: run `credex db upgrade`")
+    return NotMigrated(
+        f"the database {display_url(url)} is at revision {revision}, "
+        f"credex needs {HEAD_REVISION}: run `credex db upgrade`"
+    )
+
+
 def ensure_schema(url: str) -> Engine:
     """The engine for ``url``, its schema current: SQLite is migrated on first use;
     an out-of-date Postgres is refused until ``credex db upgrade``."""
@@ -173,22 +193,10 @@ def ensure_schema(url: str) -> Engine:
     try:
         revision = schema_revision(engine)
         if revision != HEAD_REVISION:
-            if revision is not None:
-                from credex.db.migrate import known_revisions, unknown_revision
-
-                if revision not in known_revisions():
-                    raise unknown_revision(display_url(url), revision)
-            if engine.dialect.name == "sqlite":
-                upgrade(url)
-            elif revision is None:
-                raise NotMigrated(
-                    f"the database {display_url(url)} has no credex schema: run `credex db upgrade`"
-                )
-            else:
-                raise NotMigrated(
-                    f"the database {display_url(url)} is at revision {revision}, "
-                    f"credex needs {HEAD_REVISION}: run `credex db upgrade`"
-                )
+            refuse_unknown_revision(url, revision)
+            if engine.dialect.name != "sqlite":
+                raise not_migrated(url, revision)
+            upgrade(url)
     except DBAPIError as error:
         raise permission_denied(error) or unavailable(url, error) from None
     _current.add(url)

@@ -5,6 +5,9 @@ reach (exit 69) later: a worker would retry that for ever."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
 from sqlalchemy.engine import make_url
 
 from credex.errors import CredexError, InvalidInput, one_line, printable, redact_url
@@ -128,3 +131,15 @@ def display_url(url: str) -> str:
         return normalise_url(url).render_as_string(hide_password=True)
     except CredexError:
         return redact_url(url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, read as credex reads the URL (``normalise_url``: a URL that is
+    none is InvalidInput, an in-memory one refused); None for Postgres. ``sqlite:///PATH``, or in
+    SQLite's URI form ``sqlite:///file:PATH?mode=ro&uri=true``."""
+    parsed = normalise_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.query.get("uri") == "true":  # file:PATH: normalise_url refuses any other name here
+        return Path(unquote(urlsplit(parsed.database).path))
+    return Path(parsed.database)
