@@ -27,8 +27,12 @@ from tests.support import credex_command, pg_admin, subprocess_env, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
-OUTAGE_SECONDS = float(os.environ.get("CREDEX_TEST_OUTAGE_SECONDS", "10"))
-CARRIER_OUTAGE_SECONDS = float(os.environ.get("CREDEX_TEST_CARRIER_OUTAGE_SECONDS", "20"))
+# Long enough for the workers' reconnect backoff (0.5 s doubling) to fail three times or more in
+# each outage and for the relay to publish a waiting message again during the carrier's (its
+# confirm timeout is 2 s, then 4 s, at most 5 s); longer ones only wait longer. Set them higher to
+# soak: CREDEX_TEST_OUTAGE_SECONDS=30 CREDEX_TEST_CARRIER_OUTAGE_SECONDS=60.
+OUTAGE_SECONDS = float(os.environ.get("CREDEX_TEST_OUTAGE_SECONDS", "4"))
+CARRIER_OUTAGE_SECONDS = float(os.environ.get("CREDEX_TEST_CARRIER_OUTAGE_SECONDS", "10"))
 
 
 @pytest.fixture

@@ -49,9 +49,10 @@ pytestmark = [pytest.mark.crash, pytest.mark.slow]
 USERS = ["u1", "u2", "u3"]
 PRICE = 10
 STOCK = 1000
-# Each kind of kill at least once; a few more drawn at random.
+# Each kind of kill at least once, in an order and with one more kind drawn from the run's seed
+# (each CI run draws others).
 KILLS = ["relay", "relay_after_publish", "warehouse", "warehouse_at_carrier", "shopper", "cut_connection"]
-EXTRA_KILLS = 3
+EXTRA_KILLS = 1
 RELAY_OPTIONS = ("--confirm-timeout", "1", "--max-confirm-timeout", "2", "--lease", "2", "--batch-size", "7")
 
 
