@@ -361,13 +361,13 @@ def snapshot(url: str) -> Iterator[Connection]:
         schema_revision,
         unavailable,
     )
-    from credex.db.urls import display_url, sqlite_file
+    from credex.db.urls import display_url, read_only_url, sqlite_file
     from credex.errors import NotMigrated
 
     path = sqlite_file(url)
-    if path is not None and not path.exists():  # connecting would create it
+    if path is not None and not path.exists():
         raise NotMigrated(f"no credex database at {display_url(url)}")
-    engine = get_engine(url)
+    engine = get_engine(read_only_url(url))  # a SQLite file is opened read-only: not even its journal mode changes
     try:
         revision = schema_revision(engine)
         if revision != HEAD_REVISION:  # refused as every other command refuses it, never migrated

@@ -570,3 +570,50 @@ def test_a_sqlite_database_named_in_sqlite_uri_form_is_read(shop, db_url, wareho
     done = verify(uri(db_url, "ro"), uri(f"sqlite:///{missing}", "rwc"))
     assert done.exit_code == 1 and json.loads(done.stderr)["error"]["code"] == "not_migrated"
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("name", ["credex.db", "a b#1%.db"])
+def test_a_sqlite_file_is_read_without_a_byte_changed_even_its_journal_mode(
+    shop, db_url, warehouse_url, backend, tmp_path, name
+):
+    """An auditor may read a copy kept in the older rollback-journal mode (a backup, a file
+    handed over): opening it the way the other commands do would switch it to WAL."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's journal mode")
+    import hashlib
+    import shutil
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from credex.cli import app
+    from credex.db.engine import dispose_engines
+
+    dispose_engines()  # the fixture's pooled connections leave the file as it is
+    folder = tmp_path / "handed-over"
+    folder.mkdir()
+    files = {"points": folder / name, "warehouse": folder / f"warehouse-{name}"}
+    for copy, url in zip(files.values(), (db_url, warehouse_url), strict=True):
+        shutil.copyfile(url.removeprefix("sqlite:///"), copy)
+        with sqlite3.connect(copy) as connection:
+            assert connection.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+        connection.close()
+
+    def state() -> dict:
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+
+    before = state()
+    done = CliRunner().invoke(
+        app,
+        [
+            "--database-url", f"sqlite:///{files['points']}", "audit", "verify", "--json",
+            "--warehouse-database-url", f"sqlite:///{files['warehouse']}",
+        ],
+    )  # fmt: skip
+    dispose_engines()
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["violations"] == [] and report["checked"]["redemptions"] == 3
+    assert state() == before  # the same files, no -wal or -shm beside them, not a byte changed
+    for copy in files.values():  # the header's write and read versions: 1 is the rollback journal, 2 WAL
+        assert copy.read_bytes()[18:20] == b"\x01\x01"

@@ -6,7 +6,7 @@ reach (exit 69) later: a worker would retry that for ever."""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from sqlalchemy.engine import make_url
 
@@ -143,3 +143,14 @@ def sqlite_file(url: str) -> Path | None:
     if parsed.query.get("uri") == "true":  # file:PATH: normalise_url refuses any other name here
         return Path(unquote(urlsplit(parsed.database).path))
     return Path(parsed.database)
+
+
+def read_only_url(url: str) -> str:
+    """``url`` opened so that nothing can write to it: a SQLite file in SQLite's URI form with
+    ``mode=ro`` (connecting then cannot create the file or switch its journal to WAL either);
+    a Postgres URL as it is (its reader sets READ ONLY on the transaction)."""
+    path = sqlite_file(url)
+    if path is None:
+        return url
+    # Quoted twice: SQLAlchemy unquotes the URL's database once, SQLite the URI's path once more.
+    return f"sqlite:///file:{quote(quote(str(path)))}?mode=ro&uri=true"
