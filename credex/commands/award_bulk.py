@@ -191,7 +191,8 @@ def bulk(
     """Grant points from a file, each row like `award grant --ref`: idempotent on its ref, so a
     file can be run again after a failure. Exit 3 when some rows were rejected."""
     from credex.points.bulk import grant_bulk, summary
-    from credex.points.bulk_files import RejectsFile, UnreadableFile, guess_format, open_grants
+    from credex.points.bulk_files import UnreadableFile, guess_format, open_grants
+    from credex.points.bulk_rejects import RejectsFile
 
     expiry_days = settings(ctx).expiry_days
     stream, name, size = _open_input(file)
