@@ -143,21 +143,27 @@ def postgres_template() -> Iterator[str]:
 
         upgrade(pg_url(name))
         dispose_engines()
-        yield name
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        try:
+            yield name
+        finally:
+            from tests import pgreuse
+
+            pgreuse.drop_spares()
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def make_postgres_database(template: str) -> tuple[str, Callable[[], None]]:
-    name = f"credex_t_{uuid.uuid4().hex[:12]}"
-    with pg_admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    """A database at ``template``'s state and the function that gives it back when the test is
+    done: kept for the next test if the test changed only rows, else dropped (tests/pgreuse.py)."""
+    from tests import pgreuse
+
+    name = pgreuse.take(template)
 
     def drop() -> None:
         from credex.db.engine import dispose_engines
 
         dispose_engines()
-        with pg_admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pgreuse.give_back(template, name)
 
     return pg_url(name), drop
 
