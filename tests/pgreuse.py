@@ -5,12 +5,14 @@ template, system catalogs included, to the WAL), and some 400 tests of the suite
 2-core machine. A database whose test changed only rows is as good as new once those rows are
 gone: ``TRUNCATE … RESTART IDENTITY`` of credex's tables (and the rows the migrations wrote put
 back) takes 0.07 s. Anything else a test may
-have changed (a table, column, index, constraint, trigger or its enabled state, a function, a
-privilege, a default privilege, the schema's revision, the database's own settings) is read
+have changed (a table, column, index, constraint, trigger or its enabled state, a function, an
+owner, a privilege, a default privilege, the schema's revision, the database's own settings) is read
 back as a fingerprint and compared with the template's; a database whose fingerprint differs,
 or that anything but us is still connected to, is dropped as before.
 
-Each test process keeps its own spares, so two processes never share one."""
+A spare is renamed before it is used again, so every test still meets a database name no test
+of its process used before. Each test process keeps its own spares, so two processes never share
+one."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ WITH ns AS (
     WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
       AND nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%'
 )
-SELECT 'rel', concat_ws(' ', ns.nspname, c.relname, c.relkind, c.relacl, c.reloptions, c.relrowsecurity,
-                        c.relpersistence)
+SELECT 'rel', concat_ws(' ', ns.nspname, c.relname, c.relkind, c.relowner::regrole, c.relacl, c.reloptions,
+                        c.relrowsecurity, c.relpersistence)
 FROM pg_class c JOIN ns ON ns.oid = c.relnamespace
 UNION ALL
 SELECT 'col', concat_ws(' ', c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -49,7 +51,8 @@ UNION ALL
 SELECT 'trg', concat_ws(' ', pg_get_triggerdef(t.oid), t.tgenabled)
 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid WHERE c.relnamespace IN (SELECT oid FROM ns)
 UNION ALL
-SELECT 'fn', concat_ws(' ', p.oid::regprocedure, md5(pg_get_functiondef(p.oid)), p.proacl)
+SELECT 'fn', concat_ws(' ', p.oid::regprocedure, md5(pg_get_functiondef(p.oid)), p.proowner::regrole,
+                       p.proacl)
 FROM pg_proc p WHERE p.pronamespace IN (SELECT oid FROM ns)
 UNION ALL
 SELECT 'view', concat_ws(' ', c.relname, md5(pg_get_viewdef(c.oid))) FROM pg_class c
@@ -60,7 +63,8 @@ WHERE schemaname IN (SELECT nspname FROM ns)
 UNION ALL
 SELECT 'pol', concat_ws(' ', schemaname, tablename, policyname) FROM pg_policies
 UNION ALL
-SELECT 'ns', concat_ws(' ', nspname, nspacl) FROM pg_namespace WHERE oid IN (SELECT oid FROM ns)
+SELECT 'ns', concat_ws(' ', nspname, nspowner::regrole, nspacl) FROM pg_namespace
+WHERE oid IN (SELECT oid FROM ns)
 UNION ALL
 SELECT 'dacl', concat_ws(' ', defaclrole::regrole, defaclnamespace, defaclobjtype, defaclacl)
 FROM pg_default_acl
@@ -70,7 +74,7 @@ UNION ALL
 SELECT 'type', t.typname FROM pg_type t
 WHERE t.typnamespace IN (SELECT oid FROM ns) AND t.typtype IN ('e', 'd', 'r', 'm')
 UNION ALL
-SELECT 'db', concat_ws(' ', datallowconn, datconnlimit, datacl)
+SELECT 'db', concat_ws(' ', datdba::regrole, datallowconn, datconnlimit, datacl)
 FROM pg_database WHERE datname = current_database()
 UNION ALL
 SELECT 'set', concat_ws(' ', setrole::regrole, setconfig)
@@ -117,12 +121,16 @@ def _seed_rows(connection) -> dict[str, list[tuple]]:
     return seeds
 
 
+def _new_name() -> str:
+    return f"credex_t_{uuid.uuid4().hex[:12]}"
+
+
 def take(template: str) -> str:
     """A database at the template's state: a spare, else a new copy."""
     spares = _spares[template]
     if spares:
         return spares.pop()
-    name = f"credex_t_{uuid.uuid4().hex[:12]}"
+    name = _new_name()
     with pg_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     if template not in _fingerprints:
@@ -136,11 +144,21 @@ def take(template: str) -> str:
 
 def give_back(template: str, name: str) -> None:
     """Keep ``name`` as a spare if emptying its rows makes it the template again; else drop it."""
-    if not _clean(template, name):
-        with pg_admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        return
-    _spares[template].append(name)
+    import psycopg
+
+    with pg_admin() as admin:
+        if _clean(template, name):
+            # Under a new name: what a process keeps by database URL (an engine, a warning given
+            # once) must not carry over to the next test, as with a new database.
+            renamed = _new_name()
+            try:
+                admin.execute(f'ALTER DATABASE "{name}" RENAME TO "{renamed}"')
+            except psycopg.Error:
+                pass
+            else:
+                _spares[template].append(renamed)
+                return
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _clean(template: str, name: str) -> bool:
