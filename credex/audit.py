@@ -367,7 +367,8 @@ def snapshot(url: str) -> Iterator[Connection]:
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise NotMigrated(f"no credex database at {display_url(url)}")
-    engine = get_engine(read_only_url(url))  # a SQLite file is opened read-only: not even its journal mode changes
+    # A SQLite file is opened read-only: not even its journal mode changes.
+    engine = get_engine(read_only_url(url))
     try:
         revision = schema_revision(engine)
         if revision != HEAD_REVISION:  # refused as every other command refuses it, never migrated
