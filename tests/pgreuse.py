@@ -3,12 +3,12 @@
 ``CREATE DATABASE … TEMPLATE`` costs the server 0.16-0.3 s of CPU (it writes every page of the
 template, system catalogs included, to the WAL), and some 400 tests of the suite pay it on a
 2-core machine. A database whose test changed only rows is as good as new once those rows are
-gone: ``TRUNCATE … RESTART IDENTITY`` of credex's tables (and the rows the migrations wrote put
-back) takes 0.07 s. Anything else a test may
-have changed (a table, column, index, constraint, trigger or its enabled state, a function, an
-owner, a privilege, a default privilege, the schema's revision, the database's own settings) is read
-back as a fingerprint and compared with the template's; a database whose fingerprint differs,
-or that anything but us is still connected to, is dropped as before.
+gone: ``TRUNCATE … RESTART IDENTITY`` of credex's tables, with the rows the migrations wrote put
+back, takes 0.07 s. Anything else a test may have changed (a table, column, index, constraint,
+trigger or its enabled state, a function, an owner, a privilege, a default privilege, the
+schema's revision, the database's own settings) is read back as a fingerprint and compared with
+that of the first copy made in this process; a database whose fingerprint differs, or that
+another session is still connected to, is dropped as before.
 
 A spare is renamed before it is used again, so every test still meets a database name no test
 of its process used before. Each test process keeps its own spares, so two processes never share
