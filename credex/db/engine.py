@@ -337,10 +337,8 @@ def permission_denied(error: BaseException, *, hint: str = _ROLES_HINT) -> Permi
     ``permission_denied`` (exit 1); None for any other error."""
     if _sqlstate(error) != _PG_PERMISSION_DENIED:
         return None
-    orig = getattr(error, "orig", None) or error
-    first_line = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     return PermissionDenied(
-        f"refused by the database: {redact(first_line)} "
+        f"refused by the database: {_first_line(getattr(error, 'orig', None) or error)} "
         f"(the role this command connects as lacks the privilege: {hint})"
     )
 
