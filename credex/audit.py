@@ -61,17 +61,16 @@ _LAST_SET = "SELECT sku, max(id) AS id FROM stock_movement WHERE kind = 'set' GR
 _REDEMPTION_KINDS = "('redemption', 'redemption_refund')"  # the ledger entries a redemption writes
 
 
-def _no_redemption(ref: str) -> str:
-    """No redemption has the id ``ref`` (a text column) names. On SQLite, found by its rowid: a
-    comparison of text with the id made text would read every redemption for every row."""
-    return f"NOT EXISTS (SELECT 1 FROM redemption r WHERE {_REDEMPTION_REF} = {ref})"
-
-
-def _no_redemption_sqlite(ref: str) -> str:
-    return (
+def _without_redemption(name: str, query: str, *, ref: str, needs: tuple[str, ...] = ()) -> Check:
+    """A check for rows whose ``ref`` column names a redemption that does not exist; ``query``
+    holds ``{missing}`` where that condition goes. On SQLite the redemption is found by its rowid:
+    a comparison of text with the id made text would read every redemption for every row."""
+    anywhere = f"NOT EXISTS (SELECT 1 FROM redemption r WHERE {_REDEMPTION_REF} = {ref})"
+    on_sqlite = (
         f"NOT EXISTS (SELECT 1 FROM redemption r WHERE r.id = CAST({ref} AS INTEGER) "
         f"AND {_REDEMPTION_REF} = {ref})"
     )
+    return Check(name, query.format(missing=anywhere), needs, sqlite=query.format(missing=on_sqlite))
 
 
 POINTS_CHECKS: tuple[Check, ...] = (
@@ -154,14 +153,11 @@ POINTS_CHECKS: tuple[Check, ...] = (
         f"LEFT JOIN ledger_entry e ON e.kind = 'redemption' AND e.ref = {_REDEMPTION_REF} "
         "WHERE e.id IS NULL OR e.points <> -r.points OR e.user_id <> r.user_id ORDER BY r.id",
     ),
-    Check(
+    _without_redemption(
         "ledger.unknown_redemption",  # a redemption's entry (or its refund's) with no redemption behind it
         "SELECT e.id AS id, e.kind AS id_kind, e.ref AS id_ref, 'its redemption' AS expected, NULL AS found "
-        f"FROM ledger_entry e WHERE e.kind IN {_REDEMPTION_KINDS} AND {_no_redemption('e.ref')} "
-        "ORDER BY e.id",
-        sqlite="SELECT e.id AS id, e.kind AS id_kind, e.ref AS id_ref, 'its redemption' AS expected, "
-        f"NULL AS found FROM ledger_entry e WHERE e.kind IN {_REDEMPTION_KINDS} "
-        f"AND {_no_redemption_sqlite('e.ref')} ORDER BY e.id",
+        f"FROM ledger_entry e WHERE e.kind IN {_REDEMPTION_KINDS} AND {{missing}} ORDER BY e.id",
+        ref="e.ref",
     ),
     Check(
         "redemption.message",  # its one redemption.created message, written with it
@@ -211,15 +207,12 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "AND (c.stock IS NULL OR c.stock <> s.stock_after + coalesce(m.total, 0))) ORDER BY c.sku",
         needs=("stock_movement",),
     ),
-    Check(
+    _without_redemption(
         "stock.unknown_redemption",  # stock taken or given back for a redemption that does not exist
         "SELECT m.id AS id, m.kind AS id_kind, m.ref AS id_ref, 'its redemption' AS expected, NULL AS found "
-        f"FROM stock_movement m WHERE m.kind <> 'set' AND (m.ref IS NULL OR {_no_redemption('m.ref')}) "
-        "ORDER BY m.id",
+        "FROM stock_movement m WHERE m.kind <> 'set' AND (m.ref IS NULL OR {missing}) ORDER BY m.id",
+        ref="m.ref",
         needs=("stock_movement",),
-        sqlite="SELECT m.id AS id, m.kind AS id_kind, m.ref AS id_ref, 'its redemption' AS expected, "
-        f"NULL AS found FROM stock_movement m WHERE m.kind <> 'set' "
-        f"AND (m.ref IS NULL OR {_no_redemption_sqlite('m.ref')}) ORDER BY m.id",
     ),
 )
 
