@@ -159,13 +159,10 @@ def track(
         if parcel.redemption_id is None:
             # A known redemption's number is as locked by the carrier whichever way it is asked
             # about: answered from its stored answer as by REDEMPTION_ID, and the answer kept.
-            parcel = _known_parcel(ctx, parcel, client.default_carrier)
-            if parcel.redemption_id is not None and not fresh:
-                with points_session(ctx) as session:
-                    stored = stored_tracking(session, parcel.redemption_id, interval=interval)
-                if stored is not None:
-                    emit(stored, as_json=as_json, render=_render)
-                    return
+            parcel, stored = _known_parcel(ctx, parcel, client.default_carrier, None if fresh else interval)
+            if stored is not None:
+                emit(stored, as_json=as_json, render=_render)
+                return
         result = track_parcel(client, parcel, phone=phone)
     if parcel.redemption_id is not None:
         from credex.output import warn
@@ -179,25 +176,25 @@ def track(
     emit(result, as_json=as_json, render=_render)
 
 
-def _known_parcel(ctx: typer.Context, parcel, default_carrier: str | None):
+def _known_parcel(ctx: typer.Context, parcel, default_carrier: str | None, interval):
     """``parcel`` (an express number, and the carrier the client will ask: ``default_carrier``
-    without --carrier) with the redemption it belongs to, when the points database knows one. A
+    without --carrier) with the redemption it belongs to, when the points database knows one, and
+    that redemption's stored answer while younger than ``interval`` (None: ask the carrier). A
     SQLite file that does not exist knows none, and is not created for the look-up."""
     from credex.db.urls import sqlite_file
     from credex.logistics.tracking import Parcel
-    from credex.points.deliveries import redemption_of_parcel
+    from credex.points.deliveries import redemption_of_parcel, stored_tracking
 
     carrier = parcel.carrier or default_carrier
     path = sqlite_file(settings(ctx).database_url)
     if carrier is None or (path is not None and not path.exists()):
-        return parcel
+        return parcel, None
     with points_session(ctx) as session:
         known = redemption_of_parcel(session, carrier=carrier, express_no=parcel.express_no)
-    return (
-        parcel
-        if known is None
-        else Parcel(express_no=parcel.express_no, carrier=carrier, redemption_id=known)
-    )
+        if known is None:
+            return parcel, None
+        stored = None if interval is None else stored_tracking(session, known, interval=interval)
+    return Parcel(express_no=parcel.express_no, carrier=carrier, redemption_id=known), stored
 
 
 def _min_interval(ctx: typer.Context):
