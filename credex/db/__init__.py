@@ -2,4 +2,4 @@
 
 # The newest migration; a test checks it against Alembic's head. Kept here so that a command
 # can check the schema without importing Alembic.
-HEAD_REVISION = "0015_delivery_asked_at"
+HEAD_REVISION = "0016_account_keys_by_trigger"

@@ -180,6 +180,8 @@ class LedgerEntry(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    # A foreign key on SQLite; on Postgres the account's trigger instead (migration 0016), as for
+    # point_lot.user_id: a per-row check there cost bulk grants 40% of the server's time.
     user_id: str = Field(sa_column=Column(String(128), ForeignKey("account.user_id"), nullable=False))
     kind: str = Field(sa_column=Column(String(32), nullable=False))
     ref: str = Field(sa_column=Column(String(255), nullable=False))
@@ -215,6 +217,7 @@ class PointLot(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    # A foreign key on SQLite, the account's trigger on Postgres: see ledger_entry.user_id.
     user_id: str = Field(sa_column=Column(String(128), ForeignKey("account.user_id"), nullable=False))
     # The award that made the points (none for the balances carried over by migration 0002).
     entry_id: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
