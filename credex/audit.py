@@ -85,6 +85,18 @@ POINTS_CHECKS: tuple[Check, ...] = (
         "AND name IN ('ledger_entry_no_update', 'ledger_entry_no_delete')) < 2",
     ),
     Check(
+        "account.kept",  # an account with entries or lots cannot be deleted or renamed: on
+        # Postgres the trigger of migration 0016, enabled; on SQLite the two foreign keys
+        "SELECT 'account' AS id, 'DELETE or new key refused while entries or lots name it' AS expected, "
+        "'no enabled account_in_use trigger' AS found WHERE NOT EXISTS (SELECT 1 FROM pg_trigger "
+        "WHERE tgrelid = CAST('account' AS regclass) AND tgname = 'account_in_use' AND tgenabled <> 'D')",
+        sqlite="SELECT 'account' AS id, "
+        "'DELETE or new key refused while entries or lots name it' AS expected, "
+        "'no foreign key to account from ledger_entry and point_lot' AS found WHERE "
+        "(SELECT count(*) FROM pragma_foreign_key_list('ledger_entry') WHERE \"table\" = 'account') "
+        "+ (SELECT count(*) FROM pragma_foreign_key_list('point_lot') WHERE \"table\" = 'account') < 2",
+    ),
+    Check(
         "account.nonnegative",
         "SELECT user_id AS id, 0 AS expected_at_least, balance AS found_balance, pending AS found_pending, "
         "debt AS found_debt FROM account WHERE balance < 0 OR pending < 0 OR debt < 0 ORDER BY user_id",

@@ -192,6 +192,24 @@ def test_a_ledger_entry_edited_with_the_trigger_disabled_is_found(shop, audit, d
     }
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_the_account_trigger_disabled_is_found(shop, audit, db_url):
+    """Migration 0016's trigger is what keeps an account its entries and lots name (Postgres)."""
+    execute(db_url, "ALTER TABLE account DISABLE TRIGGER account_in_use")
+    code, report = audit()
+    assert code == 1
+    assert report["violations"] == [
+        {
+            "check": "account.kept",
+            "ids": ["account"],
+            "expected": "DELETE or new key refused while entries or lots name it",
+            "found": "no enabled account_in_use trigger",
+        }
+    ]
+    execute(db_url, "ALTER TABLE account ENABLE TRIGGER account_in_use")
+    assert audit()[0] == 0
+
+
 @pytest.mark.breaks_invariants
 def test_a_balance_changed_by_hand_disagrees_with_its_ledger_and_its_lots(shop, audit, db_url):
     execute(db_url, "UPDATE account SET balance = balance + 5 WHERE user_id = 'u1'")
