@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/%2F")
     amqp_prefix: str = ""
+    # Seconds a worker waits for the broker to confirm what it published before it takes the
+    # connection for lost and reconnects (what was not confirmed is published again).
+    amqp_publish_timeout: float = Field(default=30.0, gt=0, le=3600)
 
     logistics_url: str | None = None
     logistics_api_key: SecretStr | None = None

@@ -598,6 +598,8 @@ def test_a_file_that_is_not_a_database_is_exit_69(tmp_path, credex_at):
         ("CREDEX_SQLITE_BUSY_TIMEOUT", "1e1"),
         ("CREDEX_SQLITE_BUSY_TIMEOUT", "inf"),
         ("CREDEX_SQLITE_BUSY_TIMEOUT", "3_0"),
+        ("CREDEX_AMQP_PUBLISH_TIMEOUT", "0"),
+        ("CREDEX_AMQP_PUBLISH_TIMEOUT", "inf"),
     ],
 )
 def test_a_setting_with_a_bad_value_is_bad_usage_naming_it(tmp_path, credex_at, monkeypatch, name, value):

@@ -134,7 +134,12 @@ def test_killing_every_kind_of_process_while_work_is_in_flight_loses_nothing_and
     sandbox_options = ("--slow-share", "0.25", "--slow-seconds", "2", "--seed", str(seed))
     with running_sandbox(*sandbox_options) as sandbox, FaultyProxy("127.0.0.1", 5672) as proxy:
         pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
-        via_proxy = {"CREDEX_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"}
+        # A relay muted by the proxy gives its connection up after 4 s without publisher confirms
+        # (CREDEX_AMQP_PUBLISH_TIMEOUT; 30 s by default) and reconnects: see the mute below.
+        via_proxy = {
+            "CREDEX_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F",
+            "CREDEX_AMQP_PUBLISH_TIMEOUT": "4",
+        }
         shopper = Shopper(db_url, rng)
         try:
             relay = pipeline.relay(*RELAY_OPTIONS, env=via_proxy)
@@ -213,8 +218,9 @@ def mute_until_published_unsent(pipeline: Pipeline, relay: subprocess.Popen, pro
     still pending: muted, the relay can mark nothing sent.
 
     The mute lands while a new message is waiting; even so the relay may have only republishes of
-    ``sent`` messages in flight, and it waits for their confirms (30 s) before it claims again,
-    then reconnects unmuted. So: up to three mutes, each on the connection it has then."""
+    ``sent`` messages in flight, and it waits for their confirms (CREDEX_AMQP_PUBLISH_TIMEOUT, 4 s
+    here) before it claims again, then reconnects unmuted. So: up to three mutes, each on the
+    connection it has then."""
     pipeline.wait_ready(relay)
     for _attempt in range(3):
         wait_for(lambda: never_published(pipeline), timeout=60, what="a new message waiting")
@@ -224,7 +230,7 @@ def mute_until_published_unsent(pipeline: Pipeline, relay: subprocess.Popen, pro
         try:
             wait_for(
                 lambda s=swallowed: proxy.swallowed > s and published_unsent(pipeline),
-                timeout=40,
+                timeout=20,
                 what="a message published and not yet marked sent",
             )
             return

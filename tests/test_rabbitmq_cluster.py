@@ -146,10 +146,13 @@ QUORUM_VALUE = "the value 'quorum' of type 'longstr'"
     ids=["classic-then-quorum", "explicit-classic-then-quorum", "quorum-then-no-type"],
 )
 def test_declaring_a_queue_again_with_another_type_is_refused(
-    cluster: Cluster, first: dict | None, again: dict | None, difference: str
+    amqp_url: str, first: dict | None, again: dict | None, difference: str
 ) -> None:
+    """What an upgrade to quorum queues meets (credex.amqp.broker.queue_type_mismatch). RabbitMQ
+    compares a queue's type when it is declared again on one node as on a cluster: the test's own
+    broker serves, and the cluster is left to the tests that kill its nodes."""
     queue = f"cluster-test.type.{uuid.uuid4().hex[:8]}"
-    with cluster.connect(1) as connection:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
         channel = connection.channel()
         channel.queue_declare(queue, durable=True, arguments=first)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:

@@ -182,8 +182,10 @@ def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_pu
 ):
     # The relay talks to the broker through a proxy that, once muted, passes what the relay sends
     # (the broker stores the message) and swallows every answer: the publisher confirm never comes.
+    # It waits CREDEX_AMQP_PUBLISH_TIMEOUT for it (30 s by default), then reconnects.
     with FaultyProxy("127.0.0.1", 5672) as proxy:
         pipeline.env["CREDEX_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        pipeline.env["CREDEX_AMQP_PUBLISH_TIMEOUT"] = "4"
         relay = pipeline.relay("--confirm-timeout", "60")
         pipeline.wait_ready(relay)
         assert proxy.mute_answers() == 1
@@ -195,7 +197,7 @@ def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_pu
             assert message_of(credex, redemption)["state"] == "pending"
             assert relay.poll() is None, pipeline.log(relay)
             time.sleep(0.5)
-        assert "no publisher confirm within 30 s" in pipeline.log(relay)
+        assert "no publisher confirm within 4 s" in pipeline.log(relay)
         wait_for(
             lambda: message_of(credex, redemption)["state"] == "sent", timeout=60, what="the publish again"
         )
@@ -203,6 +205,7 @@ def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_pu
         assert message["attempts"] == 2
         assert rabbit.count(queue) == 2  # both copies: the warehouse ships it once all the same
         pipeline.env["CREDEX_AMQP_URL"] = rabbit.url
+        del pipeline.env["CREDEX_AMQP_PUBLISH_TIMEOUT"]
         warehouse = pipeline.warehouse()
         pipeline.wait_all_confirmed(1, timeout=90)
         (relay_exit, relay_out), (warehouse_exit, _) = pipeline.stop(relay), pipeline.stop(warehouse)

@@ -30,9 +30,19 @@ class Broker:
     unacknowledged at most). ``open()`` declares the whole topology first."""
 
     def __init__(
-        self, url: str, topology: Topology, *, consume: str, prefetch: int, connection_name: str
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        consume: str,
+        prefetch: int,
+        connection_name: str,
+        publish_timeout: float = RPC_TIMEOUT_S,
     ) -> None:
         self.url = url
+        # How long ``collect`` waits for publisher confirms before the connection is given up
+        # (CREDEX_AMQP_PUBLISH_TIMEOUT).
+        self.publish_timeout = publish_timeout
         self.topology = topology
         self.queue = consume
         self.prefetch = prefetch
@@ -139,7 +149,7 @@ class Broker:
 
     # --- publishing ---------------------------------------------------------------------------
 
-    def publish(self, messages: list[Outgoing], timeout: float = RPC_TIMEOUT_S) -> dict[str, str | None]:
+    def publish(self, messages: list[Outgoing], timeout: float | None = None) -> dict[str, str | None]:
         """Publish all ``messages`` and wait for their confirms together (``send`` + ``collect``)."""
         self.send(messages)
         return self.collect([m.message_id for m in messages], timeout)
@@ -161,9 +171,12 @@ class Broker:
         confirms = self._confirms
         return confirms is None or bool(self._connection.lost) or confirms.settled(message_ids)
 
-    def collect(self, message_ids: list[str], timeout: float = RPC_TIMEOUT_S) -> dict[str, str | None]:
+    def collect(self, message_ids: list[str], timeout: float | None = None) -> dict[str, str | None]:
         """Wait for what the broker says of the messages sent as ``message_ids``: message id ->
-        None (the broker has it) or why it failed (returned, nacked, connection lost)."""
+        None (the broker has it) or why it failed (returned, nacked, connection lost), at most
+        ``timeout`` seconds (default: ``publish_timeout``)."""
+        if timeout is None:
+            timeout = self.publish_timeout
         confirms, connection = self._confirms, self._connection
         if confirms is None:
             return dict.fromkeys(message_ids, connection.lost or "not connected")

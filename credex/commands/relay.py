@@ -124,7 +124,9 @@ def run(
         operator=s.operator,  # on the refunds the warehouse's cancel answers bring
     )
     names = Names.configured(s.amqp_prefix)
-    relay = make_relay(s.database_url, s.amqp_url.get_secret_value(), names, options)
+    relay = make_relay(
+        s.database_url, s.amqp_url.get_secret_value(), names, options, publish_timeout=s.amqp_publish_timeout
+    )
     collect_for_a_long_run()
     server = serve_metrics(relay.metrics.registry, metrics_port, metrics_host)
     try:

@@ -74,7 +74,12 @@ def run(
     quiet_pika()
     warehouse = Warehouse(
         s.warehouse_database_url or s.database_url,
-        warehouse_broker(s.amqp_url.get_secret_value(), Names.configured(s.amqp_prefix), prefetch=prefetch),
+        warehouse_broker(
+            s.amqp_url.get_secret_value(),
+            Names.configured(s.amqp_prefix),
+            prefetch=prefetch,
+            publish_timeout=s.amqp_publish_timeout,
+        ),
         lambda: carrier_client(s, total_timeout=carrier_timeout),
         once=once,
         carrier_timeout=carrier_timeout,

@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 
 from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
+from credex.amqp.connection import RPC_TIMEOUT_S
 from credex.db.engine import ensure_schema, session_for, translate_db_error, vacuum_warning
 from credex.db.models import utcnow
 from credex.errors import Unavailable, json_object
@@ -107,7 +108,14 @@ def new_relay_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def relay_broker(amqp_url: str, names: Names, options: RelayOptions, relay_id: str) -> Broker:
+def relay_broker(
+    amqp_url: str,
+    names: Names,
+    options: RelayOptions,
+    relay_id: str,
+    *,
+    publish_timeout: float = RPC_TIMEOUT_S,
+) -> Broker:
     """The relay's side of the broker: it publishes redemption messages and consumes confirmations."""
     return Broker(
         amqp_url,
@@ -115,6 +123,7 @@ def relay_broker(amqp_url: str, names: Names, options: RelayOptions, relay_id: s
         consume=names.confirmations_queue,
         prefetch=max(100, 2 * options.batch_size),
         connection_name=f"credex relay {relay_id}",
+        publish_timeout=publish_timeout,
     )
 
 
@@ -125,9 +134,10 @@ def make_relay(
     options: RelayOptions,
     *,
     clock: Callable[[], datetime] = utcnow,
+    publish_timeout: float = RPC_TIMEOUT_S,
 ) -> Relay:
     relay_id = new_relay_id()
-    broker = relay_broker(amqp_url, names, options, relay_id)
+    broker = relay_broker(amqp_url, names, options, relay_id, publish_timeout=publish_timeout)
     return Relay(database_url, broker, options, relay_id=relay_id, clock=clock)
 
 

@@ -99,7 +99,9 @@ class _Answered:
     deadline: float  # monotonic: no confirm by then and the connection is given up
 
 
-def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
+def warehouse_broker(
+    amqp_url: str, names: Names, *, prefetch: int, publish_timeout: float = RPC_TIMEOUT_S
+) -> Broker:
     """The warehouse's side of the broker: it consumes redemption messages and publishes
     confirmations."""
     name = f"{socket.gethostname()[:32]}:{os.getpid()}"
@@ -109,6 +111,7 @@ def warehouse_broker(amqp_url: str, names: Names, *, prefetch: int) -> Broker:
         consume=names.warehouse_queue,
         prefetch=prefetch,
         connection_name=f"credex warehouse {name}",
+        publish_timeout=publish_timeout,
     )
 
 
@@ -293,7 +296,11 @@ class Warehouse(Worker[WarehouseReport]):
         answers = self._answers(handled)
         self.broker.send(answers)
         self._answered.append(
-            _Answered(batch.deliveries, [a.message_id for a in answers], time.monotonic() + RPC_TIMEOUT_S)
+            _Answered(
+                batch.deliveries,
+                [a.message_id for a in answers],
+                time.monotonic() + self.broker.publish_timeout,
+            )
         )
 
     def _settle_answered(self, *, wait: bool = False) -> int:
