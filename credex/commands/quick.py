@@ -46,6 +46,7 @@ CHECKED_SETTINGS = frozenset(
         "logistics_connect_timeout",
         "logistics_read_timeout",
         "sqlite_busy_timeout",
+        "amqp_publish_timeout",
     }
 )
 DEFAULT_DATABASE_URL = "sqlite:///credex.db"  # credex.config.Settings.database_url (a test checks it)
