@@ -8,6 +8,7 @@ Each ends with every redemption shipped exactly once and every rule of domain.md
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from tests.netfaults import FaultyProxy
 from tests.pipeline import Pipeline, check_shipped_exactly_once
 from tests.sandbox import running_sandbox
 from tests.support import wait_for
+from tests.test_worker_metrics import one, scrape
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -212,6 +214,76 @@ def test_publisher_confirms_that_stop_arriving_leave_the_message_unsent_until_pu
     assert (relay_exit, warehouse_exit) == (0, 0)
     assert json.loads(relay_out)["reconnects"] >= 1
     check_shipped_exactly_once(pipeline, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_warehouse_whose_answer_is_never_confirmed_reconnects_and_ships_once(
+    db_url, shop, rabbit, tmp_path
+):
+    # The warehouse talks to the broker through a proxy, muted while the carrier (2 s to answer)
+    # is asked for the waybill: the warehouse's answer reaches the broker, its publisher confirm
+    # never reaches the warehouse. After CREDEX_AMQP_PUBLISH_TIMEOUT it gives the connection up,
+    # the delivery it never acked comes back on the next one, and it answers again from its row.
+    with (
+        running_sandbox("--faults", "slow", "--slow-seconds", "2") as sandbox,
+        FaultyProxy("127.0.0.1", 5672) as proxy,
+    ):
+        pipeline = Pipeline(db_url, rabbit, sandbox, tmp_path)
+        try:
+            # The relay sends nothing again for a minute: the copy the warehouse answers again is
+            # the delivery it never acked, given back by the broker as its old connection ended.
+            relay = pipeline.relay("--confirm-timeout", "60")
+            warehouse = pipeline.warehouse(
+                "--metrics-port",
+                "0",
+                env={
+                    "CREDEX_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F",
+                    "CREDEX_AMQP_PUBLISH_TIMEOUT": "3",
+                },
+            )
+            for process in (relay, warehouse):
+                pipeline.wait_ready(process)
+            metrics = wait_for(
+                lambda: re.search(r"http://127\.0\.0\.1:\d+/metrics", pipeline.log(warehouse)),
+                timeout=60,
+                what="the metrics URL in the log",
+            ).group(0)
+            shop(1)
+            wait_for(
+                lambda: sandbox.requests()["faults"].get("slow", 0) >= 1,
+                timeout=60,
+                what="the warehouse waiting on the carrier",
+            )
+            assert proxy.mute_answers() == 1
+            wait_for(
+                lambda: "reconnected to the broker" in pipeline.log(warehouse),
+                timeout=60,
+                what="the warehouse to give up its muted connection and connect again",
+            )
+            log = pipeline.log(warehouse)
+            assert "broker lost (publisher confirms stopped arriving)" in log
+            assert "not published: no publisher confirm within 3 s" in log
+            # The delivery never acked came back on the new connection and was answered again,
+            # from its row (no second carrier call): that answer's confirm arrives, within 30 s,
+            # before the relay's 60 s could have sent a copy of its own.
+            wait_for(
+                lambda: one(scrape(metrics)[1], "credex_warehouse_messages_total", outcome="confirmed") == 1,
+                timeout=30,
+                what="the answer published again and confirmed",
+            )
+            assert (
+                one(scrape(metrics)[1], "credex_warehouse_messages_total", outcome="confirmation_failed") == 1
+            )
+            pipeline.wait_all_confirmed(1, timeout=90)
+            (relay_exit, _), (warehouse_exit, warehouse_out) = pipeline.stop(relay), pipeline.stop(warehouse)
+            assert (relay_exit, warehouse_exit) == (0, 0), pipeline.log(warehouse)
+            report = json.loads(warehouse_out)
+            assert report["reconnects"] >= 1 and report["received"] == 2  # the delivery, then again
+            assert report["shipments_created"] == 1 and report["waybills"] == 1
+            check_shipped_exactly_once(pipeline, 1)
+        finally:
+            pipeline.close()
 
 
 # --- a second SIGTERM -----------------------------------------------------------------------------
