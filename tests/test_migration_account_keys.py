@@ -7,13 +7,13 @@ test_audit.py, test_ledger_entries_and_lots_whose_account_was_removed_are_found.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from credex.db.engine import get_engine, upgrade
+from tests.support import lock_waiters, wait_for
 from tests.test_migration_lifecycle import empty_url, migrate  # noqa: F401 - a fixture
 
 ACCOUNT = (
@@ -101,7 +101,6 @@ def test_a_delete_waits_for_a_batch_writing_the_account_then_is_refused(credex, 
         writer.begin()
         writer.execute(sa.text("SELECT 1 FROM account WHERE user_id = 'u-1' FOR UPDATE"))
         writer.execute(sa.text(ACCOUNT.replace("0, 0, 0, 0, 0", "5, 5, 0, 0, 0")), {"user": "u-2"})
-        pid = writer.execute(sa.text("SELECT pg_backend_pid()")).scalar()
 
         def delete() -> None:
             try:
@@ -113,18 +112,7 @@ def test_a_delete_waits_for_a_batch_writing_the_account_then_is_refused(credex, 
 
         thread = threading.Thread(target=delete)
         thread.start()
-        deadline = time.monotonic() + 10
-        with engine.connect() as watcher:
-            while time.monotonic() < deadline:
-                waiting = watcher.execute(
-                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
-                    {"pid": pid},
-                ).scalar()
-                if waiting:
-                    break
-                time.sleep(0.02)
-            else:
-                pytest.fail("the DELETE never waited for the writer")
+        wait_for(lambda: lock_waiters(db_url) >= 1, timeout=10, what="the DELETE to wait for the writer")
         # What a batch writes for a new shopper, committed while the DELETE waits.
         entry = writer.execute(
             sa.text(

@@ -8,7 +8,6 @@ Each ends with every redemption shipped exactly once and every rule of domain.md
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ from tests.netfaults import FaultyProxy
 from tests.pipeline import Pipeline, check_shipped_exactly_once
 from tests.sandbox import running_sandbox
 from tests.support import wait_for
-from tests.test_worker_metrics import one, scrape
+from tests.test_worker_metrics import metrics_url, one, scrape
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -237,6 +236,8 @@ def test_a_warehouse_whose_answer_is_never_confirmed_reconnects_and_ships_once(
             warehouse = pipeline.warehouse(
                 "--metrics-port",
                 "0",
+                "--log-format",
+                "json",
                 env={
                     "CREDEX_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F",
                     "CREDEX_AMQP_PUBLISH_TIMEOUT": "3",
@@ -244,11 +245,7 @@ def test_a_warehouse_whose_answer_is_never_confirmed_reconnects_and_ships_once(
             )
             for process in (relay, warehouse):
                 pipeline.wait_ready(process)
-            metrics = wait_for(
-                lambda: re.search(r"http://127\.0\.0\.1:\d+/metrics", pipeline.log(warehouse)),
-                timeout=60,
-                what="the metrics URL in the log",
-            ).group(0)
+            metrics = metrics_url(pipeline, warehouse)
             shop(1)
             wait_for(
                 lambda: sandbox.requests()["faults"].get("slow", 0) >= 1,
