@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/%2F")
     amqp_prefix: str = ""
     # Seconds a worker waits for the broker to confirm what it published before it takes the
-    # connection for lost and reconnects (what was not confirmed is published again).
+    # connection for lost and reconnects (what was not confirmed is published again). The same
+    # as credex.amqp.connection.RPC_TIMEOUT_S, a Broker's own default (a test keeps them equal).
     amqp_publish_timeout: float = Field(default=30.0, gt=0, le=3600)
 
     logistics_url: str | None = None

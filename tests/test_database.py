@@ -612,6 +612,13 @@ def test_a_setting_with_a_bad_value_is_bad_usage_naming_it(tmp_path, credex_at, 
     assert not path.exists() or _everything(f"sqlite:///{path}")["account"] == []
 
 
+def test_the_publish_timeout_setting_defaults_to_what_a_broker_made_without_settings_waits():
+    from credex.amqp.connection import RPC_TIMEOUT_S
+    from credex.config import Settings
+
+    assert Settings.model_fields["amqp_publish_timeout"].default == RPC_TIMEOUT_S
+
+
 @pytest.mark.parametrize("rate", ["1e999999", "1e999999999"])
 def test_a_purchase_rate_beyond_any_arithmetic_is_bad_usage_not_an_internal_error(
     tmp_path, credex_at, monkeypatch, rate
