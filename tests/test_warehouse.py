@@ -127,6 +127,39 @@ def test_a_carrier_that_is_down_leaves_the_request_open_for_the_next_delivery(
     assert shipment["express_no"] == carrier_sandbox.shipments()[0]["tracking_number"]
 
 
+def test_a_refused_api_key_fails_no_shipment_and_the_message_ships_once_the_key_is_fixed(
+    credex, rabbit, declared
+):
+    """A wrong key (rotated at the carrier, mistyped) refuses every call alike: no shipment is
+    failed for it (that would put every redemption meanwhile in `exception`), the message is acked
+    unanswered as when the carrier is away, and the relay's next attempt ships it."""
+    from tests.sandbox import running_sandbox
+
+    message = redemption_message(6)
+    rabbit.publish("redemption.created", message, message_id=message["message_id"])
+    with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": "the-right-key"}) as carrier:
+        refused = credex(
+            "warehouse", "run", "--once", "--json", env=carrier.env(CREDEX_LOGISTICS_API_KEY="a-wrong-key")
+        )
+        assert refused.exit_code == 0, refused.stderr
+        report = refused.json()
+        assert (report["shipments_created"], report["without_waybill"], report["failed"]) == (1, 1, 0)
+        assert report["confirmed"] == 0 and rabbit.count(rabbit.names.confirmations_queue) == 0
+        assert "refused the API key" in refused.stderr and "the relay will send it again" in refused.stderr
+        assert "a-wrong-key" not in refused.stdout + refused.stderr  # never an API key
+        (shipment,) = credex("warehouse", "list", "--json").json()
+        assert (shipment["status"], shipment["express_no"]) == ("requested", None)
+        assert carrier.shipments() == []
+
+        rabbit.publish("redemption.created", message, message_id=message["message_id"])  # sent again
+        report = warehouse_once(credex, carrier.env(CREDEX_LOGISTICS_API_KEY="the-right-key"))
+        assert (report["shipments_created"], report["waybills"], report["confirmed"]) == (0, 1, 1)
+        ((properties, body),) = rabbit.take(rabbit.names.confirmations_queue)
+        assert properties.type == "shipment.requested" and body["redemption_id"] == 6
+        (parcel,) = carrier.shipments()
+        assert parcel["idempotency_key"] == message["message_id"]
+
+
 def test_without_a_carrier_the_warehouse_refuses_to_start_and_consumes_nothing(credex, rabbit):
     rabbit.channel.exchange_declare(rabbit.names.exchange, "topic", durable=True)
     result = credex("warehouse", "run", "--once", "--json")
