@@ -283,6 +283,32 @@ def test_a_cancel_while_the_carrier_is_down_is_acked_unanswered_and_done_on_the_
     assert carrier_sandbox.live_waybills() == []
 
 
+def test_a_cancel_met_by_a_refused_api_key_is_not_refused_and_is_done_once_the_key_is_fixed(
+    credex,
+    db_url,
+    rabbit,
+):
+    """A wrong key says nothing of the parcel: the cancel is not answered "refused" (that would put
+    the redemption back to `shipping` for good); it comes again and cancels the waybill then."""
+    with running_sandbox(env={"CREDEX_LOGISTICS_API_KEY": "the-right-key"}) as carrier:
+        right = carrier.env(CREDEX_LOGISTICS_API_KEY="the-right-key")
+        send(rabbit, created_body(10))
+        run(credex, right)
+        assert only_answer(rabbit)[0] == "shipment.requested"
+        cancel = send(rabbit, cancel_body(10, "changed my mind"))
+        report = run(credex, carrier.env(CREDEX_LOGISTICS_API_KEY="a-wrong-key"))
+        assert (report["without_waybill"], report["refused"], report["confirmed"]) == (1, 0, 0)
+        assert answers(rabbit) == [] and rows(db_url)[10]["status"] == "waybill"
+        assert rabbit.count(rabbit.names.warehouse_queue) == 0  # acked
+        assert carrier.live_waybills() != []
+
+        send(rabbit, cancel)  # the relay's next attempt, the key fixed
+        run(credex, right)
+        kind, body, _ = only_answer(rabbit)
+        assert (kind, body["outcome"]) == ("shipment.cancelled", "cancelled")
+        assert carrier.live_waybills() == [] and rows(db_url)[10]["status"] == "cancelled"
+
+
 # --- failed -------------------------------------------------------------------------------------
 
 
