@@ -160,6 +160,20 @@ def test_a_refused_api_key_fails_no_shipment_and_the_message_ships_once_the_key_
         assert parcel["idempotency_key"] == message["message_id"]
 
 
+@pytest.mark.parametrize("prefetch", [1, 20, 100, 1000])
+def test_a_requesting_row_is_not_taken_for_abandoned_while_its_consumer_may_still_ask(prefetch):
+    """A hand's rows are claimed `requesting` together and asked CARRIER_CALLS at a time: the
+    lease after which a cancel takes such a row for abandoned outlasts the last one's turn."""
+    from credex.relay.topology import Names
+    from credex.warehouse.consumer import CARRIER_CALLS, Warehouse, warehouse_broker
+
+    broker = warehouse_broker("amqp://guest:guest@127.0.0.1:5672/%2F", Names("t."), prefetch=prefetch)
+    warehouse = Warehouse("sqlite://", broker, lambda: None, carrier_timeout=15.0)
+    last_turn = -(-prefetch // CARRIER_CALLS) * 15.0  # every call before it taking its whole bound
+    assert warehouse.requesting_lease > last_turn
+    assert warehouse.requesting_lease >= 4 * 15.0 + 30  # never shorter than it was
+
+
 def test_without_a_carrier_the_warehouse_refuses_to_start_and_consumes_nothing(credex, rabbit):
     rabbit.channel.exchange_declare(rabbit.names.exchange, "topic", durable=True)
     result = credex("warehouse", "run", "--once", "--json")

@@ -139,9 +139,14 @@ class Warehouse(Worker[WarehouseReport]):
         self.poll_interval = poll_interval
         self._carrier = None
         self._desk: ShippingDesk | None = None
-        # A `requesting` row older than this was left by a consumer that died (a carrier call takes
-        # at most carrier_timeout, retries included).
-        self.requesting_lease = requesting_lease if requesting_lease is not None else 4 * carrier_timeout + 30
+        # A `requesting` row older than this was left by a consumer that died. A hand's rows are
+        # claimed as their batch starts and asked CARRIER_CALLS at a time, each call bounded by
+        # carrier_timeout (retries included): the last of a full hand waits prefetch/CARRIER_CALLS
+        # calls. Until then a cancel of the row waits for the consumer asking (it comes again).
+        calls_in_turn = -(-broker.prefetch // CARRIER_CALLS)
+        self.requesting_lease = (
+            requesting_lease if requesting_lease is not None else max(4, calls_in_turn) * carrier_timeout + 30
+        )
         self._carrier_pool: ThreadPoolExecutor | None = None
         self._shipping: ThreadPoolExecutor | None = None
         self._in_hand: deque[_Batch] = deque()
