@@ -34,8 +34,8 @@ class Report(Protocol):
 
 R = TypeVar("R", bound=Report)
 
-# Between attempts to reach the broker or the database again: 0.5 s doubling to 30 s.
-RECONNECT_BACKOFF = Backoff(base=0.5, cap=30.0)
+# Between attempts to reach the broker or the database again: 0.5 s doubling to 5 s.
+RECONNECT_BACKOFF = Backoff(base=0.5, cap=5.0)
 
 
 class Worker(Generic[R]):

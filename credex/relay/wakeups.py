@@ -36,7 +36,7 @@ log = logging.getLogger("credex.relay")
 
 CHANNEL = "credex_outbox"  # migration 0006_outbox_notify
 APPLICATION_NAME = "credex relay wake-ups"  # how its connection shows in pg_stat_activity
-LISTEN_BACKOFF = Backoff(base=0.5, cap=30.0)
+LISTEN_BACKOFF = Backoff(base=0.5, cap=5.0)
 FAST_LOOK, SLOW_LOOK = 0.002, 0.032  # seconds between looks at SQLite's data version
 # A due, unclaimed message (the claim's condition; timestamps are stored as naive UTC text).
 _SQLITE_DUE = (
