@@ -47,6 +47,12 @@ class Backoff:
         return step * (1.0 + self.spread * self.rng.random())
 
 
+# Between a worker's attempts to reach the broker or the database again (its connection, and the
+# relay's LISTEN connection): 0.5 s doubling to 5 s, so a worker is back within about 5 s of the
+# service (with 30 s, the database-outage test's five 4 s outages took 45-68 s; with 5 s, 37-42 s).
+RECONNECT = Backoff(base=0.5, cap=5.0)
+
+
 @dataclass
 class Streak:
     """Failures in a row and the wait they call for: ``failed()`` counts one and returns the wait

@@ -23,7 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from credex.amqp.broker import Broker
 from credex.amqp.connection import BrokerLost
 from credex.errors import Unavailable
-from credex.retry import Backoff, Streak
+from credex.retry import RECONNECT, Backoff, Streak
 
 
 class Report(Protocol):
@@ -33,9 +33,6 @@ class Report(Protocol):
 
 
 R = TypeVar("R", bound=Report)
-
-# Between attempts to reach the broker or the database again: 0.5 s doubling to 5 s.
-RECONNECT_BACKOFF = Backoff(base=0.5, cap=5.0)
 
 
 class Worker(Generic[R]):
@@ -55,7 +52,7 @@ class Worker(Generic[R]):
         *,
         log: logging.Logger,
         once: bool = False,
-        backoff: Backoff = RECONNECT_BACKOFF,
+        backoff: Backoff = RECONNECT,
     ) -> None:
         self.broker = broker
         self.report = report

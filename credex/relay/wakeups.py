@@ -30,13 +30,12 @@ from sqlalchemy.engine import make_url
 
 from credex.db.urls import normalise_url
 from credex.errors import redact
-from credex.retry import Backoff, Streak
+from credex.retry import RECONNECT, Streak
 
 log = logging.getLogger("credex.relay")
 
 CHANNEL = "credex_outbox"  # migration 0006_outbox_notify
 APPLICATION_NAME = "credex relay wake-ups"  # how its connection shows in pg_stat_activity
-LISTEN_BACKOFF = Backoff(base=0.5, cap=5.0)
 FAST_LOOK, SLOW_LOOK = 0.002, 0.032  # seconds between looks at SQLite's data version
 # A due, unclaimed message (the claim's condition; timestamps are stored as naive UTC text).
 _SQLITE_DUE = (
@@ -84,7 +83,7 @@ class PostgresListener(Wakeups):
     def _run(self) -> None:
         import psycopg
 
-        streak = Streak(LISTEN_BACKOFF)
+        streak = Streak(RECONNECT)
         missed = False
         while not self._stop.is_set():
             try:

@@ -143,6 +143,7 @@ class Warehouse(Worker[WarehouseReport]):
         # claimed as their batch starts and asked CARRIER_CALLS at a time, each call bounded by
         # carrier_timeout (retries included): the last of a full hand waits prefetch/CARRIER_CALLS
         # calls. Until then a cancel of the row waits for the consumer asking (it comes again).
+        # Never under 4 calls: the lease a small hand had before it was sized by the hand.
         calls_in_turn = -(-broker.prefetch // CARRIER_CALLS)
         self.requesting_lease = (
             requesting_lease if requesting_lease is not None else max(4, calls_in_turn) * carrier_timeout + 30

@@ -46,16 +46,15 @@ class MeteredCarrier:
         started = time.perf_counter()
         try:
             return call(*args, **kwargs)
-        except CarrierKeyRefused as error:
-            self._metrics.carrier_errors.labels(carrier_error_kind(error)).inc()
-            raise CarrierUnreachable(
-                f"{error.message}; nothing is failed for it, the message comes again",
-                http_status=error.http_status,
-                error_code=error.error_code,
-                reason="the carrier refused the API key",
-            ) from None
         except CredexError as error:
             self._metrics.carrier_errors.labels(carrier_error_kind(error)).inc()
+            if isinstance(error, CarrierKeyRefused):
+                raise CarrierUnreachable(
+                    f"{error.message}; nothing is failed for it, the message comes again",
+                    http_status=error.http_status,
+                    error_code=error.error_code,
+                    reason="the carrier refused the API key",
+                ) from None
             raise
         finally:
             self._metrics.carrier_seconds.labels(name).observe(time.perf_counter() - started)
