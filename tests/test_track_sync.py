@@ -445,3 +445,45 @@ def test_track_by_the_express_number_of_a_known_redemption_keeps_to_the_interval
         "track", "--express-no", number, "--json", env=env | {"CREDEX_TRACK_MIN_INTERVAL": "0s"}
     )
     assert "stored" not in every_time.json() and trackings(sandbox) == 6
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_two_returns_of_one_shopper_refunded_at_once_wait_for_each_other(db_url, credex, ship, monkeypatch):
+    """Two `track sync` runs each hear of a different return of the same shopper. Each writes its
+    redemption row twice (the answer, then the status), and Postgres checks the row's key to the
+    account the second time (FOR KEY SHARE). Then both lock the account to refund: the second
+    must wait for the first to commit, not deadlock with it (it did, as a lock upgrade, exit 70)."""
+    import threading
+
+    import credex.points.cancels as cancels
+    from credex.points.deliveries import record_delivery
+
+    first, second = ship(), ship()
+    balance = credex("account", "show", "u1", "--json").json()["balance"]
+    both_hold_their_rows = threading.Barrier(2, timeout=30)
+    real_lock = cancels.lock_account
+
+    def lock_when_both_are_here(session, user_id):
+        both_hold_their_rows.wait()
+        return real_lock(session, user_id)
+
+    monkeypatch.setattr(cancels, "lock_account", lock_when_both_are_here)
+    outcomes: dict[int, object] = {}
+
+    def refund(redemption_id: int) -> None:
+        try:
+            with session_for(db_url, write=True) as session:
+                outcomes[redemption_id] = record_delivery(
+                    session, redemption_id, "returned", operator="cron", now=utcnow()
+                )
+                session.commit()
+        except Exception as error:  # reported below, with the other run's outcome
+            outcomes[redemption_id] = error
+
+    runs = [threading.Thread(target=refund, args=(p["redemption_id"],)) for p in (first, second)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert outcomes == {first["redemption_id"]: "returned", second["redemption_id"]: "returned"}
+    assert credex("account", "show", "u1", "--json").json()["balance"] == balance + 20

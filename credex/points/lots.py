@@ -2,7 +2,7 @@
 reads them, spending on a redemption's hot path, and storing an award's plan.
 
 Every change to an account's lots happens in a transaction that has locked the account row
-first (``UPDATE account`` or ``SELECT … FOR UPDATE``; on SQLite the write session's BEGIN
+first (``UPDATE account`` or ``SELECT … FOR NO KEY UPDATE``; on SQLite the write session's BEGIN
 IMMEDIATE), so lots never need locks of their own. Nothing here commits: the caller does.
 """
 
@@ -36,10 +36,18 @@ def find_entry(session: Session, kind: str, ref: str):
 
 
 def lock_account(session: Session, user_id: str):
-    """The account's counters, its row locked until the transaction ends (None: no account)."""
+    """The account's counters, its row locked until the transaction ends (None: no account).
+
+    On Postgres the lock is FOR NO KEY UPDATE, the one an UPDATE of the counters takes: it
+    excludes every other writer of the account but not the FOR KEY SHARE that a row referring to
+    the account may have taken in the same transaction. FOR UPDATE would exclude that too, and two
+    transactions that each hold it (a redemption row written twice, as `track sync` does: the
+    answer, then the status) would each wait for the other: a deadlock."""
     a = account_table.c
     row = session.execute(
-        select(a.balance, a.pending, a.debt, a.earned).where(a.user_id == user_id).with_for_update()
+        select(a.balance, a.pending, a.debt, a.earned)
+        .where(a.user_id == user_id)
+        .with_for_update(key_share=True)
     ).first()
     if row is not None:
         whole_counters(user_id, row)
