@@ -250,7 +250,7 @@ class PostgresWriter(BatchWriter):
     # Lists go as binary arrays (%b): psycopg writes a text array in Python, quoting each element,
     # about three times as slow (a batch's balances: nine arrays of 5,000).
     values_of = "unnest(%b::text[]) AS value"
-    lock = " FOR UPDATE"
+    lock = " FOR NO KEY UPDATE"  # as lots.lock_account, and for the same reason
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
