@@ -227,6 +227,21 @@ def test_each_role_is_refused_what_it_must_not_do_and_nobody_edits_the_ledger(pg
         assert done.exit_code == 1, (role, command, done.stderr)
         error = json.loads(done.stderr)["error"]
         assert error["code"] == "permission_denied" and "permission denied for table" in error["message"]
+    # award bulk writes through the driver's own cursor: refused the same way (it was exit 70).
+    for role, what in (("credex_auditor", "table account"), ("credex_relay", "sequence point_lot_id_seq")):
+        done = cli(
+            as_role(pg, role),
+            "award",
+            "bulk",
+            "-",
+            "--format",
+            "csv",
+            "--json",
+            input="user_id,points,ref\nu1,5,b-1\n",
+        )
+        assert done.exit_code == 1, (role, done.stderr)
+        error = json.loads(done.stderr)["error"]
+        assert error["code"] == "permission_denied" and f"permission denied for {what}" in error["message"]
     shown = ok(cli(pg, "catalog", "list", "--json")).json()
     assert [(i["sku"], i["points"], i["stock"]) for i in shown] == [("MUG", 10, 4)]
     assert ok(cli(pg, "account", "show", "u1", "--json")).json()["balance"] == 90

@@ -343,6 +343,14 @@ def permission_denied(error: BaseException, *, hint: str = _ROLES_HINT) -> Permi
     )
 
 
+def _from_the_driver(error: BaseException) -> bool:
+    """A driver's own exception, not wrapped by SQLAlchemy (bulk writes run on the driver's cursor)."""
+    return any(
+        (driver := sys.modules.get(name)) is not None and isinstance(error, driver.Error)
+        for name in ("psycopg", "sqlite3")
+    )
+
+
 def _sqlstate(error: BaseException) -> str | None:
     """The SQLSTATE of a psycopg error (wrapped by SQLAlchemy or not); None for SQLite's."""
     return getattr(getattr(error, "orig", None) or error, "sqlstate", None)
@@ -372,7 +380,7 @@ def translate_db_error(error: BaseException) -> CredexError | None:
             f"the database holds a value that is not of its column's type ({_first_line(error)}): "
             "it was changed by hand; repair the row"
         )
-    if not isinstance(error, DBAPIError):
+    if not isinstance(error, DBAPIError) and not _from_the_driver(error):
         return None
     orig = getattr(error, "orig", None) or error
     if (refused := _refusal(error)) is not None:
