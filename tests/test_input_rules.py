@@ -529,7 +529,7 @@ def test_bulk_rows_of_arbitrary_text_are_applied_as_given_or_rejected_never_70(
     summary = result.json()
     assert summary["applied"] + summary["duplicates"] + summary["rejected"] == len(rows)
     # Every grant stored reads back as one of the rows that gave it, character for character.
-    from credex.points.bulk import DEFAULT_REASON
+    from credex.points.bulk_batch import DEFAULT_REASON
     from credex.points.bulk_files import Grant, check_row
 
     given_rows = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from credex.commands._common import collect_for_a_long_run
+from credex import collect_for_a_long_run
 
 
 class _Node:

@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 
+from credex import collect_for_a_long_run
 from credex.commands._common import (
     JsonOption,
     OperatorOption,
-    collect_for_a_long_run,
     operator,
     points_session,
     settings,
@@ -185,6 +185,14 @@ def bulk(
             help="Rows per transaction (a killed run keeps whole batches).",
         ),
     ] = 5000,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            parser=whole(1, 16),
+            help="Postgres: processes writing batches at once, committed in file order (SQLite: one).",
+        ),
+    ] = 2,
     operator_: OperatorOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -218,6 +226,7 @@ def bulk(
                     expiry_days=expiry_days,
                     dry_run=dry_run,
                     batch_size=batch_size,
+                    jobs=jobs,
                     on_rejected=reporter.rejected,
                     on_batch=reporter.batch,
                     rows_after=_rows_after(file, reader.format),

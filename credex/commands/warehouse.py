@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from credex import collect_for_a_long_run
 from credex.commands._common import (
     JsonOption,
     LimitOption,
@@ -13,7 +14,6 @@ from credex.commands._common import (
     LogFormatOption,
     MetricsHostOption,
     MetricsPortOption,
-    collect_for_a_long_run,
     finite,
     serve_metrics,
     settings,

@@ -10,8 +10,8 @@ COPY on Postgres), and commit. A run killed half way has committed whole batches
 rows are duplicates next time, and the corrections it refused are judged again where they stand
 in the file (``Replay``).
 
-(A little over 400 lines on purpose: a batch's steps and the replay of an earlier run are one
-transaction's story; the rules are planner.py's and the writing bulk_writers.py's.)
+A batch's outcome is worked out in ``bulk_batch``, stored by ``bulk_writers``; on Postgres the
+batches after the first can be written by several processes at once (``bulk_processes``).
 """
 
 from __future__ import annotations
@@ -19,190 +19,29 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session
 
-from credex.db.models import EntryKind, utcnow
-from credex.errors import CredexError, Unavailable
+from credex.db.models import utcnow
+from credex.points.bulk_batch import (
+    RETRIES,
+    BulkReport,
+    Replay,
+    as_credex_error,
+    pause_before,
+    plan_batch,
+    worth_retrying,
+)
 from credex.points.bulk_files import Grant, Rejected, UnreadableFile
-from credex.points.bulk_writers import BULK_PRAGMAS, BatchWriter, Retry, writer_for
-from credex.points.planner import Account, Plan, Planner, Refusal, StoredLot
+from credex.points.bulk_processes import Done, Writers
+from credex.points.bulk_writers import BULK_PRAGMAS, BatchWriter, PostgresWriter, writer_for
+from credex.points.planner import Account, Plan
 
 __all__ = ["BULK_PRAGMAS", "BulkReport", "grant_bulk", "summary"]  # BULK_PRAGMAS: bench/bulk.py
 
 BATCH_SIZE = 5000
-DEFAULT_REASON = "bulk grant"
-RETRIES = 5  # a batch that met a concurrent award of the same ref or account starts again
-
-_GRANT = EntryKind.grant.value
-
-
-@dataclass
-class BulkReport:
-    """What a run did (or, dry, would do). ``points_awarded`` sums the applied rows' points."""
-
-    applied: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    points_awarded: int = 0
-    rows: int = 0
-    dry_run: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-# --- working out a batch --------------------------------------------------------------------------
-
-
-class Replay:
-    """Where an earlier run of the same file left off, so that a correction is judged on the
-    balance at its place in the file, as a single run would have judged it.
-
-    A run applies rows in file order with ever larger entry ids, so the rows an earlier (killed,
-    or complete) run applied are duplicates now, and their entries mark how far it got: the
-    largest such id before a row (``seen``) bounds the entries that came before that row. When a
-    user's balance has grown since (the earlier run went on to later rows), the growth does not
-    count for a correction that run refused; it is refused again. Entries this run writes
-    (ids from ``own_from``) are never marks. Holds a few numbers, whatever the file's size."""
-
-    def __init__(self, balances_before: Callable[[list[str], int], dict[str, int]]) -> None:
-        self.balances_before = balances_before  # user -> balance after their last entry with id < bound
-        self.seen = 0  # the largest id of an earlier run's entry met so far in file order
-        # The first mark after the first batch with a correction and no mark before it, found by
-        # reading the rest of the file (``rows_after``) once: an earlier run may have refused the
-        # correction and applied rows only further on, beyond this batch.
-        self.mark_beyond: int | None = None
-        self.looked_beyond = False
-        self.own_from: int | None = None  # the first entry id this run wrote
-        self.look_up_refs = True  # whether the next batch asks which of its refs are recorded
-        self.settled: dict[str, int] = {}  # per batch: the balance before this run's entries
-        self._cache: dict[tuple[str, int], int] = {}
-
-    def start_batch(self, committed: dict[str, int], takers: list[str]) -> None:
-        """``committed``: the batch's balances in the database (before this batch)."""
-        self._cache.clear()
-        if self.own_from is None:
-            self.settled = committed
-        else:
-            self.settled = self.balances_before(takers, self.own_from) if takers else {}
-        if self.seen and takers:
-            bound = self.seen + 1
-            for user, balance in self.balances_before(takers, bound).items():
-                self._cache[user, bound] = balance
-
-    def is_mark(self, entry_id: int | None) -> bool:
-        return entry_id is not None and (self.own_from is None or entry_id < self.own_from)
-
-    def mark_of(self, row: Grant, prior: tuple[str, str, int | None] | None) -> int | None:
-        """The entry id an earlier run recorded for ``row`` (same ref and content), if any."""
-        if (
-            prior is not None
-            and prior[0] == row.user_id
-            and prior[1] == f"points={row.points}"
-            and self.is_mark(prior[2])
-        ):
-            return prior[2]
-        return None
-
-    def growth(self, user: str, bound: int) -> int:
-        """How much ``user``'s balance grew between the mark ``bound`` and this run."""
-        before = self._cache.get((user, bound))
-        if before is None:
-            before = self._cache[user, bound] = self.balances_before([user], bound).get(user, 0)
-        return self.settled.get(user, 0) - before
-
-
-def plan_batch(
-    batch: list[Grant | Rejected],
-    *,
-    accounts: dict[str, Account],
-    used_refs: dict[str, tuple[str, str, int | None]],
-    lots: dict[str, list[StoredLot]] | None,
-    report: BulkReport,
-    on_rejected: Callable[[Rejected], None],
-    now: datetime,
-    expiry_days: int = 0,
-    replay: Replay | None = None,
-) -> Plan:
-    """Every row's outcome in file order, as ``award grant`` one by one would have it: the
-    planner's rules on the whole batch, refs and corrections judged here.
-
-    ``accounts``: the batch's existing accounts (locked); ``used_refs``: ref -> (user id,
-    detail, entry id) of the grants already recorded with the batch's refs; ``lots``: the
-    available lots, oldest first, of the accounts the batch takes points from (None: a dry run,
-    which plans no lots); ``replay``: where earlier runs of the file left off (None: judge
-    corrections on the balance alone)."""
-    planner = Planner(accounts, lots, now=now)
-    first_mark: list[int | None] = []  # worked out when a correction first needs it
-
-    def mark_ahead() -> int | None:
-        # A correction before the run's first mark: the earlier run had applied nothing before
-        # it, so its balance then is the one before the batch's earliest mark.
-        if not first_mark:
-            marks = [
-                mark
-                for row in batch
-                if row.__class__ is Grant
-                and (mark := replay.mark_of(row, used_refs.get(row.ref))) is not None
-            ]
-            first_mark.append(min(marks, default=replay.mark_beyond))
-        return first_mark[0]
-
-    award = planner.award
-    for row in batch:
-        if row.__class__ is Rejected:
-            report.rejected += 1
-            on_rejected(row)
-            continue
-        user, points, ref = row.user_id, row.points, row.ref
-        detail = f"points={points}"
-        prior = used_refs.get(ref)
-        if prior is not None:
-            if prior[0] == user and prior[1] == detail:
-                report.duplicates += 1
-                if replay is not None and replay.is_mark(prior[2]) and prior[2] > replay.seen:
-                    replay.seen = prior[2]
-            else:
-                report.rejected += 1
-                on_rejected(
-                    Rejected(
-                        row.line,
-                        f"ref {ref} was already used for {prior[0]} ({prior[1]}) with other content",
-                        row.original,
-                    )
-                )
-            continue
-        judged = None
-        if points < 0 and replay is not None:
-            bound = replay.seen + 1 if replay.seen else mark_ahead()
-            if bound is not None:
-                grown = replay.growth(user, bound)
-                if grown > 0:
-                    judged = planner.account(user).balance - grown
-        outcome = award(
-            user,
-            points,
-            kind=_GRANT,
-            ref=ref,
-            detail=detail,
-            reason=row.reason or DEFAULT_REASON,
-            expiry_days=expiry_days,
-            judged=judged,
-        )
-        if outcome.__class__ is Refusal:
-            report.rejected += 1
-            on_rejected(Rejected(row.line, outcome.message, row.original))
-            continue
-        used_refs[ref] = (user, detail, None)
-        report.applied += 1
-        report.points_awarded += points
-    return planner.plan
 
 
 # --- a dry run -------------------------------------------------------------------------------------
@@ -329,16 +168,19 @@ def _apply(
             break
         except Exception as error:
             session.rollback()
-            if attempt < RETRIES and _worth_retrying(error):
-                time.sleep(0.01 * 2**attempt)
+            if attempt < RETRIES and worth_retrying(error):
+                pause_before(attempt)
                 continue
-            raise _as_credex_error(session, error) from error
+            raise as_credex_error(_url(session), error) from error
     else:  # pragma: no cover - the loop always breaks or raises
         raise AssertionError("unreachable")
     for row in rejected:  # reported once the batch's outcome is final
         on_rejected(row)
-    for field in ("applied", "duplicates", "rejected", "points_awarded"):
-        setattr(report, field, getattr(report, field) + getattr(outcome, field))
+    report.add(outcome)
+
+
+def _url(session: Session) -> str:
+    return session.bind.url.render_as_string(hide_password=False)
 
 
 def _first_mark_after(session: Session, rows: Iterator[Grant | Rejected], replay: Replay) -> int | None:
@@ -348,7 +190,7 @@ def _first_mark_after(session: Session, rows: Iterator[Grant | Rejected], replay
     the reader cannot read ends the search: the run stops there anyway."""
     from credex.db.engine import open_session
 
-    scan = open_session(session.bind.url.render_as_string(hide_password=False))
+    scan = open_session(_url(session))
     try:
         looking = writer_for(scan)
         looking.begin()
@@ -377,29 +219,6 @@ def _first_mark_in(looking: BatchWriter, chunk: list[Grant], replay: Replay) -> 
     return min(marks, default=None)
 
 
-def _worth_retrying(error: BaseException) -> bool:
-    if isinstance(error, Retry):
-        return True
-    try:
-        import psycopg.errors
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return False
-    return isinstance(error, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
-
-
-def _as_credex_error(session: Session, error: BaseException) -> BaseException:
-    """A lost database as Unavailable (exit 69); anything else as it is."""
-    from credex.db.engine import is_connection_error, unavailable
-
-    if isinstance(error, CredexError):
-        return error
-    if isinstance(error, Retry):
-        return Unavailable(f"the database kept changing under one batch ({error}): try again")
-    if is_connection_error(error):
-        return unavailable(session.bind.url.render_as_string(hide_password=False), error)
-    return error
-
-
 def grant_bulk(
     session: Session,
     rows: Iterable[Grant | Rejected],
@@ -408,12 +227,17 @@ def grant_bulk(
     expiry_days: int = 0,
     dry_run: bool = False,
     batch_size: int = BATCH_SIZE,
+    jobs: int = 1,
     on_rejected: Callable[[Rejected], None] | None = None,
     on_batch: Callable[[BulkReport], None] | None = None,
     rows_after: Callable[[int], Iterator[Grant | Rejected]] | None = None,
 ) -> BulkReport:
     """Apply ``rows`` (from ``bulk_files.open_grants``) as grants, ``batch_size`` rows per
     transaction; with ``dry_run`` nothing is written and the report says what would happen.
+
+    ``jobs`` > 1 on Postgres: the batches after the first are written by that many processes at
+    once, committed in file order (``bulk_processes``); the outcome is the same. On SQLite, which
+    writes one transaction at a time, and on a dry run, one process does it all.
 
     ``rows_after(line)`` reads the same file's rows after ``line`` again (None: the input cannot
     be read twice, as stdin): with it, a correction an earlier run of the file refused is
@@ -428,9 +252,39 @@ def grant_bulk(
     backend = writer_for(session)
     scratch = _DryRun() if dry_run else None
     replay = Replay(backend.balances_before)
+    parallel = jobs > 1 and not dry_run and isinstance(backend, PostgresWriter)
+    writers: Writers | None = None
     batch: list[Grant | Rejected] = []
+    index = 0
 
-    def flush() -> None:
+    def counted(batch: list[Grant | Rejected]) -> None:
+        report.rows += len(batch)
+        if on_batch is not None:
+            on_batch(report)
+
+    def merge(batch: list[Grant | Rejected], done: Done) -> None:
+        report.add(done.outcome)
+        if done.refused:
+            originals = {row.line: row.original for row in batch}
+            for line, reason in done.refused:
+                notify(Rejected(line, reason, originals.get(line)))
+        replay.seen = max(replay.seen, done.seen)
+        if replay.own_from is None:
+            replay.own_from = done.first_id
+        replay.look_up_refs = done.recorded
+        counted(batch)
+
+    def flush(*, more: bool) -> None:
+        nonlocal writers, index, batch
+        if parallel and writers is None and more:  # they start while this batch is applied here
+            writers = Writers(_url(session), jobs, operator=operator, expiry_days=expiry_days, merge=merge)
+        elif writers is not None and not any(row.__class__ is Grant and row.points < 0 for row in batch):
+            writers.deal(index, batch, replay)
+            index += 1
+            batch = []
+            return
+        if writers is not None:
+            writers.drain()  # a correction is judged on every batch before it
         _apply(
             session,
             backend,
@@ -443,25 +297,32 @@ def grant_bulk(
             replay=replay,
             rows_after=rows_after,
         )
-        report.rows += len(batch)
-        batch.clear()
-        if on_batch is not None:
-            on_batch(report)
+        if writers is not None:
+            writers.settled(index)
+        counted(batch)
+        index += 1
+        batch = []
 
     try:
         try:
             for row in rows:
                 batch.append(row)
                 if len(batch) >= batch_size:
-                    flush()
+                    flush(more=True)
         except UnreadableFile as error:
             if batch:  # the rows before the unreadable line count, as they would one by one
-                flush()
+                flush(more=False)
+            if writers is not None:
+                writers.drain()
             error.report = report
             raise
         if batch:
-            flush()
+            flush(more=False)
+        if writers is not None:
+            writers.drain()
     finally:
+        if writers is not None:
+            writers.close()
         if scratch is not None:
             scratch.close()
     return report

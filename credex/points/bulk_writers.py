@@ -49,6 +49,9 @@ _LOT_COLUMNS = (
 _USE_COLUMNS = ("lot_id", "entry_id", "points")
 
 
+Reserved = tuple[Sequence[int], Sequence[int]]  # a batch's entry ids and lot ids, drawn beforehand
+
+
 class Retry(Exception):
     """Another transaction used one of the batch's refs or created one of its accounts first."""
 
@@ -154,8 +157,9 @@ class BatchWriter:
             lots[user].append(StoredLot(*stored))
         return lots
 
-    def write(self, plan: Plan, *, now: datetime, operator: str) -> int | None:
-        """Store the plan; the first entry id it used (None: no entry)."""
+    def write(self, plan: Plan, *, now: datetime, operator: str, ids: Reserved | None = None) -> int | None:
+        """Store the plan; the first entry id it used (None: no entry). ``ids``: entry and lot
+        ids drawn beforehand (``reserve``), at least as many as the plan has; else drawn now."""
         stamp = self._stamp(now)
         stamps: dict[datetime | None, Any] = {now: stamp, None: None}
 
@@ -166,8 +170,11 @@ class BatchWriter:
             return done
 
         accounts = plan.accounts
-        entry_ids = self._next_ids("ledger_entry", len(plan.entries))
-        lot_ids = self._next_ids("point_lot", len(plan.lots))
+        if ids is None:
+            entry_ids = self._next_ids("ledger_entry", len(plan.entries))
+            lot_ids = self._next_ids("point_lot", len(plan.lots))
+        else:
+            entry_ids, lot_ids = ids
         if plan.created:
             created = [(u, *accounts[u], 0, stamp, stamp) for u in plan.created]
             if self._insert_new("account", _ACCOUNT_COLUMNS, created, "user_id") != len(created):
@@ -218,7 +225,7 @@ class BatchWriter:
         changed = [(*accounts[u], stamp, u) for u in accounts if u not in created_now]
         if changed:
             self._update("account", "user_id", (*Account._fields, "updated_at"), changed)
-        return entry_ids[0] if entry_ids else None
+        return entry_ids[0] if plan.entries else None
 
 
 def _marks(columns: Sequence[str]) -> str:
@@ -272,6 +279,28 @@ class PostgresWriter(BatchWriter):
             "SELECT nextval(%s::regclass) FROM generate_series(1, %s)", (sequence, count)
         ).fetchall()
         return sorted(row[0] for row in rows)  # in file order, whatever other sessions took between
+
+    def reserve(self, count: int) -> Reserved:
+        """Entry and lot ids for a batch of ``count`` grants, drawn before it is planned (at
+        most one entry and one lot per grant; the ids a batch leaves unused are a gap, as a
+        sequence leaves after any rollback). A sequence is not transactional: a batch that
+        starts again keeps them."""
+        return self._next_ids("ledger_entry", count), self._next_ids("point_lot", count)
+
+    def blocked(self, backends: list[int]) -> bool:
+        """Whether any of these server processes waits for a lock."""
+        if not backends:
+            return False
+        return bool(
+            self.cursor.execute(
+                "SELECT coalesce(bool_or(cardinality(pg_blocking_pids(p)) > 0), false) "
+                "FROM unnest(%s::int[]) AS p",
+                (backends,),
+            ).fetchone()[0]
+        )
+
+    def backend_pid(self) -> int:
+        return self.db.info.backend_pid
 
     def _insert(self, table: str, columns: Sequence[str], rows: Iterable[tuple]) -> None:
         # Binary COPY: psycopg dumps numbers and times in C without making text of them, and the

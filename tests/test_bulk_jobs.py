@@ -1,0 +1,295 @@
+"""award bulk --jobs on Postgres: batches written by several processes at once end exactly as one
+process would have written them (the same rows, ids in file order, the same rejects), and a run
+whose process or one of its writers is killed while batches wait for their turn leaves whole
+batches of a prefix of the file, which the next run completes. A batch waiting for its turn to
+commit lets go when an earlier batch waits for a lock through another transaction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from credex.db.engine import dispose_engines
+from tests.invariants import check_points_invariants
+from tests.support import ROOT, credex_command, holding_accounts, run_process, subprocess_env, wait_for
+from tests.test_bulk_processes import HEADER, campaign, snapshot
+from tests.test_lifecycle_invariants import check_lifecycle_invariants
+
+pytestmark = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+
+
+@pytest.fixture
+def other_db_url(request):
+    from tests.conftest import make_postgres_database
+
+    url, drop = make_postgres_database(request.getfixturevalue("postgres_template"))
+    try:
+        yield url
+    finally:
+        drop()
+
+
+def in_id_order(db_url: str) -> list[tuple]:
+    """Every entry in the order of its id (ids themselves differ between databases)."""
+    with psycopg.connect(db_url) as connection:
+        return connection.execute(
+            "SELECT user_id, ref, points, balance FROM ledger_entry ORDER BY id"
+        ).fetchall()
+
+
+def bulk(db_url: str, path: Path, *args: object):
+    return run_process("--database-url", db_url, "award", "bulk", path, "--json", *args, timeout=180)
+
+
+def grants_only(rows: int, *, users: int, seed: int) -> list[str]:
+    """The campaign's rows without its corrections: every batch goes to a writer process."""
+    return [line for line in campaign(rows, users=users, seed=seed) if ",-" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param(lambda: grants_only(900, users=15, seed=3), id="few-shoppers"),
+        pytest.param(lambda: grants_only(900, users=5000, seed=4), id="many-shoppers"),
+        pytest.param(lambda: campaign(900, users=40, seed=5), id="with-corrections"),
+    ],
+)
+def test_writer_processes_end_as_one_process_would(db_url, other_db_url, tmp_path, rows):
+    path = tmp_path / "campaign.csv"
+    path.write_text(HEADER + "".join(rows()))
+    alone = bulk(other_db_url, path, "--batch-size", "20", "--jobs", "1", "--rejects", tmp_path / "alone.csv")
+    many = bulk(db_url, path, "--batch-size", "20", "--jobs", "3", "--rejects", tmp_path / "many.csv")
+    assert alone.exit_code == many.exit_code == 3, (alone.stderr, many.stderr)  # conflicts, not numbers
+    assert {**many.json(), "rejects_file": None} == {**alone.json(), "rejects_file": None}
+    assert (tmp_path / "many.csv").read_text() == (tmp_path / "alone.csv").read_text()
+    assert many.stderr.replace("many.csv", "alone.csv") == alone.stderr  # the first rejects, in order
+    dispose_engines()
+    assert snapshot(db_url) == snapshot(other_db_url)
+    assert in_id_order(db_url) == in_id_order(other_db_url)  # ids grow in file order
+    check_points_invariants(db_url)
+    check_lifecycle_invariants(db_url)
+
+    again = bulk(db_url, path, "--batch-size", "20", "--jobs", "3")
+    assert again.json()["applied"] == 0
+    assert again.json()["duplicates"] == alone.json()["applied"] + alone.json()["duplicates"]
+
+
+def test_jobs_out_of_range_is_a_usage_error_that_changes_nothing(db_url, tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text(HEADER + "u1,5,r-1,x\n")
+    for jobs in ("0", "17", "-1", "two"):
+        outcome = bulk(db_url, path, "--jobs", jobs)
+        assert outcome.exit_code == 2, outcome
+        assert "--jobs" in outcome.stderr
+    dispose_engines()
+    assert in_id_order(db_url) == []
+
+
+# --- killed at an awkward moment ------------------------------------------------------------------
+
+BATCH = 10
+HELD_BATCH = 6  # holds the shopper whose account the test keeps locked
+BATCHES = 12
+
+
+def held_file(tmp_path: Path) -> Path:
+    """Twelve batches of ten shoppers each, no shopper in two batches; batch 6 grants to ``held``."""
+    rows = []
+    for batch in range(BATCHES):
+        for n in range(BATCH):
+            user = "held" if (batch, n) == (HELD_BATCH, 0) else f"b{batch}-{n}"
+            rows.append(f"{user},{batch + 1},r-{batch}-{n},batch {batch}\n")
+    path = tmp_path / "held.csv"
+    path.write_text(HEADER + "".join(rows))
+    return path
+
+
+def sessions(db_url: str, state: str | None = None) -> int:
+    """The other sessions on this database (in ``state``)."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        return connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+            "AND (%s::text IS NULL OR state = %s::text)",
+            (state, state),
+        ).fetchone()[0]
+
+
+def grants_of_batches(db_url: str) -> set[int]:
+    with psycopg.connect(db_url) as connection:
+        refs = connection.execute("SELECT ref FROM ledger_entry WHERE ref LIKE 'r-%%'").fetchall()
+    batches = [int(ref.split("-")[1]) for (ref,) in refs]
+    return {batch for batch in batches if batches.count(batch) == BATCH}
+
+
+def writers_of(pid: int) -> list[int]:
+    """The writer processes a run started (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"spawn_main" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def start_held_run(db_url: str, path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        credex_command(
+            "--database-url", db_url, "award", "bulk", path, "--json", "--batch-size", BATCH, "--jobs", 3
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+    )
+
+
+def ids_drawn(db_url: str) -> int:
+    with psycopg.connect(db_url) as connection:
+        return connection.execute("SELECT last_value FROM ledger_entry_id_seq").fetchone()[0]
+
+
+def wait_for_batches_in_flight(db_url: str, run: subprocess.Popen) -> None:
+    """Batches 0-5 committed; batch 6 waits for the held account; the two after it drew their
+    ids, were written and wait for their turn to commit (no statement of theirs runs)."""
+    wait_for(lambda: grants_of_batches(db_url) == set(range(HELD_BATCH)), timeout=90, what="batches 0-5")
+    wait_for(lambda: ids_drawn(db_url) >= 1 + (HELD_BATCH + 3) * BATCH, timeout=30, what="batches 7, 8 dealt")
+    wait_for(lambda: sessions(db_url, "active") == 1, timeout=30, what="only batch 6 busy, waiting")
+    assert run.poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("victim", ["the run", "a writer"])
+def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
+    db_url, other_db_url, tmp_path, victim
+):
+    path = held_file(tmp_path)
+    for url in (db_url, other_db_url):
+        run_process("--database-url", url, "award", "grant", "held", "1", "--ref", "open", "--reason", "open")
+    clean = bulk(other_db_url, path, "--jobs", "1")
+    assert clean.exit_code == 0, clean.stderr
+
+    with holding_accounts(db_url, "held"):
+        run = start_held_run(db_url, path)
+        try:
+            wait_for_batches_in_flight(db_url, run)
+            writers = writers_of(run.pid)
+            assert len(writers) == 3
+            if victim == "the run":
+                run.send_signal(signal.SIGKILL)
+                run.wait(timeout=30)
+            else:
+                os.kill(writers[0], signal.SIGKILL)
+        except BaseException:
+            run.kill()
+            raise
+    # The held account is free again: the batch that waited for it goes on, and must not commit.
+    if victim == "a writer":
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 69, (out, err)
+        assert "a writer process of this run ended unexpectedly" in err
+        assert "Traceback" not in err
+    else:
+        assert run.returncode == -signal.SIGKILL
+    wait_for(lambda: sessions(db_url) == 0, timeout=60, what="every writer gone from the database")
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in writers), timeout=30, what="writers ended"
+    )
+    assert grants_of_batches(db_url) == set(range(HELD_BATCH))  # whole batches of a prefix
+    dispose_engines()
+    check_points_invariants(db_url)
+
+    again = bulk(db_url, path, "--batch-size", BATCH, "--jobs", "3")
+    assert again.exit_code == 0, again.stderr
+    assert again.json()["duplicates"] == HELD_BATCH * BATCH
+    assert snapshot(db_url) == snapshot(other_db_url)
+    assert in_id_order(db_url) == in_id_order(other_db_url)
+    check_lifecycle_invariants(db_url)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_batch_lets_go_when_an_earlier_one_waits_through_another_transaction(
+    db_url, other_db_url, tmp_path
+):
+    """Another program holds A and then asks for B. Batch 1 (A) waits for it; batch 2 (B) is
+    written and waits for batch 1 to commit first. Were batch 2 to keep B, the program would wait
+    for batch 2, batch 2 for batch 1 and batch 1 for the program, a wait the server cannot see
+    whole: batch 2 lets go of B, and everyone finishes."""
+    for url in (db_url, other_db_url):
+        for user in ("A", "B"):
+            run_process(
+                "--database-url",
+                url,
+                "award",
+                "grant",
+                user,
+                "1",
+                "--ref",
+                f"open-{user}",
+                "--reason",
+                "open",
+            )
+    path = tmp_path / "ab.csv"
+    path.write_text(HEADER + "Z,5,r-0,first\nA,6,r-1,second\nB,7,r-2,third\n")
+    clean = bulk(other_db_url, path, "--batch-size", "1", "--jobs", "1")
+    assert clean.exit_code == 0, clean.stderr
+
+    program = psycopg.connect(db_url)
+    program.execute("SET statement_timeout = '60s'")  # a wait nobody ends fails the test, not hangs it
+    program.execute("SELECT 1 FROM account WHERE user_id = 'A' FOR UPDATE")
+    run = subprocess.Popen(
+        credex_command(
+            "--database-url", db_url, "award", "bulk", path, "--json", "--batch-size", 1, "--jobs", 2
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+    )
+    got_b: list[object] = []
+    try:
+        from tests.support import lock_waiters
+
+        wait_for(lambda: lock_waiters(db_url) >= 1, timeout=90, what="batch 1 waiting for A")
+
+        def take_b() -> None:
+            try:
+                program.execute("SELECT 1 FROM account WHERE user_id = 'B' FOR UPDATE")
+                got_b.append(True)
+            except psycopg.Error as error:
+                got_b.append(error)
+
+        taker = threading.Thread(target=take_b)
+        taker.start()
+        taker.join(timeout=90)
+        assert got_b == [True]  # batch 2 let go of B
+        program.commit()
+        out, err = run.communicate(timeout=120)
+    finally:
+        program.close()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, (out, err)
+    assert json.loads(out)["applied"] == 3
+    dispose_engines()
+    assert in_id_order(db_url) == in_id_order(other_db_url)
+    assert snapshot(db_url) == snapshot(other_db_url)
