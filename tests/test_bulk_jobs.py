@@ -146,6 +146,19 @@ def writers_of(pid: int) -> list[int]:
     return found
 
 
+def kill_leftovers(run: subprocess.Popen | None, writers: list[int]) -> None:
+    """A failed test leaves no process behind."""
+    for pid in writers:
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    if run is not None and run.poll() is None:
+        run.kill()
+        run.wait()
+
+
 def start_held_run(db_url: str, path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         credex_command(
@@ -185,9 +198,11 @@ def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
     clean = bulk(other_db_url, path, "--jobs", "1")
     assert clean.exit_code == 0, clean.stderr
 
-    with holding_accounts(db_url, "held"):
-        run = start_held_run(db_url, path)
-        try:
+    writers: list[int] = []
+    run = None
+    try:
+        with holding_accounts(db_url, "held"):
+            run = start_held_run(db_url, path)
             wait_for_batches_in_flight(db_url, run)
             writers = writers_of(run.pid)
             assert len(writers) == 3
@@ -196,21 +211,19 @@ def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
                 run.wait(timeout=30)
             else:
                 os.kill(writers[0], signal.SIGKILL)
-        except BaseException:
-            run.kill()
-            raise
-    # The held account is free again: the batch that waited for it goes on, and must not commit.
-    if victim == "a writer":
-        out, err = run.communicate(timeout=120)
-        assert run.returncode == 69, (out, err)
-        assert "a writer process of this run ended unexpectedly" in err
-        assert "Traceback" not in err
-    else:
-        assert run.returncode == -signal.SIGKILL
-    wait_for(lambda: sessions(db_url) == 0, timeout=60, what="every writer gone from the database")
-    wait_for(
-        lambda: not any(Path(f"/proc/{pid}").exists() for pid in writers), timeout=30, what="writers ended"
-    )
+        # The held account is free again: the batch that waited for it goes on, and must not commit.
+        if victim == "a writer":
+            out, err = run.communicate(timeout=120)
+            assert run.returncode == 69, (out, err)
+            assert "a writer process of this run ended unexpectedly" in err
+            assert "Traceback" not in err
+        else:
+            assert run.returncode == -signal.SIGKILL
+        wait_for(lambda: sessions(db_url) == 0, timeout=60, what="every writer gone from the database")
+        alive = [Path(f"/proc/{pid}") for pid in writers]
+        wait_for(lambda: not any(path.exists() for path in alive), timeout=30, what="writers ended")
+    finally:
+        kill_leftovers(run, writers)
     assert grants_of_batches(db_url) == set(range(HELD_BATCH))  # whole batches of a prefix
     dispose_engines()
     check_points_invariants(db_url)
@@ -285,9 +298,7 @@ def test_a_batch_lets_go_when_an_earlier_one_waits_through_another_transaction(
         out, err = run.communicate(timeout=120)
     finally:
         program.close()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        kill_leftovers(run, writers_of(run.pid))
     assert run.returncode == 0, (out, err)
     assert json.loads(out)["applied"] == 3
     dispose_engines()
