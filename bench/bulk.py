@@ -11,8 +11,11 @@ processes, from interpreter start to exit, on a fresh database at credex's newes
 and alternate for --runs rounds; the medians are compared. The load average is printed with them:
 the machine is shared.
 
-- credex: the real command line, `credex award bulk FILE --json` (its peak RSS, ru_maxrss of the
-  child, is reported).
+- credex: the real command line, `credex award bulk FILE --json` (`--jobs` passes its own; by
+  default credex's default: on Postgres, writer processes beside the run's). Reported: the peak
+  RSS of its largest process (ru_maxrss of the child), and the peak memory of all its processes
+  together (PSS, which counts a page shared between them once), which the memory goal is judged
+  on.
 - bare: the same rows and rules with the driver alone, written the way a DBA would load them:
   parse the CSV, check every field (non-empty ids within their lengths, points a non-zero whole
   number within 64 bits, the row's width), skip refs already recorded or seen earlier in the file,
@@ -26,7 +29,7 @@ the machine is shared.
   path.
 
 Goals: at least 60,000 rows/s on each backend, credex at most 1.5x the bare time, credex's peak
-memory under 200 MiB.
+memory (its processes together) under 200 MiB.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -280,26 +284,63 @@ def totals(url: str) -> tuple[int, int, int, int]:
     return tuple(int(value) for value in row)
 
 
-def run_child(command: list[str]) -> tuple[float, float]:
-    """Seconds from start to exit, and the child's peak RSS in MiB."""
+def _tree_pss(pid: int) -> int:
+    """KiB of proportional memory (PSS: shared pages split between their users) of ``pid`` and
+    its children (a run's writer processes)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    total = 0
+    for each in pids:
+        try:
+            for line in Path(f"/proc/{each}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def run_child(command: list[str]) -> tuple[float, float, float]:
+    """Seconds from start to exit, the peak RSS of its largest process (the child or one of its
+    own children) and the peak PSS of all of them together, in MiB (sampled every 0.25 s)."""
     env = {**os.environ, "CREDEX_OPERATOR": "bench", "PYTHONPATH": str(ROOT)}
     began = time.perf_counter()
     child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    together = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            together[0] = max(together[0], _tree_pss(child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = child.stdout.read()
     err = child.stderr.read()
     _pid, status, usage = os.wait4(child.pid, 0)
+    done.set()
+    sampler.join()
     elapsed = time.perf_counter() - began
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(
             f"{command[2:5]} failed ({child.returncode}): {err.decode()[-2000:]} {out.decode()[-500:]}"
         )
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, usage.ru_maxrss / 1024, together[0] / 1024
 
 
-def run(backend: str, path: Path, rows: int, runs: int, batch_size: int, workdir: Path) -> bool:
+def run(
+    backend: str, path: Path, rows: int, runs: int, batch_size: int, workdir: Path, jobs: int | None
+) -> bool:
     times: dict[str, list[float]] = {"bare": [], "credex": []}
     peaks: list[float] = []
+    togethers: list[float] = []
     seen_totals = set()
     for _ in range(runs):
         for side in ("bare", "credex"):
@@ -317,12 +358,14 @@ def run(backend: str, path: Path, rows: int, runs: int, batch_size: int, workdir
                         str(path),
                     ]
                     command += ["--json", "--batch-size", str(batch_size)]
+                    command += [] if jobs is None else ["--jobs", str(jobs)]
                 else:
                     command = [sys.executable, __file__, "--bare", url, str(path), str(batch_size)]
-                elapsed, peak = run_child(command)
+                elapsed, peak, together = run_child(command)
                 times[side].append(elapsed)
                 if side == "credex":
                     peaks.append(peak)
+                    togethers.append(together)
                 seen_totals.add(totals(url))
             finally:
                 drop_database(url)
@@ -334,21 +377,26 @@ def run(backend: str, path: Path, rows: int, runs: int, batch_size: int, workdir
     bare, credex = statistics.median(times["bare"]), statistics.median(times["credex"])
     ratio = credex / bare
     peak = max(peaks)
+    together = max(togethers)
     bare_name = "bare sqlite3 executemany" if backend == "sqlite" else "bare psycopg COPY"
     print(f"{backend}: {rows:,} rows, batches of {batch_size}, {runs} run(s) each side")
     print(
         f"  {bare_name:28}: median {bare:7.2f} s  ({rows / bare:9,.0f} rows/s)  runs {_list(times['bare'])}"
     )
-    name = "credex award bulk"
+    name = "credex award bulk" + ("" if jobs is None else f" --jobs {jobs}")
     print(
         f"  {name:28}: median {credex:7.2f} s  ({rows / credex:9,.0f} rows/s)  runs {_list(times['credex'])}"
     )
-    ok_ratio, ok_memory = ratio <= GOAL_RATIO, peak < GOAL_MIB
+    ok_ratio, ok_memory = ratio <= GOAL_RATIO, together < GOAL_MIB
     ok_speed = rows / credex >= GOAL_ROWS_PER_S
     verdict = "OK" if ok_speed else "BELOW GOAL"
     print(f"  credex rows/s: {rows / credex:,.0f} (goal >= {GOAL_ROWS_PER_S:,})  {verdict}")
     print(f"  ratio credex/bare: {ratio:.2f} (goal <= {GOAL_RATIO})  {'OK' if ok_ratio else 'ABOVE GOAL'}")
-    print(f"  credex peak RSS: {peak:.0f} MiB (goal < {GOAL_MIB})  {'OK' if ok_memory else 'ABOVE GOAL'}")
+    print(f"  credex peak RSS of its largest process: {peak:.0f} MiB")
+    print(
+        f"  credex peak memory, its processes together (PSS): {together:.0f} MiB (goal < {GOAL_MIB})  "
+        f"{'OK' if ok_memory else 'ABOVE GOAL'}"
+    )
     print("  load average after: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return ok_speed and ok_ratio and ok_memory
 
@@ -370,6 +418,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--jobs", type=int, help="credex's --jobs (default: credex's own)")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -379,7 +428,7 @@ def main() -> None:
         print(f"file: {path.stat().st_size / 2**20:.0f} MiB, {args.rows:,} rows, {args.users:,} shoppers")
         print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         for backend in ["sqlite", "postgres"] if args.backend == "both" else [args.backend]:
-            ok &= run(backend, path, args.rows, args.runs, args.batch_size, workdir)
+            ok &= run(backend, path, args.rows, args.runs, args.batch_size, workdir, args.jobs)
     sys.exit(0 if ok else 1)
 
 

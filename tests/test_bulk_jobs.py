@@ -131,32 +131,33 @@ def grants_of_batches(db_url: str) -> set[int]:
 
 
 def writers_of(pid: int) -> list[int]:
-    """The writer processes a run started (not multiprocessing's resource tracker)."""
+    """The writer processes a run forked (the only children it has)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if parent == pid and b"spawn_main" in command:
+        if parent == pid:
             found.append(int(entry.name))
     return found
 
 
 def kill_leftovers(run: subprocess.Popen | None, writers: list[int]) -> None:
-    """A failed test leaves no process behind."""
-    for pid in writers:
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-    if run is not None and run.poll() is None:
-        run.kill()
-        run.wait()
+    """A failed test leaves no process behind (a writer is a fork of the run: its command line)."""
+    if run is not None:
+        command = " ".join(map(str, run.args)).encode()
+        for pid in writers:
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip() == command:
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        if run.poll() is None:
+            run.kill()
+            run.wait()
 
 
 def start_held_run(db_url: str, path: Path) -> subprocess.Popen:

@@ -120,6 +120,19 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
+def forget_inherited_engines() -> None:
+    """In a process forked from one that used the database: drop the engines it inherited
+    without closing their connections, which are still the parent's (SQLAlchemy's
+    ``dispose(close=False)``; psycopg does not close a connection another process opened when
+    it is collected). This process connects anew."""
+    global _lock
+    _lock = threading.Lock()  # in case another thread of the parent held it at the fork
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+    _write_engines.clear()
+
+
 def dispose_engines() -> None:
     with _lock:
         for engine in _engines.values():

@@ -35,6 +35,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any, NamedTuple
@@ -150,23 +151,26 @@ class Turns:
 # --- a writer process --------------------------------------------------------------------------------
 
 
-def _writer(url: str, slot: int, turns: Turns, channel: Any, operator: str, expiry_days: int) -> None:
-    """A writer process: batches from ``channel`` until it closes or sends None; each answered
-    with Done or Failed."""
+def _writer(
+    url: str, slot: int, turns: Turns, channel: Any, runs_ends: list[Any], operator: str, expiry_days: int
+) -> None:
+    """A writer process: batches from ``channel`` until it closes or sends None (or the run's
+    process is gone); each answered with Done or Failed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the run decides
+    for end in runs_ends:  # the run's ends of the pipes, inherited: else no EOF when the run dies
+        end.close()
     turns.slot = slot
     try:
-        from credex import collect_for_a_long_run
-        from credex.db.engine import open_session
+        from credex.db.engine import forget_inherited_engines, open_session
 
+        forget_inherited_engines()  # the run's connection stays the run's
         session = open_session(url, write=True)
         writer = PostgresWriter(session)
-        collect_for_a_long_run()
     except BaseException as error:  # reported by the run like a batch's failure
         channel.send(_failed(-1, url, error))
         return
     try:
-        while (task := channel.recv()) is not None:
+        while (task := _next_task(channel, turns)) is not None:
             turns.holding[slot] = task.index
             try:
                 answer = _write_batch(session, writer, turns, task, url, operator, expiry_days)
@@ -182,6 +186,13 @@ def _writer(url: str, slot: int, turns: Turns, channel: Any, operator: str, expi
         return
     finally:
         session.close()
+
+
+def _next_task(channel: Any, turns: Turns) -> Task | None:
+    while not channel.poll(POLL * 5):
+        if os.getppid() != turns.parent:
+            return None
+    return channel.recv()
 
 
 def _failed(index: int, url: str, error: BaseException) -> Failed:
@@ -287,7 +298,12 @@ class Writers:
     ``merge(batch, done)`` is called for every batch a writer committed, in file order."""
 
     def __init__(self, url: str, jobs: int, *, operator: str, expiry_days: int, merge: Callable) -> None:
-        context = multiprocessing.get_context("spawn")  # nothing of this process's state is shared
+        # Forked: a writer starts with what the run imported (no start-up of its own) and shares
+        # those pages with it until either writes them. It uses none of the run's connections,
+        # files or threads; what the run printed so far is flushed so that no copy of it is.
+        context = multiprocessing.get_context("fork")
+        sys.stdout.flush()
+        sys.stderr.flush()
         self.turns = Turns(context, jobs)
         self.merge = merge
         self.channels: list[Any] = []
@@ -296,7 +312,7 @@ class Writers:
             ours, theirs = context.Pipe()
             process = context.Process(
                 target=_writer,
-                args=(url, slot, self.turns, theirs, operator, expiry_days),
+                args=(url, slot, self.turns, theirs, [*self.channels, ours], operator, expiry_days),
                 name=f"credex-bulk-writer-{slot}",
                 daemon=True,
             )
