@@ -57,9 +57,9 @@ def grants_only(rows: int, *, users: int, seed: int) -> list[str]:
 @pytest.mark.parametrize(
     "rows",
     [
-        pytest.param(lambda: grants_only(900, users=15, seed=3), id="few-shoppers"),
-        pytest.param(lambda: grants_only(900, users=5000, seed=4), id="many-shoppers"),
-        pytest.param(lambda: campaign(900, users=40, seed=5), id="with-corrections"),
+        pytest.param(lambda: grants_only(600, users=15, seed=3), id="few-shoppers"),
+        pytest.param(lambda: grants_only(600, users=5000, seed=4), id="many-shoppers"),
+        pytest.param(lambda: campaign(600, users=40, seed=5), id="with-corrections"),
     ],
 )
 def test_writer_processes_end_as_one_process_would(db_url, other_db_url, tmp_path, rows):
@@ -83,11 +83,16 @@ def test_writer_processes_end_as_one_process_would(db_url, other_db_url, tmp_pat
 
 
 def test_jobs_out_of_range_is_a_usage_error_that_changes_nothing(db_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from credex.cli import app
+
     path = tmp_path / "one.csv"
     path.write_text(HEADER + "u1,5,r-1,x\n")
     for jobs in ("0", "17", "-1", "two"):
-        outcome = bulk(db_url, path, "--jobs", jobs)
-        assert outcome.exit_code == 2, outcome
+        arguments = ["--database-url", db_url, "award", "bulk", str(path), "--jobs", jobs]
+        outcome = CliRunner().invoke(app, arguments)
+        assert outcome.exit_code == 2, outcome.output
         assert "--jobs" in outcome.stderr
     dispose_engines()
     assert in_id_order(db_url) == []

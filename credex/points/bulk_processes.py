@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any, NamedTuple
@@ -95,45 +96,54 @@ class _Stopped(Exception):
 
 class Turns:
     """What the processes share: the last batch that drew its ids, the last one committed,
-    whether the run stops, and which batch each writer holds on which server connection."""
+    whether the run stops, and which batch each writer holds on which server connection.
+
+    No lock guards them: a process killed while holding a lock shared between processes would
+    hold it for good, and the others would wait for it forever. Each number has one writer (the
+    batch whose turn it is, or the run), and every reader only waits for it to reach a value, so
+    plain stores and loads of aligned 64-bit integers suffice. A change wakes the writers through
+    a semaphore each (posting one is no lock, whoever dies when), and a writer looks again every
+    POLL seconds anyway."""
 
     def __init__(self, context: Any, jobs: int) -> None:
-        self.condition = context.Condition()
         self.state = context.RawArray("q", [-1, -1, 0])  # drawn, committed, stop
         self.holding = context.RawArray("q", [-1] * jobs)  # batch index per writer
         self.backends = context.RawArray("q", [0] * jobs)  # server process id per writer
+        self.wakes = [context.Semaphore(0) for _ in range(jobs)]
         self.parent = os.getpid()
 
     def advance(self, index: int, *, drawn: bool = False, committed: bool = False) -> None:
-        with self.condition:
-            if drawn:
-                self.state[0] = index
-            if committed:
-                self.state[1] = index
-            self.condition.notify_all()
+        if drawn:
+            self.state[0] = index
+        if committed:
+            self.state[1] = index
+        self._wake()
 
     def stop(self) -> None:
-        with self.condition:
-            self.state[2] = 1
-            self.condition.notify_all()
+        self.state[2] = 1
+        self._wake()
+
+    def _wake(self) -> None:
+        for wake in self.wakes:
+            wake.release()
 
     def wait_until(
         self, reached: Callable[[], bool], *, earlier_waits: Callable[[list[int]], bool] | None = None
     ) -> bool:
         """Wait until ``reached()``. ``earlier_waits(backends)``: asked every POLL seconds with
         the server processes of the batches before this one; True gives up (returns False)."""
+        wake = self.wakes[self.slot]
+        asked = time.monotonic()
         while True:
-            with self.condition:
-                if self.state[2] or os.getppid() != self.parent:
-                    raise _Stopped
-                if reached():
-                    return True
-                self.condition.wait(POLL)
-                if reached():
-                    return True
-                if earlier_waits is None:
-                    continue
-                backends = self._earlier_backends()
+            if self.state[2] or os.getppid() != self.parent:
+                raise _Stopped
+            if reached():
+                return True
+            wake.acquire(timeout=POLL)
+            if earlier_waits is None or time.monotonic() - asked < POLL or reached():
+                continue
+            asked = time.monotonic()
+            backends = self._earlier_backends()
             if backends and earlier_waits(backends):
                 return False
 
@@ -157,8 +167,15 @@ def _writer(
     """A writer process: batches from ``channel`` until it closes or sends None (or the run's
     process is gone); each answered with Done or Failed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the run decides
+    _end_with(turns.parent)
     for end in runs_ends:  # the run's ends of the pipes, inherited: else no EOF when the run dies
         end.close()
+    # Nor does a writer keep the run's stdout and stderr open: whoever reads them (a pipe, a
+    # script waiting for the run to end) sees them close when the run ends. It reports through
+    # its channel only.
+    with open(os.devnull, "wb") as nowhere:
+        os.dup2(nowhere.fileno(), 1)
+        os.dup2(nowhere.fileno(), 2)
     turns.slot = slot
     try:
         from credex.db.engine import forget_inherited_engines, open_session
@@ -186,6 +203,21 @@ def _writer(
         return
     finally:
         session.close()
+
+
+def _end_with(parent: int) -> None:
+    """Linux: the kernel kills this writer when the run's process ends, however it ends, so no
+    writer outlives it (waiting for a lock, say; its transaction is rolled back when its
+    connection closes). Elsewhere the writer notices within a second (``_next_task``, ``POLL``)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(0)
 
 
 def _next_task(channel: Any, turns: Turns) -> Task | None:
