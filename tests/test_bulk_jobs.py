@@ -82,6 +82,17 @@ def test_writer_processes_end_as_one_process_would(db_url, other_db_url, tmp_pat
     assert again.json()["duplicates"] == alone.json()["applied"] + alone.json()["duplicates"]
 
 
+def test_a_line_that_cannot_be_read_stops_the_run_after_every_row_before_it(db_url, tmp_path):
+    rows = [f"u{n % 37},{n + 1},r-{n},x\n" for n in range(300)]
+    path = tmp_path / "broken.csv"
+    path.write_bytes((HEADER + "".join(rows)).encode() + b"u1,5,r-x,\xff\n" + b"u2,5,r-y,after\n")
+    outcome = bulk(db_url, path, "--batch-size", "20", "--jobs", "3")
+    assert outcome.exit_code == 2, outcome.stderr
+    assert "line 302: not UTF-8 text; the 300 rows before it were read (300 applied" in outcome.stderr
+    dispose_engines()
+    assert [ref for _user, ref, _points, _balance in in_id_order(db_url)] == [f"r-{n}" for n in range(300)]
+
+
 def test_jobs_out_of_range_is_a_usage_error_that_changes_nothing(db_url, tmp_path):
     from typer.testing import CliRunner
 
@@ -175,6 +186,7 @@ def start_held_run(db_url: str, path: Path) -> subprocess.Popen:
         text=True,
         cwd=ROOT,
         env=subprocess_env(),
+        start_new_session=True,  # a group of its own, for Ctrl-C
     )
 
 
@@ -194,10 +206,12 @@ def wait_for_batches_in_flight(db_url: str, run: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("victim", ["the run", "a writer"])
+@pytest.mark.parametrize("victim", ["the run", "a writer", "ctrl-c"])
 def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
     db_url, other_db_url, tmp_path, victim
 ):
+    """Killed (the run, or one writer) or interrupted while batch 6 waits for an account another
+    program holds and batches 7-8 wait for their turn: batches 0-5 stay, nothing after them."""
     path = held_file(tmp_path)
     for url in (db_url, other_db_url):
         run_process("--database-url", url, "award", "grant", "held", "1", "--ref", "open", "--reason", "open")
@@ -215,6 +229,11 @@ def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
             if victim == "the run":
                 run.send_signal(signal.SIGKILL)
                 run.wait(timeout=30)
+            elif victim == "ctrl-c":  # the whole group, as a terminal sends it
+                os.killpg(run.pid, signal.SIGINT)
+                out, err = run.communicate(timeout=20)  # at once, though batch 6 still waits
+                assert run.returncode == 130, (out, err)
+                assert "interrupted" in err and "Traceback" not in err
             else:
                 os.kill(writers[0], signal.SIGKILL)
         # The held account is free again: the batch that waited for it goes on, and must not commit.
@@ -223,7 +242,7 @@ def test_a_run_killed_while_batches_wait_for_their_turn_keeps_a_prefix(
             assert run.returncode == 69, (out, err)
             assert "a writer process of this run ended unexpectedly" in err
             assert "Traceback" not in err
-        else:
+        elif victim == "the run":
             assert run.returncode == -signal.SIGKILL
         wait_for(lambda: sessions(db_url) == 0, timeout=60, what="every writer gone from the database")
         alive = [Path(f"/proc/{pid}") for pid in writers]

@@ -395,15 +395,18 @@ class Writers:
 
     def close(self) -> None:
         """Let the writers go; with batches still in flight (an error, an interrupt), stop them
-        first: they roll back, and nothing more commits."""
-        if self.in_flight or self.failure is not None:
+        first: they roll back, and nothing more commits. A writer still busy a moment later (one
+        waiting for a lock another program holds) is killed: its transaction is rolled back
+        when the server sees its connection gone, and the batches before it are committed."""
+        stopping = bool(self.in_flight) or self.failure is not None
+        if stopping:
             self.turns.stop()
         for slot in self.alive:
             with contextlib.suppress(OSError):
                 self.channels[slot].send(None)
         for process in self.processes:
-            process.join(timeout=30)
-            if process.is_alive():  # pragma: no cover - a writer stuck past its stop
+            process.join(timeout=2 if stopping else 30)
+            if process.is_alive():
                 process.kill()
                 process.join()
         for channel in self.channels:
