@@ -30,9 +30,8 @@ from credex.points.bulk_batch import (
     BulkReport,
     Replay,
     as_credex_error,
-    pause_before,
     plan_batch,
-    worth_retrying,
+    start_again,
 )
 from credex.points.bulk_files import Grant, Rejected, UnreadableFile
 from credex.points.bulk_processes import Done, Writers
@@ -167,9 +166,7 @@ def _apply(
                 dry_run.record(plan)
             break
         except Exception as error:
-            session.rollback()
-            if attempt < RETRIES and worth_retrying(error):
-                pause_before(attempt)
+            if start_again(session, error, attempt):
                 continue
             raise as_credex_error(_url(session), error) from error
     else:  # pragma: no cover - the loop always breaks or raises

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from credex.db.models import EntryKind
 from credex.errors import CredexError, Unavailable
@@ -194,7 +195,18 @@ def plan_batch(
     return planner.plan
 
 
-def worth_retrying(error: BaseException) -> bool:
+def start_again(session: Any, error: BaseException, attempt: int) -> bool:
+    """After attempt ``attempt`` (from 0) of a batch failed with ``error``: roll its transaction
+    back; True, after a pause longer each time, when the batch is worth starting again (a ref or
+    an account another transaction took first, a deadlock), up to RETRIES times."""
+    session.rollback()
+    if attempt < RETRIES and _worth_retrying(error):
+        time.sleep(0.01 * 2**attempt)
+        return True
+    return False
+
+
+def _worth_retrying(error: BaseException) -> bool:
     if isinstance(error, Retry):
         return True
     try:
@@ -202,11 +214,6 @@ def worth_retrying(error: BaseException) -> bool:
     except ImportError:  # pragma: no cover - psycopg is a dependency
         return False
     return isinstance(error, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
-
-
-def pause_before(attempt: int) -> None:
-    """A moment before a batch starts again, longer each time."""
-    time.sleep(0.01 * 2**attempt)
 
 
 def as_credex_error(url: str, error: BaseException) -> BaseException:

@@ -44,13 +44,11 @@ from typing import Any, NamedTuple
 from credex.db.models import utcnow
 from credex.errors import CredexError, Unavailable, redact
 from credex.points.bulk_batch import (
-    RETRIES,
     BulkReport,
     Replay,
     as_credex_error,
-    pause_before,
     plan_batch,
-    worth_retrying,
+    start_again,
 )
 from credex.points.bulk_files import Grant, Rejected
 from credex.points.bulk_writers import PostgresWriter
@@ -111,6 +109,7 @@ class Turns:
         self.backends = context.RawArray("q", [0] * jobs)  # server process id per writer
         self.wakes = [context.Semaphore(0) for _ in range(jobs)]
         self.parent = os.getpid()
+        self.slot = -1  # which writer this is, set in each writer
 
     def advance(self, index: int, *, drawn: bool = False, committed: bool = False) -> None:
         if drawn:
@@ -154,8 +153,6 @@ class Turns:
             for slot in range(len(self.holding))
             if 0 <= self.holding[slot] < mine and self.backends[slot]
         ]
-
-    slot = -1  # set in each writer
 
 
 # --- a writer process --------------------------------------------------------------------------------
@@ -301,9 +298,7 @@ def _write_batch(
         except _Stopped:
             raise
         except Exception as error:
-            session.rollback()
-            if attempt < RETRIES and worth_retrying(error):
-                pause_before(attempt)
+            if start_again(session, error, attempt):
                 attempt += 1
                 look_up = True
                 continue
