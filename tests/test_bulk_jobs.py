@@ -187,7 +187,15 @@ def start_held_run(db_url: str, path: Path) -> subprocess.Popen:
         cwd=ROOT,
         env=subprocess_env(),
         start_new_session=True,  # a group of its own, for Ctrl-C
+        preexec_fn=interruptible,
     )
+
+
+def interruptible() -> None:
+    """In the run, before it starts: Ctrl-C's default action, as from a terminal. A shell starts
+    a job in the background with SIGINT ignored, and a program keeps that (Python then installs no
+    KeyboardInterrupt), so a suite started that way would otherwise send Ctrl-C into the void."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def ids_drawn(db_url: str) -> int:
