@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 from credex.db import HEAD_REVISION
-from credex.db.engine import get_engine, schema_revision, translate_db_error, upgrade
+from credex.db.engine import get_engine, schema_revision, upgrade
+from credex.db.failures import translate_db_error
 from credex.db.models import UTCDateTime
 from credex.errors import AppendOnly
 from tests.invariants import check_invariants

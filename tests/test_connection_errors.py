@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from credex.db.engine import is_connection_error
+from credex.db.failures import is_connection_error
 from tests.support import pg_admin, pg_url
 
 

@@ -643,7 +643,8 @@ def test_a_value_postgres_refuses_is_bad_input_without_the_sql(db_url, backend):
     from sqlalchemy.exc import DBAPIError
 
     from credex.db import tables
-    from credex.db.engine import get_engine, translate_db_error
+    from credex.db.engine import get_engine
+    from credex.db.failures import translate_db_error
     from credex.db.models import utcnow
 
     if backend != "postgres":
@@ -728,7 +729,8 @@ def test_a_row_a_check_constraint_refuses_is_a_rule_error_without_the_values(db_
     from sqlalchemy.exc import DBAPIError
 
     from credex.db import tables
-    from credex.db.engine import get_engine, translate_db_error, upgrade
+    from credex.db.engine import get_engine, upgrade
+    from credex.db.failures import translate_db_error
     from credex.db.models import utcnow
 
     upgrade(db_url)

@@ -72,7 +72,8 @@ def test_the_statements_own_literals_are_bound(db_url):
 
 def test_a_driver_error_is_sqlalchemys_with_the_drivers_class_and_no_values(db_url, backend):
     from credex.db.driver import DriverCursor
-    from credex.db.engine import is_connection_error, session_for, translate_db_error
+    from credex.db.engine import session_for
+    from credex.db.failures import is_connection_error, translate_db_error
 
     statement = _account_statement()
     with session_for(db_url, write=True) as session:

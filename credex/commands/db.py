@@ -46,7 +46,8 @@ def roles(
     credex_auditor, each with only the privileges its commands need (idempotent)."""
     from sqlalchemy.exc import DBAPIError
 
-    from credex.db.engine import ensure_schema, get_engine, is_connection_error, unavailable
+    from credex.db.engine import ensure_schema, get_engine
+    from credex.db.failures import is_connection_error, unavailable
     from credex.db.roles import ROLES, refresh_roles, roles_sql
     from credex.db.urls import display_url
     from credex.errors import InvalidInput

@@ -208,7 +208,8 @@ def _read_postgres(url: str, conninfo: str, command, arguments):
     except psycopg.OperationalError as error:
         # The server cannot be reached or refuses: the full path would try again, wait as long
         # and exit 69. Said here as it says it, after the same check of the URL.
-        from credex.db.engine import get_engine, unavailable
+        from credex.db.engine import get_engine
+        from credex.db.failures import unavailable
 
         get_engine(url)  # a URL the full path refuses (exit 2) is refused the same way
         raise unavailable(url, error) from None

@@ -160,7 +160,7 @@ class CredexGroup(TyperGroup):
             _report(ctx, "interrupted", "interrupted")
             ctx.exit(130)
         except Exception as error:  # a bug: say so in one line, keep secrets out
-            from credex.db.engine import translate_db_error
+            from credex.db.failures import translate_db_error
 
             known = translate_db_error(error)
             if known is not None:

@@ -218,7 +218,7 @@ def _worth_retrying(error: BaseException) -> bool:
 
 def as_credex_error(url: str, error: BaseException) -> BaseException:
     """A lost database as Unavailable (exit 69); anything else as it is."""
-    from credex.db.engine import is_connection_error, unavailable
+    from credex.db.failures import is_connection_error, unavailable
 
     if isinstance(error, CredexError):
         return error

@@ -227,7 +227,7 @@ def _next_task(channel: Any, turns: Turns) -> Task | None:
 def _failed(index: int, url: str, error: BaseException) -> Failed:
     """What the run raises for ``error``: a CredexError as the run in one process would report
     it (the driver's exceptions do not travel between processes), else a bug (exit 70)."""
-    from credex.db.engine import translate_db_error
+    from credex.db.failures import translate_db_error
 
     failure = as_credex_error(url, error)
     if not isinstance(failure, CredexError):

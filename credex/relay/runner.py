@@ -37,7 +37,8 @@ from sqlalchemy.exc import DBAPIError
 from credex.amqp.broker import Broker, Delivery
 from credex.amqp.confirms import Outgoing
 from credex.amqp.connection import RPC_TIMEOUT_S
-from credex.db.engine import ensure_schema, session_for, translate_db_error, vacuum_warning
+from credex.db.engine import ensure_schema, session_for, vacuum_warning
+from credex.db.failures import translate_db_error
 from credex.db.models import utcnow
 from credex.errors import Unavailable, json_object
 from credex.metrics import RelayMetrics, new_registry

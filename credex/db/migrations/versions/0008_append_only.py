@@ -21,7 +21,7 @@ down_revision = '0006_outbox_notify'
 branch_labels = None
 depends_on = None
 
-# The text a refused statement carries; credex.db.engine tells it by this SQLSTATE (Postgres) or
+# The text a refused statement carries; credex.db.failures tells it by this SQLSTATE (Postgres) or
 # by SQLite's SQLITE_CONSTRAINT_TRIGGER, never by the text.
 APPEND_ONLY_SQLSTATE = 'CX001'
 TABLES = ('ledger_entry', 'stock_movement')
