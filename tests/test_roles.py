@@ -17,7 +17,7 @@ from tests.conftest import make_postgres_database
 from tests.invariants import check_invariants
 from tests.pipeline import Pipeline
 from tests.sandbox import running_sandbox
-from tests.support import Outcome, a_role_without_privileges, credex_command, subprocess_env
+from tests.support import Outcome, a_role_without_privileges, credex_command, run_process, subprocess_env
 
 pytestmark = pytest.mark.postgres
 
@@ -299,19 +299,18 @@ def test_each_process_runs_its_commands_with_its_own_role(pg, rabbit, tmp_path):
     ok(cli(support, "catalog", "update", "MUG", "--stock", "8"))
     ok(cli(support, "award", "grant", "u1", "100", "--reason", "welcome", "--ref", "w-1"))
     ok(cli(support, "award", "purchase", "u2", "--order", "o-1", "--amount", "50"))
+    # Three batches, in a process of its own: the second and third are written by the writer
+    # processes it forks, each connecting as the run does (the same role).
+    grants = tmp_path / "grants.csv"
+    grants.write_text("user_id,points,ref\n" + "".join(f"u{3 + n % 4},{n + 1},b-{n}\n" for n in range(25)))
     bulk = ok(
-        cli(
-            support,
-            "award",
-            "bulk",
-            "-",
-            "--format",
-            "csv",
-            "--json",
-            input="user_id,points,ref\nu3,30,b-1\n",
+        run_process(
+            "--database-url", support, "award", "bulk", grants, "--json", "--batch-size", 10, "--jobs", 2
         )
     )
-    assert bulk.json()["applied"] == 1
+    assert bulk.json()["applied"] == 25
+    u3 = ok(cli(support, "account", "show", "u3", "--json")).json()
+    assert u3["balance"] == sum(n + 1 for n in range(25) if n % 4 == 0)
     ids = [
         ok(cli(support, "redeem", "create", user, "MUG", "--address", "1 High St", "--json")).json()[
             "redemption_id"
