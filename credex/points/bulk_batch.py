@@ -18,9 +18,13 @@ from credex.errors import CredexError, Unavailable
 from credex.points.bulk_files import Grant, Rejected
 from credex.points.bulk_writers import Retry
 from credex.points.planner import Account, Plan, Planner, Refusal, StoredLot
+from credex.retry import Backoff
 
 DEFAULT_REASON = "bulk grant"
 RETRIES = 5  # a batch that met a concurrent award of the same ref or account starts again
+# The pause before a batch starts again: 10 ms, doubling each time (160 ms before the last try),
+# spread a little so that two runs that met do not meet again at once.
+AGAIN = Backoff(base=0.01, cap=0.16)
 
 _GRANT = EntryKind.grant.value
 
@@ -201,7 +205,7 @@ def start_again(session: Any, error: BaseException, attempt: int) -> bool:
     an account another transaction took first, a deadlock), up to RETRIES times."""
     session.rollback()
     if attempt < RETRIES and _worth_retrying(error):
-        time.sleep(0.01 * 2**attempt)
+        time.sleep(AGAIN.delay(attempt + 1))
         return True
     return False
 
